@@ -1,0 +1,182 @@
+// The one place that creates the Dawn instance, chooses the adapter, requests its real limits and
+// features, and turns device loss / uncaptured errors into loud errors.
+//
+// Adapter choice (first match wins): explicit options > environment (SD_WEBGPU_BACKEND,
+// SD_WEBGPU_ADAPTER, SD_WEBGPU_POWER) > Dawn's default. Backend names are dawn.node's:
+// 'vulkan', 'metal', 'd3d12', 'd3d11', 'opengl', 'opengles', 'null'.
+
+import { mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { NoAdapterError } from '../util/errors.ts';
+
+export interface GpuOptions {
+  /** dawn.node backend, e.g. 'vulkan'. Env: SD_WEBGPU_BACKEND. */
+  backend?: string;
+  /** adapter name substring, e.g. 'llvmpipe' or 'NVIDIA'. Env: SD_WEBGPU_ADAPTER. */
+  adapter?: string;
+  powerPreference?: GPUPowerPreference;
+  /** extra Dawn toggles: `enable-dawn-features=...` strings passed to create(). */
+  dawnFlags?: string[];
+  /** turn off optional features even when the adapter has them (tests of the fallback paths). */
+  disableFeatures?: Array<'shader-f16' | 'timestamp-query' | 'subgroups'>;
+}
+
+export interface GpuFeatures {
+  shaderF16: boolean;
+  timestampQuery: boolean;
+  subgroups: boolean;
+}
+
+export interface GpuContext {
+  device: GPUDevice;
+  adapterInfo: { vendor: string; architecture: string; device: string; description: string; backend: string };
+  features: GpuFeatures;
+  limits: GPUSupportedLimits;
+  /** Errors Dawn raised outside any error scope since the last check. */
+  takeErrors(): GpuErrorRecord[];
+  /** Resolves when the device is lost (never, unless something went badly wrong). */
+  lost: Promise<GPUDeviceLostInfo>;
+  isLost(): boolean;
+  destroy(): void;
+}
+
+export interface GpuErrorRecord {
+  kind: 'validation' | 'out-of-memory' | 'internal' | 'lost';
+  message: string;
+}
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type DawnModule = { create: (flags: string[]) => GPU; globals: Record<string, any> };
+
+let dawnModule: DawnModule | null = null;
+
+async function loadDawn(): Promise<DawnModule> {
+  if (dawnModule) return dawnModule;
+  try {
+    dawnModule = (await import('webgpu')) as unknown as DawnModule;
+  } catch (err) {
+    throw new NoAdapterError(
+      `could not load dawn.node from the npm package 'webgpu' (${(err as Error).message}). ` +
+        `Run 'npm ci' in the project folder.`,
+    );
+  }
+  // GPUBufferUsage, GPUMapMode, ... are needed as globals by our code and by tfjs.
+  Object.assign(globalThis, dawnModule.globals);
+  return dawnModule;
+}
+
+const HOW_TO_GET_AN_ADAPTER =
+  'WebGPU needs a Vulkan (or Metal/D3D12) driver. On a CPU-only Debian bookworm machine install ' +
+  "Mesa's software Vulkan driver lavapipe (Mesa >= 24) from bookworm-backports as root: " +
+  "add 'bookworm-backports' to the Suites: line of /etc/apt/sources.list.d/debian.sources, then " +
+  "'apt-get update && apt-get install -y -t bookworm-backports mesa-vulkan-drivers libvulkan1' " +
+  "(or run 'sudo .ci/install-vulkan.sh'). On a GPU machine install the vendor's Vulkan driver and libvulkan1.";
+
+export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
+  // Dawn's Vulkan loader wants XDG_RUNTIME_DIR; a missing one only produces noise and failures.
+  if (!process.env.XDG_RUNTIME_DIR) {
+    const dir = join(tmpdir(), `smart-diffusion-xdg-${process.getuid?.() ?? 0}`);
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    process.env.XDG_RUNTIME_DIR = dir;
+  }
+  const dawn = await loadDawn();
+  const backend = opts.backend ?? process.env.SD_WEBGPU_BACKEND;
+  const adapterName = opts.adapter ?? process.env.SD_WEBGPU_ADAPTER;
+  const flags = [...(opts.dawnFlags ?? [])];
+  if (backend) flags.push(`backend=${backend}`);
+  if (adapterName) flags.push(`adapter=${adapterName}`);
+  let gpu: GPU | null;
+  try {
+    gpu = dawn.create(flags);
+  } catch (err) {
+    throw new NoAdapterError(`[device] dawn.node refused ${JSON.stringify(flags)}: ${(err as Error).message}. ${HOW_TO_GET_AN_ADAPTER}`);
+  }
+  const power = opts.powerPreference ?? (process.env.SD_WEBGPU_POWER as GPUPowerPreference | undefined) ?? 'high-performance';
+  let adapter: GPUAdapter | null = null;
+  try {
+    adapter = await gpu.requestAdapter({ powerPreference: power });
+  } catch (err) {
+    gpu = null;
+    throw new NoAdapterError(`[device] no WebGPU adapter (${(err as Error).message}). ${HOW_TO_GET_AN_ADAPTER}`);
+  }
+  if (!adapter) {
+    gpu = null;
+    const which = [backend && `backend '${backend}'`, adapterName && `adapter '${adapterName}'`].filter(Boolean).join(', ');
+    throw new NoAdapterError(`[device] no WebGPU adapter found${which ? ` for ${which}` : ''}. ${HOW_TO_GET_AN_ADAPTER}`);
+  }
+  const disabled = new Set(opts.disableFeatures ?? []);
+  const want: GPUFeatureName[] = [];
+  for (const f of ['shader-f16', 'timestamp-query', 'subgroups'] as const) {
+    if (adapter.features.has(f) && !disabled.has(f)) want.push(f);
+  }
+  // Request the adapter's real limits (the defaults are far below what the hardware offers).
+  const requiredLimits: Record<string, number> = {};
+  const al = adapter.limits as unknown as Record<string, number>;
+  for (const key of [
+    'maxStorageBufferBindingSize',
+    'maxBufferSize',
+    'maxComputeWorkgroupStorageSize',
+    'maxComputeInvocationsPerWorkgroup',
+    'maxComputeWorkgroupSizeX',
+    'maxComputeWorkgroupSizeY',
+    'maxComputeWorkgroupSizeZ',
+    'maxComputeWorkgroupsPerDimension',
+    'maxStorageBuffersPerShaderStage',
+    'maxBindingsPerBindGroup',
+    'minStorageBufferOffsetAlignment',
+    'minUniformBufferOffsetAlignment',
+  ]) {
+    const v = al[key];
+    if (typeof v === 'number') requiredLimits[key] = v;
+  }
+  const device = await adapter.requestDevice({ requiredFeatures: want, requiredLimits });
+  const info = adapter.info;
+  // dawn.node exposes the backend only in the description; keep what it gives us.
+  const adapterInfo = {
+    vendor: info.vendor,
+    architecture: info.architecture,
+    device: info.device,
+    description: info.description,
+    backend: backend ?? guessBackend(info.description),
+  };
+  const errors: GpuErrorRecord[] = [];
+  let lostFlag = false;
+  device.onuncapturederror = (ev: GPUUncapturedErrorEvent) => {
+    const e = ev.error;
+    const kind = e instanceof GPUOutOfMemoryError ? 'out-of-memory' : e instanceof GPUValidationError ? 'validation' : 'internal';
+    errors.push({ kind, message: e.message });
+  };
+  const lost = device.lost.then((inf) => {
+    lostFlag = true;
+    if (inf.reason !== 'destroyed') errors.push({ kind: 'lost', message: `device lost (${inf.reason}): ${inf.message}` });
+    return inf;
+  });
+  return {
+    device,
+    adapterInfo,
+    features: {
+      shaderF16: device.features.has('shader-f16'),
+      timestampQuery: device.features.has('timestamp-query'),
+      subgroups: device.features.has('subgroups'),
+    },
+    limits: device.limits,
+    takeErrors: () => errors.splice(0, errors.length),
+    lost,
+    isLost: () => lostFlag,
+    destroy: () => {
+      device.destroy();
+      // Drop every reference to the instance: dawn.node keeps Node alive while it is referenced.
+      adapter = null;
+      gpu = null;
+    },
+  };
+}
+
+function guessBackend(desc: string): string {
+  const d = desc.toLowerCase();
+  if (d.includes('vulkan') || d.includes('mesa') || d.includes('llvmpipe')) return 'vulkan';
+  if (d.includes('metal')) return 'metal';
+  if (d.includes('d3d12')) return 'd3d12';
+  return 'default';
+}

@@ -1,0 +1,294 @@
+// The caching allocator: owns every GPU buffer of the engine.
+//
+// WebGPU reports no memory use, so these counters *are* the engine's VRAM figures:
+//   allocated = sum of the bytes requested by live allocations (what tensors hold), exact;
+//   reserved  = sum of the sizes of the GPUBuffers held from the device (live + cached), exact.
+// Freed blocks go back to a pool keyed by size class and are reused by later allocations of the
+// same class; `emptyCache()` destroys the cached ones. Allocations larger than `exactAbove`
+// (default 64 MiB) are not rounded to a class beyond 256 B alignment, because rounding a
+// 1 GiB weight up by 6 % would waste more than most activations need.
+//
+// Safety of reuse: WebGPU orders all queue work, so a buffer freed after a kernel that reads it
+// was *encoded* can be handed to a later kernel in the same command stream. The only hazard is
+// `queue.writeBuffer` into a reused buffer while unsubmitted commands still read it; the engine
+// flushes before every upload for that reason.
+
+import { OutOfMemoryError } from '../util/errors.ts';
+
+export interface BufferFactory {
+  create(size: number, label: string): GPUBuffer;
+  destroy(buffer: GPUBuffer): void;
+}
+
+export interface Block {
+  readonly id: number;
+  readonly buffer: GPUBuffer;
+  /** bytes held from the device (the size class) */
+  readonly size: number;
+  /** bytes asked for */
+  requested: number;
+  owner: string;
+  phase: string;
+  live: boolean;
+}
+
+export type MemoryAction = 'alloc' | 'free' | 'segment_alloc' | 'segment_free';
+
+export interface MemoryEvent {
+  /** ms since recording started */
+  t: number;
+  action: MemoryAction;
+  /** requested bytes for alloc/free; buffer size for segment_* */
+  bytes: number;
+  id: number;
+  owner: string;
+  phase: string;
+  /** counters right after the event */
+  allocated: number;
+  reserved: number;
+}
+
+export interface AllocatorOptions {
+  /** budget in bytes for reserved memory; exceeding it throws OutOfMemoryError (after emptying the cache). */
+  limitBytes?: number;
+  /** allocations above this many bytes get their own exact-size buffer (rounded to 256 B). */
+  exactAbove?: number;
+  /** advice appended to out-of-memory errors (the pipeline knows which level or tile size would fit). */
+  oomAdvice?: (requested: number) => string;
+}
+
+export interface MemoryStats {
+  allocated: number;
+  reserved: number;
+  peakAllocated: number;
+  peakReserved: number;
+  numAllocs: number;
+  numFrees: number;
+  numSegments: number;
+  cachedBytes: number;
+}
+
+const ALIGN = 256;
+
+/**
+ * Size class of an allocation: at least 256 B, then 16 classes per power of two
+ * (waste at most 1/16 = 6.25 %), exact-size (256-aligned) above `exactAbove`.
+ */
+export function sizeClass(bytes: number, exactAbove = 64 * 2 ** 20): number {
+  if (bytes <= ALIGN) return ALIGN;
+  const aligned = Math.ceil(bytes / ALIGN) * ALIGN;
+  if (aligned > exactAbove) return aligned;
+  const p = Math.floor(Math.log2(aligned));
+  const step = Math.max(ALIGN, 2 ** (p - 4));
+  return Math.ceil(aligned / step) * step;
+}
+
+export class CachingAllocator {
+  private readonly factory: BufferFactory;
+  private readonly pools = new Map<number, Block[]>();
+  private readonly liveBlocks = new Map<number, Block>();
+  private nextId = 1;
+  private allocated = 0;
+  private reserved = 0;
+  private peakAllocated = 0;
+  private peakReserved = 0;
+  private numAllocs = 0;
+  private numFrees = 0;
+  private numSegments = 0;
+  private ownerStack: string[] = [];
+  phase = 'idle';
+  limitBytes: number;
+  exactAbove: number;
+  oomAdvice: (requested: number) => string;
+  private recording: { t0: number; events: MemoryEvent[]; max: number; dropped: number } | null = null;
+
+  constructor(factory: BufferFactory, opts: AllocatorOptions = {}) {
+    this.factory = factory;
+    this.limitBytes = opts.limitBytes ?? Infinity;
+    this.exactAbove = opts.exactAbove ?? 64 * 2 ** 20;
+    this.oomAdvice =
+      opts.oomAdvice ??
+      (() =>
+        'Raise infer.diffusion.low_mem_level (1: tiled VAE decode, 2: text encoder off the GPU, 3: DiT streamed block by block), lower the resolution or frame count, or raise the memory budget.');
+  }
+
+  get currentOwner(): string {
+    return this.ownerStack[this.ownerStack.length - 1] ?? 'activation';
+  }
+
+  /** Run `fn` with `owner` as the tag of the allocations it makes (nested: innermost wins). */
+  withOwner<T>(owner: string, fn: () => T): T {
+    this.ownerStack.push(owner);
+    try {
+      return fn();
+    } finally {
+      this.ownerStack.pop();
+    }
+  }
+
+  pushOwner(owner: string): void {
+    this.ownerStack.push(owner);
+  }
+  popOwner(): void {
+    this.ownerStack.pop();
+  }
+
+  alloc(bytes: number, owner: string = this.currentOwner): Block {
+    if (!(bytes >= 0) || !Number.isFinite(bytes)) throw new RangeError(`[allocator] invalid size ${bytes}`);
+    const cls = sizeClass(bytes, this.exactAbove);
+    let block = this.pools.get(cls)?.pop();
+    if (!block) {
+      if (this.reserved + cls > this.limitBytes) {
+        this.emptyCache();
+        if (this.reserved + cls > this.limitBytes) {
+          throw new OutOfMemoryError(
+            {
+              phase: this.phase,
+              owner,
+              requestedBytes: bytes,
+              allocatedBytes: this.allocated,
+              reservedBytes: this.reserved,
+              limitBytes: this.limitBytes,
+            },
+            this.oomAdvice(bytes),
+          );
+        }
+      }
+      const buffer = this.factory.create(cls, owner);
+      block = { id: this.nextId++, buffer, size: cls, requested: 0, owner, phase: this.phase, live: false };
+      this.reserved += cls;
+      this.numSegments++;
+      if (this.reserved > this.peakReserved) this.peakReserved = this.reserved;
+      this.record('segment_alloc', cls, block.id, owner);
+    }
+    block.requested = bytes;
+    block.owner = owner;
+    block.phase = this.phase;
+    block.live = true;
+    this.liveBlocks.set(block.id, block);
+    this.allocated += bytes;
+    this.numAllocs++;
+    if (this.allocated > this.peakAllocated) this.peakAllocated = this.allocated;
+    this.record('alloc', bytes, block.id, owner);
+    return block;
+  }
+
+  free(block: Block): void {
+    if (!block.live) throw new Error(`[allocator] double free of block ${block.id} (${block.owner})`);
+    block.live = false;
+    this.liveBlocks.delete(block.id);
+    this.allocated -= block.requested;
+    this.numFrees++;
+    this.record('free', block.requested, block.id, block.owner);
+    let pool = this.pools.get(block.size);
+    if (!pool) this.pools.set(block.size, (pool = []));
+    pool.push(block);
+  }
+
+  /** Destroy every cached (free) buffer: reserved drops to what live allocations hold. */
+  emptyCache(): void {
+    for (const [, pool] of this.pools) {
+      for (const b of pool) {
+        this.factory.destroy(b.buffer);
+        this.reserved -= b.size;
+        this.record('segment_free', b.size, b.id, b.owner);
+      }
+    }
+    this.pools.clear();
+  }
+
+  memoryAllocated(): number {
+    return this.allocated;
+  }
+  memoryReserved(): number {
+    return this.reserved;
+  }
+  maxMemoryAllocated(): number {
+    return this.peakAllocated;
+  }
+  maxMemoryReserved(): number {
+    return this.peakReserved;
+  }
+  resetPeakMemoryStats(): void {
+    this.peakAllocated = this.allocated;
+    this.peakReserved = this.reserved;
+  }
+
+  stats(): MemoryStats {
+    let cached = 0;
+    for (const [, pool] of this.pools) for (const b of pool) cached += b.size;
+    return {
+      allocated: this.allocated,
+      reserved: this.reserved,
+      peakAllocated: this.peakAllocated,
+      peakReserved: this.peakReserved,
+      numAllocs: this.numAllocs,
+      numFrees: this.numFrees,
+      numSegments: this.numSegments,
+      cachedBytes: cached,
+    };
+  }
+
+  /** Live bytes grouped by owner tag truncated to `depth` dot-separated parts (e.g. depth 2: `dit.blocks`). */
+  allocatedByOwner(depth = Infinity): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const b of this.liveBlocks.values()) {
+      const key = ownerGroup(b.owner, depth);
+      out.set(key, (out.get(key) ?? 0) + b.requested);
+    }
+    return out;
+  }
+
+  liveBlockList(): Block[] {
+    return [...this.liveBlocks.values()];
+  }
+
+  // ---- history ----
+
+  /** Start recording every alloc/free (keeps at most `maxEvents`, then counts the dropped ones). */
+  startRecording(maxEvents = 1_000_000): void {
+    this.recording = { t0: performance.now(), events: [], max: maxEvents, dropped: 0 };
+  }
+
+  stopRecording(): MemoryEvent[] {
+    const ev = this.recording?.events ?? [];
+    this.recording = null;
+    return ev;
+  }
+
+  get isRecording(): boolean {
+    return this.recording !== null;
+  }
+
+  events(): readonly MemoryEvent[] {
+    return this.recording?.events ?? [];
+  }
+
+  droppedEvents(): number {
+    return this.recording?.dropped ?? 0;
+  }
+
+  private record(action: MemoryAction, bytes: number, id: number, owner: string): void {
+    const r = this.recording;
+    if (!r) return;
+    if (r.events.length >= r.max) {
+      r.dropped++;
+      return;
+    }
+    r.events.push({
+      t: performance.now() - r.t0,
+      action,
+      bytes,
+      id,
+      owner,
+      phase: this.phase,
+      allocated: this.allocated,
+      reserved: this.reserved,
+    });
+  }
+}
+
+export function ownerGroup(owner: string, depth: number): string {
+  if (!Number.isFinite(depth)) return owner;
+  return owner.split('.').slice(0, depth).join('.');
+}

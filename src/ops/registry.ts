@@ -1,0 +1,82 @@
+// One op registry. Each op has: input checks (shapes, dtypes, device limits) that throw
+// `[name] ...` errors, a WGSL implementation (encodes dispatches on an Engine), a plain-loop CPU
+// reference (which is also the CPU device's implementation), and flops/bytes for benchmarks and
+// the wait predictor. `defineOp` returns the callable op; it runs on the device of its inputs.
+// Tests and benchmarks iterate `opRegistry`.
+
+import { Tensor } from '../tensor/tensor.ts';
+import type { Engine } from '../runtime/engine.ts';
+import { ShapeError } from '../util/errors.ts';
+
+export type OpInputs = Record<string, Tensor | undefined>;
+
+export interface OpDef<I extends OpInputs, A> {
+  name: string;
+  /** kernel family (`kernels/<family>.wgsl`, `src/ops/<family>.ts`) */
+  family: string;
+  /** throws ShapeError `[name] ...` on bad inputs (shared by both devices) */
+  check(inputs: I, attrs: A): void;
+  gpu(e: Engine, inputs: I, attrs: A): Tensor;
+  cpu(inputs: I, attrs: A): Tensor;
+  flops(inputs: I, attrs: A): number;
+  /** bytes read + written */
+  bytes(inputs: I, attrs: A): number;
+}
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export const opRegistry = new Map<string, OpDef<any, any>>();
+
+export type Op<I extends OpInputs, A> = ((inputs: I, attrs: A) => Tensor) & { def: OpDef<I, A> };
+
+export function defineOp<I extends OpInputs, A>(def: OpDef<I, A>): Op<I, A> {
+  if (opRegistry.has(def.name)) throw new Error(`[registry] op ${def.name} defined twice`);
+  opRegistry.set(def.name, def);
+  const run = (inputs: I, attrs: A): Tensor => {
+    let engine: Engine | null = null;
+    let sawCpu = false;
+    for (const [k, t] of Object.entries(inputs)) {
+      if (!t) continue;
+      if (!(t instanceof Tensor)) throw new ShapeError(`[${def.name}] input '${k}' is not a Tensor`);
+      t.assertLive();
+      if (t.engine) {
+        if (engine && engine !== t.engine) throw new ShapeError(`[${def.name}] inputs live on different engines`);
+        engine = t.engine;
+      } else sawCpu = true;
+    }
+    if (engine && sawCpu) {
+      const where = Object.entries(inputs)
+        .filter(([, t]) => t)
+        .map(([k, t]) => `${k}: ${t!.device}`)
+        .join(', ');
+      throw new ShapeError(`[${def.name}] inputs are on different devices (${where}); move them with toGpu()/toCpu()`);
+    }
+    def.check(inputs, attrs);
+    return engine ? def.gpu(engine, inputs, attrs) : def.cpu(inputs, attrs);
+  };
+  return Object.assign(run, { def });
+}
+
+// ---- helpers shared by op implementations ----
+
+export function expectRank(op: string, what: string, t: Tensor, ranks: number[]): void {
+  if (!ranks.includes(t.rank)) throw new ShapeError(`[${op}] ${what} must have rank ${ranks.join(' or ')}, got ${t} `);
+}
+
+export function expectDtype(op: string, what: string, t: Tensor, dtypes: readonly string[]): void {
+  if (!dtypes.includes(t.dtype)) throw new ShapeError(`[${op}] ${what} must be ${dtypes.join('/')}, got ${t.dtype}`);
+}
+
+export function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
+}
+
+/**
+ * A 1-D grid of `n` workgroups folded into x/y so no dimension exceeds `maxPerDim` (65535 by
+ * default). Kernels recover the linear id as `wid.x + wid.y * nwg.x`.
+ */
+export function grid1d(n: number, maxPerDim = 65535): [number, number, number] {
+  if (n <= maxPerDim) return [n, 1, 1];
+  const y = Math.ceil(n / maxPerDim);
+  const x = Math.ceil(n / y);
+  return [x, y, 1];
+}

@@ -1,0 +1,615 @@
+// The GPU engine: device + caching allocator + pipeline cache + command encoding + sync points.
+//
+// Execution model. Ops encode dispatches into one open command encoder (one compute pass, or one
+// pass per dispatch when profiling); nothing is submitted until a flush. Flushes happen at sync
+// points (reads, `sync()`), before every upload (so `queue.writeBuffer` can never overtake
+// unsubmitted reads of a reused buffer), and every `maxDispatchesPerSubmit` dispatches. Every
+// dispatch's `Params` go into one CPU-side staging block that is written to a uniform arena with a
+// single `writeBuffer` right before the submit; queue order makes reusing the arena safe.
+
+import { createGpu, type GpuContext, type GpuOptions } from '../device/gpu.ts';
+import { WaitPredictor, sleep } from '../device/wait.ts';
+import { CachingAllocator, type AllocatorOptions } from '../memory/allocator.ts';
+import { kernelSource, specialize, kernelKey, moduleKey, type KernelSpec } from '../kernels/loader.ts';
+import { Tensor, GpuStorage, numelOf, shapeStr, type HostArray, type Shape } from '../tensor/tensor.ts';
+import { type DType, dtypeSize } from '../tensor/dtype.ts';
+import { KernelProfile } from './profiler.ts';
+import { GpuError, OutOfMemoryError, ShapeError } from '../util/errors.ts';
+
+export interface EngineOptions extends GpuOptions, AllocatorOptions {
+  /** 'predict' (default): sleep for the predicted GPU time before awaiting; 'await': await at once. */
+  waitMode?: 'predict' | 'await';
+  /** record per-kernel GPU time with timestamp queries */
+  profile?: boolean;
+  maxDispatchesPerSubmit?: number;
+}
+
+export interface BufferBinding {
+  buffer: GPUBuffer;
+  offset: number;
+  size: number;
+}
+
+export interface Dispatch {
+  kernel: KernelSpec;
+  /** name in profiles and error messages (default `family.entry`) */
+  name?: string;
+  params?: Uint8Array;
+  /** storage bindings 1..n, matching kernel.layout */
+  bindings: Array<Tensor | BufferBinding>;
+  workgroups: readonly [number, number?, number?];
+  /** flops + bytes moved, for the wait predictor and benchmarks */
+  work?: number;
+}
+
+const PARAM_SLOT = 256;
+const ARENA_SLOTS = 4096;
+const QUERY_PAIRS = 1024;
+
+export class Engine {
+  readonly gpu: GpuContext;
+  readonly device: GPUDevice;
+  readonly allocator: CachingAllocator;
+  readonly profile = new KernelProfile();
+  readonly predictor = new WaitPredictor();
+  waitMode: 'predict' | 'await';
+  profiling: boolean;
+  maxDispatchesPerSubmit: number;
+
+  private readonly pipelines = new Map<string, GPUComputePipeline>();
+  private readonly modules = new Map<string, GPUShaderModule>();
+  private readonly bgLayouts = new Map<string, GPUBindGroupLayout>();
+  private readonly pipelineLayouts = new Map<string, GPUPipelineLayout>();
+  private readonly scopeErrors: Array<Promise<{ name: string; error: GPUError | null }>> = [];
+  private readonly oomChecks: Array<Promise<{ bytes: number; owner: string; phase: string; error: GPUError | null }>> = [];
+
+  private encoder: GPUCommandEncoder | null = null;
+  private pass: GPUComputePassEncoder | null = null;
+  private readonly arena: GPUBuffer;
+  private readonly paramStage = new Uint8Array(PARAM_SLOT * ARENA_SLOTS);
+  private paramSlots = 0;
+  private dispatchesInEncoder = 0;
+  private readonly recentKernels: string[] = [];
+
+  // submitted, not yet waited for
+  private pendingWork = 0;
+  private pendingDispatches = 0;
+  private pendingSince = 0;
+
+  // timestamp queries
+  private querySet: GPUQuerySet | null = null;
+  private queryResolve: GPUBuffer | null = null;
+  private queryNames: string[] = [];
+  private readonly profileReads: Array<Promise<void>> = [];
+
+  private readonly stagingPool: GPUBuffer[] = [];
+  private readonly scopes: Array<Set<Tensor>> = [];
+  private destroyed = false;
+  /** total dispatches encoded (for tests and stats) */
+  dispatchCount = 0;
+  submitCount = 0;
+
+  static async create(opts: EngineOptions = {}): Promise<Engine> {
+    const gpu = await createGpu(opts);
+    return new Engine(gpu, opts);
+  }
+
+  private constructor(gpu: GpuContext, opts: EngineOptions) {
+    this.gpu = gpu;
+    this.device = gpu.device;
+    this.waitMode = opts.waitMode ?? 'predict';
+    this.profiling = (opts.profile ?? false) && gpu.features.timestampQuery;
+    this.maxDispatchesPerSubmit = opts.maxDispatchesPerSubmit ?? 512;
+    const device = this.device;
+    this.allocator = new CachingAllocator(
+      {
+        create: (size, label) => {
+          device.pushErrorScope('out-of-memory');
+          const buffer = device.createBuffer({ size, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST, label });
+          const owner = label;
+          const phase = this.allocator?.phase ?? 'idle';
+          this.oomChecks.push(device.popErrorScope().then((error) => ({ bytes: size, owner, phase, error })));
+          return buffer;
+        },
+        destroy: (b) => b.destroy(),
+      },
+      opts,
+    );
+    this.arena = device.createBuffer({ size: PARAM_SLOT * ARENA_SLOTS, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST, label: 'params-arena' });
+  }
+
+  get features() {
+    return this.gpu.features;
+  }
+  get limits(): GPUSupportedLimits {
+    return this.gpu.limits;
+  }
+  get adapterName(): string {
+    const i = this.gpu.adapterInfo;
+    return [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(' / ');
+  }
+  /** bytes a single storage binding may cover on this device */
+  get maxBinding(): number {
+    return this.limits.maxStorageBufferBindingSize;
+  }
+  get storageAlign(): number {
+    return this.limits.minStorageBufferOffsetAlignment;
+  }
+
+  // ---------------------------------------------------------------- tensors
+
+  /** An uninitialized GPU tensor. */
+  empty(shape: Shape, dtype: DType = 'f32', owner?: string): Tensor {
+    const n = numelOf(shape);
+    const bytes = n * dtypeSize(dtype);
+    const block = this.allocator.alloc(bytes, owner);
+    return new Tensor({ shape, dtype, storage: new GpuStorage(this, block) });
+  }
+
+  /** Upload host data (raw words for f16/bf16) into a new GPU tensor. */
+  fromHost(data: HostArray | Uint8Array, shape: Shape, dtype: DType, owner?: string): Tensor {
+    const t = this.empty(shape, dtype, owner);
+    this.write(t, data);
+    return t;
+  }
+
+  /** Upload f32 values (converted to `dtype`). */
+  fromValues(values: ArrayLike<number>, shape: Shape, dtype: DType = 'f32', owner?: string): Tensor {
+    return Tensor.fromValues(values, shape, dtype).toGpu(this, owner);
+  }
+
+  zeros(shape: Shape, dtype: DType = 'f32', owner?: string): Tensor {
+    const t = this.empty(shape, dtype, owner);
+    this.fill(t, 0);
+    return t;
+  }
+
+  /** Overwrite a GPU tensor with host bytes (length must match). */
+  write(t: Tensor, data: HostArray | Uint8Array): void {
+    const bytes = data instanceof Uint8Array ? data : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    if (bytes.byteLength !== t.nbytes) throw new ShapeError(`[upload] ${bytes.byteLength} bytes for ${t} (${t.nbytes} bytes)`);
+    if (t.nbytes === 0) return;
+    // unsubmitted commands may still read this (reused) buffer: submit them first
+    this.flush();
+    const off = t.byteOffset;
+    if (off % 4 !== 0) throw new ShapeError(`[upload] ${t} starts at byte ${off}, not a multiple of 4`);
+    if (bytes.byteLength % 4 === 0 && bytes.byteOffset % 4 === 0) {
+      this.device.queue.writeBuffer(t.buffer, off, bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    } else {
+      const padded = new Uint8Array(Math.ceil(bytes.byteLength / 4) * 4);
+      padded.set(bytes);
+      if (padded.byteLength > bytes.byteLength) {
+        // keep the bytes after the tensor's end (a neighbouring view may own them): only whole
+        // tensors of odd 16-bit length reach here, and those own their block.
+      }
+      this.device.queue.writeBuffer(t.buffer, off, padded.buffer, 0, padded.byteLength);
+    }
+  }
+
+  /** Fill a tensor with a constant (f32 tensors: float; others: raw 32-bit pattern per 4 bytes). */
+  fill(t: Tensor, value: number): void {
+    if (t.nbytes === 0) return;
+    if (value === 0) {
+      this.endPass();
+      const size = Math.ceil(t.nbytes / 4) * 4;
+      this.enc().clearBuffer(t.buffer, t.byteOffset, Math.min(size, t.buffer.size - t.byteOffset));
+      return;
+    }
+    const n = t.numel;
+    if (t.dtype !== 'f32') throw new ShapeError(`[fill] non-zero fill needs f32, got ${t.dtype}`);
+    this.write(t, new Float32Array(n).fill(value));
+  }
+
+  /** Copy bytes between GPU buffers (offsets and size multiples of 4). */
+  copyBuffer(src: GPUBuffer, srcOffset: number, dst: GPUBuffer, dstOffset: number, size: number): void {
+    if (size === 0) return;
+    this.endPass();
+    this.enc().copyBufferToBuffer(src, srcOffset, dst, dstOffset, size);
+  }
+
+  /** A new tensor with the same contents (GPU copy). */
+  clone(t: Tensor, owner?: string): Tensor {
+    const out = this.empty(t.shape, t.dtype, owner);
+    const size = Math.ceil(t.nbytes / 4) * 4;
+    if (t.byteOffset % 4 !== 0) throw new ShapeError(`[clone] ${t} starts at byte ${t.byteOffset}, not a multiple of 4`);
+    this.copyBuffer(t.buffer, t.byteOffset, out.buffer, 0, Math.min(size, t.buffer.size - t.byteOffset));
+    return out;
+  }
+
+  /** Storage binding for a tensor (checks alignment and the per-binding size limit). */
+  binding(t: Tensor, what = 'tensor'): BufferBinding {
+    t.assertLive();
+    const buffer = t.buffer;
+    if (t.byteOffset % this.storageAlign !== 0) {
+      throw new ShapeError(`[${what}] ${t} is a view at byte offset ${t.byteOffset}, not a multiple of ${this.storageAlign}; clone it first`);
+    }
+    const size = Math.min(Math.max(4, Math.ceil(t.nbytes / 4) * 4), buffer.size - t.byteOffset);
+    if (size > this.maxBinding) {
+      throw new ShapeError(
+        `[${what}] ${t} is ${size} bytes, above this adapter's maxStorageBufferBindingSize (${this.maxBinding}); the op must split it`,
+      );
+    }
+    return { buffer, offset: t.byteOffset, size };
+  }
+
+  // ---------------------------------------------------------------- scopes
+
+  /** Run `fn`; GPU tensors it creates are disposed afterwards unless returned (found in the result). */
+  scope<T>(fn: () => T): T {
+    this.scopes.push(new Set());
+    let result: T;
+    try {
+      result = fn();
+    } catch (e) {
+      this.endScope(undefined);
+      throw e;
+    }
+    if (result instanceof Promise) throw new Error('[scope] use scopeAsync for async functions');
+    this.endScope(result);
+    return result;
+  }
+
+  async scopeAsync<T>(fn: () => Promise<T>): Promise<T> {
+    this.scopes.push(new Set());
+    let result: T;
+    try {
+      result = await fn();
+    } catch (e) {
+      this.endScope(undefined);
+      throw e;
+    }
+    this.endScope(result);
+    return result;
+  }
+
+  /** Exclude tensors from every enclosing scope (they must be disposed by hand). */
+  keep<T extends Tensor | Tensor[]>(t: T): T {
+    for (const x of Array.isArray(t) ? t : [t]) for (const s of this.scopes) s.delete(x);
+    return t;
+  }
+
+  /** @internal called by the Tensor constructor */
+  track(t: Tensor): void {
+    this.scopes[this.scopes.length - 1]?.add(t);
+  }
+  /** @internal */
+  untrack(t: Tensor): void {
+    this.scopes[this.scopes.length - 1]?.delete(t);
+  }
+
+  private endScope(result: unknown): void {
+    const mine = this.scopes.pop()!;
+    const keep = new Set<Tensor>();
+    collectTensors(result, keep, 0);
+    const parent = this.scopes[this.scopes.length - 1];
+    for (const t of mine) {
+      if (keep.has(t)) parent?.add(t);
+      else t.dispose();
+    }
+  }
+
+  // ---------------------------------------------------------------- kernels
+
+  private moduleFor(spec: KernelSpec): GPUShaderModule {
+    const key = moduleKey(spec);
+    let m = this.modules.get(key);
+    if (!m) {
+      const code = specialize(spec.family, kernelSource(spec.family), spec.aliases);
+      m = this.device.createShaderModule({ code, label: `${spec.family}.wgsl` });
+      this.modules.set(key, m);
+    }
+    return m;
+  }
+
+  private layoutFor(layout: KernelSpec['layout']): GPUPipelineLayout {
+    const key = layout.join(',');
+    let pl = this.pipelineLayouts.get(key);
+    if (!pl) {
+      const entries: GPUBindGroupLayoutEntry[] = [{ binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: { type: 'uniform' } }];
+      layout.forEach((k, i) =>
+        entries.push({
+          binding: i + 1,
+          visibility: GPUShaderStage.COMPUTE,
+          buffer: { type: k === 'read' ? 'read-only-storage' : k === 'uniform' ? 'uniform' : 'storage' },
+        }),
+      );
+      const bgl = this.device.createBindGroupLayout({ entries, label: `layout(${key})` });
+      this.bgLayouts.set(key, bgl);
+      pl = this.device.createPipelineLayout({ bindGroupLayouts: [bgl] });
+      this.pipelineLayouts.set(key, pl);
+    }
+    return pl;
+  }
+
+  /** The compute pipeline for a kernel spec (cached by a key derived from the spec). */
+  pipeline(spec: KernelSpec): GPUComputePipeline {
+    const key = kernelKey(spec);
+    let p = this.pipelines.get(key);
+    if (!p) {
+      const name = `${spec.family}.${spec.entry}`;
+      this.device.pushErrorScope('validation');
+      const module = this.moduleFor(spec);
+      p = this.device.createComputePipeline({
+        layout: this.layoutFor(spec.layout),
+        compute: { module, entryPoint: spec.entry, constants: spec.constants ?? {} },
+        label: name,
+      });
+      this.scopeErrors.push(
+        this.device.popErrorScope().then(async (error) => {
+          if (!error) return { name, error };
+          let detail = '';
+          try {
+            const info = await module.getCompilationInfo();
+            detail = info.messages.map((m) => `  ${m.type} ${spec.family}.wgsl:${m.lineNum}:${m.linePos} ${m.message}`).join('\n');
+          } catch {
+            /* ignore */
+          }
+          return { name, error: detail ? ({ message: `${error.message}\n${detail}` } as GPUError) : error };
+        }),
+      );
+      this.pipelines.set(key, p);
+    }
+    return p;
+  }
+
+  /** Pre-create the pipeline and report WGSL errors now (tests use this). */
+  async compile(spec: KernelSpec): Promise<void> {
+    this.pipeline(spec);
+    await this.checkErrors();
+  }
+
+  private enc(): GPUCommandEncoder {
+    if (!this.encoder) this.encoder = this.device.createCommandEncoder();
+    return this.encoder;
+  }
+
+  private endPass(): void {
+    if (this.pass) {
+      this.pass.end();
+      this.pass = null;
+    }
+  }
+
+  /** Encode one dispatch. Zero-sized grids are skipped. */
+  dispatch(d: Dispatch): void {
+    const [x, y = 1, z = 1] = d.workgroups;
+    const name = d.name ?? `${d.kernel.family}.${d.kernel.entry}`;
+    if (x === 0 || y === 0 || z === 0) return;
+    const maxWg = this.limits.maxComputeWorkgroupsPerDimension;
+    if (x > maxWg || y > maxWg || z > maxWg) {
+      throw new ShapeError(`[${name}] grid ${x}x${y}x${z} exceeds ${maxWg} workgroups per dimension; the op must tile its dispatch`);
+    }
+    if (d.bindings.length !== d.kernel.layout.length) {
+      throw new Error(`[${name}] ${d.bindings.length} bindings for a layout of ${d.kernel.layout.length}`);
+    }
+    if (this.destroyed) throw new Error('[engine] used after destroy()');
+    const pipeline = this.pipeline(d.kernel);
+    if (this.paramSlots >= ARENA_SLOTS) this.flush();
+    const slot = this.paramSlots++;
+    const params = d.params ?? new Uint8Array(16);
+    if (params.byteLength > PARAM_SLOT) throw new Error(`[${name}] params of ${params.byteLength} bytes exceed ${PARAM_SLOT}`);
+    this.paramStage.set(params, slot * PARAM_SLOT);
+    const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: this.arena, offset: slot * PARAM_SLOT, size: Math.max(16, params.byteLength) } }];
+    d.bindings.forEach((b, i) => {
+      const r = b instanceof Tensor ? this.binding(b, name) : b;
+      entries.push({ binding: i + 1, resource: { buffer: r.buffer, offset: r.offset, size: r.size } });
+    });
+    const bindGroup = this.device.createBindGroup({ layout: this.bgLayouts.get(d.kernel.layout.join(','))!, entries });
+    let pass: GPUComputePassEncoder;
+    if (this.profiling) {
+      this.endPass();
+      if (!this.querySet) {
+        this.querySet = this.device.createQuerySet({ type: 'timestamp', count: QUERY_PAIRS * 2 });
+        this.queryResolve = this.device.createBuffer({ size: QUERY_PAIRS * 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC });
+      }
+      if (this.queryNames.length >= QUERY_PAIRS) this.flush();
+      const q = this.queryNames.length;
+      this.queryNames.push(name);
+      pass = this.enc().beginComputePass({ timestampWrites: { querySet: this.querySet, beginningOfPassWriteIndex: 2 * q, endOfPassWriteIndex: 2 * q + 1 } });
+      this.pass = pass;
+    } else {
+      if (!this.pass) this.pass = this.enc().beginComputePass();
+      pass = this.pass;
+    }
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(x, y, z);
+    if (this.profiling) this.endPass();
+    this.dispatchCount++;
+    this.dispatchesInEncoder++;
+    this.pendingWork += d.work ?? 0;
+    this.recentKernels.push(name);
+    if (this.recentKernels.length > 16) this.recentKernels.shift();
+    if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
+  }
+
+  /** Submit everything encoded so far. */
+  flush(): void {
+    if (!this.encoder) return;
+    this.endPass();
+    const enc = this.encoder;
+    let profileRead: { buf: GPUBuffer; names: string[] } | null = null;
+    if (this.profiling && this.queryNames.length > 0) {
+      const n = this.queryNames.length;
+      enc.resolveQuerySet(this.querySet!, 0, 2 * n, this.queryResolve!, 0);
+      const buf = this.device.createBuffer({ size: n * 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+      enc.copyBufferToBuffer(this.queryResolve!, 0, buf, 0, n * 16);
+      profileRead = { buf, names: this.queryNames };
+      this.queryNames = [];
+    }
+    if (this.paramSlots > 0) {
+      this.device.queue.writeBuffer(this.arena, 0, this.paramStage.buffer, 0, this.paramSlots * PARAM_SLOT);
+    }
+    this.device.queue.submit([enc.finish()]);
+    this.submitCount++;
+    if (this.pendingDispatches === 0) this.pendingSince = performance.now();
+    this.pendingDispatches += this.dispatchesInEncoder;
+    this.encoder = null;
+    this.paramSlots = 0;
+    this.dispatchesInEncoder = 0;
+    if (profileRead) {
+      const { buf, names } = profileRead;
+      this.profileReads.push(
+        buf.mapAsync(GPUMapMode.READ).then(() => {
+          const ts = new BigInt64Array(buf.getMappedRange());
+          for (let i = 0; i < names.length; i++) {
+            const ns = Number(ts[2 * i + 1]! - ts[2 * i]!);
+            this.profile.add(names[i]!, Math.max(0, ns) / 1e6);
+          }
+          buf.unmap();
+          buf.destroy();
+        }),
+      );
+    }
+  }
+
+  /** Sleep for the predicted remaining GPU time of submitted work (see device/wait.ts). */
+  private async sleepPredicted(): Promise<void> {
+    if (this.waitMode !== 'predict' || this.pendingDispatches === 0) return;
+    const predicted = this.predictor.predict(this.pendingWork, this.pendingDispatches);
+    const remaining = predicted * this.predictor.sleepFraction - (performance.now() - this.pendingSince);
+    if (remaining >= this.predictor.minSleepMs) await sleep(remaining);
+  }
+
+  private observeDone(tAwaitStart: number): void {
+    if (this.pendingDispatches === 0) return;
+    const now = performance.now();
+    const total = now - this.pendingSince;
+    const awaited = now - tAwaitStart;
+    // an await that returned at once means we over-slept: the true time is below `total`
+    this.predictor.observe(this.pendingWork, this.pendingDispatches, awaited < 0.3 ? total * 0.9 : total);
+    this.pendingWork = 0;
+    this.pendingDispatches = 0;
+  }
+
+  /** Wait until all submitted work is done; throws GPU errors (naming the kernels) and OOMs. */
+  async sync(): Promise<void> {
+    this.flush();
+    await this.sleepPredicted();
+    const t = performance.now();
+    await this.device.queue.onSubmittedWorkDone();
+    this.observeDone(t);
+    await Promise.all(this.profileReads.splice(0));
+    await this.checkErrors();
+  }
+
+  /** Read a GPU tensor's bytes to the host. */
+  async read(t: Tensor): Promise<Uint8Array> {
+    t.assertLive();
+    const n = t.nbytes;
+    if (n === 0) {
+      await this.checkErrors();
+      return new Uint8Array(0);
+    }
+    const start = Math.floor(t.byteOffset / 4) * 4;
+    const end = Math.min(Math.ceil((t.byteOffset + n) / 4) * 4, t.buffer.size);
+    const size = end - start;
+    const staging = this.takeStaging(size);
+    this.endPass();
+    this.enc().copyBufferToBuffer(t.buffer, start, staging, 0, size);
+    this.flush();
+    await this.sleepPredicted();
+    const t0 = performance.now();
+    try {
+      await staging.mapAsync(GPUMapMode.READ, 0, size);
+    } catch (e) {
+      await this.checkErrors();
+      throw new GpuError(`[read] mapping ${t} for reading failed: ${(e as Error).message}`, { cause: e });
+    }
+    this.observeDone(t0);
+    const out = new Uint8Array(n);
+    out.set(new Uint8Array(staging.getMappedRange(0, size), t.byteOffset - start, n));
+    staging.unmap();
+    this.stagingPool.push(staging);
+    await Promise.all(this.profileReads.splice(0));
+    await this.checkErrors();
+    return out;
+  }
+
+  private takeStaging(size: number): GPUBuffer {
+    const i = this.stagingPool.findIndex((b) => b.size >= size && b.size <= size * 2);
+    if (i >= 0) return this.stagingPool.splice(i, 1)[0]!;
+    if (this.stagingPool.length > 4) this.stagingPool.shift()!.destroy();
+    return this.device.createBuffer({ size: Math.ceil(size / 256) * 256, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST, label: 'readback' });
+  }
+
+  /** Throw the first GPU error since the last check, naming the kernel(s). */
+  async checkErrors(): Promise<void> {
+    const scoped = await Promise.all(this.scopeErrors.splice(0));
+    const bad = scoped.find((s) => s.error);
+    if (bad) throw new GpuError(`[${bad.name}] kernel failed to compile or validate: ${bad.error!.message}`);
+    const ooms = await Promise.all(this.oomChecks.splice(0));
+    const oom = ooms.find((o) => o.error);
+    if (oom) {
+      throw new OutOfMemoryError(
+        {
+          phase: oom.phase,
+          owner: oom.owner,
+          requestedBytes: oom.bytes,
+          allocatedBytes: this.allocator.memoryAllocated(),
+          reservedBytes: this.allocator.memoryReserved(),
+          limitBytes: this.allocator.limitBytes,
+        },
+        `The device itself ran out of memory (${oom.error!.message}). ` + this.allocator.oomAdvice(oom.bytes),
+      );
+    }
+    const errs = this.gpu.takeErrors();
+    if (errs.length > 0) {
+      const e = errs[0]!;
+      const kernels = this.recentKernels.join(', ');
+      if (e.kind === 'out-of-memory') {
+        throw new OutOfMemoryError(
+          {
+            phase: this.allocator.phase,
+            owner: 'unknown',
+            requestedBytes: 0,
+            allocatedBytes: this.allocator.memoryAllocated(),
+            reservedBytes: this.allocator.memoryReserved(),
+            limitBytes: this.allocator.limitBytes,
+          },
+          `The device reported: ${e.message}. ` + this.allocator.oomAdvice(0),
+        );
+      }
+      throw new GpuError(`GPU ${e.kind} error near kernels [${kernels}]: ${e.message}${errs.length > 1 ? ` (+${errs.length - 1} more)` : ''}`);
+    }
+  }
+
+  /** Give back the device. The engine cannot be used afterwards; Node can exit. */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    try {
+      this.flush();
+    } catch {
+      /* the device may be lost already */
+    }
+    this.gpu.destroy();
+    this.pipelines.clear();
+    this.modules.clear();
+  }
+
+  get isDestroyed(): boolean {
+    return this.destroyed;
+  }
+}
+
+function collectTensors(v: unknown, out: Set<Tensor>, depth: number): void {
+  if (depth > 4 || v === null || v === undefined) return;
+  if (v instanceof Tensor) {
+    out.add(v);
+    return;
+  }
+  if (Array.isArray(v)) {
+    for (const x of v) collectTensors(x, out, depth + 1);
+    return;
+  }
+  if (v instanceof Map) {
+    for (const x of v.values()) collectTensors(x, out, depth + 1);
+    return;
+  }
+  if (typeof v === 'object' && Object.getPrototypeOf(v) === Object.prototype) {
+    for (const x of Object.values(v as Record<string, unknown>)) collectTensors(x, out, depth + 1);
+  }
+}
+
+export { shapeStr };
