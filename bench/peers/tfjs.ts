@@ -1,0 +1,38 @@
+// tfjs-backend-webgpu as a peer, on the *same* Dawn device as our engine (same adapter, same queue).
+// It works in Node: the Dawn globals are set by our device module; the backend is registered with
+// our GPUDevice so both libraries run side by side in one process.
+import type { Engine } from '../../src/runtime/engine.ts';
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Tf = any;
+let tfPromise: Promise<Tf> | null = null;
+
+export function tfjsOn(e: Engine): Promise<Tf> {
+  if (!tfPromise) {
+    tfPromise = (async () => {
+      const g = globalThis as unknown as { navigator?: { gpu?: unknown } };
+      // tfjs checks `navigator.gpu` to decide that WebGPU exists; we hand it our device directly.
+      if (!g.navigator) Object.defineProperty(globalThis, 'navigator', { value: {}, configurable: true, writable: true });
+      // a placeholder is enough: the backend below is built on our device, not on navigator.gpu
+      if (!g.navigator!.gpu) g.navigator!.gpu = { placeholder: 'smart-diffusion shares its GPUDevice' };
+      const tf = await import('@tensorflow/tfjs-core');
+      const wgpu = await import('@tensorflow/tfjs-backend-webgpu');
+      // kernels are registered under the name 'webgpu': replace that backend's factory with ours
+      if (tf.findBackendFactory('webgpu')) tf.removeBackend('webgpu');
+      tf.registerBackend('webgpu', async () => new wgpu.WebGPUBackend(e.device), 10);
+      await tf.setBackend('webgpu');
+      await tf.ready();
+      return tf;
+    })();
+  }
+  return tfPromise;
+}
+
+/**
+ * Wait for the peer's work: tfjs batches dispatches and submits every 15; make it submit what it
+ * has, then wait on the shared queue (same wait as our engine's sync, so timings compare).
+ */
+export async function tfSync(tf: Tf, e: Engine): Promise<void> {
+  (tf.backend() as { submitQueue?: () => void }).submitQueue?.();
+  await e.device.queue.onSubmittedWorkDone();
+}
