@@ -28,11 +28,19 @@ export function tfjsOn(e: Engine): Promise<Tf> {
   return tfPromise;
 }
 
+const lastMs = new Map<string, number>();
+
 /**
  * Wait for the peer's work: tfjs batches dispatches and submits every 15; make it submit what it
- * has, then wait on the shared queue (same wait as our engine's sync, so timings compare).
+ * has, then wait on the shared queue. To be fair to the peer, it waits the way our engine does
+ * (sleep ~85 % of the time its previous run took, then await; see src/device/wait.ts), so neither
+ * side pays dawn.node's busy-poll cost in the comparison.
  */
-export async function tfSync(tf: Tf, e: Engine): Promise<void> {
+export async function tfSync(tf: Tf, e: Engine, key = 'default'): Promise<void> {
+  const t0 = performance.now();
   (tf.backend() as { submitQueue?: () => void }).submitQueue?.();
+  const prev = lastMs.get(key);
+  if (prev && prev > 2) await new Promise((r) => setTimeout(r, prev * 0.85));
   await e.device.queue.onSubmittedWorkDone();
+  lastMs.set(key, performance.now() - t0);
 }
