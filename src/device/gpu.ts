@@ -98,7 +98,16 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
     adapter = await gpu.requestAdapter({ powerPreference: power });
   } catch (err) {
     gpu = null;
-    throw new NoAdapterError(`[device] no WebGPU adapter (${(err as Error).message}). ${HOW_TO_GET_AN_ADAPTER}`);
+    const msg = (err as Error).message;
+    const which = [backend && `backend '${backend}'`, adapterName && `adapter '${adapterName}'`].filter(Boolean).join(', ');
+    if (which && /Available adapters/.test(msg)) {
+      // adapters exist, none matches what was asked for
+      throw new NoAdapterError(
+        `[device] no WebGPU adapter matches ${which}. ${msg.replace(/^no suitable backends found\s*/, '').trim()} ` +
+          `Set SD_WEBGPU_ADAPTER / --adapter to a name above (a case-sensitive substring is enough) or unset it.`,
+      );
+    }
+    throw new NoAdapterError(`[device] no WebGPU adapter (${msg}). ${HOW_TO_GET_AN_ADAPTER}`);
   }
   if (!adapter) {
     gpu = null;

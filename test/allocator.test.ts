@@ -1,0 +1,191 @@
+import { describe, it, expect } from 'vitest';
+import { CachingAllocator, sizeClass, type BufferFactory } from '../src/memory/allocator.ts';
+import { takeSnapshot, renderSnapshotHtml } from '../src/memory/snapshot.ts';
+import { OutOfMemoryError } from '../src/util/errors.ts';
+import { getEngine } from './helpers/gpu.ts';
+
+/** A fake device that counts live bytes, so the allocator's figures can be checked exactly. */
+function fakeFactory() {
+  let live = 0;
+  let created = 0;
+  const f: BufferFactory & { live(): number; created(): number } = {
+    create(size) {
+      live += size;
+      created++;
+      return { size, destroy() {} } as unknown as GPUBuffer;
+    },
+    destroy(b) {
+      live -= b.size;
+    },
+    live: () => live,
+    created: () => created,
+  };
+  return f;
+}
+
+describe('size classes', () => {
+  it('are >= the request, 256-aligned, and waste at most 1/16 above 4 KiB', () => {
+    for (const n of [0, 1, 255, 256, 257, 1000, 4096, 4097, 1e5, 1234567, 5e7]) {
+      const c = sizeClass(n);
+      expect(c).toBeGreaterThanOrEqual(n);
+      expect(c % 256).toBe(0);
+      if (n > 4096) expect(c / n).toBeLessThanOrEqual(1 + 1 / 16 + 1e-9);
+    }
+    // exact (256-aligned) above the threshold
+    expect(sizeClass(100 * 2 ** 20 + 1)).toBe(100 * 2 ** 20 + 256);
+  });
+});
+
+describe('caching allocator accounting', () => {
+  it('allocated counts requested bytes exactly; reserved counts buffers held', () => {
+    const f = fakeFactory();
+    const a = new CachingAllocator(f);
+    const b1 = a.alloc(1000, 'w1');
+    const b2 = a.alloc(3000, 'w2');
+    expect(a.memoryAllocated()).toBe(4000);
+    expect(a.memoryReserved()).toBe(sizeClass(1000) + sizeClass(3000));
+    expect(a.memoryReserved()).toBe(f.live());
+    a.free(b1);
+    expect(a.memoryAllocated()).toBe(3000);
+    expect(a.memoryReserved()).toBe(f.live()); // cached, still held
+    // same class is reused without a new buffer
+    const before = f.created();
+    const b3 = a.alloc(999, 'w3');
+    expect(f.created()).toBe(before);
+    expect(b3.buffer).toBe(b1.buffer);
+    expect(a.memoryAllocated()).toBe(3999);
+    a.free(b2);
+    a.free(b3);
+    expect(a.memoryAllocated()).toBe(0);
+    a.emptyCache();
+    expect(a.memoryReserved()).toBe(0);
+    expect(f.live()).toBe(0);
+  });
+
+  it('tracks peaks and resets them to the current values', () => {
+    const a = new CachingAllocator(fakeFactory());
+    const x = a.alloc(10_000);
+    const y = a.alloc(20_000);
+    a.free(y);
+    expect(a.maxMemoryAllocated()).toBe(30_000);
+    expect(a.maxMemoryReserved()).toBe(sizeClass(10_000) + sizeClass(20_000));
+    a.resetPeakMemoryStats();
+    expect(a.maxMemoryAllocated()).toBe(10_000);
+    expect(a.maxMemoryReserved()).toBe(a.memoryReserved());
+    a.emptyCache();
+    a.resetPeakMemoryStats();
+    expect(a.maxMemoryReserved()).toBe(sizeClass(10_000));
+    a.free(x);
+  });
+
+  it('rejects double free', () => {
+    const a = new CachingAllocator(fakeFactory());
+    const x = a.alloc(10);
+    a.free(x);
+    expect(() => a.free(x)).toThrow(/double free/);
+  });
+
+  it('records every alloc/free with bytes, owner, phase and counters', () => {
+    const a = new CachingAllocator(fakeFactory());
+    a.startRecording();
+    a.phase = 'denoise';
+    const w = a.withOwner('dit.blocks.7.ffn.net.0.proj', () => a.alloc(5000));
+    const act = a.alloc(700);
+    a.free(act);
+    a.phase = 'decode';
+    a.free(w);
+    a.emptyCache();
+    const ev = a.stopRecording();
+    expect(ev.map((e) => e.action)).toEqual(['segment_alloc', 'alloc', 'segment_alloc', 'alloc', 'free', 'free', 'segment_free', 'segment_free']);
+    expect(ev[1]).toMatchObject({ action: 'alloc', bytes: 5000, owner: 'dit.blocks.7.ffn.net.0.proj', phase: 'denoise', allocated: 5000 });
+    expect(ev[3]).toMatchObject({ action: 'alloc', bytes: 700, owner: 'activation', allocated: 5700 });
+    expect(ev[5]).toMatchObject({ action: 'free', bytes: 5000, phase: 'decode', allocated: 0 });
+    expect(ev[7]!.reserved).toBe(0);
+    for (let i = 1; i < ev.length; i++) expect(ev[i]!.t).toBeGreaterThanOrEqual(ev[i - 1]!.t);
+  });
+
+  it('groups live bytes by owner prefix', () => {
+    const a = new CachingAllocator(fakeFactory());
+    a.alloc(100, 'dit.blocks.0.attn1.to_q');
+    a.alloc(200, 'dit.blocks.0.ffn');
+    a.alloc(50, 'dit.blocks.1.ffn');
+    a.alloc(7, 'vae.decoder.conv_in');
+    const g = a.allocatedByOwner(3);
+    expect(g.get('dit.blocks.0')).toBe(300);
+    expect(g.get('dit.blocks.1')).toBe(50);
+    expect(a.allocatedByOwner(1).get('dit')).toBe(350);
+  });
+
+  it('throws a clear OutOfMemoryError at the budget, after emptying the cache', () => {
+    const f = fakeFactory();
+    const a = new CachingAllocator(f, { limitBytes: 64 * 1024 });
+    a.phase = 'decode';
+    const x = a.alloc(40_000, 'vae');
+    a.free(x); // cached: 40 KB held
+    const y = a.alloc(60_000, 'vae.big'); // needs the cache emptied first
+    expect(a.memoryReserved()).toBe(sizeClass(60_000));
+    let err: unknown;
+    try {
+      a.alloc(10_000, 'vae.more');
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(OutOfMemoryError);
+    const m = (err as Error).message;
+    expect(m).toMatch(/phase 'decode'/);
+    expect(m).toMatch(/9\.8 KiB requested for 'vae\.more'/);
+    expect(m).toMatch(/low_mem_level/);
+    a.free(y);
+  });
+
+  it('renders a snapshot as HTML with owners and phases', () => {
+    const a = new CachingAllocator(fakeFactory());
+    a.startRecording();
+    a.phase = 'encode';
+    const t = a.alloc(1000, 'text_encoder.encoder.block.0.layer.0');
+    a.free(t);
+    a.phase = 'denoise';
+    for (let i = 0; i < 3; i++) {
+      const b = a.alloc(5000, `dit.blocks.${i}.ffn`);
+      a.free(b);
+    }
+    const snap = takeSnapshot(a, 'fake');
+    expect(JSON.parse(JSON.stringify(snap)).events.length).toBe(snap.events.length);
+    const html = renderSnapshotHtml(snap);
+    expect(html).toMatch(/<svg/);
+    expect(html).toMatch(/dit\.blocks\.2/);
+    expect(html).toMatch(/text_encoder\.encoder\.block/);
+    expect(html).toMatch(/phase denoise/);
+  });
+});
+
+describe('allocator on the real device', () => {
+  it('engine tensors account exact bytes, views share storage, dispose frees', async () => {
+    const e = await getEngine();
+    const a = e.allocator;
+    const base = a.memoryAllocated();
+    const t = e.empty([3, 5, 7], 'f32');
+    expect(a.memoryAllocated() - base).toBe(3 * 5 * 7 * 4);
+    const h = e.empty([33], 'bf16');
+    expect(a.memoryAllocated() - base).toBe(3 * 5 * 7 * 4 + 66);
+    const v = t.narrow0(1, 2);
+    t.dispose();
+    expect(a.memoryAllocated() - base).toBe(3 * 5 * 7 * 4 + 66); // the view keeps it alive
+    v.dispose();
+    h.dispose();
+    expect(a.memoryAllocated()).toBe(base);
+  });
+
+  it('scope() frees what it does not return', async () => {
+    const e = await getEngine();
+    const base = e.allocator.memoryAllocated();
+    const kept = e.scope(() => {
+      e.empty([100]);
+      e.empty([200]);
+      return { out: e.empty([300]) };
+    });
+    expect(e.allocator.memoryAllocated() - base).toBe(1200);
+    kept.out.dispose();
+    expect(e.allocator.memoryAllocated()).toBe(base);
+  });
+});

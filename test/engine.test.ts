@@ -1,0 +1,131 @@
+import { describe, it, expect } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { getEngine } from './helpers/gpu.ts';
+import { Engine } from '../src/runtime/engine.ts';
+import { Params } from '../src/runtime/params.ts';
+import { GpuError, ShapeError } from '../src/util/errors.ts';
+import { unary } from '../src/ops/elementwise.ts';
+import { Tensor } from '../src/tensor/tensor.ts';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const fixtures = join(here, 'fixtures');
+const root = join(here, '..');
+
+function runScript(script: string, env: Record<string, string> = {}) {
+  return spawnSync(process.execPath, ['--import', 'tsx', script], {
+    cwd: root,
+    env: { ...process.env, ...env },
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+}
+
+describe('device', () => {
+  it('requests the adapter limits and reports features', async () => {
+    const e = await getEngine();
+    expect(e.limits.maxStorageBufferBindingSize).toBeGreaterThanOrEqual(128 * 2 ** 20);
+    expect(typeof e.features.shaderF16).toBe('boolean');
+    expect(e.adapterName.length).toBeGreaterThan(0);
+  });
+
+  it('a process that used the GPU exits by itself after destroy()', () => {
+    const r = runScript(join(fixtures, 'scripts', 'engine-run.ts'));
+    expect(r.error).toBeUndefined(); // no timeout
+    expect(r.stdout).toMatch(/result 11,22,33/);
+    expect(r.status).toBe(0);
+  });
+
+  it('no adapter: the error says how to get one', () => {
+    const r = runScript(join(fixtures, 'scripts', 'engine-run.ts'), { VK_DRIVER_FILES: '/nonexistent.json', VK_ICD_FILENAMES: '/nonexistent.json' });
+    expect(r.status).toBe(3);
+    expect(r.stdout).toMatch(/NoAdapterError/);
+    expect(r.stdout).toMatch(/mesa-vulkan-drivers/);
+    expect(r.stdout).toMatch(/bookworm-backports/);
+  });
+
+  it('an unknown adapter name is reported with the adapter', () => {
+    const r = runScript(join(fixtures, 'scripts', 'engine-run.ts'), { SD_WEBGPU_ADAPTER: 'no-such-gpu-xyz' });
+    expect(r.status).toBe(3);
+    expect(r.stdout).toMatch(/NoAdapterError/);
+    expect(r.stdout).toMatch(/no-such-gpu-xyz/);
+  });
+});
+
+describe('kernels and errors', () => {
+  it('a WGSL compile error throws a GpuError naming the kernel and the line', async () => {
+    const e = await getEngine();
+    const spec = { family: join(fixtures, 'kernels', 'broken.wgsl'), entry: 'main', layout: ['write' as const] };
+    await expect(e.compile(spec)).rejects.toThrow(GpuError);
+    try {
+      e.pipeline({ ...spec, constants: { X: 1 } } as never);
+      await e.checkErrors();
+      expect.unreachable();
+    } catch (err) {
+      expect((err as Error).message).toMatch(/broken\.wgsl/);
+    }
+  });
+
+  it('dispatches a kernel from a file; grids over the per-dimension limit are refused', async () => {
+    const e = await getEngine();
+    const y = e.empty([100], 'f32');
+    const kernel = { family: join(fixtures, 'kernels', 'ok.wgsl'), entry: 'main', layout: ['write' as const] };
+    e.dispatch({ kernel, params: new Params().u32(100).f32(0.5).bytes(), bindings: [y], workgroups: [2] });
+    const v = await y.toArray();
+    expect(v[0]).toBe(0);
+    expect(v[99]).toBe(49.5);
+    expect(() => e.dispatch({ kernel, bindings: [y], workgroups: [70000] })).toThrow(ShapeError);
+    y.dispose();
+  });
+
+  it('zero-size tensors read back empty and ops on them dispatch nothing', async () => {
+    const e = await getEngine();
+    const before = e.dispatchCount;
+    const x = e.empty([0, 5]);
+    const y = unary({ x }, { kind: 'silu' });
+    expect(y.shape).toEqual([0, 5]);
+    expect((await y.toArray()).length).toBe(0);
+    expect(e.dispatchCount).toBe(before);
+  });
+
+  it('uploads never overtake queued reads of a reused buffer', async () => {
+    const e = await getEngine();
+    // a is read by the queued kernel, then freed; b reuses its block and is written at once.
+    const a = e.fromValues([1, 2, 3, 4], [4]);
+    const out = unary({ x: a }, { kind: 'affine', alpha: 2, beta: 0 });
+    a.dispose();
+    const b = e.fromValues([100, 100, 100, 100], [4]);
+    expect(Array.from(await out.toArray())).toEqual([2, 4, 6, 8]);
+    expect(Array.from(await b.toArray())).toEqual([100, 100, 100, 100]);
+  });
+
+  it('host round trip of every dtype', async () => {
+    const e = await getEngine();
+    for (const dt of ['f32', 'f16', 'bf16', 'i32', 'u32'] as const) {
+      const vals = [0, 1, 2, 3, 5, 7, 11];
+      const t = Tensor.fromValues(vals, [7], dt).toGpu(e);
+      expect(Array.from(await t.toArray())).toEqual(vals);
+      t.dispose();
+    }
+  });
+});
+
+describe('profiling with timestamp queries', () => {
+  it('records per-kernel GPU time', async () => {
+    const e = await Engine.create({ profile: true });
+    try {
+      if (!e.features.timestampQuery) return; // adapter without timestamp-query: nothing to record
+      const x = e.fromValues(new Float32Array(10000).fill(1), [10000]);
+      for (let i = 0; i < 3; i++) unary({ x }, { kind: 'gelu' }).dispose();
+      await e.sync();
+      const rows = e.profile.rows();
+      const g = rows.find((r) => r.name === 'unary.gelu');
+      expect(g?.calls).toBe(3);
+      expect(g!.totalMs).toBeGreaterThan(0);
+      expect(e.profile.table()).toMatch(/unary\.gelu/);
+    } finally {
+      e.destroy();
+    }
+  });
+});
