@@ -1,0 +1,538 @@
+// Model folders in the diffusers layout, as Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers ship them:
+//
+//   model_index.json
+//   transformer/   config.json + diffusion_pytorch_model.safetensors (14B: -0000N-of-0000M shards + .index.json)
+//   vae/           config.json + diffusion_pytorch_model.safetensors
+//   text_encoder/  config.json + model-0000N-of-0000M.safetensors + model.safetensors.index.json
+//   scheduler/     scheduler_config.json
+//   tokenizer/     tokenizer.json, spiece.model, special_tokens_map.json, tokenizer_config.json
+//
+// Each config.json is parsed into a typed config with validation: required keys present with the
+// right types (errors name the file and the key); extra Hugging Face keys are ignored by design.
+// Config fields keep the exact config.json names (snake_case), so they read like the files.
+// The transformer may also be a file in the ORIGINAL Wan release layout (`blocks.0.self_attn.q.weight`,
+// `head.head.weight`, and a `WanModel` config.json); it is then served under diffusers names
+// through the rename table in key-maps.ts.
+
+import { promises as fsp } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { CheckpointError } from '../util/errors.ts';
+import { Checkpoint, findCheckpointIn } from './checkpoint.ts';
+import { TRANSFORMER_KEYS, VAE_KEYS, T5_KEYS, detectTransformerLayout, type KeyMap } from './key-maps.ts';
+
+export const DOWNLOAD_HINT =
+  'download a diffusers-format Wan 2.1 text-to-video model, e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR` ' +
+  '(or Wan-AI/Wan2.1-T2V-14B-Diffusers), and pass DIR';
+
+// ---- typed configs ----
+
+/** transformer/config.json (diffusers WanTransformer3DModel), text-to-video only. */
+export type TransformerConfig = {
+  _class_name: string;
+  patch_size: [number, number, number];
+  num_attention_heads: number;
+  attention_head_dim: number;
+  in_channels: number;
+  out_channels: number;
+  text_dim: number;
+  freq_dim: number;
+  ffn_dim: number;
+  num_layers: number;
+  cross_attn_norm: boolean;
+  /** 'rms_norm_across_heads' (the only kind Wan uses) or null */
+  qk_norm: string | null;
+  eps: number;
+  rope_max_seq_len: number;
+  /** always null here: image-to-video models are refused */
+  image_dim: null;
+};
+
+/** vae/config.json (diffusers AutoencoderKLWan). */
+export type VaeConfig = {
+  _class_name: string;
+  base_dim: number;
+  z_dim: number;
+  dim_mult: number[];
+  num_res_blocks: number;
+  attn_scales: number[];
+  /** sic: the diffusers spelling */
+  temperal_downsample: boolean[];
+  latents_mean: number[];
+  latents_std: number[];
+};
+
+/** text_encoder/config.json (transformers UMT5EncoderModel). */
+export type T5Config = {
+  model_type: 'umt5';
+  d_model: number;
+  d_kv: number;
+  d_ff: number;
+  num_heads: number;
+  num_layers: number;
+  vocab_size: number;
+  relative_attention_num_buckets: number;
+  relative_attention_max_distance: number;
+  layer_norm_epsilon: number;
+  feed_forward_proj: 'gated-gelu';
+  pad_token_id: number;
+  eos_token_id: number;
+};
+
+/** scheduler/scheduler_config.json (diffusers UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler). */
+export type SchedulerConfig = {
+  _class_name: string;
+  /** the sigma shift (`flow_shift`, or `shift` for FlowMatchEulerDiscreteScheduler) */
+  flow_shift: number;
+  num_train_timesteps: number;
+  solver_order: number;
+  prediction_type: 'flow_prediction';
+  use_flow_sigmas: boolean;
+  solver_type: string;
+  lower_order_final: boolean;
+  final_sigmas_type: string;
+};
+
+export type ModelIndex = {
+  _class_name: string;
+  /** component → [library, class] as in model_index.json ([null, null] when absent) */
+  components: Record<string, [string | null, string | null]>;
+};
+
+/** Where a component's weights are: pass `path` to Checkpoint.open. */
+export interface WeightsRef {
+  /** a .safetensors file or a .safetensors.index.json */
+  path: string;
+  sharded: boolean;
+}
+
+export interface Component<C> {
+  name: 'transformer' | 'vae' | 'text_encoder';
+  dir: string;
+  configPath: string;
+  config: C;
+  weights: WeightsRef;
+  /** 'wan': the file uses the original Wan names and is renamed to diffusers names on open */
+  keyLayout: 'diffusers' | 'wan';
+  /** Open the weights under diffusers / transformers names (the caller closes it). */
+  open(): Promise<Checkpoint>;
+}
+
+export interface ModelFolder {
+  dir: string;
+  index: ModelIndex;
+  transformer: Component<TransformerConfig>;
+  vae: Component<VaeConfig>;
+  textEncoder: Component<T5Config>;
+  scheduler: { dir: string; configPath: string; config: SchedulerConfig };
+  /** null when the folder has no tokenizer (then prompts must come as token ids) */
+  tokenizer: { dir: string } | null;
+}
+
+// ---- validation helpers ----
+
+type Json = Record<string, unknown>;
+
+class Cfg {
+  constructor(
+    readonly file: string,
+    readonly obj: Json,
+  ) {}
+
+  fail(key: string, want: string): never {
+    const v = this.obj[key];
+    const got = v === undefined ? 'it is missing' : `got ${JSON.stringify(v)}`;
+    throw new CheckpointError(`[model-folder] ${this.file}: key '${key}' must be ${want}, ${got}`);
+  }
+  has(key: string): boolean {
+    return this.obj[key] !== undefined;
+  }
+  int(key: string, min = 1, dflt?: number): number {
+    const v = this.obj[key] ?? dflt;
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) this.fail(key, `an integer >= ${min}`);
+    return v;
+  }
+  num(key: string, dflt?: number, positive = true): number {
+    const v = this.obj[key] ?? dflt;
+    if (typeof v !== 'number' || !Number.isFinite(v) || (positive && !(v > 0))) this.fail(key, positive ? 'a number > 0' : 'a number');
+    return v;
+  }
+  bool(key: string, dflt?: boolean): boolean {
+    const v = this.obj[key] ?? dflt;
+    if (typeof v !== 'boolean') this.fail(key, 'true or false');
+    return v;
+  }
+  str(key: string, dflt?: string): string {
+    const v = this.obj[key] ?? dflt;
+    if (typeof v !== 'string') this.fail(key, 'a string');
+    return v;
+  }
+  ints(key: string, len?: number, min = 0, dflt?: number[]): number[] {
+    const v = this.obj[key] ?? dflt;
+    if (!Array.isArray(v) || (len !== undefined && v.length !== len) || !v.every((x) => typeof x === 'number' && Number.isSafeInteger(x) && x >= min)) {
+      this.fail(key, `an array of ${len ?? 'any number of'} integers >= ${min}`);
+    }
+    return [...(v as number[])];
+  }
+  nums(key: string, len: number): number[] {
+    const v = this.obj[key];
+    if (!Array.isArray(v) || v.length !== len || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) this.fail(key, `an array of ${len} numbers`);
+    return [...(v as number[])];
+  }
+  bools(key: string, len: number): boolean[] {
+    const v = this.obj[key];
+    if (!Array.isArray(v) || v.length !== len || !v.every((x) => typeof x === 'boolean')) this.fail(key, `an array of ${len} booleans`);
+    return [...(v as boolean[])];
+  }
+}
+
+async function readJson(file: string, what: string): Promise<Json> {
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    throw new CheckpointError(`[model-folder] ${file}: ${code === 'ENOENT' ? 'missing' : `cannot read (${code})`}: ${what}`, { cause: err });
+  }
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch (err) {
+    throw new CheckpointError(`[model-folder] ${file}: malformed JSON (${(err as Error).message})`, { cause: err });
+  }
+  if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new CheckpointError(`[model-folder] ${file}: must be a JSON object`);
+  return v as Json;
+}
+
+// ---- config parsers (exported for tests and for callers holding a config object) ----
+
+export function parseTransformerConfig(obj: Json, file = 'transformer/config.json'): TransformerConfig {
+  const c = new Cfg(file, obj);
+  const cls = c.str('_class_name', 'WanTransformer3DModel');
+  if (cls === 'WanModel') return parseWanModelConfig(c);
+  if (cls !== 'WanTransformer3DModel') {
+    throw new CheckpointError(`[model-folder] ${file}: _class_name is '${cls}', expected 'WanTransformer3DModel' (Wan 2.1 text-to-video); ${DOWNLOAD_HINT}`);
+  }
+  if ((obj.image_dim ?? null) !== null || (obj.added_kv_proj_dim ?? null) !== null) {
+    throw new CheckpointError(
+      `[model-folder] ${file}: this is an image-to-video transformer (image_dim / added_kv_proj_dim set); only text-to-video (T2V) models are supported yet`,
+    );
+  }
+  const ps = c.ints('patch_size', 3, 1);
+  const qk = obj.qk_norm ?? null;
+  if (qk !== null && qk !== 'rms_norm_across_heads') c.fail('qk_norm', "'rms_norm_across_heads' or null");
+  const cfg: TransformerConfig = {
+    _class_name: cls,
+    patch_size: [ps[0]!, ps[1]!, ps[2]!],
+    num_attention_heads: c.int('num_attention_heads'),
+    attention_head_dim: c.int('attention_head_dim'),
+    in_channels: c.int('in_channels'),
+    out_channels: c.int('out_channels'),
+    text_dim: c.int('text_dim'),
+    freq_dim: c.int('freq_dim'),
+    ffn_dim: c.int('ffn_dim'),
+    num_layers: c.int('num_layers'),
+    cross_attn_norm: c.bool('cross_attn_norm'),
+    qk_norm: qk as string | null,
+    eps: c.num('eps'),
+    rope_max_seq_len: c.int('rope_max_seq_len', 1, 1024),
+    image_dim: null,
+  };
+  checkTransformer(c, cfg);
+  return cfg;
+}
+
+/** The original Wan release's config.json (`WanModel`: dim, num_heads, in_dim, out_dim, model_type, ...). */
+function parseWanModelConfig(c: Cfg): TransformerConfig {
+  const type = c.str('model_type', 't2v');
+  if (type !== 't2v') throw new CheckpointError(`[model-folder] ${c.file}: model_type '${type}' (image-to-video / first-last-frame) is not supported yet; only 't2v' models are`);
+  const dim = c.int('dim');
+  const heads = c.int('num_heads');
+  if (dim % heads !== 0) c.fail('dim', `divisible by num_heads (${heads})`);
+  const ps = c.ints('patch_size', 3, 1, [1, 2, 2]);
+  const cfg: TransformerConfig = {
+    _class_name: 'WanModel',
+    patch_size: [ps[0]!, ps[1]!, ps[2]!],
+    num_attention_heads: heads,
+    attention_head_dim: dim / heads,
+    in_channels: c.int('in_dim'),
+    out_channels: c.int('out_dim'),
+    text_dim: c.int('text_dim', 1, 4096),
+    freq_dim: c.int('freq_dim', 1, 256),
+    ffn_dim: c.int('ffn_dim'),
+    num_layers: c.int('num_layers'),
+    cross_attn_norm: c.bool('cross_attn_norm', true),
+    qk_norm: c.bool('qk_norm', true) ? 'rms_norm_across_heads' : null,
+    eps: c.num('eps', 1e-6),
+    rope_max_seq_len: 1024, // Wan builds its RoPE tables with rope_params(1024, ...)
+    image_dim: null,
+  };
+  checkTransformer(c, cfg);
+  return cfg;
+}
+
+function checkTransformer(c: Cfg, cfg: TransformerConfig): void {
+  const d = cfg.attention_head_dim;
+  // RoPE splits head_dim into t/h/w angle dims d - 4(d//6), 2(d//6), 2(d//6): all must be even.
+  if (d % 2 !== 0 || d < 6) c.fail('attention_head_dim', 'an even number >= 6 (RoPE pairs)');
+}
+
+export function parseVaeConfig(obj: Json, file = 'vae/config.json'): VaeConfig {
+  const c = new Cfg(file, obj);
+  const cls = c.str('_class_name', 'AutoencoderKLWan');
+  if (cls !== 'AutoencoderKLWan') throw new CheckpointError(`[model-folder] ${file}: _class_name is '${cls}', expected 'AutoencoderKLWan' (the Wan 2.1 VAE)`);
+  const zDim = c.int('z_dim');
+  const dimMult = c.ints('dim_mult', undefined, 1);
+  if (dimMult.length < 2) c.fail('dim_mult', 'an array of at least 2 integers >= 1');
+  const cfg: VaeConfig = {
+    _class_name: cls,
+    base_dim: c.int('base_dim'),
+    z_dim: zDim,
+    dim_mult: dimMult,
+    num_res_blocks: c.int('num_res_blocks'),
+    attn_scales: (() => {
+      const v = obj.attn_scales ?? [];
+      if (!Array.isArray(v) || !v.every((x) => typeof x === 'number')) c.fail('attn_scales', 'an array of numbers');
+      return [...(v as number[])];
+    })(),
+    temperal_downsample: c.bools('temperal_downsample', dimMult.length - 1),
+    latents_mean: c.nums('latents_mean', zDim),
+    latents_std: c.nums('latents_std', zDim),
+  };
+  if (cfg.latents_std.some((s) => !(s > 0))) c.fail('latents_std', `an array of ${zDim} numbers > 0`);
+  return cfg;
+}
+
+export function parseT5Config(obj: Json, file = 'text_encoder/config.json'): T5Config {
+  const c = new Cfg(file, obj);
+  const mt = c.str('model_type');
+  if (mt !== 'umt5') {
+    throw new CheckpointError(`[model-folder] ${file}: model_type is '${mt}', expected 'umt5' (Wan's text encoder is UMT5-XXL: one relative-position bias per layer, unlike T5)`);
+  }
+  const ff = c.str('feed_forward_proj');
+  if (ff !== 'gated-gelu') c.fail('feed_forward_proj', "'gated-gelu' (Wan's UMT5 uses a gated GELU FFN)");
+  return {
+    model_type: 'umt5',
+    d_model: c.int('d_model'),
+    d_kv: c.int('d_kv'),
+    d_ff: c.int('d_ff'),
+    num_heads: c.int('num_heads'),
+    num_layers: c.int('num_layers'),
+    vocab_size: c.int('vocab_size'),
+    relative_attention_num_buckets: c.int('relative_attention_num_buckets', 2),
+    relative_attention_max_distance: c.int('relative_attention_max_distance', 2),
+    layer_norm_epsilon: c.num('layer_norm_epsilon'),
+    feed_forward_proj: 'gated-gelu',
+    pad_token_id: c.int('pad_token_id', 0, 0),
+    eos_token_id: c.int('eos_token_id', 0, 1),
+  };
+}
+
+export function parseSchedulerConfig(obj: Json, file = 'scheduler/scheduler_config.json'): SchedulerConfig {
+  const c = new Cfg(file, obj);
+  const cls = c.str('_class_name');
+  const shiftKey = c.has('flow_shift') ? 'flow_shift' : c.has('shift') ? 'shift' : 'flow_shift';
+  const pt = c.str('prediction_type', 'flow_prediction');
+  if (pt !== 'flow_prediction') c.fail('prediction_type', "'flow_prediction' (Wan is a flow-matching model)");
+  return {
+    _class_name: cls,
+    flow_shift: c.num(shiftKey),
+    num_train_timesteps: c.int('num_train_timesteps'),
+    solver_order: c.int('solver_order', 1, 2),
+    prediction_type: 'flow_prediction',
+    use_flow_sigmas: c.bool('use_flow_sigmas', true),
+    solver_type: c.str('solver_type', 'bh2'),
+    lower_order_final: c.bool('lower_order_final', true),
+    final_sigmas_type: c.str('final_sigmas_type', 'zero'),
+  };
+}
+
+export function parseModelIndex(obj: Json, file = 'model_index.json'): ModelIndex {
+  const c = new Cfg(file, obj);
+  const cls = c.str('_class_name');
+  if (cls !== 'WanPipeline') {
+    const i2v = /ImageToVideo|I2V|VACE|Video2Video/i.test(cls);
+    throw new CheckpointError(
+      `[model-folder] ${file}: _class_name is '${cls}', expected 'WanPipeline'` + (i2v ? ': only text-to-video models are supported yet' : `; ${DOWNLOAD_HINT}`),
+    );
+  }
+  const components: Record<string, [string | null, string | null]> = {};
+  for (const [k, v] of Object.entries(obj)) {
+    if (k.startsWith('_')) continue;
+    if (Array.isArray(v) && v.length === 2 && v.every((x) => x === null || typeof x === 'string')) components[k] = [v[0] as string | null, v[1] as string | null];
+  }
+  return { _class_name: cls, components };
+}
+
+// ---- folder opening ----
+
+async function isDir(p: string): Promise<boolean> {
+  try {
+    return (await fsp.stat(p)).isDirectory();
+  } catch {
+    return false;
+  }
+}
+async function isFile(p: string): Promise<boolean> {
+  try {
+    return (await fsp.stat(p)).isFile();
+  } catch {
+    return false;
+  }
+}
+
+async function findWeights(dir: string, base: string, comp: string): Promise<WeightsRef> {
+  let path: string;
+  try {
+    path = await findCheckpointIn(dir, base);
+  } catch (err) {
+    if (err instanceof CheckpointError && /no \.safetensors file/.test(err.message)) {
+      throw new CheckpointError(`[model-folder] ${dir}: the ${comp} has no weights (${base}.safetensors or ${base}.safetensors.index.json): the download is incomplete; ${DOWNLOAD_HINT}`, {
+        cause: err,
+      });
+    }
+    throw err;
+  }
+  return { path, sharded: path.endsWith('.index.json') };
+}
+
+function makeComponent<C>(
+  name: Component<C>['name'],
+  dir: string,
+  configPath: string,
+  config: C,
+  weights: WeightsRef,
+  keyLayout: 'diffusers' | 'wan',
+  view: (ck: Checkpoint) => Checkpoint,
+): Component<C> {
+  return {
+    name,
+    dir,
+    configPath,
+    config,
+    weights,
+    keyLayout,
+    async open() {
+      const ck = await Checkpoint.open(weights.path);
+      try {
+        return view(ck);
+      } catch (err) {
+        await ck.close();
+        throw err;
+      }
+    },
+  };
+}
+
+/** Rename a Wan-layout checkpoint to diffusers names; keys no row maps are left out (and ignored). */
+function wanView(map: KeyMap): (ck: Checkpoint) => Checkpoint {
+  return (ck) => ck.renamed((k) => map.toDiffusers(k)).checkpoint;
+}
+
+/**
+ * Open a Wan 2.1 text-to-video model folder (diffusers layout). Reads the configs and the
+ * checkpoint headers (no tensor data); every missing or corrupt part is a CheckpointError saying
+ * what is wrong and how to fix it.
+ */
+export async function openModelFolder(dirIn: string): Promise<ModelFolder> {
+  const dir = resolve(dirIn);
+  if (!(await isDir(dir))) throw new CheckpointError(`[model-folder] ${dir}: no such folder; ${DOWNLOAD_HINT}`);
+  const indexPath = join(dir, 'model_index.json');
+  if (!(await isFile(indexPath))) {
+    const cfgPath = join(dir, 'config.json');
+    if (await isFile(cfgPath)) {
+      const cfg = await readJson(cfgPath, '');
+      if (cfg._class_name === 'WanModel') {
+        throw new CheckpointError(
+          `[model-folder] ${dir}: this is the original Wan release layout (WanModel): its VAE and T5 are PyTorch pickles (.pth), which are not supported. ` +
+            `${DOWNLOAD_HINT}. (Its transformer safetensors can replace transformer/ of a diffusers folder: the original key names are recognized.)`,
+        );
+      }
+    }
+    throw new CheckpointError(`[model-folder] ${dir}: missing model_index.json: not a diffusers model folder; ${DOWNLOAD_HINT}`);
+  }
+  const index = parseModelIndex(await readJson(indexPath, ''), indexPath);
+
+  const need = async (sub: string): Promise<string> => {
+    const p = join(dir, sub);
+    if (!(await isDir(p))) throw new CheckpointError(`[model-folder] ${dir}: missing the ${sub}/ folder: the download is incomplete; ${DOWNLOAD_HINT}`);
+    return p;
+  };
+
+  // transformer
+  const tDir = await need('transformer');
+  const tCfgPath = join(tDir, 'config.json');
+  const tCfg = parseTransformerConfig(await readJson(tCfgPath, `the transformer config; ${DOWNLOAD_HINT}`), tCfgPath);
+  const tW = await findWeights(tDir, 'diffusion_pytorch_model', 'transformer');
+  const tLayout = await withCheckpoint(tW.path, (ck) => {
+    const l = detectTransformerLayout(ck.keys());
+    if (l === 'unknown') {
+      throw new CheckpointError(
+        `[model-folder] ${ck.describe()}: cannot tell the key layout of this transformer checkpoint (neither diffusers 'proj_out.weight' nor Wan 'head.head.weight'): is it a Wan 2.1 model?`,
+      );
+    }
+    return l;
+  });
+  const transformer = makeComponent('transformer', tDir, tCfgPath, tCfg, tW, tLayout, tLayout === 'wan' ? wanView(TRANSFORMER_KEYS) : (ck) => ck);
+
+  // vae
+  const vDir = await need('vae');
+  const vCfgPath = join(vDir, 'config.json');
+  const vCfg = parseVaeConfig(await readJson(vCfgPath, `the VAE config; ${DOWNLOAD_HINT}`), vCfgPath);
+  const vW = await findWeights(vDir, 'diffusion_pytorch_model', 'vae');
+  const vLayout = await withCheckpoint(vW.path, (ck) => (ck.has('decoder.conv1.weight') && !ck.has('decoder.conv_in.weight') ? 'wan' : 'diffusers'));
+  const vae = makeComponent('vae', vDir, vCfgPath, vCfg, vW, vLayout, vLayout === 'wan' ? wanView(VAE_KEYS) : (ck) => ck);
+
+  // text encoder
+  const eDir = await need('text_encoder');
+  const eCfgPath = join(eDir, 'config.json');
+  const eCfg = parseT5Config(await readJson(eCfgPath, `the text encoder config; ${DOWNLOAD_HINT}`), eCfgPath);
+  const eW = await findWeights(eDir, 'model', 'text_encoder');
+  const eLayout = await withCheckpoint(eW.path, (ck) => (ck.has('token_embedding.weight') && !ck.has('shared.weight') ? 'wan' : 'diffusers'));
+  const textEncoder = makeComponent('text_encoder', eDir, eCfgPath, eCfg, eW, eLayout, (ck) => {
+    if (eLayout === 'wan') return wanView(T5_KEYS)(ck);
+    // transformers ties shared.weight and encoder.embed_tokens.weight; a file may hold either copy
+    if (!ck.has('shared.weight') && ck.has('encoder.embed_tokens.weight')) {
+      return ck.renamed((k) => (k === 'encoder.embed_tokens.weight' ? 'shared.weight' : k)).checkpoint;
+    }
+    return ck;
+  });
+
+  // scheduler
+  const sDir = await need('scheduler');
+  const sCfgPath = join(sDir, 'scheduler_config.json');
+  const scheduler = { dir: sDir, configPath: sCfgPath, config: parseSchedulerConfig(await readJson(sCfgPath, `the scheduler config; ${DOWNLOAD_HINT}`), sCfgPath) };
+
+  // tokenizer (optional: the tiny test model has none and gives token ids)
+  let tokenizer: { dir: string } | null = null;
+  const tokEntry = index.components.tokenizer;
+  const tokDir = join(dir, 'tokenizer');
+  const listed = tokEntry !== undefined && tokEntry[0] !== null;
+  if (await isDir(tokDir)) {
+    if (!(await isFile(join(tokDir, 'tokenizer.json')))) {
+      throw new CheckpointError(`[model-folder] ${tokDir}: missing tokenizer.json (the UMT5 tokenizer): the download is incomplete; ${DOWNLOAD_HINT}`);
+    }
+    tokenizer = { dir: tokDir };
+  } else if (listed) {
+    throw new CheckpointError(`[model-folder] ${dir}: model_index.json lists a tokenizer but the tokenizer/ folder is missing: the download is incomplete; ${DOWNLOAD_HINT}`);
+  }
+
+  // cross-component consistency
+  if (tCfg.text_dim !== eCfg.d_model) {
+    throw new CheckpointError(`[model-folder] ${dir}: transformer text_dim (${tCfg.text_dim}) != text_encoder d_model (${eCfg.d_model}): the components come from different models`);
+  }
+  if (tCfg.in_channels !== vCfg.z_dim || tCfg.out_channels !== vCfg.z_dim) {
+    throw new CheckpointError(
+      `[model-folder] ${dir}: transformer in/out channels (${tCfg.in_channels}/${tCfg.out_channels}) != vae z_dim (${vCfg.z_dim}): the components come from different models`,
+    );
+  }
+  return { dir, index, transformer, vae, textEncoder, scheduler, tokenizer };
+}
+
+async function withCheckpoint<T>(path: string, fn: (ck: Checkpoint) => T): Promise<T> {
+  const ck = await Checkpoint.open(path);
+  try {
+    return fn(ck);
+  } finally {
+    await ck.close();
+  }
+}

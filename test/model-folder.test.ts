@@ -1,0 +1,361 @@
+// Model folders (diffusers layout), typed configs, the original-Wan key maps.
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { mkdtempSync, rmSync, cpSync, readFileSync, writeFileSync, mkdirSync, renameSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { openModelFolder, parseTransformerConfig, parseT5Config, parseVaeConfig, parseSchedulerConfig, type ModelFolder } from '../src/io/model-folder.ts';
+import { TRANSFORMER_KEYS, VAE_KEYS, T5_KEYS, TRANSFORMER_KEY_TABLE, detectTransformerLayout } from '../src/io/key-maps.ts';
+import { Checkpoint, loadStrict } from '../src/io/checkpoint.ts';
+import { SafetensorsFile, writeSafetensors } from '../src/io/safetensors.ts';
+import { CheckpointError } from '../src/util/errors.ts';
+import { TINY } from './helpers/golden.ts';
+
+let tmp: string;
+beforeAll(() => {
+  tmp = mkdtempSync(join(tmpdir(), 'sd-model-folder-'));
+});
+afterAll(() => {
+  rmSync(tmp, { recursive: true, force: true });
+});
+
+let n = 0;
+/** A fresh copy of the tiny model folder (configs + weights, no golden files). */
+function copyTiny(): string {
+  const d = join(tmp, `m${n++}`);
+  for (const sub of ['transformer', 'vae', 'text_encoder', 'scheduler']) cpSync(join(TINY, sub), join(d, sub), { recursive: true });
+  cpSync(join(TINY, 'model_index.json'), join(d, 'model_index.json'));
+  return d;
+}
+
+function editJson(p: string, edit: (j: Record<string, unknown>) => void): void {
+  const j = JSON.parse(readFileSync(p, 'utf8'));
+  edit(j);
+  writeFileSync(p, JSON.stringify(j));
+}
+
+async function folderError(dir: string): Promise<string> {
+  try {
+    await openModelFolder(dir);
+  } catch (err) {
+    expect(err).toBeInstanceOf(CheckpointError);
+    return (err as Error).message;
+  }
+  throw new Error('expected openModelFolder to fail');
+}
+
+/** Rewrite a checkpoint file with renamed keys (same order, same bytes). */
+async function rewriteRenamed(src: string, dst: string, rename: (k: string) => string): Promise<void> {
+  const f = await SafetensorsFile.open(src);
+  const tensors = [];
+  for (const k of f.keys()) {
+    const i = f.info(k);
+    tensors.push({ key: rename(k), dtype: i.dtype, shape: i.shape, data: await f.read(k) });
+  }
+  await f.close();
+  await writeSafetensors(dst, tensors, { format: 'pt' });
+}
+
+describe('model folder: the tiny fixture', () => {
+  let m: ModelFolder;
+  beforeAll(async () => {
+    m = await openModelFolder(TINY);
+  });
+  it('parses every config with the values of the files', () => {
+    expect(m.index._class_name).toBe('WanPipeline');
+    expect(m.index.components.transformer).toEqual(['diffusers', 'WanTransformer3DModel']);
+    expect(m.transformer.config).toEqual({
+      _class_name: 'WanTransformer3DModel',
+      patch_size: [1, 2, 2],
+      num_attention_heads: 2,
+      attention_head_dim: 64,
+      in_channels: 16,
+      out_channels: 16,
+      text_dim: 64,
+      freq_dim: 256,
+      ffn_dim: 256,
+      num_layers: 2,
+      cross_attn_norm: true,
+      qk_norm: 'rms_norm_across_heads',
+      eps: 1e-6,
+      rope_max_seq_len: 1024,
+      image_dim: null,
+    });
+    const v = m.vae.config;
+    expect([v.base_dim, v.z_dim, v.num_res_blocks]).toEqual([16, 16, 2]);
+    expect(v.dim_mult).toEqual([1, 2, 4, 4]);
+    expect(v.temperal_downsample).toEqual([false, true, true]);
+    expect(v.attn_scales).toEqual([]);
+    expect(v.latents_mean[0]).toBe(-0.7571);
+    expect(v.latents_std[15]).toBe(1.916);
+    expect(m.textEncoder.config).toEqual({
+      model_type: 'umt5',
+      d_model: 64,
+      d_kv: 16,
+      d_ff: 128,
+      num_heads: 4,
+      num_layers: 2,
+      vocab_size: 1000,
+      relative_attention_num_buckets: 32,
+      relative_attention_max_distance: 128,
+      layer_norm_epsilon: 1e-6,
+      feed_forward_proj: 'gated-gelu',
+      pad_token_id: 0,
+      eos_token_id: 1,
+    });
+    expect(m.scheduler.config).toEqual({
+      _class_name: 'UniPCMultistepScheduler',
+      flow_shift: 5,
+      num_train_timesteps: 1000,
+      solver_order: 2,
+      prediction_type: 'flow_prediction',
+      use_flow_sigmas: true,
+      solver_type: 'bh2',
+      lower_order_final: true,
+      final_sigmas_type: 'zero',
+    });
+    expect(m.tokenizer).toBeNull();
+  });
+  it('configs are plain records (usable where a Record<string, unknown> is expected)', () => {
+    const asRecord: Record<string, unknown> = m.transformer.config;
+    expect(asRecord.num_layers).toBe(2);
+  });
+  it('finds and opens each component checkpoint under diffusers names', async () => {
+    for (const c of [m.transformer, m.vae, m.textEncoder]) {
+      expect(c.keyLayout).toBe('diffusers');
+      expect(c.weights.sharded).toBe(false);
+      const ck = await c.open();
+      expect(ck.size).toBeGreaterThan(10);
+      await ck.close();
+    }
+    const ck = await m.transformer.open();
+    const { tensors, unused } = await loadStrict(ck, [{ key: 'proj_out.weight', shape: [64, 128] }], { what: 'transformer' });
+    expect(tensors.get('proj_out.weight')!.shape).toEqual([64, 128]);
+    expect(unused.length).toBe(ck.size - 1);
+    await ck.close();
+  });
+});
+
+describe('model folder: errors for missing or bad parts', () => {
+  it('missing folder / not a model folder / original Wan layout at the root', async () => {
+    expect(await folderError(join(tmp, 'nope'))).toMatch(/no such folder; download .*huggingface-cli download Wan-AI\/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR/);
+    const d = join(tmp, 'plain');
+    mkdirSync(d);
+    expect(await folderError(d)).toMatch(/missing model_index.json: not a diffusers model folder/);
+    writeFileSync(join(d, 'config.json'), JSON.stringify({ _class_name: 'WanModel', dim: 1536 }));
+    expect(await folderError(d)).toMatch(/original Wan release layout .*pickles \(\.pth\)/);
+  });
+  it('missing component folders, configs and weights', async () => {
+    let d = copyTiny();
+    rmSync(join(d, 'vae'), { recursive: true });
+    expect(await folderError(d)).toMatch(/missing the vae\/ folder: the download is incomplete/);
+    d = copyTiny();
+    rmSync(join(d, 'transformer', 'config.json'));
+    expect(await folderError(d)).toMatch(/transformer\/config.json: missing: the transformer config/);
+    d = copyTiny();
+    rmSync(join(d, 'text_encoder', 'model.safetensors'));
+    expect(await folderError(d)).toMatch(/text_encoder: the text_encoder has no weights \(model.safetensors or model.safetensors.index.json\)/);
+    d = copyTiny();
+    rmSync(join(d, 'scheduler', 'scheduler_config.json'));
+    expect(await folderError(d)).toMatch(/scheduler_config.json: missing/);
+    d = copyTiny();
+    renameSync(join(d, 'vae', 'diffusion_pytorch_model.safetensors'), join(d, 'vae', 'diffusion_pytorch_model.bin'));
+    expect(await folderError(d)).toMatch(/diffusion_pytorch_model.bin: '.bin' files are PyTorch pickles/);
+  });
+  it('config keys: missing, mistyped, i2v, wrong model type — each names the file and key', async () => {
+    let d = copyTiny();
+    editJson(join(d, 'transformer', 'config.json'), (j) => delete j.num_layers);
+    expect(await folderError(d)).toMatch(/transformer\/config.json: key 'num_layers' must be an integer >= 1, it is missing/);
+    d = copyTiny();
+    editJson(join(d, 'transformer', 'config.json'), (j) => (j.ffn_dim = '256'));
+    expect(await folderError(d)).toMatch(/key 'ffn_dim' must be an integer >= 1, got "256"/);
+    d = copyTiny();
+    editJson(join(d, 'transformer', 'config.json'), (j) => (j.image_dim = 1280));
+    expect(await folderError(d)).toMatch(/image-to-video transformer .* only text-to-video \(T2V\) models are supported yet/);
+    d = copyTiny();
+    editJson(join(d, 'vae', 'config.json'), (j) => (j.latents_std = [1, 2]));
+    expect(await folderError(d)).toMatch(/vae\/config.json: key 'latents_std' must be an array of 16 numbers, got \[1,2\]/);
+    d = copyTiny();
+    editJson(join(d, 'text_encoder', 'config.json'), (j) => (j.model_type = 't5'));
+    expect(await folderError(d)).toMatch(/model_type is 't5', expected 'umt5'/);
+    d = copyTiny();
+    editJson(join(d, 'model_index.json'), (j) => (j._class_name = 'WanImageToVideoPipeline'));
+    expect(await folderError(d)).toMatch(/only text-to-video models are supported yet/);
+    d = copyTiny();
+    writeFileSync(join(d, 'scheduler', 'scheduler_config.json'), '{"_class_name": ');
+    expect(await folderError(d)).toMatch(/scheduler_config.json: malformed JSON/);
+    d = copyTiny();
+    editJson(join(d, 'text_encoder', 'config.json'), (j) => (j.d_model = 32));
+    expect(await folderError(d)).toMatch(/transformer text_dim \(64\) != text_encoder d_model \(32\)/);
+  });
+  it('config parsers ignore extra keys and apply documented defaults', () => {
+    const t = parseTransformerConfig({
+      _class_name: 'WanTransformer3DModel',
+      patch_size: [1, 2, 2],
+      num_attention_heads: 12,
+      attention_head_dim: 128,
+      in_channels: 16,
+      out_channels: 16,
+      text_dim: 4096,
+      freq_dim: 256,
+      ffn_dim: 8960,
+      num_layers: 30,
+      cross_attn_norm: true,
+      qk_norm: 'rms_norm_across_heads',
+      eps: 1e-6,
+      added_kv_proj_dim: null,
+      some_future_key: 3,
+    });
+    expect(t.rope_max_seq_len).toBe(1024);
+    expect(t.num_attention_heads * t.attention_head_dim).toBe(1536);
+    // the original Wan config.json (WanModel) maps onto the same fields
+    const w = parseTransformerConfig({ _class_name: 'WanModel', dim: 1536, eps: 1e-6, ffn_dim: 8960, freq_dim: 256, in_dim: 16, model_type: 't2v', num_heads: 12, num_layers: 30, out_dim: 16, text_len: 512 });
+    expect(w).toEqual({ ...t, _class_name: 'WanModel' });
+    expect(() => parseTransformerConfig({ _class_name: 'WanModel', dim: 5120, num_heads: 40, model_type: 'i2v', in_dim: 36, out_dim: 16, ffn_dim: 13824, num_layers: 40 })).toThrow(
+      /model_type 'i2v' .* not supported yet/,
+    );
+    expect(() => parseT5Config({ model_type: 'umt5', feed_forward_proj: 'relu' })).toThrow(/key 'feed_forward_proj' must be 'gated-gelu'/);
+    expect(() => parseVaeConfig({ _class_name: 'AutoencoderKL' })).toThrow(/expected 'AutoencoderKLWan'/);
+    const s = parseSchedulerConfig({ _class_name: 'FlowMatchEulerDiscreteScheduler', shift: 3, num_train_timesteps: 1000 });
+    expect(s.flow_shift).toBe(3);
+    expect(() => parseSchedulerConfig({ _class_name: 'X', flow_shift: 3, num_train_timesteps: 1000, prediction_type: 'epsilon' })).toThrow(/prediction_type' must be 'flow_prediction'/);
+  });
+  it('tokenizer: listed but missing, or present without tokenizer.json', async () => {
+    const d = copyTiny();
+    editJson(join(d, 'model_index.json'), (j) => (j.tokenizer = ['transformers', 'T5TokenizerFast']));
+    expect(await folderError(d)).toMatch(/lists a tokenizer but the tokenizer\/ folder is missing/);
+    mkdirSync(join(d, 'tokenizer'));
+    expect(await folderError(d)).toMatch(/tokenizer: missing tokenizer.json/);
+    writeFileSync(join(d, 'tokenizer', 'tokenizer.json'), '{}');
+    expect((await openModelFolder(d)).tokenizer).toEqual({ dir: join(d, 'tokenizer') });
+  });
+});
+
+describe('model folder: sharded components', () => {
+  async function shardTextEncoder(d: string): Promise<void> {
+    const src = join(d, 'text_encoder', 'model.safetensors');
+    const f = await SafetensorsFile.open(src);
+    const keys = f.keys();
+    const half = Math.ceil(keys.length / 2);
+    const weightMap: Record<string, string> = {};
+    for (const [i, part] of [keys.slice(0, half), keys.slice(half)].entries()) {
+      const name = `model-0000${i + 1}-of-00002.safetensors`;
+      const tensors = [];
+      for (const k of part) {
+        const info = f.info(k);
+        tensors.push({ key: k, dtype: info.dtype, shape: info.shape, data: await f.read(k) });
+        weightMap[k] = name;
+      }
+      await writeSafetensors(join(d, 'text_encoder', name), tensors);
+    }
+    await f.close();
+    rmSync(src);
+    writeFileSync(join(d, 'text_encoder', 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: 0 }, weight_map: weightMap }));
+  }
+  it('a sharded text encoder opens like the single file; a missing shard is named', async () => {
+    const d = copyTiny();
+    await shardTextEncoder(d);
+    const m = await openModelFolder(d);
+    expect(m.textEncoder.weights.sharded).toBe(true);
+    expect(m.textEncoder.weights.path).toMatch(/model.safetensors.index.json$/);
+    const ck = await m.textEncoder.open();
+    const ref = await Checkpoint.open(join(TINY, 'text_encoder'));
+    expect(ck.keys().sort()).toEqual(ref.keys().sort());
+    for (const k of ref.keys()) expect(Buffer.from(await ck.read(k)).equals(Buffer.from(await ref.read(k)))).toBe(true);
+    await ck.close();
+    await ref.close();
+    rmSync(join(d, 'text_encoder', 'model-00002-of-00002.safetensors'));
+    expect(await folderError(d)).toMatch(/shard 'model-00002-of-00002.safetensors' is missing/);
+  });
+  it('a text encoder holding encoder.embed_tokens.weight instead of shared.weight', async () => {
+    const d = copyTiny();
+    const p = join(d, 'text_encoder', 'model.safetensors');
+    await rewriteRenamed(join(TINY, 'text_encoder', 'model.safetensors'), p, (k) => (k === 'shared.weight' ? 'encoder.embed_tokens.weight' : k));
+    const m = await openModelFolder(d);
+    const ck = await m.textEncoder.open();
+    expect(ck.has('shared.weight')).toBe(true);
+    expect(ck.info('shared.weight').shape).toEqual([1000, 64]);
+    await ck.close();
+  });
+});
+
+describe('key maps (original Wan ↔ diffusers)', () => {
+  async function keysOf(rel: string): Promise<string[]> {
+    const f = await SafetensorsFile.open(join(TINY, rel));
+    const k = f.keys();
+    await f.close();
+    return k;
+  }
+  it('transformer: every tiny key maps to Wan and back; the Wan names are the expected ones', async () => {
+    const keys = await keysOf('transformer/diffusion_pytorch_model.safetensors');
+    const wan = keys.map((k) => TRANSFORMER_KEYS.toWanName(k));
+    expect(wan.every((k) => k !== null)).toBe(true);
+    expect(new Set(wan).size).toBe(keys.length);
+    expect(wan.map((k) => TRANSFORMER_KEYS.toDiffusers(k!))).toEqual(keys);
+    const m = new Map(keys.map((k, i) => [k, wan[i]]));
+    expect(m.get('blocks.0.norm2.weight')).toBe('blocks.0.norm3.weight'); // the norm3 ↔ norm2 swap
+    expect(m.get('blocks.1.norm2.bias')).toBe('blocks.1.norm3.bias');
+    expect(m.get('blocks.0.scale_shift_table')).toBe('blocks.0.modulation');
+    expect(m.get('scale_shift_table')).toBe('head.modulation');
+    expect(m.get('proj_out.weight')).toBe('head.head.weight');
+    expect(m.get('blocks.1.attn1.to_out.0.weight')).toBe('blocks.1.self_attn.o.weight');
+    expect(m.get('blocks.0.attn2.norm_k.weight')).toBe('blocks.0.cross_attn.norm_k.weight');
+    expect(m.get('blocks.0.ffn.net.0.proj.bias')).toBe('blocks.0.ffn.0.bias');
+    expect(m.get('blocks.0.ffn.net.2.weight')).toBe('blocks.0.ffn.2.weight');
+    expect(m.get('condition_embedder.time_proj.weight')).toBe('time_projection.1.weight');
+    expect(m.get('condition_embedder.time_embedder.linear_2.bias')).toBe('time_embedding.2.bias');
+    expect(m.get('condition_embedder.text_embedder.linear_1.weight')).toBe('text_embedding.0.weight');
+    expect(m.get('patch_embedding.weight')).toBe('patch_embedding.weight');
+    expect(detectTransformerLayout(keys)).toBe('diffusers');
+    expect(detectTransformerLayout(wan as string[])).toBe('wan');
+    // unknown names are reported, not guessed
+    expect(TRANSFORMER_KEYS.toDiffusers('blocks.0.norm2.weight')).toBeNull(); // Wan norm2 has no parameters
+    expect(TRANSFORMER_KEYS.toDiffusers('blocks.0.self_attn.k_img.weight')).toBeNull(); // i2v
+    expect(TRANSFORMER_KEY_TABLE.length).toBeGreaterThan(10);
+  });
+  it('vae and text encoder: every tiny key maps to Wan and back', async () => {
+    for (const [rel, map] of [
+      ['vae/diffusion_pytorch_model.safetensors', VAE_KEYS],
+      ['text_encoder/model.safetensors', T5_KEYS],
+    ] as const) {
+      const keys = await keysOf(rel);
+      const wan = keys.map((k) => map.toWanName(k));
+      expect(wan.filter((k) => k === null)).toEqual([]);
+      expect(new Set(wan).size).toBe(keys.length);
+      expect(wan.map((k) => map.toDiffusers(k!))).toEqual(keys);
+    }
+    expect(VAE_KEYS.toWanName('decoder.up_blocks.1.resnets.0.conv_shortcut.weight')).toBe('decoder.upsamples.4.shortcut.weight');
+    expect(VAE_KEYS.toWanName('decoder.up_blocks.2.upsamplers.0.resample.1.bias')).toBe('decoder.upsamples.11.resample.1.bias');
+    expect(VAE_KEYS.toWanName('decoder.up_blocks.3.resnets.2.norm2.gamma')).toBe('decoder.upsamples.14.residual.3.gamma');
+    expect(VAE_KEYS.toWanName('decoder.mid_block.attentions.0.to_qkv.weight')).toBe('decoder.middle.1.to_qkv.weight');
+    expect(VAE_KEYS.toWanName('post_quant_conv.weight')).toBe('conv2.weight');
+    expect(VAE_KEYS.toWanName('decoder.norm_out.gamma')).toBe('decoder.head.0.gamma');
+    expect(T5_KEYS.toWanName('encoder.block.1.layer.1.DenseReluDense.wi_0.weight')).toBe('blocks.1.ffn.gate.0.weight');
+    expect(T5_KEYS.toWanName('encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight')).toBe('blocks.0.pos_embedding.embedding.weight');
+  });
+  it('a transformer in the original Wan layout (+ WanModel config.json) is detected and served under diffusers names', async () => {
+    const d = copyTiny();
+    const dst = join(d, 'transformer', 'diffusion_pytorch_model.safetensors');
+    await rewriteRenamed(join(TINY, 'transformer', 'diffusion_pytorch_model.safetensors'), dst, (k) => TRANSFORMER_KEYS.toWanName(k)!);
+    const raw = await SafetensorsFile.open(dst);
+    expect(raw.has('head.head.weight')).toBe(true);
+    expect(raw.has('blocks.0.norm3.weight')).toBe(true);
+    await raw.close();
+    writeFileSync(
+      join(d, 'transformer', 'config.json'),
+      JSON.stringify({ _class_name: 'WanModel', _diffusers_version: '0.30.0', dim: 128, eps: 1e-6, ffn_dim: 256, freq_dim: 256, in_dim: 16, model_type: 't2v', num_heads: 2, num_layers: 2, out_dim: 16, text_dim: 64, text_len: 512 }),
+    );
+    const m = await openModelFolder(d);
+    expect(m.transformer.keyLayout).toBe('wan');
+    const tiny = await openModelFolder(TINY);
+    expect(m.transformer.config).toEqual({ ...tiny.transformer.config, _class_name: 'WanModel' });
+    const ck = await m.transformer.open();
+    const ref = await Checkpoint.open(join(TINY, 'transformer'));
+    expect(ck.keys().sort()).toEqual(ref.keys().sort());
+    for (const k of ref.keys()) {
+      expect(ck.info(k).shape).toEqual(ref.info(k).shape);
+      expect(Buffer.from(await ck.read(k)).equals(Buffer.from(await ref.read(k)))).toBe(true);
+    }
+    await ck.close();
+    await ref.close();
+  });
+});
