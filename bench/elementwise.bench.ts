@@ -2,7 +2,9 @@
 import { addBench } from './harness.ts';
 import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
-import { modulate, gatedResidual } from '../src/ops/elementwise.ts';
+import { modulate, gatedResidual, unary, type UnaryKind } from '../src/ops/elementwise.ts';
+import { Params } from '../src/runtime/params.ts';
+import { grid1d } from '../src/ops/registry.ts';
 
 function rand(n: number, seed: number): Float32Array {
   return new Rng(seed).fillNormal(new Float32Array(n));
@@ -73,6 +75,112 @@ for (const [name, L, D] of [['wan1.3b tokens', 4680, 1536]] as const) {
           x.dispose();
           r.dispose();
           g.dispose();
+        },
+      };
+    },
+  });
+}
+
+// ---- unary ops, the bandwidth ceiling, and the pre-vec4 scalar kernels as the "before" baseline ----
+// The scalar entries (one element per invocation, "(i / div) % mod" broadcast) are still in
+// kernels/elementwise.wgsl as the fallback for odd shapes; dispatching them directly here gives
+// before/after numbers in one run (docs/notes/norm-layout.md).
+
+const WG = 256;
+
+function scalarBaseline(kernel: string, entry: string, L: number, D: number, layout: Array<'read' | 'write'>, params: (n: number) => Uint8Array, bytes: number): void {
+  addBench({
+    kernel,
+    name: `wan1.3b tokens (scalar, before)`,
+    shape: `L${L} D${D}`,
+    dtype: 'f32',
+    flops: L * D * 3,
+    bytes,
+    async setup(e) {
+      const n = L * D;
+      const bufs = layout.map((k, i) => (k === 'write' ? e.empty([L, D], 'f32') : e.fromHost(rand(i === 0 || entry === 'gated_residual' ? n : D, 20 + i), [i === 0 || entry === 'gated_residual' ? n : D], 'f32')));
+      const run = () =>
+        e.dispatch({
+          kernel: { family: 'elementwise', entry, constants: { WG }, aliases: { a_t: 'f32', b_t: 'f32', c_t: 'f32', y_t: 'f32' }, layout },
+          name: `${entry}.scalar`,
+          params: params(n),
+          bindings: bufs,
+          workgroups: grid1d(Math.ceil(n / WG)),
+          work: n * 8,
+        });
+      return {
+        run,
+        async validate() {
+          run();
+          await e.sync();
+        },
+        dispose() {
+          for (const b of bufs) b.dispose();
+        },
+      };
+    },
+  });
+}
+
+{
+  const [L, D] = [4680, 1536];
+  const n = L * D;
+  scalarBaseline('modulate', 'modulate', L, D, ['read', 'read', 'read', 'write'], (m) => new Params().u32(m).u32(1).u32(D).u32(1).u32(D).f32(0).f32(0).u32(0).bytes(), n * 8);
+  scalarBaseline('gated_res', 'gated_residual', L, D, ['read', 'read', 'read', 'write'], (m) => new Params().u32(m).u32(1).u32(1).u32(1).u32(D).f32(0).f32(0).u32(0).bytes(), n * 12);
+  scalarBaseline('unary', 'unary', L, D, ['read', 'write'], (m) => new Params().u32(m).u32(1).u32(1).u32(1).u32(1).f32(1).f32(0).u32(0).bytes(), n * 8);
+  for (const kind of ['copy', 'silu', 'gelu'] as UnaryKind[]) {
+    addBench({
+      kernel: 'unary',
+      name: `wan1.3b tokens ${kind}`,
+      shape: `L${L} D${D}`,
+      dtype: 'f32',
+      flops: n * (kind === 'copy' ? 0 : 8),
+      bytes: n * 8,
+      async setup(e) {
+        const x = e.fromHost(rand(n, 30), [L, D], 'f32');
+        let y: Tensor | null = null;
+        return {
+          run() {
+            y?.dispose();
+            y = unary({ x }, { kind });
+          },
+          async validate() {
+            const out = unary({ x }, { kind });
+            const ref = unary({ x: await x.toCpu() }, { kind });
+            const a = await out.toArray();
+            const b = ref.hostValues();
+            for (let i = 0; i < a.length; i += 97) if (Math.abs(a[i]! - b[i]!) > 1e-5 * (1 + Math.abs(b[i]!))) throw new Error(`unary ${kind} mismatch at ${i}`);
+            out.dispose();
+          },
+          dispose() {
+            y?.dispose();
+            x.dispose();
+          },
+        };
+      },
+    });
+  }
+  addBench({
+    kernel: 'unary',
+    name: 'memcpy ceiling (copyBufferToBuffer)',
+    shape: `L${L} D${D}`,
+    dtype: 'f32',
+    flops: 0,
+    bytes: n * 8,
+    async setup(e) {
+      const x = e.fromHost(rand(n, 31), [L, D], 'f32');
+      const y = e.empty([L, D], 'f32');
+      return {
+        run: () => e.copyBuffer(x.buffer, x.byteOffset, y.buffer, y.byteOffset, n * 4),
+        async validate() {
+          e.copyBuffer(x.buffer, x.byteOffset, y.buffer, y.byteOffset, n * 4);
+          const a = await y.toArray();
+          const b = await x.toArray();
+          for (let i = 0; i < a.length; i += 97) if (a[i] !== b[i]) throw new Error('memcpy mismatch');
+        },
+        dispose() {
+          x.dispose();
+          y.dispose();
         },
       };
     },

@@ -3,7 +3,8 @@ import { getEngine, randTensor, expectClose, TOL, Rng } from './helpers/gpu.ts';
 import { unary, binary, modulate, gatedResidual, type UnaryKind, type BinaryKind } from '../src/ops/elementwise.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 
-const SIZES = [0, 1, 33, 65, 1025, 70001];
+// 4100 and 70004 take the vec4 kernels (multiples of 4, partial last row of the view); the rest the scalar ones
+const SIZES = [0, 1, 33, 65, 1025, 4100, 70001, 70004];
 
 async function gpuVsCpu(run: (inp: Record<string, Tensor>) => Tensor, inputs: Record<string, Tensor>, tol: { atol: number; rtol: number }, what: string) {
   const e = await getEngine();
@@ -46,6 +47,13 @@ describe('elementwise', () => {
       [[4, 3, 5, 6], [3, 5, 1]],
       [[1025], [1]],
       [[0, 7], [7]],
+      // vec4 kernels: full, col (period 8, 32), row ([4,1,1]: one value per 96 elements), scalar
+      [[6, 8], [6, 8]],
+      [[6, 8], [8]],
+      [[2, 4, 8], [4, 8]],
+      [[4, 8, 12], [4, 1, 1]],
+      [[4, 6, 5, 8], [6, 1, 1]],
+      [[64], [1]],
     ] as number[][][]) {
       it(`binary ${kind} ${JSON.stringify(as)} op ${JSON.stringify(bs)}`, async () => {
         const a = randTensor(rng, as!);
@@ -59,7 +67,7 @@ describe('elementwise', () => {
     const b = Tensor.cpuZeros([4]);
     expect(() => binary({ a, b }, { kind: 'add' })).toThrow(/\[binary\] cannot broadcast \[4\] to \[4, 5\]/);
   });
-  for (const [L, D] of [[1, 1], [33, 65], [48, 128], [7, 1025]]) {
+  for (const [L, D] of [[1, 1], [33, 65], [48, 128], [7, 1025], [3, 1536], [1030, 24]]) {
     it(`modulate and gated residual [${L}, ${D}]`, async () => {
       const x = randTensor(rng, [L!, D!]);
       const shift = randTensor(rng, [D!]);
@@ -69,6 +77,50 @@ describe('elementwise', () => {
       await gpuVsCpu((i) => gatedResidual({ x: i.x!, r: i.r!, gate: i.gate! }, {}), { x, r, gate: shift }, TOL.f32, 'gated_residual');
     });
   }
+  it('modulate / gated residual with other broadcasts (per-row [L, D], [1, D], scalar-per-row [L, 1])', async () => {
+    const x = randTensor(rng, [2, 6, 16]);
+    for (const ms of [[6, 16], [2, 6, 16], [1, 16], [16], [2, 6, 1]]) {
+      const shift = randTensor(rng, ms);
+      const scale = randTensor(rng, ms);
+      await gpuVsCpu((i) => modulate({ x: i.x!, shift: i.shift!, scale: i.scale! }, {}), { x, shift, scale }, TOL.f32, `modulate ${JSON.stringify(ms)}`);
+      const r = randTensor(rng, [2, 6, 16]);
+      await gpuVsCpu((i) => gatedResidual({ x: i.x!, r: i.r!, gate: i.gate! }, {}), { x, r, gate: scale }, TOL.f32, `gated ${JSON.stringify(ms)}`);
+    }
+    // shift per column, scale per row: the vec4 kernel cannot mix them; the scalar one runs
+    await gpuVsCpu((i) => modulate({ x: i.x!, shift: i.shift!, scale: i.scale! }, {}), { x, shift: randTensor(rng, [16]), scale: randTensor(rng, [2, 6, 1]) }, TOL.f32, 'modulate mixed');
+  });
+  it('f16 through the vec4 kernels', async () => {
+    const e = await getEngine();
+    if (!e.features.shaderF16) return;
+    const x = randTensor(rng, [4100], 'f32', 10);
+    await gpuVsCpu((i) => unary({ x: i.x! }, { kind: 'copy', out: 'f16' }), { x }, { atol: 0, rtol: 0 }, 'cast f16 vec4');
+    const h = randTensor(rng, [12, 64], 'f16');
+    const shift = randTensor(rng, [64], 'f16');
+    const scale = randTensor(rng, [64]);
+    await gpuVsCpu((i) => modulate({ x: i.x!, shift: i.shift!, scale: i.scale! }, {}), { x: h, shift, scale }, TOL.f16, 'modulate f16');
+  });
+  it('split path: a small binding limit splits the vec4 kernels into row ranges', async () => {
+    const e = await getEngine();
+    const count = async (f: () => Promise<void>) => {
+      const before = e.dispatchCount;
+      await f();
+      return e.dispatchCount - before;
+    };
+    const x = randTensor(rng, [40, 96]);
+    const n1 = await count(() => gpuVsCpu((i) => unary({ x: i.x! }, { kind: 'gelu', maxBinding: 1024 }), { x }, { atol: 2e-6, rtol: 2e-6 }, 'split unary'));
+    expect(n1).toBeGreaterThan(3);
+    for (const bs of [[40, 96], [96], [40, 1], [1]]) {
+      const b = randTensor(rng, bs);
+      await gpuVsCpu((i) => binary({ a: i.a!, b: i.b! }, { kind: 'sub', maxBinding: 1024 }), { a: x, b }, TOL.f32, `split binary ${JSON.stringify(bs)}`);
+    }
+    // row mode with a row offset per chunk: [4, 8, 12] + [4, 1, 1] (one value per 96 elements)
+    await gpuVsCpu((i) => binary({ a: i.a!, b: i.b! }, { kind: 'mul', maxBinding: 512 }), { a: randTensor(rng, [4, 8, 12]), b: randTensor(rng, [4, 1, 1]) }, TOL.f32, 'split binary row');
+    const shift = randTensor(rng, [96]);
+    const scale = randTensor(rng, [96]);
+    await gpuVsCpu((i) => modulate({ x: i.x!, shift: i.shift!, scale: i.scale! }, { maxBinding: 1024 }), { x, shift, scale }, TOL.f32, 'split modulate');
+    const r = randTensor(rng, [40, 96]);
+    await gpuVsCpu((i) => gatedResidual({ x: i.x!, r: i.r!, gate: i.gate! }, { maxBinding: 1024 }), { x, r, gate: scale }, TOL.f32, 'split gated');
+  });
   it('mixed devices are rejected', async () => {
     const e = await getEngine();
     const a = randTensor(rng, [4]).toGpu(e);

@@ -4,12 +4,175 @@
 import { defineOp, grid1d } from './registry.ts';
 import { actAlias, broadcastMap, broadcastIndexer, cpuTensor, f32 } from './common.ts';
 import { Params } from '../runtime/params.ts';
-import type { Engine } from '../runtime/engine.ts';
+import type { Engine, BufferBinding } from '../runtime/engine.ts';
+import type { Aliases } from '../kernels/loader.ts';
+import { bindingLimit, elemWindow, rowChunks, windowSlack, type Window } from './layout.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
 
 const WG = 256;
+/** rows per invocation in the vec4 kernels */
+const R = 8;
+
+// ---- the vec4 plan: view the output as [rows, cols4] vec4s (kernels/elementwise.wgsl, "*4") ----
+
+type Mode = 0 | 1 | 2; // full, col (varies along the row), row (one scalar per row group)
+
+interface Plan4 {
+  n4: number;
+  cols4: number;
+  rows: number;
+  modes: Mode[];
+  /** per operand: col mode: period in vec4s; row mode: rows per group */
+  p: number[];
+  /** per operand: row mode: number of groups before wrapping */
+  q: number[];
+  /** workgroup size (lanes along the columns) */
+  wg: number;
+}
+
+function gcd(a: number, b: number): number {
+  while (b) [a, b] = [b, a % b];
+  return a;
+}
+
+/** columns (in vec4s) a row of the view aims for when the broadcast leaves the choice free */
+const TARGET_COLS4 = 1024;
+
+/**
+ * Choose the [rows, cols4] vec4 view for the vec4 kernels, or null when the scalar kernels must
+ * run (element count or broadcast period not a multiple of 4). `ops` are the broadcast maps
+ * (`index = (i / div) % mod`) of the non-leading operands. Element i = 4 * (r * cols4 + c) + k:
+ *  - full operand: same index;
+ *  - col operand (div 1, period mod): vec4 c % (mod/4), valid when cols4 is a multiple of mod/4;
+ *  - row operand (div > 1, or a scalar): one value per row group, valid when div is a multiple
+ *    of the row length.
+ */
+function plan4(n: number, ops: Array<{ div: number; mod: number }>, maxCols4 = Infinity): Plan4 | null {
+  if (n % 4 !== 0 || n === 0) return null;
+  const n4 = n / 4;
+  const kind = ops.map(({ div, mod }) => (div === 1 && mod === n ? 'full' : mod === 1 ? 'scalar' : div === 1 ? 'col' : 'row'));
+  let period = 0; // lcm of the col periods (elements)
+  for (let k = 0; k < ops.length; k++) {
+    if (kind[k] !== 'col') continue;
+    const m = ops[k]!.mod;
+    if (m % 4 !== 0) return null;
+    period = period === 0 ? m : (period / gcd(period, m)) * m;
+  }
+  let rowDiv = 0; // gcd of the row operands' divs (elements)
+  for (let k = 0; k < ops.length; k++) if (kind[k] === 'row') rowDiv = gcd(rowDiv, ops[k]!.div);
+  let cols4: number;
+  if (rowDiv !== 0) {
+    // rows must not straddle a row operand's groups: cols divides every div
+    if (period !== 0 && rowDiv % period !== 0) return null;
+    let cols = period !== 0 ? period : rowDiv;
+    if (cols % 4 !== 0) return null;
+    // widen the row while it still divides the divs and stays small
+    while (cols * 2 <= Math.min(TARGET_COLS4, maxCols4) * 4 && rowDiv % (cols * 2) === 0 && (period === 0 || (cols * 2) % period === 0)) cols *= 2;
+    cols4 = cols / 4;
+  } else if (period !== 0) {
+    const p4 = period / 4;
+    cols4 = p4 * Math.max(1, Math.floor(Math.min(TARGET_COLS4, maxCols4) / p4));
+  } else {
+    cols4 = Math.max(1, Math.min(n4, TARGET_COLS4, maxCols4));
+  }
+  const modes: Mode[] = [];
+  const p: number[] = [];
+  const q: number[] = [];
+  for (let k = 0; k < ops.length; k++) {
+    const { div, mod } = ops[k]!;
+    if (kind[k] === 'full') modes.push(0), p.push(1), q.push(1);
+    else if (kind[k] === 'col') modes.push(1), p.push(mod / 4), q.push(1);
+    else if (kind[k] === 'scalar') modes.push(2), p.push(1), q.push(1);
+    else modes.push(2), p.push(div / (cols4 * 4)), q.push(mod);
+  }
+  return { n4, cols4, rows: Math.ceil(n4 / cols4), modes, p, q, wg: WG };
+}
+
+/** The widest view row (in vec4s) whose windows still fit the binding limit. */
+function maxCols4(e: Engine, maxBinding: number | undefined, ts: Tensor[]): number {
+  const elt = Math.max(...ts.map((t) => dtypeSize(t.dtype)));
+  return Math.max(1, Math.floor((bindingLimit(e, maxBinding) - windowSlack(e)) / (4 * elt)));
+}
+
+/** x: column blocks; y/z: blocks of R rows, folded to stay within 65535 per dimension */
+function grid4(pl: Plan4, rows: number): [number, number, number] {
+  const x = Math.ceil(pl.cols4 / pl.wg);
+  const blocks = Math.ceil(rows / R);
+  if (blocks <= 65535) return [x, blocks, 1];
+  const z = Math.ceil(blocks / 65535);
+  return [x, Math.ceil(blocks / z), z];
+}
+
+/**
+ * Encode a vec4 kernel over the plan's [rows, cols4] view. `lead` (a / x) and the output are
+ * full-shaped; `ops` are the other operands with their plan modes. Tensors too big for one
+ * binding are split into row ranges (one dispatch each, windows of the full-shaped operands;
+ * col/row-mode operands are bound whole).
+ */
+function dispatch4(
+  e: Engine,
+  op: string,
+  kernel: { entry: string; constants: Record<string, number>; aliases: Aliases; layout: Array<'read' | 'write'> },
+  pl: Plan4,
+  lead: Tensor,
+  ops: Tensor[],
+  y: Tensor,
+  alpha: number,
+  beta: number,
+  opCode: number,
+  maxBinding: number | undefined,
+): void {
+  const limit = bindingLimit(e, maxBinding);
+  const cols = pl.cols4 * 4;
+  const full = [lead, ...ops.filter((_, k) => pl.modes[k] === 0), y];
+  const chunks = rowChunks(e, op, pl.rows, full.map((t) => cols * dtypeSize(t.dtype)), limit);
+  const vecOff = (w: Window, what: Tensor): number => {
+    if (w.off % 4 !== 0) throw new ShapeError(`[${op}] ${what} is a view at an offset that is not a multiple of 4 elements; clone it`);
+    return w.off / 4;
+  };
+  const n = pl.n4 * 4;
+  for (const [r0, r1] of chunks) {
+    const e0 = r0 * cols;
+    const e1 = Math.min(r1 * cols, n);
+    const win = (t: Tensor, mode: Mode | 'lead'): { b: BufferBinding; off: number } => {
+      if (mode === 'lead' || mode === 0) {
+        const w = elemWindow(e, t, e0, e1, op);
+        return { b: w.binding, off: vecOff(w, t) };
+      }
+      const w = elemWindow(e, t, 0, t.numel, op);
+      return { b: w.binding, off: mode === 1 ? vecOff(w, t) : w.off };
+    };
+    const wl = win(lead, 'lead');
+    const wo = ops.map((t, k) => win(t, pl.modes[k]!));
+    const wy = win(y, 'lead');
+    const params = new Params()
+      .u32((e1 - e0) / 4)
+      .u32(pl.cols4)
+      .u32(pl.p[0] ?? 1)
+      .u32(pl.q[0] ?? 1)
+      .u32(pl.p[1] ?? 1)
+      .u32(pl.q[1] ?? 1)
+      .f32(alpha)
+      .f32(beta)
+      .u32(wl.off)
+      .u32(wo[0]?.off ?? 0)
+      .u32(wo[1]?.off ?? 0)
+      .u32(wy.off)
+      .u32(r0)
+      .u32(opCode)
+      .bytes();
+    e.dispatch({
+      kernel: { family: 'elementwise', ...kernel },
+      name: op,
+      params,
+      bindings: [wl.b, ...wo.map((w) => w.b), wy.b],
+      workgroups: grid4(pl, r1 - r0),
+      work: (e1 - e0) * 4 * (full.length + 1),
+    });
+  }
+}
 
 // ---- scalar math shared by the CPU references (f32 rounding happens at the store) ----
 
@@ -32,6 +195,8 @@ export interface UnaryAttrs {
   beta?: number;
   /** output dtype (default: input's) — 'copy' with another dtype is a cast */
   out?: DType;
+  /** tests only: plan as if the binding limit were this many bytes (vec4 kernels split rows) */
+  maxBinding?: number;
 }
 
 export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
@@ -46,16 +211,27 @@ export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
     const outDt = a.out ?? x.dtype;
     const y = e.empty(x.shape, outDt);
     const n = x.numel;
+    const pl = plan4(n, [], maxCols4(e, a.maxBinding, [x, y]));
+    if (pl) {
+      const kernel = {
+        entry: 'unary4',
+        constants: { WG: pl.wg, R },
+        aliases: { a_t: actAlias('unary', x.dtype, e), y_t: actAlias('unary', outDt, e) },
+        layout: ['read', 'write'] as Array<'read' | 'write'>,
+      };
+      dispatch4(e, `unary.${a.kind}`, kernel, pl, x, [], y, a.alpha ?? 1, a.beta ?? 0, UNARY_CODE[a.kind], a.maxBinding);
+      return y;
+    }
     e.dispatch({
       kernel: {
         family: 'elementwise',
         entry: 'unary',
-        constants: { WG, OP: UNARY_CODE[a.kind] },
+        constants: { WG },
         aliases: { a_t: actAlias('unary', x.dtype, e), y_t: actAlias('unary', outDt, e) },
         layout: ['read', 'write'],
       },
       name: `unary.${a.kind}`,
-      params: new Params().u32(n).u32(1).u32(1).u32(1).u32(1).f32(a.alpha ?? 1).f32(a.beta ?? 0).u32(0).bytes(),
+      params: new Params().u32(n).u32(1).u32(1).u32(1).u32(1).f32(a.alpha ?? 1).f32(a.beta ?? 0).u32(UNARY_CODE[a.kind]).bytes(),
       bindings: [x, y],
       workgroups: grid1d(Math.ceil(n / WG)),
       work: n * (dtypeSize(x.dtype) + dtypeSize(outDt)),
@@ -94,6 +270,8 @@ export interface BinaryAttrs {
   /** axpy: a + alpha*b; lerp: a + alpha*(b - a) (classifier-free guidance: uncond + g*(cond - uncond)) */
   alpha?: number;
   out?: DType;
+  /** tests only: plan as if the binding limit were this many bytes (vec4 kernels split rows) */
+  maxBinding?: number;
 }
 
 export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
@@ -110,16 +288,28 @@ export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
     const { div, mod } = broadcastMap('binary', a.shape, b.shape);
     const y = e.empty(a.shape, outDt);
     const n = a.numel;
+    const pl = plan4(n, [{ div, mod }], maxCols4(e, at.maxBinding, [a, b, y]));
+    if (pl) {
+      const row = pl.modes[0] === 2;
+      const kernel = {
+        entry: row ? 'binary4_row' : 'binary4',
+        constants: (row ? { WG: pl.wg, R } : { WG: pl.wg, R, B_MODE: pl.modes[0]! }) as Record<string, number>,
+        aliases: { a_t: actAlias('binary', a.dtype, e), b_t: actAlias('binary', b.dtype, e), y_t: actAlias('binary', outDt, e) },
+        layout: ['read', 'read', 'write'] as Array<'read' | 'write'>,
+      };
+      dispatch4(e, `binary.${at.kind}`, kernel, pl, a, [b], y, at.alpha ?? 1, 0, BINARY_CODE[at.kind], at.maxBinding);
+      return y;
+    }
     e.dispatch({
       kernel: {
         family: 'elementwise',
         entry: 'binary',
-        constants: { WG, OP: BINARY_CODE[at.kind] },
+        constants: { WG },
         aliases: { a_t: actAlias('binary', a.dtype, e), b_t: actAlias('binary', b.dtype, e), y_t: actAlias('binary', outDt, e) },
         layout: ['read', 'read', 'write'],
       },
       name: `binary.${at.kind}`,
-      params: new Params().u32(n).u32(div).u32(mod).u32(1).u32(1).f32(at.alpha ?? 1).f32(0).u32(0).bytes(),
+      params: new Params().u32(n).u32(div).u32(mod).u32(1).u32(1).f32(at.alpha ?? 1).f32(0).u32(BINARY_CODE[at.kind]).bytes(),
       bindings: [a, b, y],
       workgroups: grid1d(Math.ceil(n / WG)),
       work: n * 3 * 4,
@@ -182,7 +372,7 @@ function rowBroadcast(op: string, x: Tensor, v: Tensor, what: string): { div: nu
 }
 
 /** y = x * (1 + scale) + shift  (Wan's adaLN modulation; shift/scale broadcast, usually [D]). */
-export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { out?: DType }>({
+export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { out?: DType; maxBinding?: number }>({
   name: 'modulate',
   family: 'elementwise',
   check({ x, shift, scale }) {
@@ -196,6 +386,17 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
     const c = rowBroadcast('modulate', x, scale, 'scale');
     const y = e.empty(x.shape, outDt);
     const n = x.numel;
+    const pl = plan4(n, [b, c], maxCols4(e, at.maxBinding, [x, shift, scale, y]));
+    if (pl && !pl.modes.includes(2)) {
+      const kernel = {
+        entry: 'modulate4',
+        constants: { WG: pl.wg, R, B_MODE: pl.modes[0]!, C_MODE: pl.modes[1]! },
+        aliases: { a_t: actAlias('modulate', x.dtype, e), b_t: actAlias('modulate', shift.dtype, e), c_t: actAlias('modulate', scale.dtype, e), y_t: actAlias('modulate', outDt, e) },
+        layout: ['read', 'read', 'read', 'write'] as Array<'read' | 'write'>,
+      };
+      dispatch4(e, 'modulate', kernel, pl, x, [shift, scale], y, 1, 0, 0, at.maxBinding);
+      return y;
+    }
     e.dispatch({
       kernel: {
         family: 'elementwise',
@@ -227,7 +428,7 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
 });
 
 /** y = x + r * gate  (gated residual; gate broadcast, usually [D]). */
-export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { out?: DType }>({
+export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { out?: DType; maxBinding?: number }>({
   name: 'gated_residual',
   family: 'elementwise',
   check({ x, r, gate }) {
@@ -240,6 +441,17 @@ export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { 
     const c = rowBroadcast('gated_residual', x, gate, 'gate');
     const y = e.empty(x.shape, outDt);
     const n = x.numel;
+    const pl = plan4(n, [{ div: 1, mod: n }, c], maxCols4(e, at.maxBinding, [x, r, gate, y]));
+    if (pl && !pl.modes.includes(2)) {
+      const kernel = {
+        entry: 'gated4',
+        constants: { WG: pl.wg, R, B_MODE: pl.modes[0]!, C_MODE: pl.modes[1]! },
+        aliases: { a_t: actAlias('gated_residual', x.dtype, e), b_t: actAlias('gated_residual', r.dtype, e), c_t: actAlias('gated_residual', gate.dtype, e), y_t: actAlias('gated_residual', outDt, e) },
+        layout: ['read', 'read', 'read', 'write'] as Array<'read' | 'write'>,
+      };
+      dispatch4(e, 'gated_residual', kernel, pl, x, [r, gate], y, 1, 0, 0, at.maxBinding);
+      return y;
+    }
     e.dispatch({
       kernel: {
         family: 'elementwise',

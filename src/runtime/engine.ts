@@ -75,6 +75,8 @@ export class Engine {
   private pendingWork = 0;
   private pendingDispatches = 0;
   private pendingSince = 0;
+  /** a new pipeline was created for work not yet waited for: its compile time is not kernel time */
+  private pendingCompiled = false;
 
   // timestamp queries
   private querySet: GPUQuerySet | null = null;
@@ -348,6 +350,8 @@ export class Engine {
         }),
       );
       this.pipelines.set(key, p);
+      // lavapipe compiles at the first dispatch (0.5-7 s): keep that out of the wait predictor
+      this.pendingCompiled = true;
     }
     return p;
   }
@@ -477,7 +481,8 @@ export class Engine {
     const total = now - this.pendingSince;
     const awaited = now - tAwaitStart;
     // an await that returned at once means we over-slept: the true time is below `total`
-    this.predictor.observe(this.pendingWork, this.pendingDispatches, awaited < 0.3 ? total * 0.9 : total);
+    if (!this.pendingCompiled) this.predictor.observe(this.pendingWork, this.pendingDispatches, awaited < 0.3 ? total * 0.9 : total);
+    this.pendingCompiled = false;
     this.pendingWork = 0;
     this.pendingDispatches = 0;
   }

@@ -1,0 +1,169 @@
+// Norms, RoPE and layout permutes on Wan workload shapes (GB/s; the ops are memory-bound).
+import { addBench, type BenchInstance } from './harness.ts';
+import type { Engine } from '../src/runtime/engine.ts';
+import { Rng } from '../src/util/rng.ts';
+import { Tensor } from '../src/tensor/tensor.ts';
+import { layerNorm, rmsNorm, channelL2Norm, type RowImpl } from '../src/ops/norm.ts';
+import { rope } from '../src/ops/rope.ts';
+import { permute } from '../src/ops/layout.ts';
+
+function rand(n: number, seed: number, scale = 1): Float32Array {
+  const a = new Rng(seed).fillNormal(new Float32Array(n));
+  if (scale !== 1) for (let i = 0; i < a.length; i++) a[i]! *= scale;
+  return a;
+}
+
+/** Validate a sample of the GPU result against the CPU reference (every 97th element). */
+async function sampleCheck(what: string, gpu: Tensor, cpu: Tensor, tol = 1e-4): Promise<void> {
+  const a = await gpu.toArray();
+  const b = cpu.hostValues();
+  if (a.length !== b.length) throw new Error(`${what}: length ${a.length} != ${b.length}`);
+  for (let i = 0; i < a.length; i += 97) {
+    if (!(Math.abs(a[i]! - b[i]!) <= tol * (1 + Math.abs(b[i]!)))) throw new Error(`${what} mismatch at ${i}: ${a[i]} vs ${b[i]}`);
+  }
+}
+
+/** A bench instance that runs `op` on GPU inputs, validated against the same op on CPU inputs. */
+function opBench(e: Engine, what: string, inputs: Record<string, Tensor>, op: (i: Record<string, Tensor>) => Tensor): BenchInstance {
+  const g: Record<string, Tensor> = Object.fromEntries(Object.entries(inputs).map(([k, t]) => [k, t.toGpu(e)]));
+  let y: Tensor | null = null;
+  return {
+    run() {
+      y?.dispose();
+      y = op(g);
+    },
+    async validate() {
+      const out = op(g);
+      await sampleCheck(what, out, op(inputs));
+      out.dispose();
+    },
+    dispose() {
+      y?.dispose();
+      for (const t of Object.values(g)) t.dispose();
+    },
+  };
+}
+
+// ---- LayerNorm (+ Wan modulation) and RMSNorm on DiT tokens ----
+for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as const) {
+  for (const impl of ['thread', 'wg'] as RowImpl[]) {
+    addBench({
+      kernel: 'layer_norm',
+      name: `${model} norm1+mod (${impl})`,
+      shape: `L${L} D${D}`,
+      dtype: 'f32',
+      flops: L * D * 10,
+      bytes: L * D * 8,
+      async setup(e) {
+        const x = Tensor.cpu(rand(L * D, 1), [L, D]);
+        const shift = Tensor.cpu(rand(D, 2), [D]);
+        const scale = Tensor.cpu(rand(D, 3, 0.1), [D]);
+        return opBench(e, 'layer_norm', { x, shift, scale }, (i) => layerNorm({ x: i.x!, shift: i.shift, scale: i.scale }, { eps: 1e-6, impl }));
+      },
+    });
+  }
+  addBench({
+    kernel: 'layer_norm',
+    name: `${model} norm2 affine bf16 w`,
+    shape: `L${L} D${D}`,
+    dtype: 'f32',
+    flops: L * D * 9,
+    bytes: L * D * 8,
+    async setup(e) {
+      const x = Tensor.cpu(rand(L * D, 4), [L, D]);
+      const weight = Tensor.fromValues(rand(D, 5), [D], 'bf16');
+      const bias = Tensor.fromValues(rand(D, 6), [D], 'bf16');
+      return opBench(e, 'layer_norm affine', { x, weight, bias }, (i) => layerNorm({ x: i.x!, weight: i.weight, bias: i.bias }, { eps: 1e-6 }));
+    },
+  });
+  addBench({
+    kernel: 'rms_norm',
+    name: `${model} q/k norm`,
+    shape: `L${L} D${D}`,
+    dtype: 'f32',
+    flops: L * D * 5,
+    bytes: L * D * 8,
+    async setup(e) {
+      const x = Tensor.cpu(rand(L * D, 7), [L, D]);
+      const weight = Tensor.cpu(rand(D, 8), [D]);
+      return opBench(e, 'rms_norm', { x, weight }, (i) => rmsNorm({ x: i.x!, weight: i.weight! }, { eps: 1e-6 }));
+    },
+  });
+}
+
+addBench({
+  kernel: 'rms_norm',
+  name: 'umt5-xxl layer norm',
+  shape: 'L512 D4096',
+  dtype: 'f32',
+  flops: 512 * 4096 * 5,
+  bytes: 512 * 4096 * 8,
+  async setup(e) {
+    const x = Tensor.cpu(rand(512 * 4096, 9), [512, 4096]);
+    const weight = Tensor.fromValues(rand(4096, 10), [4096], 'bf16');
+    return opBench(e, 'rms_norm t5', { x, weight }, (i) => rmsNorm({ x: i.x!, weight: i.weight! }, { eps: 1e-6 }));
+  },
+});
+
+// ---- VAE channel L2 norm (RMS_norm) on a decoder stage, scaled down from [1, 384, 4, 60, 104] ----
+{
+  const shape = [1, 384, 2, 60, 104];
+  const n = shape.reduce((a, b) => a * b, 1);
+  addBench({
+    kernel: 'channel_l2_norm',
+    name: 'wan vae up-block (scaled)',
+    shape: `[${shape.join(',')}]`,
+    dtype: 'f32',
+    flops: n * 5,
+    bytes: n * 12, // x read twice, y written
+    async setup(e) {
+      const x = Tensor.cpu(rand(n, 11), shape);
+      const gamma = Tensor.cpu(rand(384, 12), [384, 1, 1, 1]);
+      return opBench(e, 'channel_l2_norm', { x, gamma }, (i) => channelL2Norm({ x: i.x!, gamma: i.gamma! }));
+    },
+  });
+}
+
+// ---- RoPE on self-attention q ----
+{
+  const [L, H, Dh] = [4680, 12, 128];
+  const n = L * H * Dh;
+  addBench({
+    kernel: 'rope',
+    name: 'wan1.3b attn1 q',
+    shape: `[1,${L},${H},${Dh}]`,
+    dtype: 'f32',
+    flops: n * 3,
+    bytes: n * 8 + L * Dh * 4,
+    async setup(e) {
+      const x = Tensor.cpu(rand(n, 13), [1, L, H, Dh]);
+      const ang = rand(L * (Dh / 2), 14, 3);
+      const cos = Tensor.cpu(ang.map(Math.cos), [L, Dh / 2]);
+      const sin = Tensor.cpu(ang.map(Math.sin), [L, Dh / 2]);
+      return opBench(e, 'rope', { x, cos, sin }, (i) => rope({ x: i.x!, cos: i.cos!, sin: i.sin! }));
+    },
+  });
+}
+
+// ---- permutes: DiT patchify / unpatchify at 480p x 81 frames latents, head transpose ----
+for (const [name, shape, dims] of [
+  ['dit patchify [C,F,h,2,w,2]->[C,F,h,w,2,2]', [16, 21, 30, 2, 52, 2], [0, 1, 2, 4, 3, 5]],
+  ['dit patchify [C,L,4]->[L,C,4]', [1, 16, 32760, 4], [0, 2, 1, 3]],
+  ['dit unpatchify', [1, 630, 52, 2, 2, 16], [0, 5, 1, 3, 2, 4]],
+  ['attn heads [L,H,Dh]->[H,L,Dh]', [4680, 12, 128], [1, 0, 2]],
+  ['vae [B,C,T,H,W]->[B,T,C,H,W]', [1, 96, 4, 60, 104], [0, 2, 1, 3, 4]],
+] as Array<[string, number[], number[]]>) {
+  const n = shape.reduce((a, b) => a * b, 1);
+  addBench({
+    kernel: 'permute',
+    name,
+    shape: `[${shape.join(',')}]`,
+    dtype: 'f32',
+    flops: 0,
+    bytes: n * 8,
+    async setup(e) {
+      const x = Tensor.cpu(rand(n, 15), shape);
+      return opBench(e, 'permute', { x }, (i) => permute(i.x!, dims));
+    },
+  });
+}
