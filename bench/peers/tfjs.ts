@@ -38,7 +38,11 @@ const lastMs = new Map<string, number>();
  */
 export async function tfSync(tf: Tf, e: Engine, key = 'default'): Promise<void> {
   const t0 = performance.now();
-  (tf.backend() as { submitQueue?: () => void }).submitQueue?.();
+  const b = tf.backend() as { submitQueue?: () => void; ensureCommandEncoderReady?: () => void; endComputePassEncoder?: () => void };
+  // a lone tfjs op leaves its compute pass open: end it before submitting
+  b.ensureCommandEncoderReady?.();
+  b.endComputePassEncoder?.();
+  b.submitQueue?.();
   const prev = lastMs.get(key);
   if (prev && prev > 2) await new Promise((r) => setTimeout(r, prev * 0.85));
   await e.device.queue.onSubmittedWorkDone();

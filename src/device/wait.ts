@@ -59,11 +59,29 @@ export class WaitPredictor {
     return [a, b];
   }
 
+  /** largest submit-to-done time observed (caps the sleep: a wrong model must never stall a run) */
+  maxObservedMs = 0;
+
+  /** How long to sleep before awaiting work predicted to take `predicted` ms. */
+  sleepFor(predicted: number): number {
+    return Math.min(predicted * this.sleepFraction, this.maxObservedMs * 2 + 10);
+  }
+
+  /**
+   * An await that resolved at once: we slept at least as long as the work took, so `predicted`
+   * was too high by an unknown amount. Halve it for this shape of work (the model then converges
+   * from above quickly; under-predictions are measured exactly and pull it back up).
+   */
+  observeOversleep(work: number, dispatches: number, predicted: number): void {
+    this.observe(work, dispatches, predicted * 0.5);
+  }
+
   /** record that `work`/`dispatches` took `ms` from submit to completion */
   observe(work: number, dispatches: number, ms: number): void {
     const x = work / 1e6;
     const y = dispatches;
     const f = this.forget;
+    this.maxObservedMs = Math.max(this.maxObservedMs, ms);
     this.sxx = this.sxx * f + x * x;
     this.sxy = this.sxy * f + x * y;
     this.syy = this.syy * f + y * y;

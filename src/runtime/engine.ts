@@ -77,6 +77,7 @@ export class Engine {
   private pendingSince = 0;
   /** a new pipeline was created for work not yet waited for: its compile time is not kernel time */
   private pendingCompiled = false;
+  private lastPredicted = 0;
 
   // timestamp queries
   private querySet: GPUQuerySet | null = null;
@@ -471,7 +472,8 @@ export class Engine {
   private async sleepPredicted(): Promise<void> {
     if (this.waitMode !== 'predict' || this.pendingDispatches === 0) return;
     const predicted = this.predictor.predict(this.pendingWork, this.pendingDispatches);
-    const remaining = predicted * this.predictor.sleepFraction - (performance.now() - this.pendingSince);
+    this.lastPredicted = predicted;
+    const remaining = this.predictor.sleepFor(predicted) - (performance.now() - this.pendingSince);
     if (remaining >= this.predictor.minSleepMs) await sleep(remaining);
   }
 
@@ -481,7 +483,11 @@ export class Engine {
     const total = now - this.pendingSince;
     const awaited = now - tAwaitStart;
     // an await that returned at once means we over-slept: the true time is below `total`
-    if (!this.pendingCompiled) this.predictor.observe(this.pendingWork, this.pendingDispatches, awaited < 0.3 ? total * 0.9 : total);
+    if (!this.pendingCompiled) {
+      if (awaited < 0.3 && this.lastPredicted > 0) this.predictor.observeOversleep(this.pendingWork, this.pendingDispatches, this.lastPredicted);
+      else this.predictor.observe(this.pendingWork, this.pendingDispatches, total);
+    }
+    this.lastPredicted = 0;
     this.pendingCompiled = false;
     this.pendingWork = 0;
     this.pendingDispatches = 0;
