@@ -1,0 +1,62 @@
+// `npm run check-golden -- <case-folder> [--weights f32|f16|bf16] [--groups t5,dit,...] [--tol 1e-4] [--tol-e2e 1e-3]`
+// Runs every engine component on a golden case folder and prints one line per tensor:
+// name, max abs error, max rel error, PASS/FAIL; then `N passed, M failed`. Exit status 0 only
+// when all pass.
+import { resolve } from 'node:path';
+import { Engine } from '../runtime/engine.ts';
+import { checkGolden, type CheckOptions } from '../golden/check.ts';
+import { SmartDiffusionError } from '../util/errors.ts';
+
+function usage(): never {
+  console.error('usage: npm run check-golden -- <case-folder> [--weights checkpoint|f32|f16|bf16] [--groups sched,host,t5,dit,vae,sample] [--tol 1e-4] [--tol-e2e 1e-3]');
+  process.exit(2);
+}
+
+async function main(): Promise<number> {
+  const args = process.argv.slice(2);
+  let dir: string | null = null;
+  const opts: CheckOptions = {};
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    const next = () => args[++i] ?? usage();
+    if (a === '--weights') opts.weightDtype = next() as CheckOptions['weightDtype'];
+    else if (a === '--groups') opts.groups = next().split(',') as CheckOptions['groups'];
+    else if (a === '--tol') opts.tolComponent = Number(next());
+    else if (a === '--tol-e2e') opts.tolEndToEnd = Number(next());
+    else if (a === '-h' || a === '--help') usage();
+    else if (!dir) dir = resolve(a);
+    else usage();
+  }
+  if (!dir) usage();
+  const e = await Engine.create();
+  const t0 = performance.now();
+  let pass = 0;
+  let fail = 0;
+  try {
+    const w = 40;
+    console.log(`case ${dir} on ${e.adapterName}${opts.weightDtype ? `, weights ${opts.weightDtype}` : ''}`);
+    console.log(`${'tensor'.padEnd(w)} ${'max abs'.padStart(11)} ${'max rel'.padStart(11)} ${'tol'.padStart(8)}  result`);
+    await checkGolden(e, dir, {
+      ...opts,
+      onRow: (r) => {
+        if (r.pass) pass++;
+        else fail++;
+        console.log(`${r.name.padEnd(w)} ${r.maxAbs.toExponential(3).padStart(11)} ${r.maxRel.toExponential(3).padStart(11)} ${r.tol.toExponential(0).padStart(8)}  ${r.pass ? 'PASS' : 'FAIL'}`);
+      },
+    });
+  } finally {
+    e.destroy();
+  }
+  console.log(`${pass} passed, ${fail} failed (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+  return fail === 0 && pass > 0 ? 0 : 1;
+}
+
+main().then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err) => {
+    console.error(err instanceof SmartDiffusionError ? `error: ${err.message}` : err);
+    process.exitCode = 1;
+  },
+);

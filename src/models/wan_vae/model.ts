@@ -1,0 +1,435 @@
+// Wan 2.1 causal-3D VAE decoder (diffusers `AutoencoderKLWan`, decoder half only).
+// Keys: post_quant_conv, decoder.conv_in, decoder.mid_block.{resnets.{0,1}, attentions.0},
+// decoder.up_blocks.{0..3}.{resnets.{0,1,2}, upsamplers.0.{resample.1, time_conv}}, decoder.norm_out,
+// decoder.conv_out. (A real VAE file also holds the encoder: those keys are not used, by design.)
+//
+// Conventions (../shared/golden/README.md "VAE decoder"): z_raw = z / (1/std) + mean;
+// CausalConv3d pads k-1 frames in front, none behind; RMS_norm = x / max(‖x‖₂ over C, 1e-12) · √C · γ;
+// per-frame single-head mid attention; nearest ×2 upsample + Conv2d 3×3 halving channels; upsample3d
+// adds a (3,1,1) time_conv whose 2C outputs go to frames 2j, 2j+1, and frame 0 skips it
+// (first-frame rule: T → 1 + 2(T−1)); clamp(−1, 1) at the end.
+//
+// Decoding runs one latent frame (or a chunk of frames) at a time with an explicit causal cache:
+// every CausalConv3d keeps the last 2 frames of its input, so memory does not grow with the video
+// length — exactly what the official decoder's feat_cache does.
+
+import { Module, ModuleList, Param, Container, ParamHolder } from '../../nn/module.ts';
+import { Tensor } from '../../tensor/tensor.ts';
+import type { Engine } from '../../runtime/engine.ts';
+import { conv3d, conv2d } from '../../ops/conv.ts';
+import { upsampleNearest2x } from '../../ops/upsample.ts';
+import { channelL2Norm } from '../../ops/norm.ts';
+import { permute, concat, slice } from '../../ops/layout.ts';
+import { linear } from '../../ops/matmul.ts';
+import { attention } from '../../ops/attention.ts';
+import { add, unary } from '../../ops/elementwise.ts';
+import { ShapeError } from '../../util/errors.ts';
+import type { Tracer } from '../wan_dit/model.ts';
+
+export interface WanVaeDims {
+  baseDim: number;
+  zDim: number;
+  dimMult: number[];
+  numResBlocks: number;
+  attnScales: number[];
+  temporalDownsample: boolean[];
+  latentsMean: number[];
+  latentsStd: number[];
+}
+
+export function vaeDimsFromConfig(c: Record<string, unknown>): WanVaeDims {
+  return {
+    baseDim: c.base_dim as number,
+    zDim: c.z_dim as number,
+    dimMult: c.dim_mult as number[],
+    numResBlocks: c.num_res_blocks as number,
+    attnScales: (c.attn_scales as number[]) ?? [],
+    temporalDownsample: c.temperal_downsample as boolean[],
+    latentsMean: c.latents_mean as number[],
+    latentsStd: c.latents_std as number[],
+  };
+}
+
+/** Per-decode state: the causal caches of every conv (last frames of its input) and 'Rep' flags. */
+export class CausalCache {
+  readonly frames = new Map<object, Tensor>();
+  readonly seen = new Set<object>();
+  dispose(): void {
+    for (const t of this.frames.values()) t.dispose();
+    this.frames.clear();
+    this.seen.clear();
+  }
+  /** bytes held by the cache */
+  bytes(): number {
+    let n = 0;
+    for (const t of this.frames.values()) n += t.nbytes;
+    return n;
+  }
+}
+
+const CACHE_T = 2;
+
+class CausalConv3d extends Module {
+  readonly weight: Param;
+  readonly bias: Param;
+  constructor(
+    readonly cin: number,
+    readonly cout: number,
+    readonly k: [number, number, number],
+  ) {
+    super();
+    this.weight = this.param('weight', [cout, cin, ...k]);
+    this.bias = this.param('bias', [cout], 'f32');
+  }
+
+  /**
+   * x [B, C, T, H, W]. Without a cache: zero causal padding. With a cache: the cached last frames
+   * of the previous chunk's input are used in front (zeros for what is missing), and the cache is
+   * updated with this chunk's last frames.
+   */
+  forward(x: Tensor, cache: CausalCache | null): Tensor {
+    const e = x.engine;
+    const kt = this.k[0];
+    const ph = (this.k[1] - 1) / 2;
+    const pw = (this.k[2] - 1) / 2;
+    if (kt === 1 || !cache) return conv3d({ x, w: this.weight.t, b: this.bias.t }, { padding: [kt - 1, 0, ph, pw] });
+    const T = x.size(2);
+    const prev = cache.frames.get(this);
+    // new cache: last CACHE_T frames of (prev ++ x)
+    const input = prev ? concat([prev, x], 2) : x;
+    const Tin = input.size(2);
+    const front = Math.max(0, kt - 1 - (prev ? prev.size(2) : 0));
+    const out = conv3d({ x: input, w: this.weight.t, b: this.bias.t }, { padding: [front, 0, ph, pw] });
+    const keepFrom = Math.max(0, Tin - CACHE_T);
+    const next = slice(input, 2, keepFrom, Tin);
+    if (e) e.keep(next);
+    prev?.dispose();
+    cache.frames.set(this, next);
+    void T;
+    if (input !== x) input.dispose();
+    return out;
+  }
+}
+
+/** RMS_norm over channels with gamma [C, 1, 1, 1] (or [C, 1, 1] in attention). */
+class ChannelNorm extends Module {
+  readonly gamma: Param;
+  constructor(
+    readonly dim: number,
+    images: boolean,
+  ) {
+    super();
+    this.gamma = this.param('gamma', images ? [dim, 1, 1] : [dim, 1, 1, 1], 'f32');
+  }
+  forward(x: Tensor): Tensor {
+    return channelL2Norm({ x, gamma: this.gamma.t }, { eps: 1e-12 });
+  }
+}
+
+class ResnetBlock extends Module {
+  readonly norm1: ChannelNorm;
+  readonly conv1: CausalConv3d;
+  readonly norm2: ChannelNorm;
+  readonly conv2: CausalConv3d;
+  readonly conv_shortcut: CausalConv3d | null;
+  constructor(cin: number, cout: number) {
+    super();
+    this.norm1 = this.child('norm1', new ChannelNorm(cin, false));
+    this.conv1 = this.child('conv1', new CausalConv3d(cin, cout, [3, 3, 3]));
+    this.norm2 = this.child('norm2', new ChannelNorm(cout, false));
+    this.conv2 = this.child('conv2', new CausalConv3d(cout, cout, [3, 3, 3]));
+    this.conv_shortcut = cin !== cout ? this.child('conv_shortcut', new CausalConv3d(cin, cout, [1, 1, 1])) : null;
+  }
+  forward(x: Tensor, cache: CausalCache | null): Tensor {
+    const h = this.conv1.forward(silu(this.norm1.forward(x)), cache);
+    const h2 = this.conv2.forward(silu(this.norm2.forward(h)), cache);
+    const sc = this.conv_shortcut ? this.conv_shortcut.forward(x, cache) : x;
+    return add(sc, h2);
+  }
+}
+
+function silu(x: Tensor): Tensor {
+  return unary({ x }, { kind: 'silu' });
+}
+
+/** [B, C, T, H, W] -> [B·T, C, H, W] */
+function toFrames(x: Tensor): Tensor {
+  const [B, C, T, H, W] = x.shape as [number, number, number, number, number];
+  if (T === 1) return x.reshape([B, C, H, W]);
+  return permute(x, [0, 2, 1, 3, 4]).reshape([B * T, C, H, W]);
+}
+
+/** [B·T, C, H, W] -> [B, C, T, H, W] */
+function fromFrames(x: Tensor, B: number, T: number): Tensor {
+  const [, C, H, W] = x.shape as [number, number, number, number];
+  if (T === 1) return x.reshape([B, C, 1, H, W]);
+  return permute(x.reshape([B, T, C, H, W]), [0, 2, 1, 3, 4]);
+}
+
+class AttentionBlock extends Module {
+  readonly norm: ChannelNorm;
+  readonly qkvW: Param;
+  readonly qkvB: Param;
+  readonly projW: Param;
+  readonly projB: Param;
+  constructor(readonly dim: number) {
+    super();
+    this.norm = this.child('norm', new ChannelNorm(dim, true));
+    const qkv = this.child('to_qkv', new ParamHolder());
+    this.qkvW = qkv.add('weight', [3 * dim, dim, 1, 1]);
+    this.qkvB = qkv.add('bias', [3 * dim], 'f32');
+    const proj = this.child('proj', new ParamHolder());
+    this.projW = proj.add('weight', [dim, dim, 1, 1]);
+    this.projB = proj.add('bias', [dim], 'f32');
+  }
+  /** single-head attention over h·w tokens of every frame, scale 1/√C, plus the identity */
+  forward(x: Tensor): Tensor {
+    const [B, C, T, H, W] = x.shape as [number, number, number, number, number];
+    const f = toFrames(x); // [BT, C, H, W]
+    const n = this.norm.forward(f);
+    const tokens = permute(n.reshape([B * T, C, H * W]), [0, 2, 1]); // [BT, HW, C]
+    const w = this.qkvW.t.reshape([3 * C, C]);
+    const b = this.qkvB.t;
+    const part = (i: number) => linear(tokens, rowsOf(w, i * C, C), { bias: rowsOf(b, i * C, C) }).reshape([B * T, H * W, 1, C]);
+    const o = attention({ q: part(0), k: part(1), v: part(2) }, { scale: 1 / Math.sqrt(C) }).reshape([B * T, H * W, C]);
+    const p = linear(o, this.projW.t.reshape([C, C]), { bias: this.projB.t }); // [BT, HW, C]
+    const back = permute(p, [0, 2, 1]).reshape([B * T, C, H, W]);
+    return fromFrames(add(back, f), B, T);
+  }
+}
+
+/** rows [start, start+n) of a weight or bias, as a bindable tensor */
+function rowsOf(t: Tensor, start: number, n: number): Tensor {
+  const v = t.narrow0(start, start + n);
+  const e = t.engine;
+  if (!e || v.byteOffset % e.storageAlign === 0) return v;
+  const c = e.clone(v);
+  v.dispose();
+  return c;
+}
+
+class Upsampler extends Module {
+  readonly convW: Param;
+  readonly convB: Param;
+  readonly time_conv: CausalConv3d | null;
+  constructor(
+    readonly dim: number,
+    readonly temporal: boolean,
+  ) {
+    super();
+    // resample = Sequential(Upsample, Conv2d): the conv is `resample.1`
+    const rs = this.child('resample', new Container());
+    const c = rs.add('1', new ParamHolder());
+    this.convW = c.add('weight', [dim / 2, dim, 3, 3]);
+    this.convB = c.add('bias', [dim / 2], 'f32');
+    this.time_conv = temporal ? this.child('time_conv', new CausalConv3d(dim, dim * 2, [3, 1, 1])) : null;
+  }
+
+  /**
+   * x [B, C, T, H, W]. upsample3d: the chunk holding frame 0 skips time_conv for that frame (first-
+   * frame rule); later frames go through time_conv (causal, zero start) and double in number.
+   */
+  forward(x: Tensor, cache: CausalCache, firstChunk: boolean): Tensor {
+    let y = x;
+    if (this.time_conv) {
+      const [B, C, T, H, W] = x.shape as [number, number, number, number, number];
+      const head = firstChunk ? slice(x, 2, 0, 1) : null; // frame 0 passes through
+      const rest = firstChunk ? (T > 1 ? slice(x, 2, 1, T) : null) : x;
+      let doubled: Tensor | null = null;
+      if (rest) {
+        const Tr = rest.size(2);
+        const tc = this.time_conv.forward(rest, cache); // [B, 2C, Tr, H, W]
+        // channels [0:C] -> frame 2j, [C:2C] -> frame 2j+1
+        doubled = permute(tc.reshape([B, 2, C, Tr, H * W]), [0, 2, 3, 1, 4]).reshape([B, C, 2 * Tr, H, W]);
+      }
+      y = head && doubled ? concat([head, doubled], 2) : (head ?? doubled!);
+    }
+    const [B, C, T] = y.shape as [number, number, number, number, number];
+    const f = toFrames(y);
+    const up = upsampleNearest2x(f);
+    const c = conv2d({ x: up, w: this.convW.t, b: this.convB.t }, { padding: [1, 1] });
+    void C;
+    return fromFrames(c, B, T);
+  }
+}
+
+class UpBlock extends Module {
+  readonly resnets: ModuleList<ResnetBlock>;
+  readonly upsamplers: ModuleList<Upsampler> | null;
+  constructor(cin: number, cout: number, nRes: number, up: 'none' | 'upsample2d' | 'upsample3d') {
+    super();
+    const rs: ResnetBlock[] = [];
+    for (let i = 0; i < nRes + 1; i++) rs.push(new ResnetBlock(i === 0 ? cin : cout, cout));
+    this.resnets = this.child('resnets', new ModuleList(rs));
+    this.upsamplers = up === 'none' ? null : this.child('upsamplers', new ModuleList([new Upsampler(cout, up === 'upsample3d')]));
+  }
+}
+
+export interface VaeDecodeOptions {
+  /** latent frames per decoder call after frame 0 (1 = the official frame-by-frame decode) */
+  framesPerChunk?: number;
+  trace?: Tracer;
+  /** called after every chunk with the decoded frames so far (progress) */
+  onChunk?: (done: number, total: number) => void;
+}
+
+export class WanVaeDecoder extends Module {
+  readonly post_quant_conv: CausalConv3d;
+  readonly conv_in: CausalConv3d;
+  readonly midRes0: ResnetBlock;
+  readonly midAttn: AttentionBlock;
+  readonly midRes1: ResnetBlock;
+  readonly up_blocks: ModuleList<UpBlock>;
+  readonly norm_out: ChannelNorm;
+  readonly conv_out: CausalConv3d;
+
+  constructor(readonly dims: WanVaeDims) {
+    super();
+    const { baseDim, zDim, dimMult, numResBlocks } = dims;
+    if (numResBlocks !== 2) throw new ShapeError(`[wan_vae] num_res_blocks ${numResBlocks} is not supported (diffusers hard-codes the up_blocks grouping for 2)`);
+    if (dims.attnScales.length) throw new ShapeError(`[wan_vae] attn_scales ${JSON.stringify(dims.attnScales)} is not supported (Wan 2.1 uses [])`);
+    const d = [baseDim * dimMult[dimMult.length - 1]!, ...[...dimMult].reverse().map((m) => baseDim * m)];
+    const temporalUp = [...dims.temporalDownsample].reverse();
+    this.post_quant_conv = this.child('post_quant_conv', new CausalConv3d(zDim, zDim, [1, 1, 1]));
+    const dec = this.child('decoder', new Container());
+    this.conv_in = dec.add('conv_in', new CausalConv3d(zDim, d[0]!, [3, 3, 3]));
+    const mid = dec.add('mid_block', new Container());
+    const midRes = mid.add('resnets', new ModuleList([new ResnetBlock(d[0]!, d[0]!), new ResnetBlock(d[0]!, d[0]!)]));
+    this.midRes0 = midRes.at(0);
+    this.midRes1 = midRes.at(1);
+    this.midAttn = mid.add('attentions', new ModuleList([new AttentionBlock(d[0]!)])).at(0);
+    const ups: UpBlock[] = [];
+    for (let i = 0; i < dimMult.length; i++) {
+      const cin = i === 0 ? d[i]! : d[i]! / 2;
+      const cout = d[i + 1]!;
+      const up = i === dimMult.length - 1 ? 'none' : temporalUp[i] ? 'upsample3d' : 'upsample2d';
+      ups.push(new UpBlock(cin, cout, numResBlocks, up));
+    }
+    this.up_blocks = dec.add('up_blocks', new ModuleList(ups));
+    this.norm_out = dec.add('norm_out', new ChannelNorm(d[d.length - 1]!, false));
+    this.conv_out = dec.add('conv_out', new CausalConv3d(d[d.length - 1]!, 3, [3, 3, 3]));
+  }
+
+  /** Output frames for a latent of T frames: 1 + 4(T − 1) with two temporal upsamplers. */
+  outputFrames(T: number): number {
+    const n = this.dims.temporalDownsample.filter(Boolean).length;
+    return T === 0 ? 0 : 1 + 2 ** n * (T - 1);
+  }
+
+  /** z [16, F, H, W] (normalized latent, host f32) -> z_raw = z / (1/std) + mean, per channel, f32. */
+  denormalize(z: Float32Array, C: number): Float32Array {
+    const n = z.length / C;
+    const out = new Float32Array(z.length);
+    for (let c = 0; c < C; c++) {
+      const inv = Math.fround(1 / this.dims.latentsStd[c]!);
+      const mean = Math.fround(this.dims.latentsMean[c]!);
+      for (let i = c * n; i < (c + 1) * n; i++) out[i] = Math.fround(z[i]! / inv) + mean;
+    }
+    return out;
+  }
+
+  /** One decoder call on a chunk [B, zDim, Tc, H, W] of de-normalized latents (post_quant_conv applied inside). */
+  private async chunk(x: Tensor, cache: CausalCache, first: boolean, trace?: Tracer, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
+    const e = x.engine!;
+    return e.scopeAsync(async () => {
+      const pq = this.post_quant_conv.forward(x, cache);
+      if (traceStep) await traceStep('post_quant_conv_out', pq);
+      let h = this.conv_in.forward(pq, cache);
+      if (traceStep) await traceStep('decoder_conv_in_out', h);
+      h = this.midRes0.forward(h, cache);
+      h = this.midAttn.forward(h);
+      h = this.midRes1.forward(h, cache);
+      if (traceStep) await traceStep('decoder_mid_out', h);
+      for (let i = 0; i < this.up_blocks.length; i++) {
+        const ub = this.up_blocks.at(i);
+        for (const r of ub.resnets.items) h = r.forward(h, cache);
+        if (ub.upsamplers) h = ub.upsamplers.at(0).forward(h, cache, first);
+        if (traceStep) await traceStep(`decoder_up${i}_out`, h);
+      }
+      const o = this.conv_out.forward(silu(this.norm_out.forward(h)), cache);
+      void trace;
+      return o; // raw (unclamped) output [B, 3, T', 8H, 8W]
+    });
+  }
+
+  /**
+   * Decode normalized latents z [16, F, H, W] (host f32) into a video [3, 1+4(F−1), 8H, 8W] in
+   * [−1, 1] (host f32). Frame 0 first, then `framesPerChunk` latent frames per call.
+   * With `trace`, intermediate tensors are reported concatenated over chunks like the goldens.
+   */
+  async decode(e: Engine, z: Float32Array, shape: [number, number, number, number], opts: VaeDecodeOptions = {}): Promise<{ video: Float32Array; shape: [number, number, number, number]; raw?: Float32Array }> {
+    const [C, F, H, W] = shape;
+    if (C !== this.dims.zDim) throw new ShapeError(`[wan_vae] latent has ${C} channels, the VAE expects ${this.dims.zDim}`);
+    const zr = this.denormalize(z, C);
+    const per = Math.max(1, opts.framesPerChunk ?? 1);
+    const cache = new CausalCache();
+    const chunks: Float32Array[] = [];
+    const traces = new Map<string, { parts: Float32Array[]; shape: number[] }>();
+    const traceStep = opts.trace
+      ? async (name: string, t: Tensor) => {
+          const v = (await t.toArray()) as Float32Array;
+          let rec = traces.get(name);
+          if (!rec) traces.set(name, (rec = { parts: [], shape: [...t.shape] }));
+          rec.parts.push(v);
+          rec.shape[2] = rec.parts.length === 1 ? t.shape[2]! : rec.shape[2]! + t.shape[2]!;
+        }
+      : undefined;
+    let outT = 0;
+    let outHW: [number, number] = [0, 0];
+    try {
+      let f0 = 0;
+      while (f0 < F) {
+        const f1 = f0 === 0 ? 1 : Math.min(F, f0 + per);
+        const part = sliceFrames(zr, C, F, H, W, f0, f1);
+        const x = e.fromHost(part, [1, C, f1 - f0, H, W], 'f32', 'activation');
+        const out = await this.chunk(x, cache, f0 === 0, opts.trace, traceStep);
+        x.dispose();
+        const v = (await out.toArray()) as Float32Array;
+        outT += out.size(2);
+        outHW = [out.size(3), out.size(4)];
+        out.dispose();
+        chunks.push(v);
+        f0 = f1;
+        opts.onChunk?.(f0, F);
+      }
+    } finally {
+      cache.dispose();
+    }
+    // chunks are [3, Tc, H', W'] each: concatenate along time
+    const [Ho, Wo] = outHW;
+    const raw = concatTime(chunks, 3, outT, Ho * Wo);
+    if (opts.trace) {
+      for (const [name, rec] of traces) {
+        const c = rec.shape[1]!;
+        const hw = rec.shape[3]! * rec.shape[4]!;
+        const cat = concatTime(rec.parts, c, rec.shape[2]!, hw);
+        await opts.trace(`vae.${name}`, Tensor.cpu(cat, rec.shape, 'f32'));
+      }
+      await opts.trace('vae.decoder_raw_out', Tensor.cpu(raw, [1, 3, outT, Ho, Wo], 'f32'));
+    }
+    const video = new Float32Array(raw.length);
+    for (let i = 0; i < raw.length; i++) video[i] = Math.min(1, Math.max(-1, raw[i]!));
+    return { video, shape: [3, outT, Ho, Wo] };
+  }
+}
+
+/** frames [f0, f1) of a [C, F, H, W] array */
+function sliceFrames(z: Float32Array, C: number, F: number, H: number, W: number, f0: number, f1: number): Float32Array {
+  const hw = H * W;
+  const n = f1 - f0;
+  const out = new Float32Array(C * n * hw);
+  for (let c = 0; c < C; c++) out.set(z.subarray((c * F + f0) * hw, (c * F + f1) * hw), c * n * hw);
+  return out;
+}
+
+/** concatenate [C, Ti, HW] parts along T */
+function concatTime(parts: Float32Array[], C: number, T: number, hw: number): Float32Array {
+  const out = new Float32Array(C * T * hw);
+  let t0 = 0;
+  for (const p of parts) {
+    const Ti = p.length / (C * hw);
+    for (let c = 0; c < C; c++) out.set(p.subarray(c * Ti * hw, (c + 1) * Ti * hw), (c * T + t0) * hw);
+    t0 += Ti;
+  }
+  return out;
+}

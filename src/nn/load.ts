@@ -1,0 +1,89 @@
+// Loading a module tree from a checkpoint: the spec is the tree walk (key + shape of every Param),
+// checked strictly against the file headers before any data is read (missing / mis-shaped keys
+// throw with the full key; unused keys are returned: a real VAE file also holds the encoder).
+// Tensors are then read one at a time, converted per the precision policy, and either uploaded
+// (owner tag `<owner>.<key>`, so memory snapshots show them) or kept in host memory.
+
+import type { Module, Param } from './module.ts';
+import { targetDtype } from './module.ts';
+import type { Engine } from '../runtime/engine.ts';
+import type { Checkpoint } from '../io/checkpoint.ts';
+import { checkSpec, readTensor } from '../io/checkpoint.ts';
+import { Tensor } from '../tensor/tensor.ts';
+import { type DType, decode, encode } from '../tensor/dtype.ts';
+
+export type WeightDtype = 'checkpoint' | 'f32' | 'f16' | 'bf16';
+
+export interface LoadOptions {
+  /** where device-placed parameters go; null: everything stays on the CPU device */
+  engine: Engine | null;
+  /** owner tag prefix in memory accounting, e.g. 'dit' */
+  owner: string;
+  /** dtype of 'checkpoint'-policy params (matmul/conv weights) */
+  weightDtype?: WeightDtype;
+  /** per key: 'device' (default) or 'host' (kept in host memory, e.g. streamed DiT blocks) */
+  placement?: (key: string) => 'device' | 'host';
+  /** prefix of the module's keys inside the checkpoint */
+  prefix?: string;
+  what?: string;
+  /** progress callback (bytes read so far, total bytes) */
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface LoadResult {
+  unused: string[];
+  deviceBytes: number;
+  hostBytes: number;
+}
+
+/** Convert a host tensor to `dt` (f32 <-> f16 <-> bf16), keeping raw 16-bit words for 16-bit types. */
+export function convertHost(t: Tensor, dt: DType): Tensor {
+  if (t.dtype === dt) return t;
+  const values = t.hostValues();
+  if (dt === 'f32') return Tensor.cpu(values instanceof Float32Array ? values : Float32Array.from(values), t.shape, 'f32');
+  const bytes = encode(dt, values);
+  const out = dt === 'f16' || dt === 'bf16' ? new Uint16Array(bytes.buffer) : dt === 'i32' ? new Int32Array(bytes.buffer) : new Uint32Array(bytes.buffer);
+  return Tensor.cpu(out, t.shape, dt);
+}
+
+export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOptions): Promise<LoadResult> {
+  const prefix = opts.prefix ?? '';
+  const params = module.namedParams();
+  const spec = params.map(([key, p]) => ({ key, shape: p.shape }));
+  const { unused } = checkSpec(ckpt, spec, { prefix, what: opts.what ?? opts.owner });
+  const total = params.reduce((a, [key]) => a + ckpt.info(prefix + key).byteLength, 0);
+  let done = 0;
+  let deviceBytes = 0;
+  let hostBytes = 0;
+  for (const [key, p] of params) {
+    const host = await readTensor(ckpt, prefix + key, { expectShape: p.shape, what: opts.what ?? opts.owner });
+    const dt = targetDtype(p, host.dtype, opts.weightDtype ?? 'checkpoint');
+    const conv = convertHost(host, dt);
+    setParam(p, conv, opts, key);
+    if (p.value!.device === 'gpu') deviceBytes += p.value!.nbytes;
+    else hostBytes += p.value!.nbytes;
+    done += ckpt.info(prefix + key).byteLength;
+    opts.onProgress?.(done, total);
+  }
+  return { unused, deviceBytes, hostBytes };
+}
+
+function setParam(p: Param, host: Tensor, opts: LoadOptions, key: string): void {
+  p.value?.dispose();
+  const place = opts.placement?.(key) ?? 'device';
+  if (opts.engine && place === 'device') {
+    const t = host.toGpu(opts.engine, `${opts.owner}.${key}`);
+    opts.engine.keep(t);
+    p.value = t;
+  } else {
+    p.value = host;
+  }
+}
+
+/** Values of a host tensor as f32 (for tests). */
+export function hostF32(t: Tensor): Float32Array {
+  const v = t.hostValues();
+  return v instanceof Float32Array ? v : Float32Array.from(v);
+}
+
+export { decode };
