@@ -36,6 +36,13 @@ export interface CheckOptions {
   tolEndToEnd?: number;
   /** only run these groups */
   groups?: Array<'sched' | 'host' | 't5' | 'dit' | 'vae' | 'sample'>;
+  /** DiT activation dtype (f16 needs shader-f16) */
+  activationDtype?: 'f32' | 'f16';
+  /**
+   * 'abs': max |engine − golden| <= tol (f32); 'rel': max |engine − golden| / max |golden| <= tol
+   * (bf16/f16, where errors scale with the magnitudes). Exact groups (sched, host) always use abs.
+   */
+  metric?: 'abs' | 'rel';
   onRow?: (r: CheckRow) => void;
 }
 
@@ -82,7 +89,9 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   const rows: CheckRow[] = [];
   const report = (name: string, group: string, actual: ArrayLike<number>, expected: ArrayLike<number>, tol: number, note?: string) => {
     const { maxAbs, maxRel } = compareArrays(actual, expected);
-    const r: CheckRow = { name, group, maxAbs, maxRel, tol, pass: maxAbs <= tol, note };
+    const exact = group === 'sched' || group === 'host';
+    const rel = opts.metric === 'rel' && !exact;
+    const r: CheckRow = { name, group, maxAbs, maxRel, tol, pass: (rel ? maxRel : maxAbs) <= tol, note };
     rows.push(r);
     opts.onRow?.(r);
   };
@@ -105,6 +114,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   // ---- host math
   const xShape = has('dit.x') ? (g.tensors['dit.x']!.shape as [number, number, number, number]) : null;
   const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config as unknown as Record<string, unknown>));
+  if (opts.activationDtype) dit.dims.activationDtype = opts.activationDtype;
   const [, ph, pw] = dit.dims.patchSize;
   if (want.has('host')) {
     if (xShape && has('dit.rope_cos')) {

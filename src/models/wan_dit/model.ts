@@ -18,6 +18,8 @@ import { layerNorm } from '../../ops/norm.ts';
 import { add, gatedResidual, unary } from '../../ops/elementwise.ts';
 import { timestepSinusoid, ropeTables } from './host.ts';
 import { ShapeError } from '../../util/errors.ts';
+import type { DType } from '../../tensor/dtype.ts';
+import { rmsNorm } from '../../ops/norm.ts';
 
 export interface WanDitDims {
   patchSize: [number, number, number];
@@ -32,6 +34,12 @@ export interface WanDitDims {
   crossAttnNorm: boolean;
   eps: number;
   ropeMaxSeqLen: number;
+  /**
+   * Precision policy: dtype of the matmul outputs inside attention and FFN and of the attention
+   * itself ('f16' needs shader-f16). Norm statistics, modulation, RoPE math, the residual stream
+   * and the time embedding stay f32, as in the reference.
+   */
+  activationDtype?: 'f32' | 'f16';
 }
 
 export function ditDimsFromConfig(c: Record<string, unknown>): WanDitDims {
@@ -93,21 +101,23 @@ class WanAttention extends Module {
   }
 
   /** x [B, Lq, D]; ctx [B, Lk, D] (cross) or x itself (self, with RoPE tables [Lq, Dh/2]) */
-  forward(x: Tensor, ctx: Tensor | null, ropeCs: { cos: Tensor; sin: Tensor } | null): Tensor {
+  /** act: dtype of the projections' outputs and the attention (the residual stream stays f32) */
+  forward(x: Tensor, ctx: Tensor | null, ropeCs: { cos: Tensor; sin: Tensor } | null, act: DType = 'f32'): Tensor {
     const B = x.size(0);
     const Lq = x.size(1);
     const src = ctx ?? x;
     const Lk = src.size(1);
     const dh = this.dim / this.heads;
-    let q = this.norm_q.forward(this.to_q.forward(x)).reshape([B, Lq, this.heads, dh]); // [B, Lq, H, Dh]
-    let k = this.norm_k.forward(this.to_k.forward(src)).reshape([B, Lk, this.heads, dh]); // [B, Lk, H, Dh]
-    const v = this.to_v.forward(src).reshape([B, Lk, this.heads, dh]);
+    // q/k RMSNorm across the full D (f32 statistics), before the head split and RoPE
+    let q = rmsNorm({ x: this.to_q.forward(x, 'none', act), weight: this.norm_q.weight.t }, { eps: this.norm_q.eps, out: act }).reshape([B, Lq, this.heads, dh]); // [B, Lq, H, Dh]
+    let k = rmsNorm({ x: this.to_k.forward(src, 'none', act), weight: this.norm_k.weight.t }, { eps: this.norm_k.eps, out: act }).reshape([B, Lk, this.heads, dh]); // [B, Lk, H, Dh]
+    const v = this.to_v.forward(src, 'none', act).reshape([B, Lk, this.heads, dh]);
     if (ropeCs) {
       q = rope({ x: q, cos: ropeCs.cos, sin: ropeCs.sin });
       k = rope({ x: k, cos: ropeCs.cos, sin: ropeCs.sin });
     }
     const o = attention({ q, k, v }, { scale: 1 / Math.sqrt(dh) }).reshape([B, Lq, this.dim]);
-    return this.to_out.at(0).forward(o);
+    return this.to_out.at(0).forward(o, 'none', 'f32');
   }
 }
 
@@ -121,8 +131,8 @@ class FeedForward extends Module {
     this.proj = net.add('0', new Container()).add('proj', new Linear(dim, ffn));
     this.down = net.add('2', new Linear(ffn, dim));
   }
-  forward(x: Tensor): Tensor {
-    return this.down.forward(this.proj.forward(x, 'gelu'));
+  forward(x: Tensor, act: DType = 'f32'): Tensor {
+    return this.down.forward(this.proj.forward(x, 'gelu', act), 'none', 'f32');
   }
 }
 
@@ -156,17 +166,18 @@ export class WanBlock extends Module {
     const row = (k: number) => alignedRow(e, m, k);
     // 1. Self-attention: x += attn1(LN(x)·(1+scale_msa) + shift_msa) · gate_msa
     const h1 = layerNormMod(x, row(0), row(1), eps);
-    const y1 = this.attn1.forward(h1, null, ropeCs);
+    const act = this.dims.activationDtype ?? 'f32';
+    const y1 = this.attn1.forward(h1, null, ropeCs, act);
     if (trace) await trace(`${tag}self_attn_out`, y1);
     const x1 = gatedResidual({ x, r: y1, gate: row(2) }, {});
     // 2. Cross-attention over all text rows, no gate: x += attn2(LN_affine(x), ctx)
     const h2 = this.norm2.forward(x1);
-    const y2 = this.attn2.forward(h2, ctx, null);
+    const y2 = this.attn2.forward(h2, ctx, null, act);
     if (trace) await trace(`${tag}cross_attn_out`, y2);
     const x2 = add(x1, y2);
     // 3. FFN: x += ffn(LN(x)·(1+scale_ffn) + shift_ffn) · gate_ffn
     const h3 = layerNormMod(x2, row(3), row(4), eps);
-    const y3 = this.ffn.forward(h3);
+    const y3 = this.ffn.forward(h3, act);
     if (trace) await trace(`${tag}ffn_out`, y3);
     return gatedResidual({ x: x2, r: y3, gate: row(5) }, {});
   }
