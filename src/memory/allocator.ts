@@ -185,6 +185,23 @@ export class CachingAllocator {
     pool.push(block);
   }
 
+  /**
+   * Re-tag a live block (a reused slot now holding other data, e.g. DiT block 7's weights): records
+   * a free under the old owner and an alloc under the new one, so timelines show what the memory
+   * holds; allocated/reserved are unchanged.
+   */
+  retag(block: Block, owner: string, bytes: number = block.requested): void {
+    if (!block.live) throw new Error(`[allocator] retag of a free block ${block.id}`);
+    this.allocated -= block.requested;
+    this.record('free', block.requested, block.id, block.owner);
+    block.owner = owner;
+    block.phase = this.phase;
+    block.requested = bytes;
+    this.allocated += bytes;
+    if (this.allocated > this.peakAllocated) this.peakAllocated = this.allocated;
+    this.record('alloc', bytes, block.id, owner);
+  }
+
   /** Destroy every cached (free) buffer: reserved drops to what live allocations hold. */
   emptyCache(): void {
     for (const [, pool] of this.pools) {

@@ -18,7 +18,7 @@ import { embedding } from '../../ops/gather.ts';
 import { add, mul } from '../../ops/elementwise.ts';
 import { relativeBucketsByOffset, relativeBiasTable } from './buckets.ts';
 import { ShapeError } from '../../util/errors.ts';
-import type { Tracer } from '../wan_dit/model.ts';
+import { RESIDENT, type Tracer, type BlockResidency } from '../wan_dit/model.ts';
 
 export interface Umt5Dims {
   dModel: number;
@@ -118,6 +118,10 @@ export class UMT5EncoderModel extends Module {
     this.finalNorm = enc.add('final_layer_norm', new RMSNorm(dims.dModel, dims.eps));
   }
 
+  isBlockKey(key: string): boolean {
+    return key.startsWith('encoder.block.');
+  }
+
   /**
    * Parameters that live on the compute device: everything but the token embedding table (only the
    * prompt's rows are gathered on the host) and the relative-bias embeddings (host-side inputs of
@@ -154,7 +158,7 @@ export class UMT5EncoderModel extends Module {
    * ids, mask: [B, L] i32 CPU tensors. Runs on `engine` (GPU) or, with engine = null, on the CPU
    * device. Returns last_hidden_state [B, L, dModel] on the compute device.
    */
-  async forward(engine: Engine | null, ids: Tensor, mask: Tensor, trace?: Tracer): Promise<Tensor> {
+  async forward(engine: Engine | null, ids: Tensor, mask: Tensor, trace?: Tracer, residency: BlockResidency = RESIDENT): Promise<Tensor> {
     const [B, L] = ids.shape as [number, number];
     const run = async () => {
       // the relative-bias embeddings are tiny; they are read on the host to build the tables
@@ -163,9 +167,14 @@ export class UMT5EncoderModel extends Module {
       const emb = embedding({ ids: ids.reshape([B * L]), table: table.device === 'cpu' ? table : await table.toCpu() }, {});
       let x = (engine ? emb.toGpu(engine) : emb).reshape([B, L, this.dims.dModel]);
       const m = engine ? mask.toGpu(engine) : mask;
-      for (let i = 0; i < this.blocks.length; i++) {
+      const n = this.blocks.length;
+      await residency.acquire(0);
+      for (let i = 0; i < n; i++) {
+        if (i + 1 < n) residency.prefetch(i + 1);
         x = this.blocks.at(i).forward(x, tables[i]!, m);
         if (trace) await trace(`block${i}_out`, x);
+        residency.release(i);
+        if (i + 1 < n) await residency.acquire(i + 1);
       }
       return this.finalNorm.forward(x);
     };

@@ -328,8 +328,11 @@ export class WanVaeDecoder extends Module {
     return out;
   }
 
-  /** One decoder call on a chunk [B, zDim, Tc, H, W] of de-normalized latents (post_quant_conv applied inside). */
-  private async chunk(x: Tensor, cache: CausalCache, first: boolean, trace?: Tracer, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
+  /**
+   * The latent-resolution part of one decoder call: post_quant_conv, conv_in and the mid block
+   * (with its per-frame global attention). x: [B, zDim, Tc, H, W] de-normalized latents.
+   */
+  stem(x: Tensor, cache: CausalCache, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
     const e = x.engine!;
     return e.scopeAsync(async () => {
       const pq = this.post_quant_conv.forward(x, cache);
@@ -340,16 +343,46 @@ export class WanVaeDecoder extends Module {
       h = this.midAttn.forward(h);
       h = this.midRes1.forward(h, cache);
       if (traceStep) await traceStep('decoder_mid_out', h);
+      return h;
+    });
+  }
+
+  /**
+   * The upsampling part of one decoder call (only local convolutions: it can run on spatial tiles):
+   * up blocks, norm_out, SiLU, conv_out. Returns the raw (unclamped) output [B, 3, T', 8H, 8W].
+   */
+  head(h: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
+    const e = h.engine!;
+    return e.scopeAsync(async () => {
+      let x = h;
       for (let i = 0; i < this.up_blocks.length; i++) {
         const ub = this.up_blocks.at(i);
-        for (const r of ub.resnets.items) h = r.forward(h, cache);
-        if (ub.upsamplers) h = ub.upsamplers.at(0).forward(h, cache, first);
-        if (traceStep) await traceStep(`decoder_up${i}_out`, h);
+        for (const r of ub.resnets.items) x = r.forward(x, cache);
+        if (ub.upsamplers) x = ub.upsamplers.at(0).forward(x, cache, first);
+        if (traceStep) await traceStep(`decoder_up${i}_out`, x);
       }
-      const o = this.conv_out.forward(silu(this.norm_out.forward(h)), cache);
-      void trace;
-      return o; // raw (unclamped) output [B, 3, T', 8H, 8W]
+      return this.conv_out.forward(silu(this.norm_out.forward(x)), cache);
     });
+  }
+
+  /** One decoder call on a chunk [B, zDim, Tc, H, W] of de-normalized latents. */
+  private async chunk(x: Tensor, cache: CausalCache, first: boolean, _trace?: Tracer, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
+    const h = await this.stem(x, cache, traceStep);
+    const o = await this.head(h, cache, first, traceStep);
+    h.dispose();
+    return o;
+  }
+
+  /** The latent chunks of a decode: frame 0 alone (first-frame rule), then `per` frames at a time. */
+  static chunks(F: number, per: number): Array<[number, number]> {
+    const out: Array<[number, number]> = [];
+    let f0 = 0;
+    while (f0 < F) {
+      const f1 = f0 === 0 ? 1 : Math.min(F, f0 + per);
+      out.push([f0, f1]);
+      f0 = f1;
+    }
+    return out;
   }
 
   /**
@@ -414,7 +447,7 @@ export class WanVaeDecoder extends Module {
 }
 
 /** frames [f0, f1) of a [C, F, H, W] array */
-function sliceFrames(z: Float32Array, C: number, F: number, H: number, W: number, f0: number, f1: number): Float32Array {
+export function sliceFrames(z: Float32Array, C: number, F: number, H: number, W: number, f0: number, f1: number): Float32Array {
   const hw = H * W;
   const n = f1 - f0;
   const out = new Float32Array(C * n * hw);
@@ -423,7 +456,7 @@ function sliceFrames(z: Float32Array, C: number, F: number, H: number, W: number
 }
 
 /** concatenate [C, Ti, HW] parts along T */
-function concatTime(parts: Float32Array[], C: number, T: number, hw: number): Float32Array {
+export function concatTime(parts: Float32Array[], C: number, T: number, hw: number): Float32Array {
   const out = new Float32Array(C * T * hw);
   let t0 = 0;
   for (const p of parts) {

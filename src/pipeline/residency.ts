@@ -1,0 +1,195 @@
+// The residency manager for streamed blocks (level 3, and the text encoder's 'gpu-stream' mode).
+//
+// Each block's parameters are packed once, at load time, into one host "block image" (an
+// ArrayBuffer in the checkpoint dtype, every tensor at an offset aligned to the device's storage
+// alignment). On the GPU there is a ring of `slots` (2 by default) buffers, each one block
+// image large, allocated once and reused for every block: nothing is allocated per block.
+// Uploading a block is one `queue.writeBuffer` of its image into a slot (measured faster here
+// than a mapped staging ring: see docs/memory-levels.md), after which the block's Params point at
+// tensor views of that slot. The code that runs the blocks says what it needs, explicitly:
+//
+//     await res.acquire(i); res.prefetch(i + 1); run(i); res.release(i);
+//
+// prefetch(i+1) submits the work encoded so far and copies block i+1 into the other slot while
+// the GPU computes block i; acquire(i+1) then finds it there. Time spent uploading and the part
+// of it that overlapped GPU work are recorded for `--profile`.
+
+import type { Engine } from '../runtime/engine.ts';
+import type { Module, Param } from '../nn/module.ts';
+import { Tensor, GpuStorage } from '../tensor/tensor.ts';
+import { dtypeSize } from '../tensor/dtype.ts';
+import type { BlockResidency } from '../models/wan_dit/model.ts';
+
+interface Entry {
+  param: Param;
+  offset: number;
+}
+
+interface BlockImage {
+  bytes: Uint8Array;
+  entries: Entry[];
+}
+
+export interface UploadStats {
+  uploads: number;
+  bytes: number;
+  /** main-thread ms spent in uploads */
+  uploadMs: number;
+  /** ms acquire() waited for uploads that were not done in time (0 with prefetch on lavapipe) */
+  stallMs: number;
+  /** uploads issued by prefetch (overlapping the previous block's GPU work) */
+  prefetched: number;
+}
+
+export class StreamedBlocks implements BlockResidency {
+  private readonly images: BlockImage[] = [];
+  private readonly slotTensors: Tensor[] = [];
+  private readonly slotOf: number[] = []; // block -> slot or -1
+  private readonly blockIn: number[] = []; // slot -> block or -1
+  private readonly views: Tensor[][] = []; // per block: param views currently set
+  private readonly slotBytes: number;
+  readonly stats: UploadStats = { uploads: 0, bytes: 0, uploadMs: 0, stallMs: 0, prefetched: 0 };
+  /** set false to measure streaming without prefetch */
+  prefetchEnabled = true;
+
+  /**
+   * blocks: the modules whose params are streamed (params must hold host tensors now).
+   * owner: memory tag of the slots (e.g. 'dit.blocks.slot').
+   */
+  constructor(
+    private readonly e: Engine,
+    blocks: Module[],
+    readonly owner: string,
+    readonly numSlots = 2,
+  ) {
+    const align = Math.max(e.storageAlign, 256);
+    let maxBytes = 0;
+    for (const b of blocks) {
+      const entries: Entry[] = [];
+      let off = 0;
+      for (const [, p] of b.namedParams()) {
+        const t = p.t;
+        if (t.device !== 'cpu') throw new Error(`[residency] ${p.fullKey} must be in host memory to be streamed`);
+        off = Math.ceil(off / align) * align;
+        entries.push({ param: p, offset: off });
+        off += t.nbytes;
+      }
+      const size = Math.ceil(off / 4) * 4;
+      const bytes = new Uint8Array(size);
+      for (const { param, offset } of entries) {
+        const d = param.t.data!;
+        bytes.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), offset);
+      }
+      this.images.push({ bytes, entries });
+      maxBytes = Math.max(maxBytes, size);
+      this.slotOf.push(-1);
+      this.views.push([]);
+    }
+    this.slotBytes = maxBytes;
+    for (let s = 0; s < numSlots; s++) {
+      this.slotTensors.push(e.keep(e.empty([maxBytes / 4], 'u32', `${owner}.${s}`)));
+      this.blockIn.push(-1);
+    }
+  }
+
+  /** owner tag of block i's weights (e.g. 'dit.blocks.7') */
+  blockOwner(i: number): string {
+    return this.ownerOf?.(i) ?? `${this.owner}.${i}`;
+  }
+
+  /** optional naming of blocks for memory tags */
+  ownerOf: ((i: number) => string) | null = null;
+
+  /** bytes of one GPU slot */
+  get slotSize(): number {
+    return this.slotBytes;
+  }
+
+  /** host bytes held by the block images */
+  get hostBytes(): number {
+    return this.images.reduce((a, b) => a + b.bytes.byteLength, 0);
+  }
+
+  private upload(i: number, slot: number): void {
+    const img = this.images[i]!;
+    const t0 = performance.now();
+    const prev = this.blockIn[slot]!;
+    if (prev >= 0) this.detach(prev);
+    // engine.write flushes the work encoded so far first: the slot's previous reader is submitted
+    // before this copy, which the queue then orders after it.
+    const slotT = this.slotTensors[slot]!;
+    this.e.flush();
+    this.e.device.queue.writeBuffer(slotT.buffer, 0, img.bytes.buffer, img.bytes.byteOffset, img.bytes.byteLength);
+    this.slotOf[i] = slot;
+    this.blockIn[slot] = i;
+    // the slot now holds block i: memory timelines show it under that block's name
+    const blk = slotT.storage!.block;
+    if (blk) this.e.allocator.retag(blk, `${this.blockOwner(i)}`, img.bytes.byteLength);
+    // point the block's params at views of the slot
+    const storage = slotT.storage as GpuStorage;
+    const views: Tensor[] = [];
+    for (const { param, offset } of img.entries) {
+      const host = param.value!;
+      storage.refs++;
+      const v = new Tensor({ shape: host.shape, dtype: host.dtype, storage, byteOffset: offset });
+      this.e.keep(v);
+      views.push(v);
+      (param as { streamHost?: Tensor }).streamHost ??= host;
+      param.value = v;
+    }
+    this.views[i] = views;
+    this.stats.uploads++;
+    this.stats.bytes += img.bytes.byteLength;
+    this.stats.uploadMs += performance.now() - t0;
+  }
+
+  /** params of block i back to their host tensors; views dropped */
+  private detach(i: number): void {
+    const img = this.images[i]!;
+    for (const { param } of img.entries) {
+      const host = (param as { streamHost?: Tensor }).streamHost;
+      if (host) param.value = host;
+    }
+    for (const v of this.views[i]!) v.dispose();
+    this.views[i] = [];
+    const s = this.slotOf[i]!;
+    if (s >= 0 && this.blockIn[s] === i) this.blockIn[s] = -1;
+    this.slotOf[i] = -1;
+  }
+
+  async acquire(i: number): Promise<void> {
+    if (this.slotOf[i]! >= 0) return;
+    const t0 = performance.now();
+    this.upload(i, this.freeSlot(i));
+    this.stats.stallMs += performance.now() - t0;
+  }
+
+  prefetch(i: number): void {
+    if (!this.prefetchEnabled || i >= this.images.length || this.slotOf[i]! >= 0) return;
+    this.upload(i, this.freeSlot(i));
+    this.stats.prefetched++;
+  }
+
+  release(_i: number): void {
+    // the slot stays valid until another block is uploaded into it (its reader is then submitted first)
+  }
+
+  private freeSlot(i: number): number {
+    // the slot not holding the block in use: ring order by block index
+    return i % this.numSlots;
+  }
+
+  /** Give the slots back and restore host params. */
+  dispose(): void {
+    for (let i = 0; i < this.images.length; i++) if (this.slotOf[i]! >= 0) this.detach(i);
+    for (const t of this.slotTensors) t.dispose();
+    this.slotTensors.length = 0;
+  }
+}
+
+/** Total bytes of a module's params in their current dtype. */
+export function moduleBytes(m: Module): number {
+  let n = 0;
+  for (const [, p] of m.namedParams()) n += p.value ? p.value.numel * dtypeSize(p.value.dtype) : 0;
+  return n;
+}
