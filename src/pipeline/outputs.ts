@@ -2,7 +2,7 @@
 // Every file is written atomically (temporary name in the same folder, then rename).
 
 import { mkdirSync, accessSync, constants, existsSync, statSync, writeFileSync, unlinkSync } from 'node:fs';
-import { dirname, join, resolve, basename } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { writeFileAtomic } from '../io/atomic.ts';
 import { writeSafetensors } from '../io/safetensors.ts';
 import { Checkpoint, readTensor } from '../io/checkpoint.ts';
@@ -134,4 +134,3 @@ export async function writeSidecar(path: string, data: unknown): Promise<void> {
   await writeFileAtomic(path, JSON.stringify(data, null, 2) + '\n');
 }
 
-export { basename };

@@ -20,7 +20,6 @@ import { PromptCache, weightsIdentity } from './prompt-cache.ts';
 import { defaultConfig, applyObject, type FlatConfig } from '../config/config.ts';
 import { Rng } from '../util/rng.ts';
 import { ConfigError, InterruptedError, ShapeError, fmtBytes } from '../util/errors.ts';
-import { Container } from '../nn/module.ts';
 
 export type Phase = 'load' | 'encode' | 'denoise' | 'decode';
 
@@ -207,7 +206,7 @@ export class WanPipeline {
 
   private emit(ev: ProgressEvent, extra?: (ev: ProgressEvent) => void): void {
     this.onProgress?.(ev);
-    extra?.(ev);
+    if (extra && extra !== this.onProgress) extra(ev);
   }
 
   private setPhase(phase: string): void {
@@ -558,4 +557,3 @@ function pad(ctx: Float32Array, len: number, textLen: number, d: number): Float3
   return out;
 }
 
-export { Container };
