@@ -313,12 +313,15 @@ function uboYWindowBytes(g: { N: number }): number {
 }
 
 interface PackBuffers {
-  a: GPUBuffer | null;
-  b: GPUBuffer | null;
+  a: Tensor | null;
+  b: Tensor | null;
 }
 const packBuffers = new WeakMap<Engine, PackBuffers>();
 
-/** A reusable STORAGE|UNIFORM buffer of at least `bytes` (the engine allocator's buffers cannot be bound as uniforms). */
+/**
+ * A reusable workspace buffer of at least `bytes` that can be bound as a uniform buffer, owned by
+ * the engine's allocator (tag `workspace.matmul.pack.a|b`) so it counts in the memory figures.
+ */
 function packBuffer(e: Engine, which: 'a' | 'b', bytes: number): GPUBuffer {
   let pb = packBuffers.get(e);
   if (!pb) {
@@ -326,19 +329,26 @@ function packBuffer(e: Engine, which: 'a' | 'b', bytes: number): GPUBuffer {
     packBuffers.set(e, pb);
   }
   const cur = pb[which];
-  if (cur && cur.size >= bytes) return cur;
-  // the old buffer may still be read by encoded work: submit that work before dropping it
-  if (cur) {
+  if (cur && !cur.isDisposed && cur.nbytes >= bytes) return cur.buffer;
+  // the old buffer may still be read by encoded work: submit that work before giving it back
+  if (cur && !cur.isDisposed) {
     e.flush();
-    cur.destroy();
+    cur.dispose();
   }
-  const buf = e.device.createBuffer({
-    size: Math.ceil(bytes / UBO_BLOCK_BYTES) * UBO_BLOCK_BYTES,
-    usage: GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM,
-    label: `matmul.pack.${which}`,
-  });
-  pb[which] = buf;
-  return buf;
+  const size = Math.ceil(bytes / UBO_BLOCK_BYTES) * UBO_BLOCK_BYTES;
+  const t = e.keep(e.empty([size / 4], 'u32', `workspace.matmul.pack.${which}`));
+  pb[which] = t;
+  return t.buffer;
+}
+
+/** Give back the matmul workspace of an engine (e.g. before measuring a phase's peak). */
+export function releaseMatmulWorkspace(e: Engine): void {
+  const pb = packBuffers.get(e);
+  if (!pb) return;
+  e.flush();
+  pb.a?.dispose();
+  pb.b?.dispose();
+  packBuffers.delete(e);
 }
 
 /**

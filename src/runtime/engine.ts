@@ -108,7 +108,8 @@ export class Engine {
       {
         create: (size, label) => {
           device.pushErrorScope('out-of-memory');
-          const buffer = device.createBuffer({ size, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST, label });
+          // UNIFORM too: kernels may bind packed operands as uniform buffers (matmul on lavapipe)
+          const buffer = device.createBuffer({ size, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST, label });
           const owner = label;
           const phase = this.allocator?.phase ?? 'idle';
           this.oomChecks.push(device.popErrorScope().then((error) => ({ bytes: size, owner, phase, error })));
