@@ -13,6 +13,7 @@
 // Operands or outputs larger than the adapter's storage-binding limit are processed in chunks, each
 // dispatch binding a window {buffer, offset, size} aligned to e.storageAlign.
 
+import { cpuGemm, PARALLEL_MACS } from './cpu/pool.ts';
 import { defineOp } from './registry.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
 import { cast, geluTanh, silu } from './elementwise.ts';
@@ -42,6 +43,8 @@ export interface GemmKnobs {
 export interface LinearAttrs extends GemmKnobs {
   act?: Act;
   out?: DType;
+  /** CPU device: always use the plain reference loop (tests compare the fast path with it) */
+  referenceLoop?: boolean;
 }
 
 export interface MatmulAttrs extends GemmKnobs {
@@ -576,6 +579,13 @@ function linearCpu(x: Tensor, w: Tensor, bias: Tensor | undefined, a: LinearAttr
   const xv = f32(x);
   const bv = bias ? f32(bias) : null;
   const act = a.act ?? 'none';
+  if (rows * N * K >= PARALLEL_MACS && !a.referenceLoop) {
+    // the CPU device's fast path: blocked kernel on worker threads (src/ops/cpu/pool.ts)
+    const kind = w.dtype === 'f32' ? 0 : w.dtype === 'f16' ? 1 : 2;
+    const y = cpuGemm(xv, w.data as Float32Array | Uint16Array, kind, bv, rows, K, N);
+    if (act !== 'none') for (let i = 0; i < y.length; i++) y[i] = epilogue(y[i]!, null, 0, act);
+    return cpuTensor(y, [...x.shape.slice(0, -1), N], a.out ?? x.dtype);
+  }
   const out = new Float32Array(rows * N);
   const buf = new Float32Array(Math.max(K, 1));
   // n outer: each weight row is widened once and reused for every row of x

@@ -1,0 +1,29 @@
+// The CPU device's fast matmul (blocked kernel on worker threads) against the plain reference loop.
+import { describe, it, expect, afterAll } from 'vitest';
+import { linear } from '../src/ops/matmul.ts';
+import { closeCpuPool, PARALLEL_MACS } from '../src/ops/cpu/pool.ts';
+import { Rng, randTensor, expectClose } from './helpers/gpu.ts';
+
+afterAll(() => closeCpuPool());
+
+describe('CPU device matmul', () => {
+  const rng = new Rng(5);
+  // just above the pool threshold (2^24 multiply-adds), odd sizes
+  for (const [M, K, N, dt] of [
+    [33, 1025, 497, 'bf16'],
+    [65, 513, 503, 'f32'],
+    [7, 4097, 587, 'f16'],
+  ] as const) {
+    it(`fast path == reference loop: M${M} K${K} N${N} ${dt}`, () => {
+      expect(M * K * N).toBeGreaterThanOrEqual(PARALLEL_MACS);
+      const x = randTensor(rng, [M, K]);
+      const w = randTensor(rng, [N, K], dt, 1 / Math.sqrt(K));
+      const b = randTensor(rng, [N]);
+      for (const act of ['none', 'gelu'] as const) {
+        const ref = linear(x, w, { bias: b, act, referenceLoop: true } as never);
+        const fast = linear(x, w, { bias: b, act });
+        expectClose(fast.hostValues(), ref.hostValues(), { atol: 1e-5, rtol: 1e-5 }, `linear ${act}`);
+      }
+    });
+  }
+});
