@@ -84,6 +84,7 @@ export class Engine {
   private queryResolve: GPUBuffer | null = null;
   private queryNames: string[] = [];
   private readonly profileReads: Array<Promise<void>> = [];
+  private readonly profilePending: Array<{ buf: GPUBuffer; names: string[] }> = [];
 
   private readonly stagingPool: GPUBuffer[] = [];
   private readonly scopes: Array<Set<Tensor>> = [];
@@ -453,8 +454,14 @@ export class Engine {
     this.encoder = null;
     this.paramSlots = 0;
     this.dispatchesInEncoder = 0;
-    if (profileRead) {
-      const { buf, names } = profileRead;
+    // timestamps are mapped at the next sync point, after its sleep: a pending mapAsync here would
+    // make dawn.node busy-poll the main thread for the whole GPU run
+    if (profileRead) this.profilePending.push(profileRead);
+  }
+
+  private readProfiles(): Promise<void> {
+    const pend = this.profilePending.splice(0);
+    for (const { buf, names } of pend) {
       this.profileReads.push(
         buf.mapAsync(GPUMapMode.READ).then(() => {
           const ts = new BigInt64Array(buf.getMappedRange());
@@ -467,6 +474,7 @@ export class Engine {
         }),
       );
     }
+    return Promise.all(this.profileReads.splice(0)).then(() => {});
   }
 
   /** Sleep for the predicted remaining GPU time of submitted work (see device/wait.ts). */
@@ -501,7 +509,7 @@ export class Engine {
     const t = performance.now();
     await this.device.queue.onSubmittedWorkDone();
     this.observeDone(t);
-    await Promise.all(this.profileReads.splice(0));
+    await this.readProfiles();
     await this.checkErrors();
   }
 
@@ -533,7 +541,7 @@ export class Engine {
     out.set(new Uint8Array(staging.getMappedRange(0, size), t.byteOffset - start, n));
     staging.unmap();
     this.stagingPool.push(staging);
-    await Promise.all(this.profileReads.splice(0));
+    await this.readProfiles();
     await this.checkErrors();
     return out;
   }
