@@ -77,8 +77,13 @@ export class StreamedBlocks implements BlockResidency {
       const size = Math.ceil(off / 4) * 4;
       const bytes = new Uint8Array(size);
       for (const { param, offset } of entries) {
-        const d = param.t.data!;
+        const t = param.t;
+        const d = t.data!;
         bytes.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), offset);
+        // the param now views the image: host memory holds each weight once
+        const n = t.numel;
+        const view = t.dtype === 'f32' ? new Float32Array(bytes.buffer, offset, n) : t.dtype === 'i32' ? new Int32Array(bytes.buffer, offset, n) : t.dtype === 'u32' ? new Uint32Array(bytes.buffer, offset, n) : new Uint16Array(bytes.buffer, offset, n);
+        param.value = Tensor.cpu(view, t.shape, t.dtype);
       }
       this.images.push({ bytes, entries });
       maxBytes = Math.max(maxBytes, size);
