@@ -55,6 +55,7 @@ describe('pipeline on the tiny model', () => {
       { lowMemLevel: 0, offloadVae: true },
       { lowMemLevel: 3, offloadDit: false, offloadTextEncoder: false, vaeTiling: false },
       { lowMemLevel: 1, vaeTiling: true, vaeTileSize: 8 }, // one tile covers the 8x8 latent
+      { lowMemLevel: 3, vaeTiling: false, textEncoderDevice: 'gpu-stream', activationOffload: true },
     ];
     for (const v of exact) {
       const o = await run(v);

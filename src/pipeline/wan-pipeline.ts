@@ -231,6 +231,11 @@ export class WanPipeline {
 
   private async load(): Promise<void> {
     const e = this.engine;
+    const act = String(this.config['infer.activation_dtype']) as 'f32' | 'f16';
+    if (act === 'f16' && !e.features.shaderF16) {
+      throw new ConfigError(`infer.activation_dtype=f16 needs the adapter feature 'shader-f16', which ${e.adapterName} does not expose; use f32`);
+    }
+    this.dit.dims.activationDtype = act;
     const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
     this.setPhase('load');
     e.allocator.oomAdvice = this.oomAdvice('load');
@@ -431,7 +436,7 @@ export class WanPipeline {
         const x = new Float32Array(B * latent.length);
         for (let b = 0; b < B; b++) x.set(latent, b * latent.length);
         const xg = e.fromHost(x, [B, C, F, lh, lw], 'f32');
-        const out = await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency });
+        const out = await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload });
         xg.dispose();
         const pred = (await out.toArray()) as Float32Array;
         out.dispose();

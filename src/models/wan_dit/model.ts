@@ -221,6 +221,11 @@ class TwoLinear extends Module {
 export interface DitForwardOptions {
   residency?: BlockResidency;
   trace?: Tracer;
+  /**
+   * Keep the residual stream in host memory between blocks (for very long videos at level 3):
+   * each block reads it in and writes it back out, so the GPU holds one block's working set.
+   */
+  activationOffload?: boolean;
 }
 
 export class WanTransformer3DModel extends Module {
@@ -305,13 +310,20 @@ export class WanTransformer3DModel extends Module {
       const sin = e.fromHost(tabs.sin, [L, this.dims.headDim / 2], 'f32');
       const n = this.blocks.length;
       await residency.acquire(0);
+      let hostStream: Float32Array | null = null;
+      const streamShape = [...hs.shape];
       for (let i = 0; i < n; i++) {
+        if (hostStream) hs = e.fromHost(hostStream, streamShape, 'f32', 'activation.residual');
         if (i + 1 < n) residency.prefetch(i + 1);
         const prev = hs;
         hs = await this.blocks.at(i).forward(hs, e0, ctxEmb, { cos, sin }, trace, `block${i}_`);
         prev.dispose();
         if (trace) await trace(`block${i}_out`, hs);
         residency.release(i);
+        if (opts.activationOffload && i + 1 < n) {
+          hostStream = (await hs.toArray()) as Float32Array;
+          hs.dispose();
+        }
         if (i + 1 < n) await residency.acquire(i + 1);
       }
       // head: (scale_shift_table[0] + e) -> shift, scale; proj_out(LN(x)·(1+scale) + shift)
