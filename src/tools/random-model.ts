@@ -13,6 +13,7 @@ import { WanVaeDecoder, vaeDimsFromConfig } from '../models/wan_vae/model.ts';
 import type { Module, Param } from '../nn/module.ts';
 import { Rng } from '../util/rng.ts';
 import { f32ToBf16Bits } from '../tensor/dtype.ts';
+import { Tensor } from '../tensor/tensor.ts';
 
 export interface RandomModelSpec {
   transformer: Record<string, unknown>;
@@ -150,3 +151,23 @@ export async function randomModelFolder(root: string, spec: RandomModelSpec, log
   return dir;
 }
 
+
+/** Fill a module's params in place with deterministic random values (on `engine`, or the CPU device). */
+export function randomizeModule(m: Module, seed: number, engine: import('../runtime/engine.ts').Engine | null, dtype: 'bf16' | 'f32' = 'f32'): void {
+  const rng = new Rng(seed);
+  for (const t of tensorsOf(m, rng, dtype)) {
+    const p = m.namedParams().find(([k]) => k === t.key)![1];
+    const host = dtype === 'f32' || p.policy === 'f32'
+      ? Tensor.cpu(dtype === 'f32' ? new Float32Array(t.data.buffer) : bf16ToF32(new Uint16Array(t.data.buffer)), t.shape, 'f32')
+      : Tensor.cpu(new Uint16Array(t.data.buffer), t.shape, 'bf16');
+    p.value?.dispose();
+    p.value = engine ? engine.keep(host.toGpu(engine, `random.${t.key}`)) : host;
+  }
+}
+
+function bf16ToF32(w: Uint16Array): Float32Array {
+  const out = new Float32Array(w.length);
+  const u = new Uint32Array(out.buffer);
+  for (let i = 0; i < w.length; i++) u[i] = w[i]! << 16;
+  return out;
+}
