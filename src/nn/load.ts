@@ -55,13 +55,22 @@ export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOpt
   let done = 0;
   let deviceBytes = 0;
   let hostBytes = 0;
+  let sinceSync = 0;
   for (const [key, p] of params) {
     const host = await readTensor(ckpt, prefix + key, { expectShape: p.shape, what: opts.what ?? opts.owner });
     const dt = targetDtype(p, host.dtype, opts.weightDtype ?? 'checkpoint');
     const conv = convertHost(host, dt);
     setParam(p, conv, opts, key);
-    if (p.value!.device === 'gpu') deviceBytes += p.value!.nbytes;
-    else hostBytes += p.value!.nbytes;
+    if (p.value!.device === 'gpu') {
+      deviceBytes += p.value!.nbytes;
+      sinceSync += p.value!.nbytes;
+      // Dawn keeps each writeBuffer's staging copy until the queue has consumed it: let it go
+      // every 256 MiB, or loading a 28 GB checkpoint would hold a second copy in host memory
+      if (sinceSync > 256 * 2 ** 20 && opts.engine) {
+        await opts.engine.sync();
+        sinceSync = 0;
+      }
+    } else hostBytes += p.value!.nbytes;
     done += ckpt.info(prefix + key).byteLength;
     opts.onProgress?.(done, total);
   }
