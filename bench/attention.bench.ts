@@ -1,0 +1,330 @@
+// Fused attention (src/ops/attention.ts) on the real models' head shapes, against the unfused
+// path done as separate ops: scores = q·kᵀ (matmul, transB), + bias (binary add), softmax, P·v
+// (matmul), all batched over (batch, head). The unfused inputs are given already in the
+// [B*H, L, Dh] layout the matmuls need (the permutes a model would also need are not timed), and
+// its scale is folded into q (an `affine`, timed). The report's "ratio" column is fused GFLOP/s
+// over unfused GFLOP/s on the same shapes in the same run (> 1: the fused kernel is faster).
+//
+// Token counts are scaled down from the real workloads so that one fused run takes a second or
+// two on the 2-core lavapipe machine (the shape string names what is run; `real` what the model
+// does). FLOPs are counted as 4 * B * H * Lq * Lk * Dh for both paths.
+import { addBench, type BenchInstance, type PeerInstance } from './harness.ts';
+import { Rng } from '../src/util/rng.ts';
+import { Tensor } from '../src/tensor/tensor.ts';
+import type { Engine } from '../src/runtime/engine.ts';
+import type { DType } from '../src/tensor/dtype.ts';
+import { WaitPredictor } from '../src/device/wait.ts';
+import { attention, attentionKernel, type BiasMode } from '../src/ops/attention.ts';
+import { softmax } from '../src/ops/softmax.ts';
+import { matmul } from '../src/ops/matmul.ts';
+import { affine, add } from '../src/ops/elementwise.ts';
+
+interface Case {
+  name: string;
+  B: number;
+  Lq: number;
+  Lk: number;
+  H: number;
+  Dh: number;
+  scale: number;
+  bias?: BiasMode;
+  /** mask the last `maskTail` keys (T5 padding) */
+  maskTail?: number;
+  dtype: DType;
+  real: string;
+}
+
+const CASES: Case[] = [
+  { name: 'wan1.3b self-attn', B: 1, Lq: 512, Lk: 512, H: 12, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f32', real: 'L=32760 (480p, 81 frames)' },
+  { name: 'wan1.3b self-attn', B: 1, Lq: 512, Lk: 512, H: 12, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f16', real: 'L=32760' },
+  { name: 'wan1.3b cross-attn', B: 1, Lq: 768, Lk: 512, H: 12, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f32', real: 'Lq=32760 video, Lk=512 text' },
+  { name: 'wan14b self-attn', B: 1, Lq: 256, Lk: 256, H: 40, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f32', real: 'L=75600 (720p, 81 frames)' },
+  { name: 'umt5-xxl self-attn', B: 1, Lq: 512, Lk: 512, H: 64, Dh: 64, scale: 1, bias: 'relative', maskTail: 100, dtype: 'f32', real: 'L=512 (as run)' },
+  { name: 'wan vae mid attn', B: 1, Lq: 1024, Lk: 1024, H: 1, Dh: 384, scale: 1 / Math.sqrt(384), dtype: 'f32', real: 'L=6240 per frame (480p), 21 frames' },
+];
+
+function randn(n: number, seed: number, std: number): Float32Array {
+  return new Rng(seed).fillNormal(new Float32Array(n), std);
+}
+
+/** what both paths get: host data, and the T5 bias expanded to [H, Lq, Lk] for the unfused path */
+function inputs(c: Case) {
+  const qStd = c.scale === 1 ? 0.125 : 1; // T5 runs unscaled: keep its softmax non-degenerate
+  const q = randn(c.B * c.Lq * c.H * c.Dh, 1, qStd);
+  const k = randn(c.B * c.Lk * c.H * c.Dh, 2, 1);
+  const v = randn(c.B * c.Lk * c.H * c.Dh, 3, 1);
+  const rel = c.bias === 'relative' ? randn(c.H * (c.Lq + c.Lk - 1), 4, 1) : null;
+  const mask = c.maskTail ? Int32Array.from({ length: c.B * c.Lk }, (_, i) => (i % c.Lk < c.Lk - c.maskTail! ? 1 : 0)) : null;
+  // unfused: relative bias and mask folded into one additive [H, Lq, Lk] table (computed once per
+  // layer, as T5 implementations do), masked keys at -1e9
+  let full: Float32Array | null = null;
+  if (rel || mask) {
+    if (c.B !== 1) throw new Error('bench: the folded bias assumes B = 1');
+    full = new Float32Array(c.H * c.Lq * c.Lk);
+    for (let h = 0; h < c.H; h++)
+      for (let i = 0; i < c.Lq; i++)
+        for (let j = 0; j < c.Lk; j++) {
+          const b = rel ? rel[h * (c.Lq + c.Lk - 1) + j - i + c.Lq - 1]! : 0;
+          full[(h * c.Lq + i) * c.Lk + j] = mask && mask[j] === 0 ? -1e9 : b;
+        }
+  }
+  return { q, k, v, rel, mask, full };
+}
+
+/** [B, L, H, Dh] -> [B*H, L, Dh] on the host (the unfused path's layout) */
+function headsFirst(x: Float32Array, B: number, L: number, H: number, Dh: number): Float32Array {
+  const y = new Float32Array(x.length);
+  for (let b = 0; b < B; b++)
+    for (let l = 0; l < L; l++)
+      for (let h = 0; h < H; h++) y.set(x.subarray(((b * L + l) * H + h) * Dh, ((b * L + l) * H + h + 1) * Dh), ((b * H + h) * L + l) * Dh);
+  return y;
+}
+
+/** exact attention for a few (b, i, h) rows, f64 */
+function referenceRows(c: Case, d: ReturnType<typeof inputs>, rows: Array<[number, number, number]>): Float64Array[] {
+  return rows.map(([b, i, h]) => {
+    const s = new Float64Array(c.Lk);
+    let m = -Infinity;
+    for (let j = 0; j < c.Lk; j++) {
+      if (d.mask && d.mask[b * c.Lk + j] === 0) {
+        s[j] = -Infinity;
+        continue;
+      }
+      let dot = 0;
+      for (let x = 0; x < c.Dh; x++) dot += d.q[((b * c.Lq + i) * c.H + h) * c.Dh + x]! * d.k[((b * c.Lk + j) * c.H + h) * c.Dh + x]!;
+      s[j] = dot * c.scale + (d.rel ? d.rel[h * (c.Lq + c.Lk - 1) + j - i + c.Lq - 1]! : 0);
+      m = Math.max(m, s[j]!);
+    }
+    const o = new Float64Array(c.Dh);
+    let sum = 0;
+    for (let j = 0; j < c.Lk; j++) {
+      if (s[j] === -Infinity) continue;
+      const p = Math.exp(s[j]! - m);
+      sum += p;
+      for (let x = 0; x < c.Dh; x++) o[x] += p * d.v[((b * c.Lk + j) * c.H + h) * c.Dh + x]!;
+    }
+    return o.map((x) => x / sum);
+  });
+}
+
+function sampleRows(c: Case): Array<[number, number, number]> {
+  const r: Array<[number, number, number]> = [];
+  for (const i of [0, Math.floor(c.Lq / 2), c.Lq - 1]) for (const h of [0, c.H - 1]) r.push([c.B - 1, i, h]);
+  return r;
+}
+
+function check(what: string, c: Case, got: Float32Array, at: (b: number, i: number, h: number, x: number) => number, ref: Float64Array[]) {
+  const tol = c.dtype === 'f16' ? 5e-3 : 1e-4;
+  sampleRows(c).forEach(([b, i, h], r) => {
+    for (let x = 0; x < c.Dh; x++) {
+      const a = got[at(b, i, h, x)]!;
+      const want = ref[r]![x]!;
+      if (!(Math.abs(a - want) <= tol * (1 + Math.abs(want)))) throw new Error(`${what}: (b${b}, i${i}, h${h}, ${x}) got ${a}, want ${want}`);
+    }
+  });
+}
+
+/** The first run of a new pipeline includes its JIT compile; don't let the wait predictor learn it. */
+function forgetCompileStall(e: Engine): void {
+  Object.assign(e.predictor, new WaitPredictor());
+}
+
+for (const c of CASES) {
+  const flops = 4 * c.B * c.H * c.Lq * c.Lk * c.Dh;
+  const es = c.dtype === 'f16' ? 2 : 4;
+  const bytes = (2 * c.B * c.Lq + 2 * c.B * c.Lk) * c.H * c.Dh * es + (c.bias ? c.H * (c.Lq + c.Lk) * 4 : 0);
+  const fusedIdx = (b: number, i: number, h: number, x: number) => ((b * c.Lq + i) * c.H + h) * c.Dh + x;
+  const unfusedIdx = (b: number, i: number, h: number, x: number) => ((b * c.H + h) * c.Lq + i) * c.Dh + x;
+
+  const setup = async (e: Engine): Promise<BenchInstance> => {
+    if (c.dtype === 'f16' && !e.features.shaderF16) throw new Error('bench: adapter lacks shader-f16');
+    const d = inputs(c);
+    const q = Tensor.fromValues(d.q, [c.B, c.Lq, c.H, c.Dh], c.dtype).toGpu(e);
+    const k = Tensor.fromValues(d.k, [c.B, c.Lk, c.H, c.Dh], c.dtype).toGpu(e);
+    const v = Tensor.fromValues(d.v, [c.B, c.Lk, c.H, c.Dh], c.dtype).toGpu(e);
+    const bias = d.rel ? e.fromHost(d.rel, [c.H, c.Lq + c.Lk - 1], 'f32') : undefined;
+    const keyMask = d.mask ? e.fromHost(d.mask, [c.B, c.Lk], 'i32') : undefined;
+    const attrs = { scale: c.scale, biasMode: c.bias };
+    let y: Tensor | null = null;
+    return {
+      run() {
+        y?.dispose();
+        y = attention({ q, k, v, bias, keyMask }, attrs);
+      },
+      async validate() {
+        const out = attention({ q, k, v, bias, keyMask }, attrs);
+        const got = (await out.toFloat32()) as Float32Array;
+        out.dispose();
+        check(`attention ${c.name} (${attentionKernel(e, c.Dh)} kernel)`, c, got, fusedIdx, referenceRows(c, d, sampleRows(c)));
+        forgetCompileStall(e);
+      },
+      dispose() {
+        y?.dispose();
+        for (const t of [q, k, v, bias, keyMask]) t?.dispose();
+      },
+    };
+  };
+
+  const peer = {
+    name: 'unfused matmul+softmax+matmul',
+    async setup(e: Engine): Promise<PeerInstance> {
+      const d = inputs(c);
+      const q = Tensor.fromValues(headsFirst(d.q, c.B, c.Lq, c.H, c.Dh), [c.B * c.H, c.Lq, c.Dh], c.dtype).toGpu(e);
+      const k = Tensor.fromValues(headsFirst(d.k, c.B, c.Lk, c.H, c.Dh), [c.B * c.H, c.Lk, c.Dh], c.dtype).toGpu(e);
+      const v = Tensor.fromValues(headsFirst(d.v, c.B, c.Lk, c.H, c.Dh), [c.B * c.H, c.Lk, c.Dh], c.dtype).toGpu(e);
+      const full = d.full ? e.fromHost(d.full, [c.B * c.H, c.Lq, c.Lk], 'f32') : null;
+      const encode = () =>
+        e.scope(() => {
+          let s = matmul(affine(q, c.scale), k, { transB: true, out: 'f32' }); // [B*H, Lq, Lk]
+          if (full) s = add(s, full);
+          const p = softmax(s, { out: c.dtype });
+          return matmul(p, v); // [B*H, Lq, Dh]
+        });
+      let y: Tensor | null = null;
+      return {
+        async run() {
+          y?.dispose();
+          y = encode();
+          await e.sync();
+        },
+        async validate() {
+          const out = encode();
+          const got = (await out.toFloat32()) as Float32Array;
+          out.dispose();
+          check(`unfused ${c.name}`, c, got, unfusedIdx, referenceRows(c, d, sampleRows(c)));
+          forgetCompileStall(e);
+        },
+        dispose() {
+          y?.dispose();
+          for (const t of [q, k, v, full]) t?.dispose();
+        },
+      };
+    },
+  };
+
+  addBench({
+    kernel: 'attention',
+    name: c.name,
+    shape: `B${c.B} Lq${c.Lq} Lk${c.Lk} H${c.H} Dh${c.Dh}${c.bias ? ` ${c.bias}` : ''}${c.maskTail ? ' mask' : ''}`,
+    dtype: c.dtype,
+    flops,
+    bytes,
+    setup,
+    peer,
+  });
+}
+
+// softmax alone, on the unfused path's score shape
+for (const [name, rows, n] of [
+  ['wan1.3b scores rows', 12 * 512, 512],
+  ['long rows', 8, 70001],
+] as Array<[string, number, number]>) {
+  addBench({
+    kernel: 'softmax',
+    name,
+    shape: `rows${rows} N${n}`,
+    dtype: 'f32',
+    flops: rows * n * 5,
+    bytes: rows * n * 8,
+    async setup(e) {
+      const xv = randn(rows * n, 5, 3);
+      const x = e.fromHost(xv, [rows, n], 'f32');
+      let y: Tensor | null = null;
+      return {
+        run() {
+          y?.dispose();
+          y = softmax(x);
+        },
+        async validate() {
+          const got = (await softmax(x).toFloat32()) as Float32Array;
+          for (const r of [0, rows - 1]) {
+            let m = -Infinity;
+            for (let j = 0; j < n; j++) m = Math.max(m, xv[r * n + j]!);
+            let s = 0;
+            for (let j = 0; j < n; j++) s += Math.exp(xv[r * n + j]! - m);
+            for (let j = 0; j < n; j += 97) {
+              const want = Math.exp(xv[r * n + j]! - m) / s;
+              if (Math.abs(got[r * n + j]! - want) > 1e-6 + 1e-4 * want) throw new Error(`softmax ${name}: row ${r} col ${j}: ${got[r * n + j]} vs ${want}`);
+            }
+          }
+          forgetCompileStall(e);
+        },
+        dispose() {
+          y?.dispose();
+          x.dispose();
+        },
+      };
+    },
+  });
+}
+
+// ---------------------------------------------------------------- interleaved comparison
+// `npx tsx bench/attention.bench.ts --rr [ROUNDS]`: the same cases, fused and unfused alternated
+// run by run in one process (the 2-core machine is shared, so back-to-back tinybench blocks see
+// different loads), reporting medians of wall time and of the CPU time of the non-main threads
+// (lavapipe's workers), which the load disturbs much less.
+async function roundRobin(rounds: number): Promise<void> {
+  const { Engine } = await import('../src/runtime/engine.ts');
+  const { readdirSync, readFileSync } = await import('node:fs');
+  const workerCpuMs = (): number => {
+    let t = 0;
+    for (const id of readdirSync('/proc/self/task')) {
+      if (Number(id) === process.pid) continue;
+      try {
+        const st = readFileSync(`/proc/self/task/${id}/stat`, 'utf8');
+        const f = st.slice(st.indexOf(')') + 2).split(' ');
+        t += (Number(f[11]) + Number(f[12])) * 10; // clock ticks of 10 ms
+      } catch {
+        /* thread ended */
+      }
+    }
+    return t;
+  };
+  const { cases } = await import('./harness.ts');
+  const e = await Engine.create({ waitMode: 'await' });
+  const med = (a: number[]) => a.slice().sort((x, y) => x - y)[a.length >> 1]!;
+  console.log(`adapter: ${e.adapterName}; ${rounds} rounds, fused and unfused alternated`);
+  console.log(`${'workload'.padEnd(22)} ${'shape'.padEnd(40)} ${'dtype'.padEnd(5)} ${'fused ms'.padStart(9)} ${'unfused ms'.padStart(10)} ${'wall ratio'.padStart(10)} ${'fused GF/cpu-s'.padStart(14)} ${'unfused GF/cpu-s'.padStart(16)} ${'cpu ratio'.padStart(9)}`);
+  try {
+    for (const c of cases.filter((x) => x.kernel === 'attention' && x.peer)) {
+      if (c.dtype === 'f16' && !e.features.shaderF16) continue;
+      const a = await c.setup(e);
+      const b = await c.peer!.setup(e);
+      await a.validate();
+      if (b.validate) await b.validate();
+      const wall = [[], []] as number[][];
+      const cpu = [[], []] as number[][];
+      for (let r = 0; r < rounds; r++) {
+        for (const [i, run] of [
+          [0, async () => {
+            await a.run();
+            await e.sync();
+          }],
+          [1, () => b.run()],
+        ] as Array<[number, () => Promise<void>]>) {
+          const c0 = workerCpuMs();
+          const t = performance.now();
+          await run();
+          wall[i]!.push(performance.now() - t);
+          cpu[i]!.push(workerCpuMs() - c0);
+        }
+      }
+      a.dispose();
+      b.dispose();
+      const [wf, wu, cf, cu] = [med(wall[0]!), med(wall[1]!), med(cpu[0]!), med(cpu[1]!)];
+      console.log(
+        `${c.name.padEnd(22)} ${c.shape.padEnd(40)} ${c.dtype.padEnd(5)} ${wf.toFixed(0).padStart(9)} ${wu.toFixed(0).padStart(10)} ${(wu / wf).toFixed(2).padStart(10)} ${(c.flops / cf / 1e6).toFixed(2).padStart(14)} ${(c.flops / cu / 1e6).toFixed(2).padStart(16)} ${(cu / cf).toFixed(2).padStart(9)}`,
+      );
+    }
+  } finally {
+    e.destroy();
+  }
+}
+
+if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!) && process.argv.includes('--rr')) {
+  const i = process.argv.indexOf('--rr');
+  roundRobin(Number(process.argv[i + 1] ?? 5) || 5).catch((err) => {
+    console.error(err);
+    process.exit(1);
+  });
+}
