@@ -30,6 +30,9 @@ interface Row {
   phase_peak_allocated: Record<string, number>;
   gpu_weight_bytes: Record<string, number>;
   uploads: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number } | null;
+  /** bytes of one DiT block's weights and of the DiT's non-block weights (embedders, head) */
+  dit_block_bytes: number;
+  dit_nonblock_bytes: number;
 }
 
 interface Case {
@@ -101,6 +104,8 @@ async function main() {
           phase_peak_allocated: Object.fromEntries(Object.entries(r.memory.perPhase).map(([k, v]) => [k, v.peakAllocated])),
           gpu_weight_bytes: Object.fromEntries(Object.entries(r.memory.perPhase.denoise?.byComponent ?? {})),
           uploads: r.uploads ?? null,
+          dit_block_bytes: pipe.dit.blocks.items[0]!.paramBytes(),
+          dit_nonblock_bytes: pipe.dit.paramBytes() - pipe.dit.blocks.items.reduce((a, b) => a + b.paramBytes(), 0),
         };
         if (level === levels[0]) base = secs;
         row.ratio_to_level0 = secs / base;
