@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v node >/dev/null; then
-  echo "setup: Node.js >= 20.10 is required (https://nodejs.org or apt-get install nodejs)" >&2
+  echo "setup: Node.js >= 20.19 is required (https://nodejs.org or apt-get install nodejs)" >&2
   exit 1
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -1,4 +1,4 @@
-// `npm run bench [-- --filter REGEX] [--json FILE] [--time MS] [--all] [--md FILE]`
+// `npm run bench [-- --filter REGEX] [--json FILE] [--time MS] [--all] [--wait predict|await]`
 // Runs every registered case (bench/*.bench.ts), validating each before timing.
 import { readdirSync, writeFileSync, mkdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';

@@ -211,6 +211,9 @@ export class WanPipeline {
 
   private setPhase(phase: string): void {
     this.engine.allocator.phase = phase;
+    // low-memory levels give the previous phase's cached buffers back at each phase boundary (as
+    // torch.cuda.empty_cache() between stages), so `reserved` follows the phase that runs now
+    if (this.plan.level >= 1 && (phase === 'denoise' || phase === 'decode')) this.engine.allocator.emptyCache();
   }
 
   private oomAdvice(phase: string): (requested: number) => string {

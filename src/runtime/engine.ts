@@ -116,7 +116,11 @@ export class Engine {
           this.oomChecks.push(device.popErrorScope().then((error) => ({ bytes: size, owner, phase, error })));
           return buffer;
         },
-        destroy: (b) => b.destroy(),
+        // encoded-but-unsubmitted dispatches may still bind a cached buffer: submit them first
+        destroy: (b) => {
+          if (this.encoder) this.flush();
+          b.destroy();
+        },
       },
       opts,
     );
