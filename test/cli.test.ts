@@ -59,6 +59,34 @@ describe('npm run generate (subprocess)', () => {
     expect(readdirSync(join(d2, 'again_frames')).length).toBe(9);
   });
 
+  it('level 3 with --memory-stats, --memory-snapshot and --profile: per-step memory, per-block uploads and frees, no text-encoder bytes on the GPU, kernel table, upload/compute overlap', { timeout: 300_000 }, () => {
+    const dir = outDir();
+    const r = gen(['a blue square moving left', '-m', MODEL, '-o', join(dir, 'v.mp4'), '--steps', '2', '--low-mem', '3', '--memory-stats', '--memory-snapshot', join(dir, 'snap'), '--profile']);
+    expect(r.status, r.all).toBe(0);
+    expect(r.err).toMatch(/memory denoise step 1: allocated [\d.]+ \w+, reserved [\d.]+ \w+, peak allocated/);
+    expect(r.err).toMatch(/memory denoise step 2:/);
+    expect(r.err).toMatch(/memory decode: allocated/);
+    expect(r.all).toMatch(/kernels \(GPU time from timestamp queries\):\nkernel\s+calls\s+total ms\s+mean ms\s+share/);
+    expect(r.all).toMatch(/phases \(wall ms\):[\s\S]*denoise\s+\d+/);
+    const m = /DiT block streaming: (\d+) uploads[\s\S]*?(\d+) prefetched while the previous block computed: (\d+) ms hidden behind GPU work, (\d+) ms exposed/.exec(r.all);
+    expect(m, r.all).not.toBeNull();
+    const blocks = 2; // the tiny model's DiT
+    // every block uploaded (with 2 blocks and 2 slots they then stay: no re-upload on step 2)
+    expect(Number(m![1])).toBeGreaterThanOrEqual(blocks);
+    expect(Number(m![2])).toBeGreaterThan(0);
+    const snap = JSON.parse(readFileSync(join(dir, 'snap.json'), 'utf8')) as { events: Array<{ action: string; owner: string; phase: string; bytes: number }> };
+    const ev = snap.events;
+    expect(ev.filter((e) => e.owner.startsWith('text_encoder'))).toEqual([]);
+    for (let b = 0; b < blocks; b++) {
+      const mine = ev.filter((e) => e.owner === `dit.blocks.${b}` && e.phase === 'denoise');
+      expect(mine.filter((e) => e.action === 'alloc').length, `dit.blocks.${b}`).toBeGreaterThanOrEqual(1);
+      expect(ev.filter((e) => e.owner === `dit.blocks.${b}` && e.action === 'free').length).toBeGreaterThanOrEqual(1);
+    }
+    const html = readFileSync(join(dir, 'snap.html'), 'utf8');
+    expect(html).toMatch(/<svg/);
+    expect(html).toMatch(/dit\.blocks/);
+  });
+
   it('--help lists every key with type and default; --print-config prints the effective config', () => {
     const h = gen(['--help']);
     expect(h.status).toBe(0);
