@@ -29,7 +29,7 @@ interface Row {
   phase_seconds: Record<string, number>;
   phase_peak_allocated: Record<string, number>;
   gpu_weight_bytes: Record<string, number>;
-  uploads: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number } | null;
+  uploads: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number; exposedMs?: number } | null;
   /** bytes of one DiT block's weights and of the DiT's non-block weights (embedders, head) */
   dit_block_bytes: number;
   dit_nonblock_bytes: number;
@@ -223,8 +223,8 @@ export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOS
         const den = (l3.phase_seconds.denoise ?? 0) * 1000;
         lines.push(
           `level-3 streaming: ${u.uploads} block uploads (${fmtBytes(u.bytes)}), ${u.prefetched} of them prefetched while the previous block computed; ${u.uploadMs.toFixed(0)} ms main-thread upload time ` +
-            `(${((100 * u.uploadMs) / Math.max(1, den)).toFixed(1)} % of the denoise phase), ${u.stallMs.toFixed(0)} ms spent waiting for a block that was not ready ` +
-            `(${(100 * (1 - u.stallMs / Math.max(1e-9, u.uploadMs))).toFixed(0)} % of the upload time hidden behind compute)`,
+            `(${((100 * u.uploadMs) / Math.max(1, den)).toFixed(1)} % of the denoise phase), of which ${(u.uploadMs - (u.exposedMs ?? u.stallMs)).toFixed(0)} ms overlapped GPU work ` +
+            `(${(100 * (1 - (u.exposedMs ?? u.stallMs) / Math.max(1e-9, u.uploadMs))).toFixed(0)} % hidden); acquire() waited ${u.stallMs.toFixed(0)} ms in all for blocks not yet there`,
         );
       }
     }

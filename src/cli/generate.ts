@@ -346,11 +346,11 @@ async function main(): Promise<number> {
       for (const [k, v] of Object.entries(result.timingsMs!)) lines.push(`  ${k.padEnd(8)} ${v.toFixed(0).padStart(9)}`);
       if (result.uploads) {
         const u = result.uploads;
-        const hidden = u.uploadMs - u.stallMs;
+        const hidden = u.uploadMs - u.exposedMs;
         lines.push(
           '',
           `DiT block streaming: ${u.uploads} uploads, ${fmtBytes(u.bytes)} in ${u.uploadMs.toFixed(0)} ms on the main thread (${((u.bytes / Math.max(1e-9, u.uploadMs)) / 1e6).toFixed(2)} GB/s);`,
-          `  ${u.prefetched} prefetched while the previous block computed: ${hidden.toFixed(0)} ms hidden behind GPU work, ${u.stallMs.toFixed(0)} ms exposed (waited for in acquire)`,
+          `  ${u.prefetched} prefetched while the previous block computed: ${hidden.toFixed(0)} ms of upload work hidden behind GPU work, ${u.exposedMs.toFixed(0)} ms exposed; acquire() waited ${u.stallMs.toFixed(0)} ms in all`,
         );
         lines.push(`  GPU compute (sum of kernel times): ${pipe.engine.profile.totalMs().toFixed(0)} ms`);
       }

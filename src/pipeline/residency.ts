@@ -4,8 +4,8 @@
 // ArrayBuffer in the checkpoint dtype, every tensor at an offset aligned to the device's storage
 // alignment). On the GPU there is a ring of `slots` (2 by default) buffers, each one block
 // image large, allocated once and reused for every block: nothing is allocated per block.
-// Uploading a block is one `queue.writeBuffer` of its image into a slot (measured faster here
-// than a mapped staging ring: see docs/memory-levels.md), after which the block's Params point at
+// Uploading a block copies its image through a reused ring of mapped staging buffers into a slot
+// (measured 2x faster than `queue.writeBuffer` here: `npm run bench:upload`), after which the block's Params point at
 // tensor views of that slot. The code that runs the blocks says what it needs, explicitly:
 //
 //     await res.acquire(i); res.prefetch(i + 1); run(i); res.release(i);
@@ -39,6 +39,8 @@ export interface UploadStats {
   stallMs: number;
   /** uploads issued by prefetch (overlapping the previous block's GPU work) */
   prefetched: number;
+  /** main-thread upload ms spent while acquire() was waiting for that block (not hidden) */
+  exposedMs: number;
 }
 
 export class StreamedBlocks implements BlockResidency {
@@ -48,9 +50,21 @@ export class StreamedBlocks implements BlockResidency {
   private readonly blockIn: number[] = []; // slot -> block or -1
   private readonly views: Tensor[][] = []; // per block: param views currently set
   private readonly slotBytes: number;
-  readonly stats: UploadStats = { uploads: 0, bytes: 0, uploadMs: 0, stallMs: 0, prefetched: 0 };
+  readonly stats: UploadStats = { uploads: 0, bytes: 0, uploadMs: 0, stallMs: 0, prefetched: 0, exposedMs: 0 };
+  private readonly waitingFor = new Set<number>();
   /** set false to measure streaming without prefetch */
   prefetchEnabled = true;
+  /**
+   * 'staging': a ring of mapped staging buffers (WebGPU's pinned memory), reused for every upload;
+   * 'writeBuffer': queue.writeBuffer of the host image. `npm run bench:upload`: the ring moves a
+   * 1.3B block (84 MiB) in 0.49x the time of writeBuffer on lavapipe (docs/memory-levels.md).
+   */
+  uploadPath: 'staging' | 'writeBuffer' = 'staging';
+  private readonly staging: GPUBuffer[] = [];
+  private readonly stagingMapped: boolean[] = [];
+  private readonly stagingBusy: Array<Promise<void> | null> = [];
+  private stagingNext = 0;
+  private readonly inflight: Array<Promise<void> | null> = [];
 
   /**
    * blocks: the modules whose params are streamed (params must hold host tensors now).
@@ -94,7 +108,13 @@ export class StreamedBlocks implements BlockResidency {
     for (let s = 0; s < numSlots; s++) {
       this.slotTensors.push(e.keep(e.empty([maxBytes / 4], 'u32', `${owner}.${s}`)));
       this.blockIn.push(-1);
+      // host-visible staging memory (not GPU memory on a discrete card, like CUDA's pinned host
+      // buffers, which torch.cuda.memory_allocated does not count either): outside the allocator
+      this.staging.push(e.device.createBuffer({ size: maxBytes, usage: GPUBufferUsage.MAP_WRITE | GPUBufferUsage.COPY_SRC, mappedAtCreation: true, label: `${owner}.staging.${s}` }));
+      this.stagingMapped.push(true);
+      this.stagingBusy.push(null);
     }
+    for (let i = 0; i < blocks.length; i++) this.inflight.push(null);
   }
 
   /** owner tag of block i's weights (e.g. 'dit.blocks.7') */
@@ -115,21 +135,74 @@ export class StreamedBlocks implements BlockResidency {
     return this.images.reduce((a, b) => a + b.bytes.byteLength, 0);
   }
 
-  private upload(i: number, slot: number): void {
+  /**
+   * Start copying block i's image into `slot`. The bookkeeping (which block is where, memory tags,
+   * the previous occupant's params back to host) happens now; the bytes go through the staging
+   * ring: wait until staging buffer k is mappable again (its previous copy finished long ago:
+   * Dawn resolves a map at the buffer's last use, not at the end of the queue), copy the image into
+   * its mapping on the main thread, unmap, and queue `copyBufferToBuffer` behind the work encoded so
+   * far (which includes the slot's previous reader). acquire(i) awaits the returned task.
+   */
+  private startUpload(i: number, slot: number): Promise<void> {
     const img = this.images[i]!;
-    const t0 = performance.now();
     const prev = this.blockIn[slot]!;
     if (prev >= 0) this.detach(prev);
-    // engine.write flushes the work encoded so far first: the slot's previous reader is submitted
-    // before this copy, which the queue then orders after it.
     const slotT = this.slotTensors[slot]!;
-    this.e.flush();
-    this.e.device.queue.writeBuffer(slotT.buffer, 0, img.bytes.buffer, img.bytes.byteOffset, img.bytes.byteLength);
     this.slotOf[i] = slot;
     this.blockIn[slot] = i;
     // the slot now holds block i: memory timelines show it under that block's name
     const blk = slotT.storage!.block;
     if (blk) this.e.allocator.retag(blk, `${this.blockOwner(i)}`, img.bytes.byteLength);
+    const task = this.copyIn(i, slot).finally(() => {
+      if (this.inflight[i] === task) this.inflight[i] = null;
+    });
+    this.inflight[i] = task;
+    return task;
+  }
+
+  private account(i: number, ms: number): void {
+    this.stats.uploadMs += ms;
+    if (this.waitingFor.has(i)) this.stats.exposedMs += ms;
+  }
+
+  private async copyIn(i: number, slot: number): Promise<void> {
+    const img = this.images[i]!;
+    const slotT = this.slotTensors[slot]!;
+    const dev = this.e.device;
+    const n = img.bytes.byteLength;
+    if (this.uploadPath === 'staging') {
+      const k = this.stagingNext;
+      this.stagingNext = (k + 1) % this.staging.length;
+      const st = this.staging[k]!;
+      // one staging buffer is used by one upload at a time
+      while (this.stagingBusy[k]) await this.stagingBusy[k];
+      let release!: () => void;
+      this.stagingBusy[k] = new Promise<void>((r) => (release = r));
+      try {
+        if (!this.stagingMapped[k]) {
+          await st.mapAsync(GPUMapMode.WRITE, 0, this.slotBytes);
+          this.stagingMapped[k] = true;
+        }
+        if (this.blockIn[slot] !== i) return; // superseded while waiting (dispose or another upload)
+        const t0 = performance.now();
+        new Uint8Array(st.getMappedRange(0, this.slotBytes)).set(img.bytes);
+        st.unmap();
+        this.stagingMapped[k] = false;
+        this.e.flush(); // the slot's previous reader goes first
+        const enc = dev.createCommandEncoder({ label: `upload ${this.blockOwner(i)}` });
+        enc.copyBufferToBuffer(st, 0, slotT.buffer, 0, n);
+        dev.queue.submit([enc.finish()]);
+        this.account(i, performance.now() - t0);
+      } finally {
+        this.stagingBusy[k] = null;
+        release();
+      }
+    } else {
+      const t0 = performance.now();
+      this.e.flush();
+      dev.queue.writeBuffer(slotT.buffer, 0, img.bytes.buffer, img.bytes.byteOffset, n);
+      this.account(i, performance.now() - t0);
+    }
     // point the block's params at views of the slot
     const storage = slotT.storage as GpuStorage;
     const views: Tensor[] = [];
@@ -144,8 +217,7 @@ export class StreamedBlocks implements BlockResidency {
     }
     this.views[i] = views;
     this.stats.uploads++;
-    this.stats.bytes += img.bytes.byteLength;
-    this.stats.uploadMs += performance.now() - t0;
+    this.stats.bytes += n;
   }
 
   /** params of block i back to their host tensors; views dropped */
@@ -163,15 +235,21 @@ export class StreamedBlocks implements BlockResidency {
   }
 
   async acquire(i: number): Promise<void> {
-    if (this.slotOf[i]! >= 0) return;
+    const pending = this.inflight[i];
+    if (!pending && this.slotOf[i]! >= 0) return;
     const t0 = performance.now();
-    this.upload(i, this.freeSlot(i));
+    this.waitingFor.add(i);
+    try {
+      await (pending ?? this.startUpload(i, this.freeSlot(i)));
+    } finally {
+      this.waitingFor.delete(i);
+    }
     this.stats.stallMs += performance.now() - t0;
   }
 
   prefetch(i: number): void {
     if (!this.prefetchEnabled || i >= this.images.length || this.slotOf[i]! >= 0) return;
-    this.upload(i, this.freeSlot(i));
+    void this.startUpload(i, this.freeSlot(i)).catch(() => {}); // errors surface in acquire(i)
     this.stats.prefetched++;
   }
 
@@ -189,6 +267,8 @@ export class StreamedBlocks implements BlockResidency {
     for (let i = 0; i < this.images.length; i++) if (this.slotOf[i]! >= 0) this.detach(i);
     for (const t of this.slotTensors) t.dispose();
     this.slotTensors.length = 0;
+    for (const b of this.staging) b.destroy();
+    this.staging.length = 0;
   }
 }
 

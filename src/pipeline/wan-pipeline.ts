@@ -96,7 +96,7 @@ export interface GenerateResult {
   timingsMs: Record<string, number>;
   memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number }>; peakAllocated: number; peakReserved: number };
   config: FlatConfig;
-  uploads?: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number };
+  uploads?: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number; exposedMs: number };
 }
 
 /** Recommended defaults shipped with a model folder (smart_diffusion.json), e.g. the demo model's. */
