@@ -14,13 +14,13 @@ import { analyze } from '../src/tools/demo-eval.ts';
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 describe('demo-model detector', () => {
-  // a synthetic 9-frame 16x16 clip: a 3x3 yellow square moving right on black
+  // a synthetic 9-frame 16x16 clip: a 4x4 square (16 px >= MIN_PIXELS) moving 1 px per frame
   const T = 9, H = 16, W = 16;
   const clip = (rgb: [number, number, number], dx: number, dy: number) => {
     const v = new Float32Array(3 * T * H * W).fill(-1);
     for (let t = 0; t < T; t++)
-      for (let y = 0; y < 3; y++)
-        for (let x = 0; x < 3; x++) {
+      for (let y = 0; y < 4; y++)
+        for (let x = 0; x < 4; x++) {
           const X = 2 + x + dx * t, Y = 6 + y + dy * t;
           for (let c = 0; c < 3; c++) v[c * T * H * W + t * H * W + Y * W + X] = rgb[c]! * 2 - 1;
         }
