@@ -47,7 +47,7 @@ async function main() {
   if (fromJson) {
     const j = JSON.parse(readFileSync(fromJson, 'utf8')) as { adapter: string; date: string; rows: Row[] } | Row[];
     const rows = Array.isArray(j) ? j : j.rows;
-    writeFileSync(join(ROOT, 'docs', 'memory-levels.md'), renderDoc(rows, Array.isArray(j) ? String(arg('--adapter') ?? 'see the run log') : j.adapter, Array.isArray(j) ? arg('--date') : j.date));
+    writeFileSync(join(ROOT, 'docs', 'memory-levels.md'), renderDoc(rows, Array.isArray(j) ? String(arg('--adapter') ?? 'see the run log') : j.adapter, Array.isArray(j) ? arg('--date') : j.date, arg('--note') ?? ''));
     console.log('wrote docs/memory-levels.md');
     return;
   }
@@ -104,8 +104,9 @@ async function main() {
         const row: Row = {
           model: c.name,
           level,
-          peak_allocated_bytes: st.peakAllocated,
-          peak_reserved_bytes: st.peakReserved,
+          // the pipeline resets the peaks at each phase: the run's peak is the largest phase peak
+          peak_allocated_bytes: Math.max(st.peakAllocated, ...Object.values(r.memory.perPhase).map((p) => p.peakAllocated)),
+          peak_reserved_bytes: Math.max(st.peakReserved, ...Object.values(r.memory.perPhase).map((p) => p.peakReserved)),
           seconds: secs,
           ratio_to_level0: 0,
           phase_seconds: Object.fromEntries(Object.entries(r.timingsMs).map(([k, v]) => [k, v / 1000])),
@@ -148,8 +149,8 @@ async function main() {
 const INTRO = `Levels (\`infer.diffusion.low_mem_level\`, src/pipeline/memory-plan.ts): 0 everything resident; 1 + spatially
 tiled VAE decode; 2 + the text encoder never on the GPU (CPU device); 3 + DiT blocks streamed from host memory
 (bf16) into two reused GPU slots with the next block prefetched, VAE weights on the GPU only while decoding.
-All levels produce the same video (test/pipeline.test.ts). Each level runs in the same process, one after the
-other, after \`emptyCache()\` and a peak reset; "peak allocated" is the largest sum of live tensor bytes, "peak
+All levels produce the same video (test/pipeline.test.ts). Each level runs after \`emptyCache()\` and a peak
+reset (all in one process unless the note below says otherwise); "peak allocated" is the largest sum of live tensor bytes, "peak
 reserved" the largest sum of GPU buffers held by the caching allocator (what the GPU actually gave us).
 
 Workloads: (a) the tiny golden model (64×64, 9 frames, text_len 16, tile 4 latent px); (b) random bf16
@@ -180,7 +181,7 @@ const weightBytes = (r: Row) => WEIGHT_OWNERS.reduce((a, k) => a + (r.gpu_weight
 const f1 = (v: number | undefined) => (v ?? 0).toFixed(1);
 
 /** docs/memory-levels.md from the measured rows (also `--from-json FILE` to re-render a run). */
-export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOString()): string {
+export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOString(), note = ''): string {
   const table = [
     `| model | level | peak allocated | peak reserved | GPU weights during denoise | encode s | denoise s | decode s | total s | × level 0 |`,
     `|---|---:|---:|---:|---|---:|---:|---:|---:|---:|`,
@@ -194,7 +195,7 @@ export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOS
   const phases = [
     `| model | level | encode peak | denoise peak | decode peak |`,
     `|---|---:|---:|---:|---:|`,
-    ...rows.map((r) => `| ${r.model} | ${r.level} | ${fmtBytes(r.phase_peak_allocated.encode ?? 0)} | ${fmtBytes(r.phase_peak_allocated.denoise ?? 0)} | ${fmtBytes(r.phase_peak_allocated.decode ?? 0)} |`),
+    ...rows.map((r) => `| ${r.model} | ${r.level} | ${['encode', 'denoise', 'decode'].map((k) => (r.phase_peak_allocated[k] !== undefined ? fmtBytes(r.phase_peak_allocated[k]!) : 'not recorded')).join(' | ')} |`),
   ];
   const checks: string[] = [];
   for (const model of [...new Set(rows.map((r) => r.model))]) {
@@ -239,6 +240,7 @@ export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOS
     '',
     INTRO,
     '',
+    ...(note ? [note, ''] : []),
     '## Per level',
     '',
     table.join('\n'),
