@@ -171,7 +171,13 @@ export class UMT5EncoderModel extends Module {
       await residency.acquire(0);
       for (let i = 0; i < n; i++) {
         if (i + 1 < n) residency.prefetch(i + 1);
-        x = this.blocks.at(i).forward(x, tables[i]!, m);
+        const blk = this.blocks.at(i);
+        if (engine) {
+          // one block's intermediates at a time on the GPU
+          const prev = x;
+          x = engine.scope(() => blk.forward(prev, tables[i]!, m));
+          prev.dispose();
+        } else x = blk.forward(x, tables[i]!, m);
         if (trace) await trace(`block${i}_out`, x);
         residency.release(i);
         if (i + 1 < n) await residency.acquire(i + 1);

@@ -316,7 +316,10 @@ export class WanTransformer3DModel extends Module {
         if (hostStream) hs = e.fromHost(hostStream, streamShape, 'f32', 'activation.residual');
         if (i + 1 < n) residency.prefetch(i + 1);
         const prev = hs;
-        hs = await this.blocks.at(i).forward(hs, e0, ctxEmb, { cos, sin }, trace, `block${i}_`);
+        // each block in its own scope: its intermediates (norms, q/k/v, attention and FFN outputs)
+        // are freed when it returns, so the activation working set is one block's, not all blocks'
+        const blk = this.blocks.at(i);
+        hs = await e.scopeAsync(() => blk.forward(prev, e0, ctxEmb, { cos, sin }, trace, `block${i}_`));
         prev.dispose();
         if (trace) await trace(`block${i}_out`, hs);
         residency.release(i);

@@ -111,6 +111,16 @@ class CausalConv3d extends Module {
   }
 }
 
+/**
+ * y = f(x) in its own scope (f's intermediates are freed when it returns), then x is freed unless it
+ * is `input` (the caller's tensor). Keeps a decoder's working set to one sub-block's.
+ */
+function stepScoped(e: Engine, x: Tensor, input: Tensor, f: (x: Tensor) => Tensor): Tensor {
+  const y = e.scope(() => f(x));
+  if (x !== input && y !== x) x.dispose();
+  return y;
+}
+
 /** RMS_norm over channels with gamma [C, 1, 1, 1] (or [C, 1, 1] in attention). */
 class ChannelNorm extends Module {
   readonly gamma: Param;
@@ -339,9 +349,10 @@ export class WanVaeDecoder extends Module {
       if (traceStep) await traceStep('post_quant_conv_out', pq);
       let h = this.conv_in.forward(pq, cache);
       if (traceStep) await traceStep('decoder_conv_in_out', h);
-      h = this.midRes0.forward(h, cache);
-      h = this.midAttn.forward(h);
-      h = this.midRes1.forward(h, cache);
+      // each sub-block in its own scope, its input freed after it: the working set is one block's
+      h = stepScoped(e, h, x, (t) => this.midRes0.forward(t, cache));
+      h = stepScoped(e, h, x, (t) => this.midAttn.forward(t));
+      h = stepScoped(e, h, x, (t) => this.midRes1.forward(t, cache));
       if (traceStep) await traceStep('decoder_mid_out', h);
       return h;
     });
@@ -357,8 +368,11 @@ export class WanVaeDecoder extends Module {
       let x = h;
       for (let i = 0; i < this.up_blocks.length; i++) {
         const ub = this.up_blocks.at(i);
-        for (const r of ub.resnets.items) x = r.forward(x, cache);
-        if (ub.upsamplers) x = ub.upsamplers.at(0).forward(x, cache, first);
+        for (const r of ub.resnets.items) x = stepScoped(e, x, h, (t) => r.forward(t, cache));
+        if (ub.upsamplers) {
+          const up = ub.upsamplers.at(0);
+          x = stepScoped(e, x, h, (t) => up.forward(t, cache, first));
+        }
         if (traceStep) await traceStep(`decoder_up${i}_out`, x);
       }
       return this.conv_out.forward(silu(this.norm_out.forward(x)), cache);
