@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { getEngine } from './helpers/gpu.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
 import { WanPipeline, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
-import { decodeTiled, tileStarts } from '../src/pipeline/tiled-vae.ts';
+import { decodeTiled, tilePlan } from '../src/pipeline/tiled-vae.ts';
 
 const MODEL = tinyModelWithTokenizer();
 const CACHE = mkdtempSync(join(tmpdir(), 'sd-pcache-'));
@@ -110,14 +110,24 @@ describe('pipeline on the tiny model', () => {
   });
 
   it('tiled decode: tiles cover the latent with >= 25% overlap and match untiled decode (PSNR >= 40 dB, no seam)', async () => {
-    expect(tileStarts(8, 4, 1)).toEqual([0, 3, 4]);
-    expect(tileStarts(60, 32, 8)).toEqual([0, 24, 28]);
+    // fewest tiles with overlaps >= 25 % of the tile, then the shortest such tile, spread evenly
+    expect(tilePlan(8, 4, 0.25)).toEqual({ starts: [0, 2, 4], len: 4 });
+    expect(tilePlan(16, 8, 0.25)).toEqual({ starts: [0, 4, 9], len: 7 });
+    expect(tilePlan(60, 32, 0.25)).toEqual({ starts: [0, 18, 36], len: 24 }); // was 0, 24, 28 of 32: 96 -> 72 px decoded
+    expect(tilePlan(12, 16, 0.25)).toEqual({ starts: [0], len: 12 });
+    for (const [size, tile] of [[16, 8], [60, 32], [13, 5], [90, 32], [7, 3]] as const) {
+      const { starts, len } = tilePlan(size, tile, 0.25);
+      expect(len).toBeLessThanOrEqual(tile);
+      expect(starts[0]).toBe(0);
+      expect(starts.at(-1)! + len).toBe(size);
+      for (let i = 1; i < starts.length; i++) expect(starts[i - 1]! + len - starts[i]!).toBeGreaterThanOrEqual(Math.ceil(0.25 * len));
+    }
     const e = await getEngine();
     const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCache: false, lowMemLevel: 0 });
     try {
       const r = await pipe.sample({ prompt: PROMPT, seed: 3, numInferenceSteps: 2 });
       const full = await pipe.vae.decode(e, r.data, r.shape);
-      // 4-pixel tiles on an 8x8 latent: 9 tiles, 2-pixel overlaps and halos (the default halo = overlap)
+      // 4-pixel tiles on an 8x8 latent: 9 tiles, 2-pixel overlaps, 2-pixel halos (DEFAULT_HALO)
       const tiled = await decodeTiled(e, pipe.vae, r.data, r.shape, { tile: 4, overlap: 0.5 });
       expect(tiled.tiles).toBe(9);
       expect(tiled.shape).toEqual(full.shape);
