@@ -68,7 +68,7 @@ describe('npm run generate (subprocess)', () => {
     expect(r.err).toMatch(/memory decode: allocated/);
     expect(r.all).toMatch(/kernels \(GPU time from timestamp queries\):\nkernel\s+calls\s+total ms\s+mean ms\s+share/);
     expect(r.all).toMatch(/phases \(wall ms\):[\s\S]*denoise\s+\d+/);
-    const m = /DiT block streaming: (\d+) uploads[\s\S]*?(\d+) prefetched while the previous block computed: (\d+) ms of upload work hidden behind GPU work, (\d+) ms exposed; acquire\(\) waited (\d+) ms/.exec(r.all);
+    const m = /DiT block streaming: (\d+) uploads[\s\S]*?(\d+) prefetched \(copied while the GPU still had the previous blocks queued\): (\d+) ms of the copying ran ahead of need, (\d+) ms while the denoise loop waited for that block;\n\s+acquire\(\) waited (\d+) ms/.exec(r.all);
     expect(m, r.all).not.toBeNull();
     const blocks = 2; // the tiny model's DiT
     // every block uploaded (with 2 blocks and 2 slots they then stay: no re-upload on step 2)

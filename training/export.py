@@ -42,6 +42,11 @@ def dump(obj, path):
 
 
 def export(run, out, steps, guidance, shift, fps, dtype='F32'):
+    # the settings the run was trained with (train.py writes them; --override may have changed them)
+    cfg_path = os.path.join(run, 'config.json')
+    run_cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+    TRAIN_ = dict(TRAIN, **run_cfg.get('TRAIN', {}))
+    DIT_CFG_, T5_CFG_, VAE_CFG_ = run_cfg.get('DIT_CFG', DIT_CFG), run_cfg.get('T5_CFG', T5_CFG), run_cfg.get('VAE_CFG', VAE_CFG)
     lat = torch.load(os.path.join(run, 'latents.pt'))
     # the decoder fine-tuned by the vae_dec phase when present (its encoder is the vae phase's)
     vp = os.path.join(run, 'vae_dec.pt')
@@ -59,16 +64,16 @@ def export(run, out, steps, guidance, shift, fps, dtype='F32'):
           'transformer': ['diffusers', 'WanTransformer3DModel'],
           'vae': ['diffusers', 'AutoencoderKLWan']}, os.path.join(out, 'model_index.json'))
     meta = {'format': 'pt', 'source': 'smart-diffusion training/ (synthetic shapes demo model)'}
-    dump(DIT_CFG, os.path.join(out, 'transformer/config.json'))
+    dump(DIT_CFG_, os.path.join(out, 'transformer/config.json'))
     st.save(ck['ema_dit'], os.path.join(out, 'transformer/diffusion_pytorch_model.safetensors'), dtype, meta)
-    vcfg = dict(VAE_CFG, latents_mean=lat['latents_mean'], latents_std=lat['latents_std'])
+    vcfg = dict(VAE_CFG_, latents_mean=lat['latents_mean'], latents_std=lat['latents_std'])
     dump(vcfg, os.path.join(out, 'vae/config.json'))
     st.save(vae_sd, os.path.join(out, 'vae/diffusion_pytorch_model.safetensors'), dtype, meta)
-    dump(T5_CFG, os.path.join(out, 'text_encoder/config.json'))
+    dump(T5_CFG_, os.path.join(out, 'text_encoder/config.json'))
     st.save(ck['ema_t5'], os.path.join(out, 'text_encoder/model.safetensors'), dtype, meta)
     dump(dict(SCHEDULER_CFG, flow_shift=float(shift)), os.path.join(out, 'scheduler/scheduler_config.json'))
-    tokenizer.write(os.path.join(out, 'tokenizer'), TRAIN['text_len'])
-    dump({'text_len': TRAIN['text_len'], 'height': 64, 'width': 64, 'num_frames': 9,
+    tokenizer.write(os.path.join(out, 'tokenizer'), TRAIN_['text_len'])
+    dump({'text_len': TRAIN_['text_len'], 'height': 64, 'width': 64, 'num_frames': 9,
           'num_inference_steps': steps, 'guidance_scale': guidance, 'shift': shift, 'fps': fps,
           'negative_prompt': ''}, os.path.join(out, 'smart_diffusion.json'))
     total = 0
