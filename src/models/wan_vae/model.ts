@@ -342,8 +342,9 @@ export class WanVaeDecoder extends Module {
    * The latent-resolution part of one decoder call: post_quant_conv, conv_in and the mid block
    * (with its per-frame global attention). x: [B, zDim, Tc, H, W] de-normalized latents.
    */
-  stem(x: Tensor, cache: CausalCache, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
+  stem(x: Tensor, cache: CausalCache, traceStep?: (n: string, t: Tensor) => Promise<void>, opts: { upBlocks?: number; first?: boolean } = {}): Promise<Tensor> {
     const e = x.engine!;
+    const nUp = opts.upBlocks ?? 0;
     return e.scopeAsync(async () => {
       const pq = this.post_quant_conv.forward(x, cache);
       if (traceStep) await traceStep('post_quant_conv_out', pq);
@@ -354,6 +355,8 @@ export class WanVaeDecoder extends Module {
       h = stepScoped(e, h, x, (t) => this.midAttn.forward(t));
       h = stepScoped(e, h, x, (t) => this.midRes1.forward(t, cache));
       if (traceStep) await traceStep('decoder_mid_out', h);
+      // optionally the first up blocks too (tiled decode: the low-resolution stages on whole frames)
+      for (let i = 0; i < nUp; i++) h = this.upBlock(e, i, h, x, cache, opts.first ?? false);
       return h;
     });
   }
@@ -362,21 +365,34 @@ export class WanVaeDecoder extends Module {
    * The upsampling part of one decoder call (only local convolutions: it can run on spatial tiles):
    * up blocks, norm_out, SiLU, conv_out. Returns the raw (unclamped) output [B, 3, T', 8H, 8W].
    */
-  head(h: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
+  head(h: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>, fromUpBlock = 0): Promise<Tensor> {
     const e = h.engine!;
     return e.scopeAsync(async () => {
       let x = h;
-      for (let i = 0; i < this.up_blocks.length; i++) {
-        const ub = this.up_blocks.at(i);
-        for (const r of ub.resnets.items) x = stepScoped(e, x, h, (t) => r.forward(t, cache));
-        if (ub.upsamplers) {
-          const up = ub.upsamplers.at(0);
-          x = stepScoped(e, x, h, (t) => up.forward(t, cache, first));
-        }
+      for (let i = fromUpBlock; i < this.up_blocks.length; i++) {
+        x = this.upBlock(e, i, x, h, cache, first);
         if (traceStep) await traceStep(`decoder_up${i}_out`, x);
       }
       return this.conv_out.forward(silu(this.norm_out.forward(x)), cache);
     });
+  }
+
+  /** Up block i (resnets, then its upsampler) on x; frees x unless it is `input`. */
+  private upBlock(e: Engine, i: number, x: Tensor, input: Tensor, cache: CausalCache, first: boolean): Tensor {
+    const ub = this.up_blocks.at(i);
+    for (const r of ub.resnets.items) x = stepScoped(e, x, input, (t) => r.forward(t, cache));
+    if (ub.upsamplers) {
+      const up = ub.upsamplers.at(0);
+      x = stepScoped(e, x, input, (t) => up.forward(t, cache, first));
+    }
+    return x;
+  }
+
+  /** Spatial scale of the output of up blocks [0, n) relative to the latent. */
+  upScale(n: number): number {
+    let s = 1;
+    for (let i = 0; i < n; i++) if (this.up_blocks.at(i).upsamplers) s *= 2;
+    return s;
   }
 
   /** One decoder call on a chunk [B, zDim, Tc, H, W] of de-normalized latents. */
