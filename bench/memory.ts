@@ -208,7 +208,9 @@ const OUTRO = `## Reading it
 - **Time.** With one denoising step at 128×128, encode and decode weigh as much as denoising. Level 1+ pays
   for tiling: each tile is decoded with a 2-px halo of context and the ≥ 25 % overlaps are decoded twice, so on
   a 16×16 latent the upsampling part does ~(3·(7+2·2)−2·2)²/16² ≈ 3.3× the pixels of a whole-frame decode;
-  at larger latents the factor falls towards (1/(1−0.25))² ≈ 1.8× plus the halo. Level 2+ runs the text
+  at larger latents the factor falls towards (1/(1−0.25))² ≈ 1.8× plus the halo. (Since this table was
+  measured, up_blocks 0–1 run on whole frames and only the high-resolution stages are tiled: tiled decode
+  ~1.4× faster on random base_dim 24/48 VAEs; see \`STEM_UP_BLOCKS\` in src/pipeline/tiled-vae.ts.) Level 2+ runs the text
   encoder on the CPU device (worker threads, JS kernels), which on a CPU-only machine competes with lavapipe
   (LLVM-vectorized kernels) for the same two cores; the streamed variant keeps lavapipe's speed. The DiT
   streaming itself is measured by the denoise-phase ratio and the upload figures above.
