@@ -156,7 +156,16 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
       if (want.has('t5')) {
         for (const [n, v] of traced) if (has(`${p}.${n}`)) report(`${p}.${n}`, 't5', v, await vals(`${p}.${n}`), tolC);
         if (has(`${p}.last_hidden_state`)) report(`${p}.last_hidden_state`, 't5', last, await vals(`${p}.last_hidden_state`), tolC);
-        if (has(`${p}.context`)) report(`${p}.context`, 't5', last.subarray(0, len * d), await vals(`${p}.context`), tolC);
+        if (has(`${p}.context`)) {
+          report(`${p}.context`, 't5', last.subarray(0, len * d), await vals(`${p}.context`), tolC);
+          // the pipeline runs only the prompt's own tokens (WanPipeline.encodePrompt): same context
+          const n = Math.min(len, L);
+          const ids1 = Tensor.cpu((ids.hostValues() as Int32Array).slice(0, n), [1, n], 'i32');
+          const out1 = await te.forward(e, ids1, Tensor.cpu(new Int32Array(n).fill(1), [1, n], 'i32'));
+          const ctx1 = (await out1.toArray()) as Float32Array;
+          out1.dispose();
+          report(`${p}.context (prompt tokens only)`, 't5', ctx1, await vals(`${p}.context`), tolC);
+        }
       }
       // Wan trims to the true length; the DiT zero-pads to text_len
       const padded = new Float32Array(textLen * d);

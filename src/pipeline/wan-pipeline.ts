@@ -328,8 +328,13 @@ export class WanPipeline {
     const enc = encodePrompt(this.tokenizer, text, textLen);
     const mode = this.plan.textEncoder;
     await this.loadTextEncoder(mode);
-    const ids = Tensor.cpu(enc.ids, [1, textLen], 'i32');
-    const mask = Tensor.cpu(enc.mask, [1, textLen], 'i32');
+    // Only the prompt's own tokens are run. The official code runs all text_len positions with the
+    // padded keys masked and then keeps the first `length` rows: a real token's output depends only on
+    // the real tokens (masked keys weigh exactly 0, the relative bias depends on i - j), so this is the
+    // same result for (for a 20-token prompt at text_len 512) 1/25 of the work.
+    const n = enc.length;
+    const ids = Tensor.cpu(enc.ids.slice(0, n), [1, n], 'i32');
+    const mask = Tensor.cpu(enc.mask.slice(0, n), [1, n], 'i32');
     let out: Tensor;
     if (mode === 'gpu-stream') {
       // the text encoder's blocks pass through a 2-slot ring, freed right after the encode
