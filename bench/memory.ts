@@ -1,6 +1,6 @@
-// `npm run bench:memory [-- --json FILE] [--models tiny,1.3b] [--levels 0,1,2,3,3s] [--no-md] [--shared-device] [--verbose]`
+// `npm run bench:memory [-- --json FILE] [--models tiny,1.3b] [--levels 0,1,2,3,3s,3n] [--no-md] [--shared-device] [--verbose]`
 // (level `Ns`: level N with the text encoder streamed block by block through the GPU,
-// `infer.text_encoder_device=gpu-stream`, instead of the CPU device)
+// `infer.text_encoder_device=gpu-stream`, instead of the CPU device; level `Nn`: level N with VAE tiling off)
 // Runs memory levels 0-3 in one process on (a) the tiny golden model and (b) a model with the real
 // Wan 2.1 T2V-1.3B shapes (30 blocks, dim 1536, ffn 8960; the real VAE; a UMT5-XXL-shaped encoder
 // shrunk in depth; deterministic random bf16 weights generated at run time into .cache/, never
@@ -24,10 +24,14 @@ const arg = (n: string) => {
 interface Row {
   model: string;
   level: number;
-  /** 'te-gpu-stream': the text encoder streamed through the GPU instead of the CPU device */
+  /** 'te-gpu-stream': the text encoder streamed through the GPU instead of the CPU device; 'untiled': VAE tiling off */
   variant?: string;
   /** process resident set after the level, and the process's max so far (bytes) */
   rss_bytes?: number;
+  rss_before_dispose_bytes?: number;
+  /** system-wide Shmem of /proc/meminfo (lavapipe's memfd-backed GPU memory) before / after dispose */
+  shmem_before_dispose_bytes?: number;
+  shmem_bytes?: number;
   max_rss_bytes?: number;
   peak_allocated_bytes: number;
   peak_reserved_bytes: number;
@@ -59,8 +63,10 @@ async function main() {
     return;
   }
   const models = (arg('--models') ?? 'tiny,1.3b').split(',');
-  const levels = (arg('--levels') ?? '0,1,2,3,3s').split(',').map((v) => ({ level: parseInt(v, 10) as 0 | 1 | 2 | 3, stream: v.endsWith('s') }));
-  if (levels.some((l) => !(l.level >= 0 && l.level <= 3))) throw new Error(`--levels: expected levels 0..3 (optionally with s: text encoder streamed), got ${arg('--levels')}`);
+  // 3s: level 3 with the text encoder streamed through the GPU; 3n: level 3 with VAE tiling off
+  const levels = (arg('--levels') ?? '0,1,2,3,3s,3n').split(',').map((v) => ({ level: parseInt(v, 10) as 0 | 1 | 2 | 3, stream: v.endsWith('s'), untiled: v.endsWith('n'), tag: v.replace(/^\d/, '') }));
+  if (levels.some((l) => !(l.level >= 0 && l.level <= 3) || !/^\d[sn]?$/.test(`${l.level}${l.tag}`)))
+    throw new Error(`--levels: expected levels 0..3, optionally with s (text encoder streamed) or n (VAE tiling off), got ${arg('--levels')}`);
   const cacheRoot = join(ROOT, '.cache', 'bench-models');
   const tokDir = join(ROOT, 'test', 'fixtures', 'tokenizer', 'legacy');
   const cases: Case[] = [];
@@ -68,7 +74,7 @@ async function main() {
     cases.push({
       name: 'tiny (golden)',
       dir: async () => tinyModelWithTokenizer(),
-      config: { 'infer.height': 64, 'infer.width': 64, 'infer.num_frames': 9, 'infer.num_inference_steps': 1, 'infer.text_len': 16, 'infer.vae_tile_size': 4, 'infer.vae_tile_overlap': 0.25 },
+      config: { 'infer.height': 128, 'infer.width': 128, 'infer.num_frames': 9, 'infer.num_inference_steps': 1, 'infer.text_len': 16, 'infer.vae_tile_size': 8, 'infer.vae_tile_overlap': 0.25 },
     });
   const teLayers = Number(arg('--t5-layers') ?? 1);
   if (models.includes('1.3b'))
@@ -101,17 +107,12 @@ async function main() {
       console.log(`== ${c.name}`);
       const dir = await c.dir();
       let base = 0;
-      for (const { level, stream } of levels) {
-        if (!sharedDevice && (rows.length > 0 || cases.indexOf(c) > 0)) {
-          releaseMatmulWorkspace(e);
-          e.destroy();
-          e = await Engine.create();
-        }
+      for (const { level, stream, untiled, tag } of levels) {
         releaseMatmulWorkspace(e);
         e.allocator.emptyCache();
         e.allocator.resetPeakMemoryStats();
         const t0 = performance.now();
-        const pipe = await WanPipeline.fromPretrained(dir, { engine: e, lowMemLevel: level, promptCache: false, config: stream ? { ...c.config, 'infer.text_encoder_device': 'gpu-stream' } : c.config, profile: false });
+        const pipe = await WanPipeline.fromPretrained(dir, { engine: e, lowMemLevel: level, promptCache: false, config: { ...c.config, ...(stream ? { 'infer.text_encoder_device': 'gpu-stream' } : {}), ...(untiled ? { 'infer.vae_tiling': false } : {}) }, profile: false });
         const tLoad = performance.now() - t0;
         const t1 = performance.now();
         const verbose = process.argv.includes('--verbose');
@@ -129,7 +130,7 @@ async function main() {
         const row: Row = {
           model: c.name,
           level,
-          ...(stream ? { variant: 'te-gpu-stream' } : {}),
+          ...(stream ? { variant: 'te-gpu-stream' } : untiled ? { variant: 'untiled' } : {}),
           // the pipeline resets the peaks at each phase: the run's peak is the largest phase peak
           peak_allocated_bytes: Math.max(st.peakAllocated, ...Object.values(r.memory.perPhase).map((p) => p.peakAllocated)),
           peak_reserved_bytes: Math.max(st.peakReserved, ...Object.values(r.memory.perPhase).map((p) => p.peakReserved)),
@@ -142,11 +143,11 @@ async function main() {
           dit_block_bytes: pipe.dit.blocks.items[0]!.paramBytes(),
           dit_nonblock_bytes: pipe.dit.paramBytes() - pipe.dit.blocks.items.reduce((a, b) => a + b.paramBytes(), 0),
         };
-        if (level === levels[0]!.level && !stream) base = secs;
+        if (level === levels[0]!.level && !tag) base = secs;
         row.ratio_to_level0 = secs / base;
         rows.push(row);
         console.log(
-          `  level ${level}${stream ? 's' : ''}: peak allocated ${fmtBytes(row.peak_allocated_bytes)}, reserved ${fmtBytes(row.peak_reserved_bytes)}, ${secs.toFixed(1)} s (x${row.ratio_to_level0.toFixed(2)}; load ${(tLoad / 1000).toFixed(1)} s) phases ${JSON.stringify(Object.fromEntries(Object.entries(row.phase_seconds).map(([k, v]) => [k, +v.toFixed(1)])))} ` +
+          `  level ${level}${tag}: peak allocated ${fmtBytes(row.peak_allocated_bytes)}, reserved ${fmtBytes(row.peak_reserved_bytes)}, ${secs.toFixed(1)} s (x${row.ratio_to_level0.toFixed(2)}; load ${(tLoad / 1000).toFixed(1)} s) phases ${JSON.stringify(Object.fromEntries(Object.entries(row.phase_seconds).map(([k, v]) => [k, +v.toFixed(1)])))} ` +
             `denoise components ${JSON.stringify(Object.fromEntries(Object.entries(row.gpu_weight_bytes).map(([k, v]) => [k, fmtBytes(v)])))}`,
         );
         if (level === 3 && c.name.startsWith('Wan')) {
@@ -156,10 +157,34 @@ async function main() {
           notes.push(`${c.name}: one DiT block ${fmtBytes(blockBytes)} (bf16), non-block DiT weights ${fmtBytes(nonBlock)}`);
           (c as Case).blockBytes = blockBytes;
         }
+        row.rss_before_dispose_bytes = process.memoryUsage().rss;
+        row.shmem_before_dispose_bytes = shmemBytes();
         pipe.dispose();
+        if (!sharedDevice) {
+          releaseMatmulWorkspace(e);
+          e.destroy();
+        }
+        // Free what the level held before the next level starts (npm run bench:memory passes
+        // --expose-gc; host weight images are ArrayBuffers that only a V8 collection frees). lavapipe backs
+        // GPU memory with memfd pages, counted as system shared memory, not as the process's RSS: the
+        // kernel's OOM report when the 2026-11-27 run died in its 6th level showed 15 GB of shmem beside
+        // 9 GB of RSS. That memory is not given back after device.destroy() + GC (the tiny case: shmem
+        // 152 -> 326 -> 500 MiB over levels 0, 1, 3 on fresh devices; a standalone dawn.node script that
+        // destroys a device and allocates the same sizes on a new one does reuse it), hence the shmem log.
+        const gc = (globalThis as { gc?: () => void }).gc;
+        if (gc) {
+          gc();
+          await new Promise((r) => setTimeout(r, 100));
+          gc();
+        }
         row.rss_bytes = process.memoryUsage().rss;
+        row.shmem_bytes = shmemBytes();
+        if (!sharedDevice) e = await Engine.create();
         row.max_rss_bytes = process.resourceUsage().maxRSS * 1024;
-        console.log(`  host memory after level ${level}${stream ? 's' : ''}: rss ${fmtBytes(row.rss_bytes)}, max rss ${fmtBytes(row.max_rss_bytes)}`);
+        console.log(
+          `  host memory after level ${level}${tag}: rss ${fmtBytes(row.rss_before_dispose_bytes)} before dispose, ${fmtBytes(row.rss_bytes)} after dispose${gc ? ' + gc' : ''}, ` +
+            `max rss ${fmtBytes(row.max_rss_bytes)}; system shared memory (lavapipe's GPU memory) ${fmtBytes(row.shmem_before_dispose_bytes ?? 0)} -> ${fmtBytes(row.shmem_bytes ?? 0)}`,
+        );
         // rows so far, in case a later level dies (e.g. killed for host memory)
         const json = arg('--json');
         if (json) writeFileSync(resolve(json), JSON.stringify(rows, null, 2));
@@ -183,12 +208,13 @@ tiled VAE decode; 2 + the text encoder never on the GPU (CPU device); 3 + DiT bl
 (bf16) into two reused GPU slots with the next block prefetched, VAE weights on the GPU only while decoding.
 "3 (text encoder streamed)" is level 3 with \`infer.text_encoder_device=gpu-stream\`: the encoder's blocks
 go through the GPU one at a time (only the prompt's embedding rows are gathered on the host) instead of
-running on the CPU device. All levels produce the same video (test/pipeline.test.ts). All levels run in one
+running on the CPU device; "3 (VAE tiling off)" is level 3 with \`infer.vae_tiling=false\`, to separate what
+streaming and the CPU-device encoder cost from what tiling costs. All levels produce the same video (test/pipeline.test.ts). All levels run in one
 process, each on a fresh GPU device (see bench/memory.ts for the lavapipe crash that made this the default); "peak allocated" is the largest sum of live tensor bytes,
 "peak reserved" the largest sum of GPU buffers held by the caching allocator (what the GPU actually gave us).
 On lavapipe "GPU memory" is host memory too, so the host RSS column includes it.
 
-Workloads: (a) the tiny golden model (64×64, 9 frames, text_len 16, tile 4 latent px); (b) random bf16
+Workloads: (a) the tiny golden model (128×128, 9 frames, text_len 16, one step, the same tiling as (b)); (b) random bf16
 weights with the exact Wan 2.1 T2V-1.3B shapes (30 blocks, dim 1536, ffn 8960, 12 heads; the real VAE;
 UMT5-XXL shapes with the encoder cut to 1 layer), 128×128, 5 frames, text_len 512, one denoising step
 with CFG, tiles of at most 8 latent px with ≥ 25 % overlap (on the 16×16 latent: 3×3 tiles of 7 px) and a
@@ -200,28 +226,39 @@ const OUTRO = `## Reading it
 
 - **Where the bytes go.** Level 0's peak is the DiT + text encoder + VAE weights plus the largest phase's
   activations. Level 1 lowers the decode phase (the VAE's upsampling activations are bounded by the tile, not
-  the frame). Level 2 removes the text encoder's weights from the GPU (only the 2-row context is uploaded).
+  the frame). Level 2 removes the text encoder's weights from the GPU (only the prompt's context rows are uploaded).
   Level 3 replaces the DiT's 30 resident blocks with two block slots and keeps the VAE off the GPU until
   decoding. Every model forward frees each block's intermediates when the block returns (DiT, UMT5, VAE
   decoder sub-blocks); before that fix the 1.3B denoise kept all 30 blocks' intermediates alive (735 tensors,
   1.67 GiB at 128 tokens) and the level-3 peak was 1.89 GiB.
-- **Time.** With one denoising step at 128×128, encode and decode weigh as much as denoising. Level 1+ pays
-  for tiling: each tile is decoded with a 2-px halo of context and the ≥ 25 % overlaps are decoded twice, so on
-  a 16×16 latent the upsampling part does ~(3·(7+2·2)−2·2)²/16² ≈ 3.3× the pixels of a whole-frame decode;
-  at larger latents the factor falls towards (1/(1−0.25))² ≈ 1.8× plus the halo. (Since this table was
-  measured, up_blocks 0–1 run on whole frames and only the high-resolution stages are tiled: tiled decode
-  ~1.4× faster on random base_dim 24/48 VAEs; see \`STEM_UP_BLOCKS\` in src/pipeline/tiled-vae.ts.) Level 2+ runs the text
-  encoder on the CPU device (worker threads, JS kernels), which on a CPU-only machine competes with lavapipe
-  (LLVM-vectorized kernels) for the same two cores; the streamed variant keeps lavapipe's speed. The DiT
-  streaming itself is measured by the denoise-phase ratio and the upload figures above.
+- **Time.** With one denoising step at 128×128, decode weighs about half as much as denoising. Level 1+ pays
+  for tiling: up_blocks 0–1 (latent and 2× resolution) run on whole frames, and up_blocks 2–3 + conv_out (4× and
+  8× resolution, where the memory is) run per tile with a 2-latent-px halo of context, the ≥ 25 % overlaps
+  computed twice. On a 16×16 latent the three 7-px tiles per axis cover [0, 9), [2, 13), [7, 16) with their
+  halos: (29/16)² ≈ 3.3× the pixels of a whole-frame decode in the tiled stages, a cost any halo-exact tiling
+  must pay at this size (at 480×832, a 60×104 latent with 32-px tiles, it is ~1.8×). That is why the level-3 total
+  cannot come near level 0 on this workload while the decode is tiled; the "VAE tiling off" row measures
+  everything else level 3 does. The text encoder runs only the prompt's tokens (not all text_len = 512
+  positions: the same context as the official masked run, golden-checked), so the CPU-device encoder (level
+  2+, JS kernels on worker threads) costs seconds, not minutes. The DiT streaming itself is measured by the
+  denoise-phase ratio and the upload figures above.
 - Per-phase and per-step numbers for any run: \`npm run generate -- --memory-stats\`; the allocation timeline
   (per-block uploads and frees at level 3, no text-encoder bytes at level ≥ 2): \`--memory-snapshot FILE\`;
   kernel and upload/compute profile: \`--profile\`.`;
 
 const WEIGHT_OWNERS = ['dit', 'text_encoder', 'vae'];
+/** Shmem of /proc/meminfo in bytes (0 where there is none: not Linux) */
+function shmemBytes(): number {
+  try {
+    const m = /^Shmem:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
 const weightBytes = (r: Row) => WEIGHT_OWNERS.reduce((a, k) => a + (r.gpu_weight_bytes[k] ?? 0), 0);
 const f1 = (v: number | undefined) => (v ?? 0).toFixed(1);
-const levelLabel = (r: Row) => `${r.level}${r.variant === 'te-gpu-stream' ? ' (text encoder streamed)' : ''}`;
+const levelLabel = (r: Row) => `${r.level}${r.variant === 'te-gpu-stream' ? ' (text encoder streamed)' : r.variant === 'untiled' ? ' (VAE tiling off)' : ''}`;
 
 /** docs/memory-levels.md from the measured rows (also `--from-json FILE` to re-render a run). */
 export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOString(), note = ''): string {
@@ -236,17 +273,18 @@ export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOS
     ),
   ];
   const phases = [
-    `| model | level | encode peak | denoise peak | decode peak | host RSS after (process max) |`,
+    `| model | level | encode peak | denoise peak | decode peak | host RSS at the end / after dispose + GC (process max) |`,
     `|---|---:|---:|---:|---:|---:|`,
     ...rows.map(
       (r) =>
-        `| ${r.model} | ${levelLabel(r)} | ${['encode', 'denoise', 'decode'].map((k) => (r.phase_peak_allocated[k] !== undefined ? fmtBytes(r.phase_peak_allocated[k]!) : 'not recorded')).join(' | ')} | ${r.rss_bytes ? `${fmtBytes(r.rss_bytes)} (${fmtBytes(r.max_rss_bytes ?? 0)})` : '-'} |`,
+        `| ${r.model} | ${levelLabel(r)} | ${['encode', 'denoise', 'decode'].map((k) => (r.phase_peak_allocated[k] !== undefined ? fmtBytes(r.phase_peak_allocated[k]!) : 'not recorded')).join(' | ')} | ${r.rss_bytes ? `${r.rss_before_dispose_bytes ? `${fmtBytes(r.rss_before_dispose_bytes)} / ` : ''}${fmtBytes(r.rss_bytes)} (${fmtBytes(r.max_rss_bytes ?? 0)})` : '-'} |`,
     ),
   ];
   const checks: string[] = [];
   for (const model of [...new Set(rows.map((r) => r.model))]) {
     const rs = rows.filter((r) => r.model === model && !r.variant).sort((a, b) => a.level - b.level);
     const l3s = rows.find((r) => r.model === model && r.level === 3 && r.variant === 'te-gpu-stream');
+    const l3n = rows.find((r) => r.model === model && r.level === 3 && r.variant === 'untiled');
     const lines: string[] = [];
     for (let i = 1; i < rs.length; i++) {
       const a = rs[i - 1]!, b = rs[i]!;
@@ -271,6 +309,14 @@ export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOS
         lines.push(
           `time, level 3 with the text encoder streamed through the GPU / level 0: total ${l3s.ratio_to_level0.toFixed(2)} (target ≤ 1.10: ${l3s.ratio_to_level0 <= 1.1 ? 'met' : '**not met**'}); ` +
             `per phase: encode ${phs('encode')}, denoise ${phs('denoise')}, decode ${phs('decode')}; peak ${fmtBytes(l3s.peak_allocated_bytes)}`,
+        );
+      }
+      if (l3n) {
+        const phn = (k: string) => ((l3n.phase_seconds[k] ?? 0) / Math.max(1e-9, l0.phase_seconds[k] ?? 0)).toFixed(2);
+        lines.push(
+          `time, level 3 with VAE tiling off (what streaming and the CPU-device text encoder cost; tiling is level 1's trade of time for decode memory) / level 0: ` +
+            `total ${l3n.ratio_to_level0.toFixed(2)} (${l3n.ratio_to_level0 <= 1.1 ? 'within' : '**over**'} 1.10); per phase: encode ${phn('encode')}, denoise ${phn('denoise')}, decode ${phn('decode')}; ` +
+            `peak ${fmtBytes(l3n.peak_allocated_bytes)} (decode peak ${fmtBytes(l3n.phase_peak_allocated.decode ?? 0)} untiled vs ${fmtBytes(l3.phase_peak_allocated.decode ?? 0)} tiled)`,
         );
       }
       if (l3.uploads) {
