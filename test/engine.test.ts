@@ -4,6 +4,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { getEngine } from './helpers/gpu.ts';
 import { Engine } from '../src/runtime/engine.ts';
+import { dawnInstanceCount } from '../src/device/gpu.ts';
 import { Params } from '../src/runtime/params.ts';
 import { GpuError, ShapeError } from '../src/util/errors.ts';
 import { unary } from '../src/ops/elementwise.ts';
@@ -35,6 +36,17 @@ describe('device', () => {
     expect(r.error).toBeUndefined(); // no timeout
     expect(r.stdout).toMatch(/result 11,22,33/);
     expect(r.status).toBe(0);
+  });
+
+  it('engines created one after another share one Dawn instance (a new instance per device kept each destroyed device\'s GPU memory)', async () => {
+    const a = await Engine.create();
+    a.destroy();
+    const n = dawnInstanceCount();
+    const b = await Engine.create();
+    const t = Tensor.cpu(new Float32Array([1, 2, 3]), [3], 'f32').toGpu(b);
+    expect(Array.from((await t.toArray()) as Float32Array)).toEqual([1, 2, 3]);
+    b.destroy();
+    expect(dawnInstanceCount()).toBe(n);
   });
 
   it('no adapter: the error says how to get one', () => {
