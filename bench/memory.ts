@@ -167,10 +167,10 @@ async function main() {
         // Free what the level held before the next level starts (npm run bench:memory passes
         // --expose-gc; host weight images are ArrayBuffers that only a V8 collection frees). lavapipe backs
         // GPU memory with memfd pages, counted as system shared memory, not as the process's RSS: the
-        // kernel's OOM report when the 2026-11-27 run died in its 6th level showed 15 GB of shmem beside
-        // 9 GB of RSS. That memory is not given back after device.destroy() + GC (the tiny case: shmem
-        // 152 -> 326 -> 500 MiB over levels 0, 1, 3 on fresh devices; a standalone dawn.node script that
-        // destroys a device and allocates the same sizes on a new one does reuse it), hence the shmem log.
+        // kernel's OOM report when a 2026-11-27 run died in its 6th level showed 15 GB of shmem beside
+        // 9 GB of RSS, because each device came with its own Dawn instance, which kept the destroyed
+        // device's memory. src/device/gpu.ts now reuses one instance and the next device reuses the memory;
+        // the log shows shmem per level so that a regression is visible.
         const gc = (globalThis as { gc?: () => void }).gc;
         if (gc) {
           gc();
