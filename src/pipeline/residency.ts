@@ -94,10 +94,12 @@ export class StreamedBlocks implements BlockResidency {
         const t = param.t;
         const d = t.data!;
         bytes.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), offset);
-        // the param now views the image: host memory holds each weight once
+        // the param now views the image: host memory holds each weight once (and a previous ring's
+        // image, which a stale streamHost would keep alive, is let go)
         const n = t.numel;
         const view = t.dtype === 'f32' ? new Float32Array(bytes.buffer, offset, n) : t.dtype === 'i32' ? new Int32Array(bytes.buffer, offset, n) : t.dtype === 'u32' ? new Uint32Array(bytes.buffer, offset, n) : new Uint16Array(bytes.buffer, offset, n);
         param.value = Tensor.cpu(view, t.shape, t.dtype);
+        delete (param as { streamHost?: Tensor }).streamHost;
       }
       this.images.push({ bytes, entries });
       maxBytes = Math.max(maxBytes, size);
@@ -265,6 +267,10 @@ export class StreamedBlocks implements BlockResidency {
   /** Give the slots back and restore host params. */
   dispose(): void {
     for (let i = 0; i < this.images.length; i++) if (this.slotOf[i]! >= 0) this.detach(i);
+    // the params own their host tensors (views of the images) again; nothing else here keeps them
+    for (const img of this.images) for (const { param } of img.entries) delete (param as { streamHost?: Tensor }).streamHost;
+    this.images.length = 0;
+    this.inflight.fill(null);
     for (const t of this.slotTensors) t.dispose();
     this.slotTensors.length = 0;
     for (const b of this.staging) b.destroy();
