@@ -9,6 +9,8 @@ import { getEngine } from './helpers/gpu.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
 import { WanPipeline, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
 import { decodeTiled, tilePlan } from '../src/pipeline/tiled-vae.ts';
+import { encodePrompt } from '../src/io/tokenizer.ts';
+import { Tensor } from '../src/tensor/tensor.ts';
 
 const MODEL = tinyModelWithTokenizer();
 const CACHE = mkdtempSync(join(tmpdir(), 'sd-pcache-'));
@@ -104,6 +106,31 @@ describe('pipeline on the tiny model', () => {
       const b = await pipe.encodePrompt('a green square moving up');
       expect(pc.hits).toBe(1);
       expect(maxDiff(a, b)).toBe(0);
+    } finally {
+      pipe.dispose();
+    }
+  });
+
+  it('prompts run at their own length: the context equals a full text_len run, and per-length bias tables stay bounded', async () => {
+    const e = await getEngine();
+    const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCache: false, lowMemLevel: 0 });
+    try {
+      const textLen = Number(pipe.config['infer.text_len']);
+      const te = pipe.textEncoder;
+      const d = te.dims.dModel;
+      const prompts = ['a', 'a green square', 'a green square moving up', 'a red circle moving left on a gray background', 'up', 'a blue', 'a white triangle moving down'];
+      for (const p of prompts) {
+        const got = await pipe.encodePrompt(p);
+        // the official form: all text_len positions, padded keys masked, first `length` rows kept
+        const enc = encodePrompt(pipe.tokenizer!, p, textLen);
+        const out = await te.forward(e, Tensor.cpu(enc.ids, [1, textLen], 'i32'), Tensor.cpu(enc.mask, [1, textLen], 'i32'));
+        const full = (await out.toArray()) as Float32Array;
+        out.dispose();
+        const want = new Float32Array(textLen * d);
+        want.set(full.subarray(0, enc.length * d));
+        expect(maxDiff(got, want)).toBeLessThan(1e-5);
+      }
+      expect((te as unknown as { relTables: Map<string, unknown> }).relTables.size).toBeLessThanOrEqual(4);
     } finally {
       pipe.dispose();
     }

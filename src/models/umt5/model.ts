@@ -131,7 +131,7 @@ export class UMT5EncoderModel extends Module {
     return key !== 'shared.weight' && !key.endsWith('relative_attention_bias.weight');
   }
 
-  /** Per-layer relative bias tables [H, 2L-1], built once per length and device. */
+  /** Per-layer relative bias tables [H, 2L-1], built once per length and device (the 4 most recent kept). */
   private tablesFor(L: number, engine: Engine | null): Tensor[] {
     const key = `${L}:${engine ? 'gpu' : 'cpu'}`;
     let t = this.relTables.get(key);
@@ -143,6 +143,12 @@ export class UMT5EncoderModel extends Module {
         const host = Tensor.cpu(tab, [this.dims.numHeads, 2 * L - 1], 'f32');
         return engine ? engine.keep(host.toGpu(engine, 'text_encoder.relative_bias')) : host;
       });
+      // prompts are encoded at their own length, so lengths vary: keep the few most recent
+      if (this.relTables.size >= 4) {
+        const [oldKey, old] = this.relTables.entries().next().value as [string, Tensor[]];
+        for (const x of old) x.dispose();
+        this.relTables.delete(oldKey);
+      }
       this.relTables.set(key, t);
     }
     return t;
