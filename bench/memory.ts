@@ -212,14 +212,15 @@ running on the CPU device; "3 (VAE tiling off)" is level 3 with \`infer.vae_tili
 streaming and the CPU-device encoder cost from what tiling costs. All levels produce the same video (test/pipeline.test.ts). All levels run in one
 process, each on a fresh GPU device (see bench/memory.ts for the lavapipe crash that made this the default); "peak allocated" is the largest sum of live tensor bytes,
 "peak reserved" the largest sum of GPU buffers held by the caching allocator (what the GPU actually gave us).
-On lavapipe "GPU memory" is host memory too, so the host RSS column includes it.
+On lavapipe "GPU memory" is host memory too, but memfd pages counted as system shared memory, not in the
+process's RSS: the host RSS column does not include it (the run log prints both).
 
 Workloads: (a) the tiny golden model (128×128, 9 frames, text_len 16, one step, the same tiling as (b)); (b) random bf16
 weights with the exact Wan 2.1 T2V-1.3B shapes (30 blocks, dim 1536, ffn 8960, 12 heads; the real VAE;
 UMT5-XXL shapes with the encoder cut to 1 layer), 128×128, 5 frames, text_len 512, one denoising step
 with CFG, tiles of at most 8 latent px with ≥ 25 % overlap (on the 16×16 latent: 3×3 tiles of 7 px) and a
 2-px halo. Reproduce: \`npm run bench:memory -- --json rows.json\` (the 1.3B folder, 3.4 GB, is generated
-once into .cache/ and reused; run it alone: it needs ~10 GB of host memory). Times on this shared 2-core
+once into .cache/ and reused; run it alone: it needs up to ~16 GB of host memory, RSS plus lavapipe's shared memory). Times on this shared 2-core
 lavapipe machine are noisy; the ratios are from one process.`;
 
 const OUTRO = `## Reading it
