@@ -43,19 +43,19 @@ describe('demo-model detector', () => {
 });
 
 describe.runIf(existsSync(join(ROOT, 'weights', 'demo', 'model_index.json')))('demo model draws the prompt (engine, fixed seeds)', () => {
-  // The issue's target is >= 90% on every count. Measured with this model (training step 9000) at its
-  // recommended guidance 3.5 (weights/demo/smart_diffusion.json): seen color 90 %, seen direction 90 %,
-  // held-out color 100 %, held-out direction 100 % (at guidance 5: seen color 75 %). The thresholds
-  // leave one video of margin on the seen split (a different CPU's LLVM code generation in lavapipe can
-  // flip a borderline video): an engine regression or a worse model still fails the test.
-  it('color and direction accuracy on seen and on held-out combinations (held-out >= 90%, seen >= 85%)', async () => {
+  // The issue's target is >= 90% on every count, asserted as such. Measured with this model (the
+  // 2026-11-28 run: DiT dim 192, 5200 steps, 100 min of training) at its recommended guidance 3.5
+  // (weights/demo/smart_diffusion.json): seen color 100 %, seen direction 95 %, held-out color 100 %,
+  // held-out direction 100 % (margin: two videos on seen color, one on each other count). The previous
+  // model (dim 128) measured 90 / 90 / 100 / 100 % here and ran against a seen threshold of 85 %.
+  it('color and direction accuracy on seen and on held-out combinations (>= 90% on each)', async () => {
     const res = await evalDemo({ heldoutPerCombo: 1, seeds: 1 });
     const fails = res.rows.filter((r) => !r.colorOk || !r.dirOk).map((r) => `${r.split}: ${r.prompt} -> ${r.dominant}, moved ${r.displacement.join(',')}`);
     console.log(`demo model: ${JSON.stringify(res.summary)} in ${res.seconds.toFixed(0)} s${fails.length ? '\n  ' + fails.join('\n  ') : ''}`);
     expect(res.summary.heldout.n).toBe(10);
     expect(res.summary.seen.n).toBe(20);
-    expect(res.summary.seen.colorAcc).toBeGreaterThanOrEqual(0.85);
-    expect(res.summary.seen.directionAcc).toBeGreaterThanOrEqual(0.85);
+    expect(res.summary.seen.colorAcc).toBeGreaterThanOrEqual(0.9);
+    expect(res.summary.seen.directionAcc).toBeGreaterThanOrEqual(0.9);
     expect(res.summary.heldout.colorAcc).toBeGreaterThanOrEqual(0.9);
     expect(res.summary.heldout.directionAcc).toBeGreaterThanOrEqual(0.9);
   }, 1_200_000);
