@@ -17,14 +17,24 @@ Usage:
                                    [--shift 5] [--json out.json] [--sheet docs/images/samples.png]
 Reads the recommended defaults from <model>/smart_diffusion.json when present.
 """
-import argparse
-import json
 import os
 import sys
-import time
 
-import numpy as np
-import torch
+OPENBLAS = '/usr/lib/x86_64-linux-gnu/openblas-pthread'
+if __name__ == '__main__' and os.path.isdir(OPENBLAS) and OPENBLAS not in os.environ.get('LD_LIBRARY_PATH', '').split(':'):
+    # as train.py does: Debian's torch links the reference BLAS (~10x slower here); OpenBLAS at one thread,
+    # torch's own threads (--threads) do the parallel work
+    env = dict(os.environ)
+    env['LD_LIBRARY_PATH'] = OPENBLAS + (':' + env['LD_LIBRARY_PATH'] if env.get('LD_LIBRARY_PATH') else '')
+    env.setdefault('OPENBLAS_NUM_THREADS', '1')
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
