@@ -20,14 +20,9 @@ Reads the recommended defaults from <model>/smart_diffusion.json when present.
 import os
 import sys
 
-OPENBLAS = '/usr/lib/x86_64-linux-gnu/openblas-pthread'
-if __name__ == '__main__' and os.path.isdir(OPENBLAS) and OPENBLAS not in os.environ.get('LD_LIBRARY_PATH', '').split(':'):
-    # as train.py does: Debian's torch links the reference BLAS (~10x slower here); OpenBLAS at one thread,
-    # torch's own threads (--threads) do the parallel work
-    env = dict(os.environ)
-    env['LD_LIBRARY_PATH'] = OPENBLAS + (':' + env['LD_LIBRARY_PATH'] if env.get('LD_LIBRARY_PATH') else '')
-    env.setdefault('OPENBLAS_NUM_THREADS', '1')
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+if __name__ == '__main__':
+    from openblas import reexec_with_openblas  # before torch: Debian's reference BLAS is ~10x slower
+    reexec_with_openblas()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
