@@ -1,5 +1,5 @@
 // Tiled VAE decode on a larger VAE config than the tiny golden one (base_dim 24, a non-square
-// 12x16 latent cut into 8-pixel tiles): seamless and within 40 dB PSNR of the untiled decode.
+// 12x16 latent cut into 8-pixel tiles): equal to the untiled decode (so >= 40 dB PSNR, no seam).
 import { describe, it, expect } from 'vitest';
 import { getEngine, Rng } from './helpers/gpu.ts';
 import { WanVaeDecoder, vaeDimsFromConfig } from '../src/models/wan_vae/model.ts';
@@ -25,6 +25,10 @@ describe('tiled VAE decode, larger config', () => {
     expect(tiled.shape).toEqual(full.shape);
     const p = psnr(tiled.video, full.video);
     expect(p).toBeGreaterThanOrEqual(40);
+    // the default halo covers the tiled stage's receptive field: the same numbers as the untiled decode
+    let maxErr = 0;
+    for (let i = 0; i < full.video.length; i++) maxErr = Math.max(maxErr, Math.abs(tiled.video[i]! - full.video[i]!));
+    expect(maxErr).toBeLessThanOrEqual(1e-6);
     // and the decode is not trivial (a flat video would pass any PSNR)
     let lo = Infinity;
     let hi = -Infinity;

@@ -295,6 +295,13 @@ function window(e: Engine, t: Tensor, firstElem: number, endElem: number, align:
   return { bind: { buffer: t.buffer, offset: aligned, size }, off: (start - aligned) / es };
 }
 
+/**
+ * Output columns of one row per workgroup of the 3×3 paths (the kernels' TILE): a row of W columns
+ * costs ceil(W / 64) workgroups, so widths just over a multiple of 64 waste most of a workgroup
+ * (the tiled VAE decode plans its tile widths around this).
+ */
+export const K3_TILE_COLUMNS = 64;
+
 function conv3dGpu(e: Engine, op: string, g: Geo, { x, w, b }: ConvInputs, a: Conv3dAttrs): Tensor {
   const outDt = a.out ?? x.dtype;
   const y = e.empty([g.B, g.Co, g.To, g.Ho, g.Wo], outDt);
@@ -318,7 +325,7 @@ function conv3dGpu(e: Engine, op: string, g: Geo, { x, w, b }: ConvInputs, a: Co
   // the only override: every distinct value is a pipeline variant that lavapipe compiles for
   // seconds on first use, so the bias and vec4 choices are Params fields
   const constants: Record<string, number> = { W_DTYPE: dtypeCode(w.dtype) };
-  const tileW = path === 'generic' ? 256 : 64; // positions per workgroup (kernels' TILE)
+  const tileW = path === 'generic' ? 256 : K3_TILE_COLUMNS; // positions per workgroup (kernels' TILE)
   const tn = path === 'generic' ? 4 : 8;
   for (const c of chunks) {
     const [f0, f1] = inputFrames(g, c.t0, c.t1);

@@ -5,24 +5,99 @@
 
 import type { Engine } from '../runtime/engine.ts';
 import { WanVaeDecoder, CausalCache, sliceFrames, concatTime } from '../models/wan_vae/model.ts';
+import { K3_TILE_COLUMNS } from '../ops/conv.ts';
+
+/** Tiles along one axis: tile i covers latent pixels [starts[i], starts[i] + lens[i]). */
+export interface AxisPlan {
+  starts: number[];
+  lens: number[];
+}
 
 /**
- * Where the tiles go along one axis: the fewest tiles of at most `tile` latent pixels that cover
- * [0, size) with every overlap >= ceil(overlapFrac * len), then the shortest tile length that still
- * does (less recomputed work), spread evenly. E.g. size 16, tile 8, 25 %: three 7-pixel tiles at
- * 0, 4, 9 (overlaps 3 and 2) instead of 8-pixel tiles at 0, 6, 8.
+ * Where the tiles go along one axis, by the work they cost. Constraints: tiles of at most `tile`
+ * latent pixels covering [0, size), each overlap with a neighbour >= ceil(overlapFrac × the longer
+ * of the two) (and >= 1). Cost of a tile: the latent pixels it decodes, i.e. the tile plus `halo`
+ * on each side that is inside the image, rounded up to `quantum` (the x axis: the 3×3 conv kernels
+ * cost whole 64-column workgroups, so a 72-px-wide region costs as much as 128 px). The plan with
+ * the least total cost wins, then the fewest tiles, then the fewest decoded pixels. Tiles may differ
+ * in length: on a 16-px axis with tiles of 8, halo 1 and quantum 8, the tiles [0,7) [5,11) [9,16)
+ * decode [0,8) [4,12) [8,16), 3 × 64 px, where three equal tiles of 7 would decode 64 + 72 + 64 px
+ * (4 workgroups per row instead of 3). Exact dynamic programming over (start, length); beyond
+ * ~3e7 steps (very long axes with very large tiles) it falls back to equal tiles spread evenly.
  */
-export function tilePlan(size: number, tile: number, overlapFrac: number): { starts: number[]; len: number } {
-  if (size <= tile) return { starts: [0], len: size };
-  const ovOf = (t: number) => Math.max(1, Math.ceil(overlapFrac * t));
-  for (let n = 2; ; n++) {
+export function planTiles(size: number, tile: number, overlapFrac: number, halo = 0, quantum = 1): AxisPlan {
+  if (!(size >= 1) || !(tile >= 1)) throw new Error(`[vae] cannot tile ${size} latent pixels with tiles of ${tile}`);
+  if (size <= tile) return { starts: [0], lens: [size] };
+  const T = Math.min(tile, size);
+  const ovMin = (l1: number, l2: number) => Math.max(1, Math.ceil(overlapFrac * Math.max(l1, l2) - 1e-9));
+  if (size * T * T * T > 3e7) return evenPlan(size, T, overlapFrac);
+  const cost = (a: number, len: number) => Math.ceil((Math.min(size, a + len + halo) - Math.max(0, a - halo)) / quantum) * quantum;
+  const raw = (a: number, len: number) => Math.min(size, a + len + halo) - Math.max(0, a - halo);
+  // state (a, len): best plan covering [0, a + len) whose last tile is [a, a + len)
+  const idx = (a: number, len: number) => a * (T + 1) + len;
+  const n = size * (T + 1);
+  const bestC = new Float64Array(n).fill(Infinity);
+  const bestN = new Int32Array(n);
+  const bestR = new Float64Array(n);
+  const parent = new Int32Array(n).fill(-1);
+  const better = (c: number, k: number, r: number, i: number) =>
+    c < bestC[i]! || (c === bestC[i]! && (k < bestN[i]! || (k === bestN[i]! && r < bestR[i]!)));
+  for (let len = 1; len <= T; len++) {
+    const i = idx(0, len);
+    bestC[i] = cost(0, len);
+    bestN[i] = 1;
+    bestR[i] = raw(0, len);
+  }
+  let final = -1;
+  for (let a = 0; a < size; a++) {
+    for (let len = 1; len <= T && a + len <= size; len++) {
+      const i = idx(a, len);
+      if (a > 0) {
+        // previous tile [a2, b2) with a2 < a < b2 < a + len
+        for (let o = 1; o < len; o++) {
+          const b2 = a + o;
+          for (let len2 = o + 1; len2 <= T; len2++) {
+            const a2 = b2 - len2;
+            if (a2 < 0) break;
+            if (o < ovMin(len, len2)) continue;
+            const j = idx(a2, len2);
+            if (bestC[j] === Infinity) continue;
+            const c = bestC[j]! + cost(a, len);
+            const k = bestN[j]! + 1;
+            const r = bestR[j]! + raw(a, len);
+            if (better(c, k, r, i)) {
+              bestC[i] = c;
+              bestN[i] = k;
+              bestR[i] = r;
+              parent[i] = j;
+            }
+          }
+        }
+      }
+      if (a + len === size && bestC[i] !== Infinity && (final < 0 || better(bestC[i]!, bestN[i]!, bestR[i]!, final))) final = i;
+    }
+  }
+  if (final < 0) return evenPlan(size, T, overlapFrac);
+  const starts: number[] = [];
+  const lens: number[] = [];
+  for (let i = final; i >= 0; i = parent[i]!) {
+    starts.unshift(Math.floor(i / (T + 1)));
+    lens.unshift(i % (T + 1));
+  }
+  return { starts, lens };
+}
+
+/** Equal tiles: the fewest of at most `tile` pixels with every overlap >= ceil(overlapFrac × len), spread evenly. */
+function evenPlan(size: number, tile: number, overlapFrac: number): AxisPlan {
+  const ovOf = (t: number) => Math.max(1, Math.ceil(overlapFrac * t - 1e-9));
+  for (let n = 2; n <= size; n++) {
     for (let t = Math.max(2, Math.ceil(size / n)); t <= tile; t++) {
       if (n * t - (n - 1) * ovOf(t) < size) continue;
       const starts = Array.from({ length: n }, (_, i) => Math.floor((i * (size - t)) / (n - 1)));
-      return { starts, len: t };
+      return { starts, lens: starts.map(() => t) };
     }
-    if (n > size) throw new Error(`[vae] cannot tile ${size} latent pixels with tiles of ${tile} and ${overlapFrac * 100}% overlap`);
   }
+  throw new Error(`[vae] cannot tile ${size} latent pixels with tiles of ${tile} and ${overlapFrac * 100}% overlap`);
 }
 
 /** Linear blend weights of one tile along one axis (video pixels). */
@@ -41,20 +116,15 @@ function axisWeights(start: number, end: number, prevEnd: number | null, nextSta
 }
 
 /**
- * Latent pixels of context decoded around each tile and cropped away (TiledDecodeOptions.halo).
- * Measured (tile 8, 25 % overlap, PSNR vs untiled): random base_dim-24 VAE 26.8 / 34.0 / 42.6 dB at
- * halo 0 / 1 / 2; the trained demo VAE at 128 px 44.9 / 61.8 / 74.2 dB. 2 keeps the random (worst)
- * case above 40 dB.
+ * Up blocks run on whole frames before tiling (see decodeTiled): on the Wan 2.1 VAE (4 up blocks)
+ * only the last up block, norm_out and conv_out run per tile. Measured side by side (real Wan 2.1 VAE
+ * shapes, base_dim 96, random weights, latent [16, 2, 16, 16], tiles of 8, lavapipe, 2026-11-28):
+ * tiled / untiled decode time 3.41× with 2 whole-frame up blocks and a 2-px halo (PSNR 124.7 dB),
+ * 1.49× with 3 and a 1-px halo (bit-identical); peak activation bytes 157 / 185 MiB, untiled 347 MiB.
+ * The stage after up block 2 is the one at the video's resolution, and its receptive radius is under
+ * one latent pixel (7 video px), so a 1-px halo makes the tiles exact.
  */
-export const DEFAULT_HALO = 2;
-
-/**
- * Up blocks run on whole frames before tiling (see decodeTiled). Measured side by side (random VAE,
- * latent [16, 2, 16, 16], tiles of 8, lavapipe): tiled / whole-frame decode time 4.28 -> 3.40
- * (base_dim 24) and 4.99 -> 3.24 (base_dim 48) going from 0 to 2; PSNR vs untiled 42.6 -> 120 dB and
- * 44.6 -> 124 dB (the 2-px halo now covers the tiled stages' receptive field almost exactly).
- */
-export const STEM_UP_BLOCKS = 2;
+export const STEM_STAGES = 5;
 
 export interface TiledDecodeOptions {
   /** tile size in latent pixels */
@@ -63,10 +133,13 @@ export interface TiledDecodeOptions {
   overlap: number;
   /**
    * extra latent pixels decoded around each tile and cropped away (context for the convolutions
-   * at the tile border); default DEFAULT_HALO
+   * at the tile border); default: the tiled stages' receptive radius rounded up
+   * (WanVaeDecoder.headRadius), which makes every tile equal to the untiled decode
    */
   halo?: number;
   framesPerChunk?: number;
+  /** up-block stages run on whole frames before tiling (WanVaeDecoder.runStages); default STEM_STAGES */
+  stemStages?: number;
   onTile?: (done: number, total: number) => void;
 }
 
@@ -85,20 +158,19 @@ export async function decodeTiled(
   opts: TiledDecodeOptions,
 ): Promise<{ video: Float32Array; shape: [number, number, number, number]; tiles: number }> {
   const [C, F, H, W] = shape;
-  const py = tilePlan(H, opts.tile, opts.overlap);
-  const px = tilePlan(W, opts.tile, opts.overlap);
-  const halo = Math.max(0, opts.halo ?? DEFAULT_HALO);
+  // 1. stem on whole frames, kept in host memory: [Cm, Tc, H·su, W·su] per chunk. The stem includes the
+  // first up blocks (STEM_UP_BLOCKS): their memory is small next to the last stage's (which runs at
+  // the video's resolution), and tiling them would recompute a wide halo; only the last stage is tiled.
+  const stemUp = Math.max(0, Math.min(opts.stemStages ?? STEM_STAGES, vae.numStages - 1));
+  const halo = Math.max(0, opts.halo ?? Math.ceil(vae.headRadius(stemUp) - 1e-9));
+  // rows cost what they hold; columns cost whole workgroups of K3_TILE_COLUMNS output pixels
+  const quantumX = Math.max(1, Math.round(K3_TILE_COLUMNS / vae.stageScale(vae.numStages)));
+  const py = planTiles(H, opts.tile, opts.overlap, halo, 1);
+  const px = planTiles(W, opts.tile, opts.overlap, halo, quantumX);
   const ys = py.starts;
   const xs = px.starts;
-  const th = py.len;
-  const tw = px.len;
   const chunks = WanVaeDecoder.chunks(F, Math.max(1, opts.framesPerChunk ?? 1));
-  // 1. stem on whole frames, kept in host memory: [Cm, Tc, H·su, W·su] per chunk. The stem includes the
-  // first up blocks (STEM_UP_BLOCKS): they run at low resolution, where a narrow tile would leave the
-  // conv kernels' 64-column tiles mostly empty and their memory is small; only the high-resolution
-  // stages, where the memory goes, are tiled.
-  const stemUp = Math.max(0, Math.min(STEM_UP_BLOCKS, vae.up_blocks.length - 1));
-  const su = vae.upScale(stemUp);
+  const su = vae.stageScale(stemUp);
   const Hs = H * su;
   const Ws = W * su;
   const zr = vae.denormalize(z, C);
@@ -107,7 +179,7 @@ export async function decodeTiled(
   try {
     for (const [f0, f1] of chunks) {
       const x = e.fromHost(sliceFrames(zr, C, F, H, W, f0, f1), [1, C, f1 - f0, H, W], 'f32', 'activation');
-      const h = await vae.stem(x, stemCache, undefined, { upBlocks: stemUp, first: f0 === 0 });
+      const h = await vae.stem(x, stemCache, undefined, { stages: stemUp, first: f0 === 0 });
       x.dispose();
       stems.push({ data: (await h.toArray()) as Float32Array, Cm: h.size(1), Tc: h.size(2) });
       h.dispose();
@@ -128,6 +200,8 @@ export async function decodeTiled(
     for (let xi = 0; xi < xs.length; xi++) {
       const y0 = ys[yi]!;
       const x0 = xs[xi]!;
+      const th = py.lens[yi]!;
+      const tw = px.lens[xi]!;
       const ry0 = Math.max(0, y0 - halo);
       const ry1 = Math.min(H, y0 + th + halo);
       const rx0 = Math.max(0, x0 - halo);
@@ -172,8 +246,8 @@ export async function decodeTiled(
         out = new Float64Array(3 * T * Ho * Wo);
         wsum = new Float64Array(Ho * Wo);
       }
-      const wy = axisWeights(y0 * sf, (y0 + th) * sf, yi > 0 ? (ys[yi - 1]! + th) * sf : null, yi + 1 < ys.length ? ys[yi + 1]! * sf : null);
-      const wx = axisWeights(x0 * sf, (x0 + tw) * sf, xi > 0 ? (xs[xi - 1]! + tw) * sf : null, xi + 1 < xs.length ? xs[xi + 1]! * sf : null);
+      const wy = axisWeights(y0 * sf, (y0 + th) * sf, yi > 0 ? (ys[yi - 1]! + py.lens[yi - 1]!) * sf : null, yi + 1 < ys.length ? ys[yi + 1]! * sf : null);
+      const wx = axisWeights(x0 * sf, (x0 + tw) * sf, xi > 0 ? (xs[xi - 1]! + px.lens[xi - 1]!) * sf : null, xi + 1 < xs.length ? xs[xi + 1]! * sf : null);
       const oy0 = (y0 - ry0) * sf;
       const ox0 = (x0 - rx0) * sf;
       for (let y = 0; y < th * sf; y++) {

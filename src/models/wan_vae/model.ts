@@ -340,11 +340,11 @@ export class WanVaeDecoder extends Module {
 
   /**
    * The latent-resolution part of one decoder call: post_quant_conv, conv_in and the mid block
-   * (with its per-frame global attention). x: [B, zDim, Tc, H, W] de-normalized latents.
+   * (with its per-frame global attention), then optionally the first `stages` up-block stages
+   * (see runStages). x: [B, zDim, Tc, H, W] de-normalized latents.
    */
-  stem(x: Tensor, cache: CausalCache, traceStep?: (n: string, t: Tensor) => Promise<void>, opts: { upBlocks?: number; first?: boolean } = {}): Promise<Tensor> {
+  stem(x: Tensor, cache: CausalCache, traceStep?: (n: string, t: Tensor) => Promise<void>, opts: { stages?: number; first?: boolean } = {}): Promise<Tensor> {
     const e = x.engine!;
-    const nUp = opts.upBlocks ?? 0;
     return e.scopeAsync(async () => {
       const pq = this.post_quant_conv.forward(x, cache);
       if (traceStep) await traceStep('post_quant_conv_out', pq);
@@ -355,44 +355,69 @@ export class WanVaeDecoder extends Module {
       h = stepScoped(e, h, x, (t) => this.midAttn.forward(t));
       h = stepScoped(e, h, x, (t) => this.midRes1.forward(t, cache));
       if (traceStep) await traceStep('decoder_mid_out', h);
-      // optionally the first up blocks too (tiled decode: the low-resolution stages on whole frames)
-      for (let i = 0; i < nUp; i++) h = this.upBlock(e, i, h, x, cache, opts.first ?? false);
-      return h;
+      // optionally the first up-block stages too (tiled decode: the low-resolution stages on whole frames)
+      return this.runStages(e, 0, opts.stages ?? 0, h, x, cache, opts.first ?? false);
     });
   }
 
   /**
-   * The upsampling part of one decoder call (only local convolutions: it can run on spatial tiles):
-   * up blocks, norm_out, SiLU, conv_out. Returns the raw (unclamped) output [B, 3, T', 8H, 8W].
+   * The upsampling part of one decoder call from stage `fromStage` on (only local convolutions: it
+   * can run on spatial tiles): the remaining up-block stages, norm_out, SiLU, conv_out. Returns the
+   * raw (unclamped) output [B, 3, T', 8H, 8W].
    */
-  head(h: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>, fromUpBlock = 0): Promise<Tensor> {
+  head(h: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>, fromStage = 0): Promise<Tensor> {
     const e = h.engine!;
     return e.scopeAsync(async () => {
-      let x = h;
-      for (let i = fromUpBlock; i < this.up_blocks.length; i++) {
-        x = this.upBlock(e, i, x, h, cache, first);
-        if (traceStep) await traceStep(`decoder_up${i}_out`, x);
-      }
+      const x = await this.runStages(e, fromStage, this.numStages, h, h, cache, first, traceStep);
       return this.conv_out.forward(silu(this.norm_out.forward(x)), cache);
     });
   }
 
-  /** Up block i (resnets, then its upsampler) on x; frees x unless it is `input`. */
-  private upBlock(e: Engine, i: number, x: Tensor, input: Tensor, cache: CausalCache, first: boolean): Tensor {
-    const ub = this.up_blocks.at(i);
-    for (const r of ub.resnets.items) x = stepScoped(e, x, input, (t) => r.forward(t, cache));
-    if (ub.upsamplers) {
-      const up = ub.upsamplers.at(0);
-      x = stepScoped(e, x, input, (t) => up.forward(t, cache, first));
+  /** Up-block stages: stage 2i is up block i's resnets, stage 2i + 1 its upsampler (empty if none). */
+  get numStages(): number {
+    return 2 * this.up_blocks.length;
+  }
+
+  /** Runs stages [from, to) on x; frees each intermediate (and x unless it is `input`). */
+  private async runStages(e: Engine, from: number, to: number, x: Tensor, input: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
+    for (let s = from; s < to; s++) {
+        const ub = this.up_blocks.at(s >> 1);
+        if (s % 2 === 0) {
+          for (const r of ub.resnets.items) x = stepScoped(e, x, input, (t) => r.forward(t, cache));
+        } else if (ub.upsamplers) {
+          const up = ub.upsamplers.at(0);
+          x = stepScoped(e, x, input, (t) => up.forward(t, cache, first));
+        }
+        if (traceStep && s % 2 === 1) await traceStep(`decoder_up${s >> 1}_out`, x);
     }
     return x;
   }
 
-  /** Spatial scale of the output of up blocks [0, n) relative to the latent. */
-  upScale(n: number): number {
-    let s = 1;
-    for (let i = 0; i < n; i++) if (this.up_blocks.at(i).upsamplers) s *= 2;
-    return s;
+  /**
+   * Spatial receptive radius of head(fromStage), in latent pixels: every 3×3 convolution adds one
+   * pixel at its own scale (ResnetBlock conv1/conv2, the upsampler's conv after the ×2, conv_out);
+   * norms are per pixel and the shortcuts and time convs are 1×1 in space. A tile decoded with at
+   * least this much context around it equals the untiled decode inside the tile.
+   */
+  headRadius(fromStage: number): number {
+    let r = 0;
+    let sc = this.stageScale(fromStage);
+    for (let s = fromStage; s < this.numStages; s++) {
+      const ub = this.up_blocks.at(s >> 1);
+      if (s % 2 === 0) r += (2 * ub.resnets.items.length) / sc;
+      else if (ub.upsamplers) {
+        sc *= 2;
+        r += 1 / sc;
+      }
+    }
+    return r + 1 / sc; // conv_out
+  }
+
+  /** Spatial scale, relative to the latent, of the output of stages [0, s). */
+  stageScale(s: number): number {
+    let sc = 1;
+    for (let i = 1; i < s; i += 2) if (this.up_blocks.at(i >> 1).upsamplers) sc *= 2;
+    return sc;
   }
 
   /** One decoder call on a chunk [B, zDim, Tc, H, W] of de-normalized latents. */
