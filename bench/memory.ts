@@ -1,4 +1,4 @@
-// `npm run bench:memory [-- --json FILE] [--models tiny,1.3b] [--levels 0,1,2,3,3s,3n] [--no-md] [--shared-device] [--verbose]`
+// `npm run bench:memory [-- --json FILE] [--models tiny,1.3b] [--levels 0,1,2,3,3s,3n] [--repeat N] [--no-md] [--shared-device] [--verbose]`
 // (level `Ns`: level N with the text encoder streamed block by block through the GPU,
 // `infer.text_encoder_device=gpu-stream`, instead of the CPU device; level `Nn`: level N with VAE tiling off)
 // Runs memory levels 0-3 in one process on (a) the tiny golden model and (b) a model with the real
@@ -67,6 +67,9 @@ async function main() {
   const levels = (arg('--levels') ?? '0,1,2,3,3s,3n').split(',').map((v) => ({ level: parseInt(v, 10) as 0 | 1 | 2 | 3, stream: v.endsWith('s'), untiled: v.endsWith('n'), tag: v.replace(/^\d/, '') }));
   if (levels.some((l) => !(l.level >= 0 && l.level <= 3) || !/^\d[sn]?$/.test(`${l.level}${l.tag}`)))
     throw new Error(`--levels: expected levels 0..3, optionally with s (text encoder streamed) or n (VAE tiling off), got ${arg('--levels')}`);
+  // --repeat N: the level list N times over (round-robin, so slow drifts of a shared machine hit every
+  // level alike); the summary gives each level's median time and the ratio of medians to level 0
+  const repeat = Math.max(1, Number(arg('--repeat') ?? 1));
   const cacheRoot = join(ROOT, '.cache', 'bench-models');
   const tokDir = join(ROOT, 'test', 'fixtures', 'tokenizer', 'legacy');
   const cases: Case[] = [];
@@ -107,6 +110,7 @@ async function main() {
       console.log(`== ${c.name}`);
       const dir = await c.dir();
       let base = 0;
+      for (let round = 0; round < repeat; round++)
       for (const { level, stream, untiled, tag } of levels) {
         releaseMatmulWorkspace(e);
         e.allocator.emptyCache();
@@ -142,6 +146,7 @@ async function main() {
           uploads: r.uploads ?? null,
           dit_block_bytes: pipe.dit.blocks.items[0]!.paramBytes(),
           dit_nonblock_bytes: pipe.dit.paramBytes() - pipe.dit.blocks.items.reduce((a, b) => a + b.paramBytes(), 0),
+          ...(repeat > 1 ? { round } : {}),
         };
         if (level === levels[0]!.level && !tag) base = secs;
         row.ratio_to_level0 = secs / base;
@@ -194,6 +199,27 @@ async function main() {
     releaseMatmulWorkspace(e);
     e.destroy();
   }
+  if (repeat > 1) {
+    const med = (v: number[]) => {
+      const a = [...v].sort((x, y) => x - y);
+      return a.length % 2 ? a[(a.length - 1) / 2]! : (a[a.length / 2 - 1]! + a[a.length / 2]!) / 2;
+    };
+    console.log(`medians over ${repeat} rounds:`);
+    for (const c of cases) {
+      const of = (r: Row) => `${r.level}${r.variant === 'te-gpu-stream' ? 's' : r.variant === 'untiled' ? 'n' : ''}`;
+      const mine = rows.filter((r) => r.model === c.name);
+      const keys = [...new Set(mine.map(of))];
+      const baseMed = med(mine.filter((r) => of(r) === keys[0]).map((r) => r.seconds));
+      for (const k of keys) {
+        const rs = mine.filter((r) => of(r) === k);
+        const phases = Object.fromEntries(Object.keys(rs[0]!.phase_seconds).map((ph) => [ph, +med(rs.map((r) => r.phase_seconds[ph] ?? 0)).toFixed(1)]));
+        console.log(
+          `  ${c.name} level ${k}: total ${rs.map((r) => r.seconds.toFixed(1)).join(' / ')} s, median ${med(rs.map((r) => r.seconds)).toFixed(1)} s ` +
+            `(x${(med(rs.map((r) => r.seconds)) / baseMed).toFixed(2)} level ${keys[0]}'s median; per-round ratios ${rs.map((r) => r.ratio_to_level0.toFixed(2)).join(' / ')}); median phases ${JSON.stringify(phases)}`,
+        );
+      }
+    }
+  }
   const json = arg('--json');
   if (json) {
     mkdirSync(dirname(resolve(json)), { recursive: true });
@@ -218,8 +244,8 @@ process's RSS: the host RSS column does not include it (the run log prints both)
 Workloads: (a) the tiny golden model (128×128, 9 frames, text_len 16, one step, the same tiling as (b)); (b) random bf16
 weights with the exact Wan 2.1 T2V-1.3B shapes (30 blocks, dim 1536, ffn 8960, 12 heads; the real VAE;
 UMT5-XXL shapes with the encoder cut to 1 layer), 128×128, 5 frames, text_len 512, one denoising step
-with CFG, tiles of at most 8 latent px with ≥ 25 % overlap (on the 16×16 latent: 3×3 tiles of 7 px) and a
-2-px halo. Reproduce: \`npm run bench:memory -- --json rows.json\` (the 1.3B folder, 3.4 GB, is generated
+with CFG, tiles of at most 8 latent px with ≥ 25 % overlap (on the 16×16 latent 3×3 tiles: [0,7) [5,11) [9,16)
+across, [0,8) [6,10) [8,16) down) and a 1-px halo, which makes the tiles exact. Reproduce: \`npm run bench:memory -- --json rows.json\` (the 1.3B folder, 3.4 GB, is generated
 once into .cache/ and reused; run it alone: it needs up to ~16 GB of host memory, RSS plus lavapipe's shared memory). Times on this shared 2-core
 lavapipe machine are noisy; the ratios are from one process.`;
 
@@ -233,13 +259,16 @@ const OUTRO = `## Reading it
   decoder sub-blocks); before that fix the 1.3B denoise kept all 30 blocks' intermediates alive (735 tensors,
   1.67 GiB at 128 tokens) and the level-3 peak was 1.89 GiB.
 - **Time.** With one denoising step at 128×128, decode weighs about half as much as denoising. Level 1+ pays
-  for tiling: up_blocks 0–1 (latent and 2× resolution) run on whole frames, and up_blocks 2–3 + conv_out (4× and
-  8× resolution, where the memory is) run per tile with a 2-latent-px halo of context, the ≥ 25 % overlaps
-  computed twice. On a 16×16 latent the three 7-px tiles per axis cover [0, 9), [2, 13), [7, 16) with their
-  halos: (29/16)² ≈ 3.3× the pixels of a whole-frame decode in the tiled stages, a cost any halo-exact tiling
-  must pay at this size (at 480×832, a 60×104 latent with 32-px tiles, it is ~1.8×). That is why the level-3 total
-  cannot come near level 0 on this workload while the decode is tiled; the "VAE tiling off" row measures
-  everything else level 3 does. The text encoder runs only the prompt's tokens (not all text_len = 512
+  for tiling: the stages below the video's resolution (up blocks 0–1 and up block 2's resnets) run on whole
+  frames, and the output-resolution stages (up block 2's upsampler, up block 3, conv_out) run per tile with a
+  1-latent-px halo, which is their exact receptive radius (tiled = untiled, bit for bit), the ≥ 25 % overlaps
+  computed twice. On a 16×16 latent the tiles decode [0,8) [4,12) [8,16) across and [0,9) [5,11) [7,16) down,
+  1.5 × 1.5 the pixels in the tiled stages (tiles planned for the least work, columns counted in the conv
+  kernels' 64-column workgroups); the tiled decode costs ~1.2–1.3× a whole-frame one here (it was 2.8–3.4×
+  with up block 2 tiled and a 2-px halo). At 128×128 with one step the denoise phase itself varies ±10 %
+  from run to run on this machine, as much as the whole target: the level-3/level-0 time ratio is only
+  meaningful as a median over repeated runs (\`--repeat N\`, quoted in the note above); the "VAE tiling
+  off" row measures everything else level 3 does. The text encoder runs only the prompt's tokens (not all text_len = 512
   positions: the same context as the official masked run, golden-checked), so the CPU-device encoder (level
   2+, JS kernels on worker threads) costs seconds, not minutes. The DiT streaming itself is measured by the
   denoise-phase ratio and the upload figures above.

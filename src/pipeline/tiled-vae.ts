@@ -116,13 +116,25 @@ function axisWeights(start: number, end: number, prevEnd: number | null, nextSta
 }
 
 /**
- * Up blocks run on whole frames before tiling (see decodeTiled): on the Wan 2.1 VAE (4 up blocks)
- * only the last up block, norm_out and conv_out run per tile. Measured side by side (real Wan 2.1 VAE
- * shapes, base_dim 96, random weights, latent [16, 2, 16, 16], tiles of 8, lavapipe, 2026-11-28):
- * tiled / untiled decode time 3.41× with 2 whole-frame up blocks and a 2-px halo (PSNR 124.7 dB),
- * 1.49× with 3 and a 1-px halo (bit-identical); peak activation bytes 157 / 185 MiB, untiled 347 MiB.
- * The stage after up block 2 is the one at the video's resolution, and its receptive radius is under
- * one latent pixel (7 video px), so a 1-px halo makes the tiles exact.
+ * Up-block stages run on whole frames before tiling (WanVaeDecoder.runStages: stage 2i = up block i's
+ * resnets, 2i + 1 its upsampler). 5 on the Wan 2.1 VAE: everything below the video's resolution runs on
+ * whole frames; up block 2's upsampler (whose nearest ×2 produces the first output-resolution tensor),
+ * up block 3, norm_out and conv_out run per tile. Their receptive radius is exactly 1 latent px
+ * (8 convs at 8×), so the default halo of 1 makes every tile equal to the untiled decode.
+ * Measured side by side on lavapipe, 2026-11-28 (random weights, 2 latent frames, tiles of 8 / 32,
+ * 25 % overlap; time and peak activation bytes of the tiled decode relative to the untiled one):
+ *
+ * | split (whole-frame stages) | halo | 1.3B VAE, 16×16 latent: time, peak | base_dim 24, 60×104 latent: time, peak |
+ * |---|---:|---|---|
+ * | 4 (up blocks 0–1)            | 2 | 3.41×, 157 / 347 MiB (124.7 dB) | — |
+ * | 4 (up blocks 0–1)            | 3 | —                         | 1.05×, 595 / 2114 MiB |
+ * | 5 (+ up block 2's resnets)   | 1 | 1.30×, 167 / 347 MiB (exact) | 1.11×, 1016 / 2114 MiB |
+ * | 6 (+ up block 2)             | 1 | 1.16–1.49×, 185 / 347 MiB (exact) | 0.81×, 1125 / 2114 MiB |
+ *
+ * 4 is the most frugal at large frames (it also tiles up block 2, whose whole-frame tensors are
+ * a quarter of the output resolution's) and the slowest on small ones (a 3-px halo at 4× scale on
+ * 8-px tiles); 5 keeps the output-resolution stages (where the memory grows with the video) tiled.
+ * Pass `stemStages` to choose.
  */
 export const STEM_STAGES = 5;
 
@@ -146,9 +158,10 @@ export interface TiledDecodeOptions {
 /**
  * Tiled decode. The latent-resolution stem of the decoder (post_quant_conv, conv_in, mid block with
  * its per-frame *global* attention) runs on the whole latent frame by frame: it is small (C×H×W at
- * latent resolution) and a global attention cannot be tiled without changing it. The upsampling
- * part, where the memory goes (channels × 64·H·W per frame), runs tile by tile with a halo of
- * context and its own causal cache, and the tiles are blended linearly across their overlaps.
+ * latent resolution) and a global attention cannot be tiled without changing it; so do the next
+ * up-block stages (STEM_STAGES). The output-resolution part, where the memory goes (channels ×
+ * 64·H·W per frame), runs tile by tile with a halo of context and its own causal cache, and the
+ * tiles are blended linearly across their overlaps.
  */
 export async function decodeTiled(
   e: Engine,
@@ -159,8 +172,8 @@ export async function decodeTiled(
 ): Promise<{ video: Float32Array; shape: [number, number, number, number]; tiles: number }> {
   const [C, F, H, W] = shape;
   // 1. stem on whole frames, kept in host memory: [Cm, Tc, H·su, W·su] per chunk. The stem includes the
-  // first up blocks (STEM_UP_BLOCKS): their memory is small next to the last stage's (which runs at
-  // the video's resolution), and tiling them would recompute a wide halo; only the last stage is tiled.
+  // up-block stages below the output resolution (STEM_STAGES): tiling them would recompute a wide halo
+  // at a low resolution, where narrow tiles also leave the conv kernels' 64-column workgroups half empty.
   const stemUp = Math.max(0, Math.min(opts.stemStages ?? STEM_STAGES, vae.numStages - 1));
   const halo = Math.max(0, opts.halo ?? Math.ceil(vae.headRadius(stemUp) - 1e-9));
   // rows cost what they hold; columns cost whole workgroups of K3_TILE_COLUMNS output pixels
