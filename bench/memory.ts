@@ -110,8 +110,7 @@ async function main() {
       console.log(`== ${c.name}`);
       const dir = await c.dir();
       let base = 0;
-      for (let round = 0; round < repeat; round++)
-      for (const { level, stream, untiled, tag } of levels) {
+      for (let round = 0; round < repeat; round++) for (const { level, stream, untiled, tag } of levels) {
         releaseMatmulWorkspace(e);
         e.allocator.emptyCache();
         e.allocator.resetPeakMemoryStats();

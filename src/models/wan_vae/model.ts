@@ -381,14 +381,14 @@ export class WanVaeDecoder extends Module {
   /** Runs stages [from, to) on x; frees each intermediate (and x unless it is `input`). */
   private async runStages(e: Engine, from: number, to: number, x: Tensor, input: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>): Promise<Tensor> {
     for (let s = from; s < to; s++) {
-        const ub = this.up_blocks.at(s >> 1);
-        if (s % 2 === 0) {
-          for (const r of ub.resnets.items) x = stepScoped(e, x, input, (t) => r.forward(t, cache));
-        } else if (ub.upsamplers) {
-          const up = ub.upsamplers.at(0);
-          x = stepScoped(e, x, input, (t) => up.forward(t, cache, first));
-        }
-        if (traceStep && s % 2 === 1) await traceStep(`decoder_up${s >> 1}_out`, x);
+      const ub = this.up_blocks.at(s >> 1);
+      if (s % 2 === 0) {
+        for (const r of ub.resnets.items) x = stepScoped(e, x, input, (t) => r.forward(t, cache));
+      } else if (ub.upsamplers) {
+        const up = ub.upsamplers.at(0);
+        x = stepScoped(e, x, input, (t) => up.forward(t, cache, first));
+      }
+      if (traceStep && s % 2 === 1) await traceStep(`decoder_up${s >> 1}_out`, x);
     }
     return x;
   }
