@@ -30,10 +30,10 @@ export function planTiles(size: number, tile: number, overlapFrac: number, halo 
   if (!(size >= 1) || !(tile >= 1)) throw new Error(`[vae] cannot tile ${size} latent pixels with tiles of ${tile}`);
   if (size <= tile) return { starts: [0], lens: [size] };
   const T = Math.min(tile, size);
-  const ovMin = (l1: number, l2: number) => Math.max(1, Math.ceil(overlapFrac * Math.max(l1, l2) - 1e-9));
+  const ovMin = (l1: number, l2: number) => minOverlap(overlapFrac, Math.max(l1, l2));
   if (size * T * T * T > 3e7) return evenPlan(size, T, overlapFrac);
-  const cost = (a: number, len: number) => Math.ceil((Math.min(size, a + len + halo) - Math.max(0, a - halo)) / quantum) * quantum;
   const raw = (a: number, len: number) => Math.min(size, a + len + halo) - Math.max(0, a - halo);
+  const cost = (a: number, len: number) => Math.ceil(raw(a, len) / quantum) * quantum;
   // state (a, len): best plan covering [0, a + len) whose last tile is [a, a + len)
   const idx = (a: number, len: number) => a * (T + 1) + len;
   const n = size * (T + 1);
@@ -88,9 +88,14 @@ export function planTiles(size: number, tile: number, overlapFrac: number, halo 
   return { starts, lens };
 }
 
+/** The least overlap (latent px) a tile of `len` needs with a neighbour: overlapFrac of it, at least 1. */
+function minOverlap(overlapFrac: number, len: number): number {
+  return Math.max(1, Math.ceil(overlapFrac * len - 1e-9));
+}
+
 /** Equal tiles: the fewest of at most `tile` pixels with every overlap >= ceil(overlapFrac × len), spread evenly. */
 function evenPlan(size: number, tile: number, overlapFrac: number): AxisPlan {
-  const ovOf = (t: number) => Math.max(1, Math.ceil(overlapFrac * t - 1e-9));
+  const ovOf = (t: number) => minOverlap(overlapFrac, t);
   for (let n = 2; n <= size; n++) {
     for (let t = Math.max(2, Math.ceil(size / n)); t <= tile; t++) {
       if (n * t - (n - 1) * ovOf(t) < size) continue;
@@ -175,8 +180,8 @@ export async function decodeTiled(
   // 1. stem on whole frames, kept in host memory: [Cm, Tc, H·su, W·su] per chunk. The stem includes the
   // up-block stages below the output resolution (STEM_STAGES): tiling them would recompute a wide halo
   // at a low resolution, where narrow tiles also leave the conv kernels' 64-column workgroups half empty.
-  const stemUp = Math.max(0, Math.min(opts.stemStages ?? STEM_STAGES, vae.numStages - 1));
-  const halo = Math.max(0, opts.halo ?? Math.ceil(vae.headRadius(stemUp) - 1e-9));
+  const stemStages = Math.max(0, Math.min(opts.stemStages ?? STEM_STAGES, vae.numStages - 1));
+  const halo = Math.max(0, opts.halo ?? Math.ceil(vae.headRadius(stemStages) - 1e-9));
   // rows cost what they hold; columns cost whole workgroups of K3_TILE_COLUMNS output pixels
   const quantumX = Math.max(1, Math.round(K3_TILE_COLUMNS / vae.stageScale(vae.numStages)));
   const py = planTiles(H, opts.tile, opts.overlap, halo, 1);
@@ -184,7 +189,7 @@ export async function decodeTiled(
   const ys = py.starts;
   const xs = px.starts;
   const chunks = WanVaeDecoder.chunks(F, Math.max(1, opts.framesPerChunk ?? 1));
-  const su = vae.stageScale(stemUp);
+  const su = vae.stageScale(stemStages);
   const Hs = H * su;
   const Ws = W * su;
   const zr = vae.denormalize(z, C);
@@ -193,7 +198,7 @@ export async function decodeTiled(
   try {
     for (const [f0, f1] of chunks) {
       const x = e.fromHost(sliceFrames(zr, C, F, H, W, f0, f1), [1, C, f1 - f0, H, W], 'f32', 'activation');
-      const h = await vae.stem(x, stemCache, undefined, { stages: stemUp, first: f0 === 0 });
+      const h = await vae.stem(x, stemCache, undefined, { stages: stemStages, first: f0 === 0 });
       x.dispose();
       stems.push({ data: (await h.toArray()) as Float32Array, Cm: h.size(1), Tc: h.size(2) });
       h.dispose();
@@ -239,7 +244,7 @@ export async function decodeTiled(
               crop.set(data.subarray(src, src + cw), (c * ch + y) * cw);
             }
           const hc = e.fromHost(crop, [1, Cm, Tc, ch, cw], 'f32', 'activation');
-          const o = await vae.head(hc, cache, k === 0, undefined, stemUp);
+          const o = await vae.head(hc, cache, k === 0, undefined, stemStages);
           hc.dispose();
           outC = o.size(1);
           hh = o.size(3);
