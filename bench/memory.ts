@@ -77,7 +77,7 @@ async function main() {
     cases.push({
       name: 'tiny (golden)',
       dir: async () => tinyModelWithTokenizer(),
-      config: { 'infer.height': 128, 'infer.width': 128, 'infer.num_frames': 9, 'infer.num_inference_steps': 1, 'infer.text_len': 16, 'infer.vae_tile_size': 8, 'infer.vae_tile_overlap': 0.25 },
+      config: { 'infer.height': 128, 'infer.width': 128, 'infer.num_frames': 9, 'infer.num_inference_steps': 1, 'infer.text_len': 16, 'infer.vae_tile_overlap': 0.25 },
     });
   const teLayers = Number(arg('--t5-layers') ?? 1);
   if (models.includes('1.3b'))
@@ -91,7 +91,6 @@ async function main() {
         'infer.num_frames': 5,
         'infer.num_inference_steps': 1,
         'infer.text_len': 512,
-        'infer.vae_tile_size': 8,
         'infer.vae_tile_overlap': 0.25,
       },
     });
@@ -243,8 +242,9 @@ process's RSS: the host RSS column does not include it (the run log prints both)
 Workloads: (a) the tiny golden model (128×128, 9 frames, text_len 16, one step, the same tiling as (b)); (b) random bf16
 weights with the exact Wan 2.1 T2V-1.3B shapes (30 blocks, dim 1536, ffn 8960, 12 heads; the real VAE;
 UMT5-XXL shapes with the encoder cut to 1 layer), 128×128, 5 frames, text_len 512, one denoising step
-with CFG, tiles of at most 8 latent px with ≥ 25 % overlap (on the 16×16 latent 3×3 tiles: [0,7) [5,11) [9,16)
-across, [0,8) [6,10) [8,16) down) and a 1-px halo, which makes the tiles exact. Reproduce: \`npm run bench:memory -- --json rows.json\` (the 1.3B folder, 3.4 GB, is generated
+with CFG, auto tiles (\`infer.vae_tile_size=0\`, the default: the least work whose largest tile's working set
+is within the whole-frame stages'; on the 16×16 latent three full-height tiles [0,7) [5,11) [9,16) across,
+≥ 25 % overlap) and a 1-px halo, which makes the tiles exact. Reproduce: \`npm run bench:memory -- --json rows.json\` (the 1.3B folder, 3.4 GB, is generated
 once into .cache/ and reused; run it alone: it needs up to ~16 GB of host memory, RSS plus lavapipe's shared memory). Times on this shared 2-core
 lavapipe machine are noisy; the ratios are from one process.`;
 
@@ -261,10 +261,11 @@ const OUTRO = `## Reading it
   for tiling: the stages below the video's resolution (up blocks 0–1 and up block 2's resnets) run on whole
   frames, and the output-resolution stages (up block 2's upsampler, up block 3, conv_out) run per tile with a
   1-latent-px halo, which is their exact receptive radius (tiled = untiled, bit for bit), the ≥ 25 % overlaps
-  computed twice. On a 16×16 latent the tiles decode [0,8) [4,12) [8,16) across and [0,9) [5,11) [7,16) down,
-  1.5 × 1.5 the pixels in the tiled stages (tiles planned for the least work, columns counted in the conv
-  kernels' 64-column workgroups); the tiled decode costs ~1.2–1.3× a whole-frame one here (it was 2.8–3.4×
-  with up block 2 tiled and a 2-px halo). At 128×128 with one step the denoise phase itself varies ±10 %
+  computed twice. The tiles are sized from a working-set model of the decoder: no tile needs more memory
+  than the whole-frame stages already do (166.7 MiB here; an 8-px tile would need 84 MiB and cost 2.25× the
+  pixels in the tiled stages), so on the 16×16 latent the tiles decode [0,8) [4,12) [8,16) across and the
+  full height, 1.5× the pixels of a whole-frame decode in the tiled stages (2.25× with 8-px tiles, the
+  previous table's setting). At 128×128 with one step the denoise phase itself varies ±10 %
   from run to run on this machine, as much as the whole target: the level-3/level-0 time ratio is only
   meaningful as a median over repeated runs (\`--repeat N\`, quoted in the note above); the "VAE tiling
   off" row measures everything else level 3 does. The text encoder runs only the prompt's tokens (not all text_len = 512

@@ -71,6 +71,12 @@ describe('memory plan', () => {
     expect(plan(['infer.diffusion.low_mem_level=2'])).toMatchObject({ textEncoder: 'cpu', dit: 'resident', vae: 'resident', vaeTiling: true });
     expect(plan(['infer.diffusion.low_mem_level=3'])).toMatchObject({ textEncoder: 'cpu', dit: 'stream', vae: 'on-demand', vaeTiling: true });
   });
+  it('VAE tile size: 0 = auto (the default), >= 4 latent px otherwise', () => {
+    expect(plan(['infer.diffusion.low_mem_level=1']).tileSize).toBe(0);
+    expect(plan(['infer.vae_tile_size=16']).tileSize).toBe(16);
+    expect(() => plan(['infer.vae_tile_size=2'])).toThrow(/infer\.vae_tile_size=2.*at least 4/);
+    expect(() => plan(['infer.vae_tile_size=-1'])).toThrow(/vae_tile_size/);
+  });
   it('flags override the level either way', () => {
     expect(plan(['infer.diffusion.low_mem_level=3', 'infer.offload_dit=false', 'infer.vae_tiling=false'])).toMatchObject({ dit: 'resident', vaeTiling: false, textEncoder: 'cpu' });
     expect(plan(['infer.diffusion.low_mem_level=0', 'infer.offload_text_encoder=true', 'infer.text_encoder_device=gpu-stream'])).toMatchObject({ textEncoder: 'gpu-stream', dit: 'resident' });

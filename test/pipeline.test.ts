@@ -59,6 +59,7 @@ describe('pipeline on the tiny model', () => {
       { lowMemLevel: 1, vaeTiling: true, vaeTileSize: 8 }, // one tile covers the 8x8 latent
       // 3x3 tiles on the 8x8 latent: the halo covers the tiled stages' receptive field, so tiles are exact
       { lowMemLevel: 1, vaeTileSize: 4 },
+      { lowMemLevel: 1 }, // auto tiles (vae_tile_size 0): sized by the working-set estimate
       { lowMemLevel: 3, vaeTileSize: 4, vaeTileOverlap: 0.5, textEncoderDevice: 'gpu-stream' },
       { lowMemLevel: 3, vaeTiling: false, textEncoderDevice: 'gpu-stream', activationOffload: true },
     ];

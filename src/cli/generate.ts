@@ -276,7 +276,7 @@ async function main(): Promise<number> {
     const loadMs = performance.now() - tLoad;
     progress.record(
       { event: 'loaded', ms: loadMs, adapter: pipe.engine.adapterName, plan: pipe.plan },
-      `loaded in ${(loadMs / 1000).toFixed(1)} s on ${pipe.engine.adapterName}; memory level ${pipe.plan.level} (text encoder: ${pipe.plan.textEncoder}, DiT: ${pipe.plan.dit}, VAE: ${pipe.plan.vae}${pipe.plan.vaeTiling ? `, tiled ${pipe.plan.tileSize}` : ''})`,
+      `loaded in ${(loadMs / 1000).toFixed(1)} s on ${pipe.engine.adapterName}; memory level ${pipe.plan.level} (text encoder: ${pipe.plan.textEncoder}, DiT: ${pipe.plan.dit}, VAE: ${pipe.plan.vae}${pipe.plan.vaeTiling ? `, tiled ${pipe.plan.tileSize || 'auto'}` : ''})`,
     );
     const result: Partial<GenerateResult> = { timingsMs: { load: loadMs } };
     const req = {

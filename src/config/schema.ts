@@ -47,7 +47,7 @@ export const SCHEMA: readonly KeySpec[] = [
   { key: 'infer.offload_dit', type: { kind: 'boolOrAuto' }, default: 'auto', doc: 'stream DiT blocks from host memory (auto: level 3)' },
   { key: 'infer.offload_vae', type: { kind: 'boolOrAuto' }, default: 'auto', doc: 'load VAE weights to the GPU only for the decode phase (auto: level 3)' },
   { key: 'infer.vae_tiling', type: { kind: 'boolOrAuto' }, default: 'auto', doc: 'spatially tiled VAE decode (auto: level >= 1)' },
-  { key: 'infer.vae_tile_size', type: int(4, 1024), default: 32, doc: 'VAE tile size in latent pixels (×8 in the video)' },
+  { key: 'infer.vae_tile_size', type: int(0, 1024), default: 0, doc: "largest VAE tile in latent pixels (×8 in the video), >= 4; 0 = auto: the least work whose tiles need no more memory than the decoder's whole-frame stages" },
   { key: 'infer.vae_tile_overlap', type: float(0.25, 0.75), default: 0.25, doc: 'tile overlap as a fraction of the tile (>= 0.25: linear blend, no seams)' },
   { key: 'infer.text_encoder_device', type: { kind: 'enum', values: ['cpu', 'gpu-stream'] }, default: 'cpu', doc: "where the offloaded text encoder runs: 'cpu' device, or streamed block by block through the GPU" },
   { key: 'infer.activation_offload', type: { kind: 'bool' }, default: false, doc: 'keep the residual stream in host memory between DiT blocks (level 3, very long videos)' },

@@ -11,6 +11,7 @@
 // |       |                              | time with the next block prefetched   | during decode                   |
 
 import type { FlatConfig } from '../config/config.ts';
+import { ConfigError } from '../util/errors.ts';
 
 export interface MemoryPlan {
   level: 0 | 1 | 2 | 3;
@@ -21,7 +22,7 @@ export interface MemoryPlan {
   /** 'resident' (loaded with the model) or 'on-demand' (uploaded for the decode phase, freed after) */
   vae: 'resident' | 'on-demand';
   vaeTiling: boolean;
-  /** tile size in latent pixels */
+  /** the largest tile in latent pixels; 0 = auto (src/pipeline/tiled-vae.ts planAutoTiles) */
   tileSize: number;
   /** overlap as a fraction of the tile */
   tileOverlap: number;
@@ -39,13 +40,15 @@ export function memoryPlan(cfg: FlatConfig): MemoryPlan {
   const offVae = flag(cfg['infer.offload_vae'], level >= 3);
   const tiling = flag(cfg['infer.vae_tiling'], level >= 1);
   const teDev = String(cfg['infer.text_encoder_device'] ?? 'cpu') as 'cpu' | 'gpu-stream';
+  const tileSize = Number(cfg['infer.vae_tile_size'] ?? 0);
+  if (tileSize > 0 && tileSize < 4) throw new ConfigError(`infer.vae_tile_size=${tileSize}: tiles need at least 4 latent pixels (or 0 for auto)`);
   return {
     level,
     textEncoder: offTe ? teDev : 'gpu',
     dit: offDit ? 'stream' : 'resident',
     vae: offVae ? 'on-demand' : 'resident',
     vaeTiling: tiling,
-    tileSize: Number(cfg['infer.vae_tile_size'] ?? 32),
+    tileSize,
     tileOverlap: Number(cfg['infer.vae_tile_overlap'] ?? 0.25),
     activationOffload: Boolean(cfg['infer.activation_offload'] ?? false),
   };

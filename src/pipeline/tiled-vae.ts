@@ -3,6 +3,8 @@
 // memory is bounded by the tile, not the frame), and tiles are blended with linear ramps across
 // every overlap (weights sum to 1 everywhere). With the default halo (the tiled stages' receptive
 // radius) every tile equals the untiled decode, so the blend mixes equal values: tiling is exact.
+// Tile size 0 (the default, `infer.vae_tile_size=0`) sizes the tiles from a working-set estimate:
+// the least work whose largest tile needs no more memory than the whole-frame stages (planAutoTiles).
 
 import type { Engine } from '../runtime/engine.ts';
 import { WanVaeDecoder, CausalCache, sliceFrames, concatTime } from '../models/wan_vae/model.ts';
@@ -26,13 +28,13 @@ export interface AxisPlan {
  * (4 workgroups per row instead of 3). Exact dynamic programming over (start, length); beyond
  * ~3e7 steps (very long axes with very large tiles) it falls back to equal tiles spread evenly.
  */
-export function planTiles(size: number, tile: number, overlapFrac: number, halo = 0, quantum = 1): AxisPlan {
+export function planTiles(size: number, tile: number, overlapFrac: number, halo = 0, quantum = 1, dpLimit = 3e7): AxisPlan {
   if (!(size >= 1) || !(tile >= 1)) throw new Error(`[vae] cannot tile ${size} latent pixels with tiles of ${tile}`);
   if (size <= tile) return { starts: [0], lens: [size] };
   const T = Math.min(tile, size);
   const ovMin = (l1: number, l2: number) => minOverlap(overlapFrac, Math.max(l1, l2));
-  if (size * T * T * T > 3e7) return evenPlan(size, T, overlapFrac);
-  const raw = (a: number, len: number) => Math.min(size, a + len + halo) - Math.max(0, a - halo);
+  if (size * T * T * T > dpLimit) return evenPlan(size, T, overlapFrac);
+  const raw = (a: number, len: number) => regionOf(size, a, len, halo);
   const cost = (a: number, len: number) => Math.ceil(raw(a, len) / quantum) * quantum;
   // state (a, len): best plan covering [0, a + len) whose last tile is [a, a + len)
   const idx = (a: number, len: number) => a * (T + 1) + len;
@@ -86,6 +88,79 @@ export function planTiles(size: number, tile: number, overlapFrac: number, halo 
     lens.unshift(i % (T + 1));
   }
   return { starts, lens };
+}
+
+/** Latent pixels a tile decodes along one axis: the tile plus the halo inside the image. */
+function regionOf(size: number, start: number, len: number, halo: number): number {
+  return Math.min(size, start + len + halo) - Math.max(0, start - halo);
+}
+
+export interface AutoTilePlan {
+  py: AxisPlan;
+  px: AxisPlan;
+  /** estimated peak activation bytes of the whole-frame stages (the budget) and of the largest tile */
+  stemBytes: number;
+  tileBytes: number;
+}
+
+/**
+ * `infer.vae_tile_size = 0` (auto): the tiles that cost the least decoded work while the largest
+ * tile's estimated working set stays within the whole-frame stages' (WanVaeDecoder.workingSetBytes).
+ * The whole-frame stages run anyway, so their peak is the decode's floor; tiles smaller than that buy
+ * no memory and cost time (on the 1.3B VAE at 16×16 latent, 8-px tiles peak at 84 MiB under a
+ * 166 MiB stem). Each axis is planned for every tile size (planTiles), the pairs are scored by their
+ * work (rows × workgroup-rounded columns, halo included), ties go to fewer tiles. If no pair fits
+ * (a stem too small to matter), the pair with the smallest tiles (>= 4 px) wins.
+ */
+/** the smallest tile auto tiling considers (latent px; the least `infer.vae_tile_size` too) */
+const MIN_AUTO_TILE = 4;
+
+export function planAutoTiles(
+  vae: WanVaeDecoder,
+  H: number,
+  W: number,
+  F: number,
+  opts: { stemStages: number; halo: number; overlap: number; quantumX: number; framesPerChunk: number },
+): AutoTilePlan {
+  const kinds = new Map<string, [number, boolean]>();
+  for (const [f0, f1] of WanVaeDecoder.chunks(Math.max(1, F), Math.max(1, opts.framesPerChunk))) kinds.set(`${f1 - f0},${f0 === 0}`, [f1 - f0, f0 === 0]);
+  let stemBytes = 0;
+  let perPx = 0; // head bytes per latent px² of region (every term is proportional to the area)
+  for (const [t, first] of kinds.values()) {
+    stemBytes = Math.max(stemBytes, vae.workingSetBytes('stem', H, W, opts.stemStages, t, first));
+    perPx = Math.max(perPx, vae.workingSetBytes('head', 1, 1, opts.stemStages, t, first));
+  }
+  const axis = (size: number, quantum: number) => {
+    const out: Array<{ plan: AxisPlan; region: number; cost: number }> = [];
+    const seen = new Set<string>();
+    for (let t = size; t >= Math.min(size, MIN_AUTO_TILE); t--) {
+      let plan: AxisPlan;
+      try {
+        plan = planTiles(size, t, opts.overlap, opts.halo, quantum, 3e6);
+      } catch {
+        continue;
+      }
+      const key = plan.starts.join(',') + '/' + plan.lens.join(',');
+      if (seen.has(key)) continue;
+      seen.add(key);
+      const regions = plan.starts.map((a, i) => regionOf(size, a, plan.lens[i]!, opts.halo));
+      out.push({ plan, region: Math.max(...regions), cost: regions.reduce((c, r) => c + Math.ceil(r / quantum) * quantum, 0) });
+    }
+    return out;
+  };
+  const ys = axis(H, 1);
+  const xs = axis(W, opts.quantumX);
+  let best: { y: (typeof ys)[0]; x: (typeof xs)[0]; bytes: number; cost: number; n: number; fits: boolean } | null = null;
+  for (const y of ys)
+    for (const x of xs) {
+      const bytes = perPx * y.region * x.region;
+      const fits = bytes <= stemBytes;
+      const cost = y.cost * x.cost;
+      const n = y.plan.starts.length * x.plan.starts.length;
+      const better = !best || (fits && !best.fits) || (fits === best.fits && (fits ? cost < best.cost || (cost === best.cost && n < best.n) : bytes < best.bytes));
+      if (better) best = { y, x, bytes, cost, n, fits };
+    }
+  return { py: best!.y.plan, px: best!.x.plan, stemBytes, tileBytes: best!.bytes };
 }
 
 /** The least overlap (latent px) a tile of `len` needs with a neighbour: overlapFrac of it, at least 1. */
@@ -145,7 +220,7 @@ function axisWeights(start: number, end: number, prevEnd: number | null, nextSta
 export const STEM_STAGES = 5;
 
 export interface TiledDecodeOptions {
-  /** tile size in latent pixels */
+  /** the largest tile in latent pixels; 0: auto (planAutoTiles) */
   tile: number;
   /** overlap fraction of the tile (>= 0.25: linear blend across every overlap) */
   overlap: number;
@@ -184,8 +259,9 @@ export async function decodeTiled(
   const halo = Math.max(0, opts.halo ?? Math.ceil(vae.headRadius(stemStages) - 1e-9));
   // rows cost what they hold; columns cost whole workgroups of K3_TILE_COLUMNS output pixels
   const quantumX = Math.max(1, Math.round(K3_TILE_COLUMNS / vae.stageScale(vae.numStages)));
-  const py = planTiles(H, opts.tile, opts.overlap, halo, 1);
-  const px = planTiles(W, opts.tile, opts.overlap, halo, quantumX);
+  const auto = opts.tile > 0 ? null : planAutoTiles(vae, H, W, F, { stemStages, halo, overlap: opts.overlap, quantumX, framesPerChunk: opts.framesPerChunk ?? 1 });
+  const py = auto ? auto.py : planTiles(H, opts.tile, opts.overlap, halo, 1);
+  const px = auto ? auto.px : planTiles(W, opts.tile, opts.overlap, halo, quantumX);
   const ys = py.starts;
   const xs = px.starts;
   const chunks = WanVaeDecoder.chunks(F, Math.max(1, opts.framesPerChunk ?? 1));
