@@ -95,6 +95,9 @@ function regionOf(size: number, start: number, len: number, halo: number): numbe
   return Math.min(size, start + len + halo) - Math.max(0, start - halo);
 }
 
+/** the smallest tile auto tiling considers (latent px; the least `infer.vae_tile_size` too) */
+const MIN_AUTO_TILE = 4;
+
 export interface AutoTilePlan {
   py: AxisPlan;
   px: AxisPlan;
@@ -112,9 +115,6 @@ export interface AutoTilePlan {
  * work (rows × workgroup-rounded columns, halo included), ties go to fewer tiles. If no pair fits
  * (a stem too small to matter), the pair with the smallest tiles (>= 4 px) wins.
  */
-/** the smallest tile auto tiling considers (latent px; the least `infer.vae_tile_size` too) */
-const MIN_AUTO_TILE = 4;
-
 export function planAutoTiles(
   vae: WanVaeDecoder,
   H: number,
@@ -134,12 +134,7 @@ export function planAutoTiles(
     const out: Array<{ plan: AxisPlan; region: number; cost: number }> = [];
     const seen = new Set<string>();
     for (let t = size; t >= Math.min(size, MIN_AUTO_TILE); t--) {
-      let plan: AxisPlan;
-      try {
-        plan = planTiles(size, t, opts.overlap, opts.halo, quantum, 3e6);
-      } catch {
-        continue;
-      }
+      const plan = planTiles(size, t, opts.overlap, opts.halo, quantum, 3e6);
       const key = plan.starts.join(',') + '/' + plan.lens.join(',');
       if (seen.has(key)) continue;
       seen.add(key);

@@ -221,7 +221,7 @@ export class WanPipeline {
       const lvl = this.plan.level;
       const tips: string[] = [];
       if (phase === 'decode' && !this.plan.vaeTiling) tips.push('infer.diffusion.low_mem_level=1 (tiled VAE decode)');
-      if (phase === 'decode' && this.plan.vaeTiling) tips.push(`a smaller infer.vae_tile_size (now ${this.plan.tileSize || 'auto'})`);
+      if (phase === 'decode' && this.plan.vaeTiling) tips.push(this.plan.tileSize ? `a smaller infer.vae_tile_size (now ${this.plan.tileSize})` : 'an explicit small infer.vae_tile_size such as 8 (now auto, sized to the whole-frame stages\' peak)');
       if (phase === 'encode' && this.plan.textEncoder === 'gpu') tips.push('infer.diffusion.low_mem_level=2 (text encoder off the GPU)');
       if ((phase === 'denoise' || phase === 'load') && this.plan.dit === 'resident') tips.push('infer.diffusion.low_mem_level=3 (DiT blocks streamed from host memory)');
       if (lvl < 3 && tips.length === 0) tips.push(`infer.diffusion.low_mem_level=${Math.min(3, lvl + 1)}`);
