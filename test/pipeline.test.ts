@@ -99,6 +99,41 @@ describe('pipeline on the tiny model', () => {
     expect(l3.r.memory.perPhase.denoise!.peakAllocated).toBeLessThan(l0.r.memory.perPhase.denoise!.peakAllocated);
   });
 
+  it('level 3 serves request after request from host copies: no weight file read in a request, same video each time, nothing left on the GPU between phases', async () => {
+    const e = await getEngine();
+    const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCache: false, lowMemLevel: 3 });
+    try {
+      const outs: GenerateResult[] = [];
+      for (let k = 0; k < 2; k++) {
+        const loads: string[] = [];
+        const r = await pipe.generate({
+          prompt: PROMPT,
+          negativePrompt: 'blurry',
+          seed: 7,
+          numInferenceSteps: 1,
+          onProgress: (ev) => {
+            if (ev.type === 'load') loads.push(ev.component);
+          },
+        });
+        // text encoder (CPU device) and VAE host copies were made by fromPretrained
+        expect(loads).toEqual([]);
+        expect(r.uploads!.uploads).toBeGreaterThanOrEqual(2); // per-request statistics
+        outs.push(r);
+        // after the decode: neither the VAE nor the DiT ring holds GPU memory
+        const own = e.allocator.allocatedByOwner(1);
+        expect(own.get('vae') ?? 0).toBe(0);
+        expect(e.allocator.liveBlockList().filter((b) => b.owner.startsWith('dit.blocks.'))).toEqual([]);
+      }
+      expect(outs[1]!.uploads!.uploads).toBe(outs[0]!.uploads!.uploads);
+      expect(outs[1]!.uploads!.bytes).toBe(outs[0]!.uploads!.bytes);
+      // the CPU device's weights live in shared memory: its worker threads read them without a copy
+      expect(pipe.textEncoder.blocks.at(0).wi0.weight.t.data!.buffer).toBeInstanceOf(SharedArrayBuffer);
+      expect(maxDiff(outs[1]!.video, outs[0]!.video)).toBe(0);
+    } finally {
+      pipe.dispose();
+    }
+  });
+
   it('the prompt cache makes the second encode free', async () => {
     const e = await getEngine();
     const dir = mkdtempSync(join(tmpdir(), 'sd-pc-'));

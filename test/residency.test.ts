@@ -77,6 +77,31 @@ describe('StreamedBlocks', () => {
     });
   }
 
+  it('releaseDevice frees the slots and keeps the host images; the next acquire brings the ring back (same output, no re-pack)', async () => {
+    const x0 = new Rng(9).fillNormal(new Float32Array(3 * D));
+    const blocks = makeBlocks(4);
+    const res = new StreamedBlocks(e, blocks, 'test.slot');
+    const images = () => blocks.map((b) => (b.weight.t.data as Uint16Array).buffer);
+    const packed = images();
+    const out1 = await runChain(blocks, x0, 1, res);
+    const live = () => e.allocator.liveBlockList().filter((b) => b.owner.startsWith('test.')).length;
+    expect(live()).toBe(2);
+    res.releaseDevice();
+    expect(res.onDevice).toBe(false);
+    expect(live()).toBe(0);
+    for (const b of blocks) expect(b.weight.t.device).toBe('cpu');
+    res.resetStats();
+    const out2 = await runChain(blocks, x0, 1, res);
+    expect(res.onDevice).toBe(true);
+    expect(live()).toBe(2);
+    expect(res.stats.uploads).toBe(N_BLOCKS);
+    expect(Array.from(out2[0]!)).toEqual(Array.from(out1[0]!));
+    res.releaseDevice();
+    const again = images();
+    for (let i = 0; i < blocks.length; i++) expect(again[i]).toBe(packed[i]);
+    res.dispose();
+  });
+
   it('a second ring over the same blocks (the next generate at level 3) lets the first ring\'s host images go', async () => {
     const x0 = new Rng(9).fillNormal(new Float32Array(3 * D));
     const blocks = makeBlocks(4);

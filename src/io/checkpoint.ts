@@ -260,7 +260,12 @@ export function engineDTypeOf(dt: StDType): DType {
  * words (never widened); I32 → i32; U32 → u32; I64/U64 → i32 with a range check; smaller ints →
  * i32; F64 → f32 (rounded). `expectShape` throws with both shapes when the stored shape differs.
  */
-export async function readTensor(ckpt: Checkpoint, key: string, opts: { expectShape?: readonly number[]; what?: string } = {}): Promise<Tensor> {
+/**
+ * Read one tensor into host memory (64-bit types narrowed to 32). `shared`: F32/F16/BF16/I32/U32
+ * data is read straight into a SharedArrayBuffer, which the CPU device's worker threads read
+ * without a copy.
+ */
+export async function readTensor(ckpt: Checkpoint, key: string, opts: { expectShape?: readonly number[]; what?: string; shared?: boolean } = {}): Promise<Tensor> {
   const info = ckpt.info(key);
   const what = opts.what ? `${opts.what}: ` : '';
   if (opts.expectShape && !sameShape(info.shape, opts.expectShape)) {
@@ -268,23 +273,24 @@ export async function readTensor(ckpt: Checkpoint, key: string, opts: { expectSh
   }
   const dt = engineDTypeOf(info.dtype);
   const n = numel(info.shape);
+  const mem = (bytesPer: number): ArrayBufferLike => (opts.shared ? new SharedArrayBuffer(n * bytesPer) : new ArrayBuffer(n * bytesPer));
   let data: HostArray;
   switch (info.dtype) {
     case 'F32':
-      data = new Float32Array(n);
+      data = new Float32Array(mem(4));
       await ckpt.readInto(key, bytesOf(data));
       break;
     case 'F16':
     case 'BF16':
-      data = new Uint16Array(n);
+      data = new Uint16Array(mem(2));
       await ckpt.readInto(key, bytesOf(data));
       break;
     case 'I32':
-      data = new Int32Array(n);
+      data = new Int32Array(mem(4));
       await ckpt.readInto(key, bytesOf(data));
       break;
     case 'U32':
-      data = new Uint32Array(n);
+      data = new Uint32Array(mem(4));
       await ckpt.readInto(key, bytesOf(data));
       break;
     case 'F64': {

@@ -57,7 +57,8 @@ export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOpt
   let hostBytes = 0;
   let sinceSync = 0;
   for (const [key, p] of params) {
-    const host = await readTensor(ckpt, prefix + key, { expectShape: p.shape, what: opts.what ?? opts.owner });
+    // the CPU device (no engine) computes on worker threads: its weights go to shared memory
+    const host = await readTensor(ckpt, prefix + key, { expectShape: p.shape, what: opts.what ?? opts.owner, shared: !opts.engine });
     const dt = targetDtype(p, host.dtype, opts.weightDtype ?? 'checkpoint');
     const conv = convertHost(host, dt);
     setParam(p, conv, opts, key);

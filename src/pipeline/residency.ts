@@ -107,16 +107,52 @@ export class StreamedBlocks implements BlockResidency {
       this.views.push([]);
     }
     this.slotBytes = maxBytes;
-    for (let s = 0; s < numSlots; s++) {
-      this.slotTensors.push(e.keep(e.empty([maxBytes / 4], 'u32', `${owner}.${s}`)));
+    for (let i = 0; i < blocks.length; i++) this.inflight.push(null);
+    this.allocateDevice();
+  }
+
+  /** the GPU side: the slot ring and the staging ring */
+  private allocateDevice(): void {
+    const { e, owner, slotBytes } = this;
+    for (let s = 0; s < this.numSlots; s++) {
+      this.slotTensors.push(e.keep(e.empty([slotBytes / 4], 'u32', `${owner}.${s}`)));
       this.blockIn.push(-1);
       // host-visible staging memory (not GPU memory on a discrete card, like CUDA's pinned host
       // buffers, which torch.cuda.memory_allocated does not count either): outside the allocator
-      this.staging.push(e.device.createBuffer({ size: maxBytes, usage: GPUBufferUsage.MAP_WRITE | GPUBufferUsage.COPY_SRC, mappedAtCreation: true, label: `${owner}.staging.${s}` }));
+      this.staging.push(e.device.createBuffer({ size: slotBytes, usage: GPUBufferUsage.MAP_WRITE | GPUBufferUsage.COPY_SRC, mappedAtCreation: true, label: `${owner}.staging.${s}` }));
       this.stagingMapped.push(true);
       this.stagingBusy.push(null);
     }
-    for (let i = 0; i < blocks.length; i++) this.inflight.push(null);
+    this.stagingNext = 0;
+  }
+
+  /** true while the slots and staging buffers exist (see releaseDevice) */
+  get onDevice(): boolean {
+    return this.slotTensors.length > 0;
+  }
+
+  /**
+   * Give the GPU side back (slots and staging; the params point at their host images again) and
+   * keep the host images: the next acquire() or prefetch() allocates the ring again. Level 3 does
+   * this for the decode phase, so the VAE has the DiT's slots; re-packing the images instead would
+   * copy every block's weights again (2.8 GB for the 1.3B DiT) on each request.
+   */
+  releaseDevice(): void {
+    if (!this.onDevice) return;
+    for (let i = 0; i < this.images.length; i++) if (this.slotOf[i]! >= 0) this.detach(i);
+    this.inflight.fill(null);
+    for (const t of this.slotTensors) t.dispose();
+    this.slotTensors.length = 0;
+    this.blockIn.length = 0;
+    for (const b of this.staging) b.destroy();
+    this.staging.length = 0;
+    this.stagingMapped.length = 0;
+    this.stagingBusy.length = 0;
+  }
+
+  /** Zero the upload statistics (per request). */
+  resetStats(): void {
+    Object.assign(this.stats, { uploads: 0, bytes: 0, uploadMs: 0, stallMs: 0, prefetched: 0, exposedMs: 0 });
   }
 
   /** owner tag of block i's weights (e.g. 'dit.blocks.7') */
@@ -237,6 +273,7 @@ export class StreamedBlocks implements BlockResidency {
   }
 
   async acquire(i: number): Promise<void> {
+    if (!this.onDevice) this.allocateDevice();
     const pending = this.inflight[i];
     if (!pending && this.slotOf[i]! >= 0) return;
     const t0 = performance.now();
@@ -251,6 +288,7 @@ export class StreamedBlocks implements BlockResidency {
 
   prefetch(i: number): void {
     if (!this.prefetchEnabled || i >= this.images.length || this.slotOf[i]! >= 0) return;
+    if (!this.onDevice) this.allocateDevice();
     void this.startUpload(i, this.freeSlot(i)).catch(() => {}); // errors surface in acquire(i)
     this.stats.prefetched++;
   }
@@ -266,15 +304,11 @@ export class StreamedBlocks implements BlockResidency {
 
   /** Give the slots back and restore host params. */
   dispose(): void {
-    for (let i = 0; i < this.images.length; i++) if (this.slotOf[i]! >= 0) this.detach(i);
+    this.releaseDevice();
     // the params own their host tensors (views of the images) again; nothing else here keeps them
     for (const img of this.images) for (const { param } of img.entries) delete (param as { streamHost?: Tensor }).streamHost;
     this.images.length = 0;
     this.inflight.fill(null);
-    for (const t of this.slotTensors) t.dispose();
-    this.slotTensors.length = 0;
-    for (const b of this.staging) b.destroy();
-    this.staging.length = 0;
   }
 }
 

@@ -129,6 +129,8 @@ export class WanPipeline {
   readonly plan: MemoryPlan;
   private streamed: StreamedBlocks | null = null;
   private vaeLoaded = false;
+  /** level 3: the VAE's host copy (key -> host tensor in the weight dtype), uploaded per decode */
+  private vaeHost: Map<string, Tensor> | null = null;
   private teLoaded = false;
   private readonly promptCache: PromptCache | null;
   readonly componentBytes: Record<string, number> = {};
@@ -262,11 +264,31 @@ export class WanPipeline {
       this.streamed.ownerOf = (i) => `dit.blocks.${i}`;
     }
     this.componentBytes.dit = this.dit.paramBytes();
-    // text encoder: resident on the GPU, or kept on the CPU device
-    if (this.plan.textEncoder === 'gpu') await this.loadTextEncoder('gpu');
-    // VAE: resident now, or only for the decode phase
+    // Text encoder: resident on the GPU, or its host copy for the CPU device / the GPU stream. Every
+    // copy loads here, with the pipeline, as level 0's GPU copies do: a request never reads weight files.
+    await this.loadTextEncoder(this.plan.textEncoder);
+    // VAE: resident now, or a host copy now that goes to the GPU for the decode phase only
     if (this.plan.vae === 'resident') await this.loadVae();
+    else await this.loadVaeHost();
     await e.sync();
+  }
+
+  /** level 3's VAE: weights converted once into host memory; loadVae() uploads them for a decode */
+  private async loadVaeHost(): Promise<void> {
+    const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
+    const ck = await this.folder.vae.open();
+    try {
+      await loadModule(this.vae, ck, {
+        engine: this.engine,
+        owner: 'vae',
+        weightDtype: wd,
+        placement: () => 'host',
+        onProgress: (d, t) => this.emit({ type: 'load', component: 'vae', done: d, total: t }),
+      });
+    } finally {
+      await ck.close();
+    }
+    this.vaeHost = new Map(this.vae.namedParams().map(([k, p]) => [k, p.t]));
   }
 
   /** mode 'gpu': resident; 'cpu': CPU device; 'gpu-stream': host weights, blocks streamed through the GPU */
@@ -292,6 +314,13 @@ export class WanPipeline {
 
   private async loadVae(): Promise<void> {
     if (this.vaeLoaded) return;
+    if (this.vaeHost) {
+      const e = this.engine;
+      for (const [k, p] of this.vae.namedParams()) p.value = e.keep(this.vaeHost.get(k)!.toGpu(e, `vae.${k}`));
+      this.componentBytes.vae = this.vae.paramBytes();
+      this.vaeLoaded = true;
+      return;
+    }
     const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
     const ck = await this.folder.vae.open();
     try {
@@ -309,7 +338,13 @@ export class WanPipeline {
   }
 
   private unloadVae(): void {
-    this.vae.disposeParams();
+    if (this.vaeHost) {
+      // back to the host copy
+      for (const [k, p] of this.vae.namedParams()) {
+        p.value?.dispose();
+        p.value = this.vaeHost.get(k)!;
+      }
+    } else this.vae.disposeParams();
     this.vaeLoaded = false;
   }
 
@@ -433,6 +468,7 @@ export class WanPipeline {
     const ctxHost = new Float32Array(B * textLen * textDim);
     ctxHost.set(cond, 0);
     if (uncond) ctxHost.set(uncond, textLen * textDim);
+    this.streamed?.resetStats();
     const residency: BlockResidency = this.streamed ?? RESIDENT;
     const ctxEmb = e.keep(e.scope(() => this.dit.embedText(e.fromHost(ctxHost, [B, textLen, textDim], 'f32'))));
     const perStep = result.memory.perStep;
@@ -489,8 +525,7 @@ export class WanPipeline {
     e.allocator.oomAdvice = this.oomAdvice('decode');
     // level 3: the DiT slots are freed before the VAE weights come in
     if (this.plan.vae === 'on-demand') {
-      this.streamed?.dispose();
-      this.streamed = null;
+      this.streamed?.releaseDevice(); // host images stay; the next denoise allocates the slots again
       e.allocator.emptyCache();
     }
     e.allocator.resetPeakMemoryStats();
@@ -510,14 +545,7 @@ export class WanPipeline {
     await e.sync();
     perPhase.decode = this.phaseMemory();
     this.emitMemory('decode', cb);
-    if (this.plan.vae === 'on-demand') {
-      this.unloadVae();
-      // the streamed DiT comes back for the next request
-      if (this.plan.dit === 'stream') {
-        this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot');
-        this.streamed.ownerOf = (i) => `dit.blocks.${i}`;
-      }
-    }
+    if (this.plan.vae === 'on-demand') this.unloadVae();
     timings.decode = performance.now() - t0;
     return res;
   }
@@ -560,6 +588,7 @@ export class WanPipeline {
     this.textEncoder.disposeParams();
     this.textEncoder.disposeCaches();
     this.vae.disposeParams();
+    this.vaeHost = null;
     if (this.ownsEngine) this.engine.destroy();
   }
 }

@@ -12,10 +12,15 @@ import { availableParallelism } from 'node:os';
 /** y[m, n] = Σ_k x[m, k]·w[n, k] (+ bias[n]) for rows [m0,m1) and columns [n0,n1); f64 accumulation */
 export const GEMM_SOURCE = String.raw`
 function gemmRange(x, w, kind, bias, y, K, N, m0, m1, n0, n1) {
+  // Per group of 4 output columns and per K chunk, the 4 weight rows are widened to f32 once
+  // (into scratch, which stays in L1) and then used by every row of x: 4x4 register tiles, and
+  // 1x4 for the last M % 4 rows. Each output is Σ over chunks of (Σ over the chunk in order), in
+  // f64, whatever the blocking of M: the same numbers for any M split.
   const KC = 256;
   const scratch = new Float32Array(4 * KC);
   const su = new Uint32Array(scratch.buffer);
-  const acc = new Float64Array(16);
+  const M = m1 - m0;
+  const acc = new Float64Array(4 * Math.max(1, M));
   const half = (h) => {
     const s = h & 0x8000 ? -1 : 1, e = (h >>> 10) & 0x1f, m = h & 0x3ff;
     if (e === 0) return s * m * 5.960464477539063e-8;
@@ -24,49 +29,48 @@ function gemmRange(x, w, kind, bias, y, K, N, m0, m1, n0, n1) {
   };
   for (let n = n0; n < n1; n += 4) {
     const nb = Math.min(4, n1 - n);
-    for (let m = m0; m < m1; m += 4) {
-      const mb = Math.min(4, m1 - m);
-      acc.fill(0);
-      for (let k0 = 0; k0 < K; k0 += KC) {
-        const k1 = Math.min(K, k0 + KC), kl = k1 - k0;
-        for (let j = 0; j < 4; j++) {
-          const o = j * KC;
-          if (j >= nb) { scratch.fill(0, o, o + kl); continue; }
-          const base = (n + j) * K;
-          if (kind === 0) for (let k = k0; k < k1; k++) scratch[o + k - k0] = w[base + k];
-          else if (kind === 2) for (let k = k0; k < k1; k++) su[o + k - k0] = w[base + k] << 16;
-          else for (let k = k0; k < k1; k++) scratch[o + k - k0] = half(w[base + k]);
-        }
-        if (mb === 4) {
-          const xa = m * K + k0, xb = xa + K, xc = xb + K, xd = xc + K;
-          let a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
-          let a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
-          for (let k = 0; k < kl; k++) {
-            const w0 = scratch[k], w1 = scratch[KC + k], w2 = scratch[2 * KC + k], w3 = scratch[3 * KC + k];
-            let v = x[xa + k]; a00 += v * w0; a01 += v * w1; a02 += v * w2; a03 += v * w3;
-            v = x[xb + k]; a10 += v * w0; a11 += v * w1; a12 += v * w2; a13 += v * w3;
-            v = x[xc + k]; a20 += v * w0; a21 += v * w1; a22 += v * w2; a23 += v * w3;
-            v = x[xd + k]; a30 += v * w0; a31 += v * w1; a32 += v * w2; a33 += v * w3;
-          }
-          acc[0] += a00; acc[1] += a01; acc[2] += a02; acc[3] += a03;
-          acc[4] += a10; acc[5] += a11; acc[6] += a12; acc[7] += a13;
-          acc[8] += a20; acc[9] += a21; acc[10] += a22; acc[11] += a23;
-          acc[12] += a30; acc[13] += a31; acc[14] += a32; acc[15] += a33;
-        } else {
-          for (let i = 0; i < mb; i++) {
-            const xo = (m + i) * K + k0;
-            for (let j = 0; j < 4; j++) {
-              let s = 0;
-              const so = j * KC;
-              for (let k = 0; k < kl; k++) s += x[xo + k] * scratch[so + k];
-              acc[i * 4 + j] += s;
-            }
-          }
-        }
+    acc.fill(0);
+    for (let k0 = 0; k0 < K; k0 += KC) {
+      const k1 = Math.min(K, k0 + KC), kl = k1 - k0;
+      for (let j = 0; j < 4; j++) {
+        const o = j * KC;
+        if (j >= nb) { scratch.fill(0, o, o + kl); continue; }
+        const base = (n + j) * K;
+        if (kind === 0) for (let k = k0; k < k1; k++) scratch[o + k - k0] = w[base + k];
+        else if (kind === 2) for (let k = k0; k < k1; k++) su[o + k - k0] = w[base + k] << 16;
+        else for (let k = k0; k < k1; k++) scratch[o + k - k0] = half(w[base + k]);
       }
-      for (let i = 0; i < mb; i++)
-        for (let j = 0; j < nb; j++) y[(m + i) * N + n + j] = acc[i * 4 + j] + (bias ? bias[n + j] : 0);
+      let m = m0;
+      for (; m + 4 <= m1; m += 4) {
+        const xa = m * K + k0, xb = xa + K, xc = xb + K, xd = xc + K;
+        let a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+        let a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+        for (let k = 0; k < kl; k++) {
+          const w0 = scratch[k], w1 = scratch[KC + k], w2 = scratch[2 * KC + k], w3 = scratch[3 * KC + k];
+          let v = x[xa + k]; a00 += v * w0; a01 += v * w1; a02 += v * w2; a03 += v * w3;
+          v = x[xb + k]; a10 += v * w0; a11 += v * w1; a12 += v * w2; a13 += v * w3;
+          v = x[xc + k]; a20 += v * w0; a21 += v * w1; a22 += v * w2; a23 += v * w3;
+          v = x[xd + k]; a30 += v * w0; a31 += v * w1; a32 += v * w2; a33 += v * w3;
+        }
+        const o = (m - m0) * 4;
+        acc[o] += a00; acc[o + 1] += a01; acc[o + 2] += a02; acc[o + 3] += a03;
+        acc[o + 4] += a10; acc[o + 5] += a11; acc[o + 6] += a12; acc[o + 7] += a13;
+        acc[o + 8] += a20; acc[o + 9] += a21; acc[o + 10] += a22; acc[o + 11] += a23;
+        acc[o + 12] += a30; acc[o + 13] += a31; acc[o + 14] += a32; acc[o + 15] += a33;
+      }
+      for (; m < m1; m++) {
+        const xa = m * K + k0;
+        let a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        for (let k = 0; k < kl; k++) {
+          const v = x[xa + k];
+          a0 += v * scratch[k]; a1 += v * scratch[KC + k]; a2 += v * scratch[2 * KC + k]; a3 += v * scratch[3 * KC + k];
+        }
+        const o = (m - m0) * 4;
+        acc[o] += a0; acc[o + 1] += a1; acc[o + 2] += a2; acc[o + 3] += a3;
+      }
     }
+    for (let m = m0; m < m1; m++)
+      for (let j = 0; j < nb; j++) y[m * N + n + j] = acc[(m - m0) * 4 + j] + (bias ? bias[n + j] : 0);
   }
 }
 `;
@@ -95,7 +99,7 @@ const { parentPort } = require('node:worker_threads');
 ${GEMM_SOURCE}
 parentPort.on('message', (j) => {
   const x = new Float32Array(j.x), y = new Float32Array(j.y);
-  const w = j.kind === 0 ? new Float32Array(j.w) : new Uint16Array(j.w);
+  const w = j.kind === 0 ? new Float32Array(j.w, j.wOff, j.wLen) : new Uint16Array(j.w, j.wOff, j.wLen);
   const bias = j.bias ? new Float32Array(j.bias) : null;
   try { gemmRange(x, w, j.kind, bias, y, j.K, j.N, 0, j.M, j.n0, j.n1); } catch (e) { console.error(e); }
   const done = new Int32Array(j.done);
@@ -130,6 +134,16 @@ function shared(src: ArrayBufferView): SharedArrayBuffer {
   return sab;
 }
 
+/**
+ * The weight as the workers see it: its own memory when it already lives in a SharedArrayBuffer
+ * (the CPU device's weights are loaded that way: `loadModule` with no engine), else a copy made
+ * for this call (measured: copying UMT5-XXL's 386 MB layer per call took longer than its GEMMs).
+ */
+function sharedView(src: Float32Array | Uint16Array): { buf: SharedArrayBuffer; off: number; len: number } {
+  if (src.buffer instanceof SharedArrayBuffer) return { buf: src.buffer, off: src.byteOffset, len: src.length };
+  return { buf: shared(src), off: 0, len: src.length };
+}
+
 /** Work (multiply-adds) above which the worker pool is used. */
 export const PARALLEL_MACS = 1 << 24;
 
@@ -144,7 +158,7 @@ export function cpuGemm(x: Float32Array, w: Float32Array | Uint16Array, kind: We
     return y;
   }
   const xs = shared(x);
-  const wsab = shared(w);
+  const wv = sharedView(w);
   const bs = bias ? shared(bias) : null;
   const ysab = new SharedArrayBuffer(Math.max(4, M * N * 4));
   const done = new SharedArrayBuffer(4);
@@ -155,7 +169,7 @@ export function cpuGemm(x: Float32Array, w: Float32Array | Uint16Array, kind: We
     const n0 = p * per;
     const n1 = Math.min(N, n0 + per);
     if (n0 >= n1) continue;
-    ws[p]!.postMessage({ x: xs, w: wsab, kind, bias: bs, y: ysab, done, M, K, N, n0, n1 });
+    ws[p]!.postMessage({ x: xs, w: wv.buf, wOff: wv.off, wLen: wv.len, kind, bias: bs, y: ysab, done, M, K, N, n0, n1 });
     jobs++;
   }
   const flag = new Int32Array(done);
