@@ -14,6 +14,7 @@ import type { Engine } from '../src/runtime/engine.ts';
 import type { DType } from '../src/tensor/dtype.ts';
 import { WaitPredictor } from '../src/device/wait.ts';
 import { linear, linearOp } from '../src/ops/matmul.ts';
+import { cpuGemm } from '../src/ops/cpu/pool.ts';
 
 interface Shape {
   name: string;
@@ -175,4 +176,69 @@ for (const s of SHAPES) {
       peer,
     });
   }
+}
+
+// The CPU device's GEMM (src/ops/cpu/pool.ts: worker threads, bf16 weights read in place from a
+// SharedArrayBuffer, as the text encoder at memory level 2+ holds them) on UMT5-XXL's layers at a
+// prompt's length (41 tokens: the bench:memory prompt). The "peer" column is the same product by
+// our WebGPU kernel on the engine's adapter (lavapipe here: the same two cores), which is what
+// level 0's text encoder runs.
+const CPU_SHAPES: Shape[] = [
+  { name: 'umt5-xxl SelfAttention.q/k/v/o (CPU device)', L: 41, K: 4096, N: 4096, real: 'a 41-token prompt' },
+  { name: 'umt5-xxl DenseReluDense.wi (CPU device)', L: 41, K: 4096, N: 10240, real: 'a 41-token prompt' },
+  { name: 'umt5-xxl DenseReluDense.wo (CPU device)', L: 41, K: 10240, N: 4096, real: 'a 41-token prompt' },
+];
+for (const s of CPU_SHAPES) {
+  const xv = () => randn(s.L * s.K, 1, 1);
+  const wBf16 = () => Tensor.fromValues(randn(s.N * s.K, 2, 1 / Math.sqrt(s.K)), [s.N, s.K], 'bf16');
+  addBench({
+    kernel: 'matmul-cpu',
+    name: s.name,
+    shape: `L${s.L} K${s.K} N${s.N}`,
+    dtype: 'x f32, w bf16',
+    flops: flopsOf(s),
+    bytes: bytesOf(s, 2),
+    async setup(): Promise<BenchInstance> {
+      const x = xv();
+      const w = wBf16();
+      const raw = w.data as Uint16Array;
+      const ws = new Uint16Array(new SharedArrayBuffer(raw.byteLength));
+      ws.set(raw);
+      return {
+        run() {
+          cpuGemm(x, ws, 2, null, s.L, s.K, s.N);
+        },
+        async validate() {
+          const got = cpuGemm(x, ws, 2, null, s.L, s.K, s.N);
+          const rows = sampleRows(s.L);
+          // against the plain reference loop (reference() would take the same fast path)
+          const xs = new Float32Array(rows.length * s.K);
+          rows.forEach((r, i) => xs.set(x.subarray(r * s.K, (r + 1) * s.K), i * s.K));
+          const ref = linearOp.def.cpu({ x: Tensor.cpu(xs, [rows.length, s.K], 'f32'), w }, { referenceLoop: true } as never).hostValues() as Float32Array;
+          checkRows(`cpu gemm ${s.name}`, got, s.N, rows, ref, s.K);
+        },
+        dispose() {},
+      };
+    },
+    peer: {
+      name: 'ours on the WebGPU adapter',
+      async setup(e: Engine): Promise<PeerInstance> {
+        const x = e.fromHost(xv(), [s.L, s.K], 'f32');
+        const w = wBf16().toGpu(e);
+        let y: Tensor | null = null;
+        return {
+          async run() {
+            y?.dispose();
+            y = linear(x, w);
+            await e.sync();
+          },
+          dispose() {
+            y?.dispose();
+            x.dispose();
+            w.dispose();
+          },
+        };
+      },
+    },
+  });
 }

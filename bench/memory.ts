@@ -35,7 +35,10 @@ interface Row {
   max_rss_bytes?: number;
   peak_allocated_bytes: number;
   peak_reserved_bytes: number;
+  /** wall time of one request (generate: encode + denoise + decode) */
   seconds: number;
+  /** WanPipeline.fromPretrained: weights read, converted and placed (GPU or host copies) */
+  load_seconds?: number;
   ratio_to_level0: number;
   phase_seconds: Record<string, number>;
   phase_peak_allocated: Record<string, number>;
@@ -137,6 +140,7 @@ async function main() {
           peak_allocated_bytes: Math.max(st.peakAllocated, ...Object.values(r.memory.perPhase).map((p) => p.peakAllocated)),
           peak_reserved_bytes: Math.max(st.peakReserved, ...Object.values(r.memory.perPhase).map((p) => p.peakReserved)),
           seconds: secs,
+          load_seconds: tLoad / 1000,
           ratio_to_level0: 0,
           phase_seconds: Object.fromEntries(Object.entries(r.timingsMs).map(([k, v]) => [k, v / 1000])),
           phase_peak_allocated: Object.fromEntries(Object.entries(r.memory.perPhase).map(([k, v]) => [k, v.peakAllocated])),
@@ -270,8 +274,15 @@ const OUTRO = `## Reading it
   meaningful as a median over repeated runs (\`--repeat N\`, quoted in the note above); the "VAE tiling
   off" row measures everything else level 3 does. The text encoder runs only the prompt's tokens (not all text_len = 512
   positions: the same context as the official masked run, golden-checked), so the CPU-device encoder (level
-  2+, JS kernels on worker threads) costs seconds, not minutes. The DiT streaming itself is measured by the
-  denoise-phase ratio and the upload figures above.
+  2+, JS kernels on worker threads reading its bf16 weights in place from shared memory) costs seconds, not
+  minutes. The DiT streaming itself is measured by the denoise-phase ratio and the upload figures above.
+- **A request reads no weight file at any level.** \`fromPretrained\` ("load s") makes every copy: the GPU-resident
+  weights, and the host copies of the CPU-device text encoder, the streamed DiT blocks (packed once into
+  per-block images) and, at level 3, the VAE (uploaded for each decode, freed after it). Between the denoise
+  and the decode the DiT's slot ring gives its GPU memory back and keeps its host images; the next request's
+  first acquire() allocates the two slots again. (Until 2026-11-28 the ring was rebuilt after each decode,
+  re-packing 2.8 GB of block images into fresh host memory inside the request, and the VAE and the text
+  encoder were read from their files inside it: level 3's decode took 1.75× level 0's, its encode 2×.)
 - Per-phase and per-step numbers for any run: \`npm run generate -- --memory-stats\`; the allocation timeline
   (per-block uploads and frees at level 3, no text-encoder bytes at level ≥ 2): \`--memory-snapshot FILE\`;
   kernel and upload/compute profile: \`--profile\`.`;
@@ -293,13 +304,13 @@ const levelLabel = (r: Row) => `${r.level}${r.variant === 'te-gpu-stream' ? ' (t
 /** docs/memory-levels.md from the measured rows (also `--from-json FILE` to re-render a run). */
 export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOString(), note = ''): string {
   const table = [
-    `| model | level | peak allocated | peak reserved | GPU weights during denoise | encode s | denoise s | decode s | total s | × level 0 |`,
-    `|---|---:|---:|---:|---|---:|---:|---:|---:|---:|`,
+    `| model | level | peak allocated | peak reserved | GPU weights during denoise | load s | encode s | denoise s | decode s | total s | × level 0 |`,
+    `|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|`,
     ...rows.map(
       (r) =>
         `| ${r.model} | ${levelLabel(r)} | ${fmtBytes(r.peak_allocated_bytes)} | ${fmtBytes(r.peak_reserved_bytes)} | ${WEIGHT_OWNERS.filter((k) => r.gpu_weight_bytes[k])
           .map((k) => `${k} ${fmtBytes(r.gpu_weight_bytes[k]!)}`)
-          .join(', ') || '-'} | ${f1(r.phase_seconds.encode)} | ${f1(r.phase_seconds.denoise)} | ${f1(r.phase_seconds.decode)} | ${r.seconds.toFixed(1)} | ${r.ratio_to_level0.toFixed(2)} |`,
+          .join(', ') || '-'} | ${r.load_seconds !== undefined ? f1(r.load_seconds) : '-'} | ${f1(r.phase_seconds.encode)} | ${f1(r.phase_seconds.denoise)} | ${f1(r.phase_seconds.decode)} | ${r.seconds.toFixed(1)} | ${r.ratio_to_level0.toFixed(2)} |`,
     ),
   ];
   const phases = [

@@ -75,6 +75,8 @@ export class StreamedBlocks implements BlockResidency {
     blocks: Module[],
     readonly owner: string,
     readonly numSlots = 2,
+    /** false: allocate the slots at the first acquire()/prefetch() (see releaseDevice) */
+    allocateNow = true,
   ) {
     const align = Math.max(e.storageAlign, 256);
     let maxBytes = 0;
@@ -108,7 +110,7 @@ export class StreamedBlocks implements BlockResidency {
     }
     this.slotBytes = maxBytes;
     for (let i = 0; i < blocks.length; i++) this.inflight.push(null);
-    this.allocateDevice();
+    if (allocateNow) this.allocateDevice();
   }
 
   /** the GPU side: the slot ring and the staging ring */

@@ -132,6 +132,8 @@ export class WanPipeline {
   /** level 3: the VAE's host copy (key -> host tensor in the weight dtype), uploaded per decode */
   private vaeHost: Map<string, Tensor> | null = null;
   private teLoaded = false;
+  /** text_encoder_device=gpu-stream: the encoder blocks' host images and their slot ring */
+  private teRing: StreamedBlocks | null = null;
   private readonly promptCache: PromptCache | null;
   readonly componentBytes: Record<string, number> = {};
 
@@ -309,6 +311,11 @@ export class WanPipeline {
       await ck.close();
     }
     this.componentBytes.text_encoder = this.textEncoder.paramBytes();
+    if (mode === 'gpu-stream') {
+      // the blocks are packed into host images once; each encode borrows two GPU slots
+      this.teRing = new StreamedBlocks(this.engine, this.textEncoder.blocks.items, 'text_encoder.block.slot', 2, false);
+      this.teRing.ownerOf = (i) => `text_encoder.encoder.block.${i}`;
+    }
     this.teLoaded = true;
   }
 
@@ -372,14 +379,13 @@ export class WanPipeline {
     const mask = Tensor.cpu(enc.mask.slice(0, n), [1, n], 'i32');
     let out: Tensor;
     if (mode === 'gpu-stream') {
-      // the text encoder's blocks pass through a 2-slot ring, freed right after the encode
-      const ring = new StreamedBlocks(this.engine, this.textEncoder.blocks.items, 'text_encoder.block.slot');
-      ring.ownerOf = (i) => `text_encoder.encoder.block.${i}`;
+      // the text encoder's blocks pass through a 2-slot ring whose GPU memory is given back right after the encode
+      const ring = this.teRing!;
       try {
         out = await this.textEncoder.forward(this.engine, ids, mask, undefined, ring);
         await this.engine.sync();
       } finally {
-        ring.dispose();
+        ring.releaseDevice();
       }
     } else {
       out = await this.textEncoder.forward(mode === 'gpu' ? this.engine : null, ids, mask);
@@ -584,6 +590,8 @@ export class WanPipeline {
   /** Free every GPU resource (and the engine, if the pipeline created it). */
   dispose(): void {
     this.streamed?.dispose();
+    this.teRing?.dispose();
+    this.teRing = null;
     this.dit.disposeParams();
     this.textEncoder.disposeParams();
     this.textEncoder.disposeCaches();
