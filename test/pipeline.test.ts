@@ -134,6 +134,27 @@ describe('pipeline on the tiny model', () => {
     }
   });
 
+  it('level 3: an out-of-memory decode names the fix and leaves no VAE weights on the GPU; the next decode works', async () => {
+    const e = await getEngine();
+    const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCache: false, lowMemLevel: 3 });
+    const limit = e.allocator.limitBytes;
+    try {
+      const lat = await pipe.sample({ prompt: PROMPT, negativePrompt: 'blurry', seed: 7, numInferenceSteps: 1 });
+      e.allocator.emptyCache();
+      // room for a part of the tiny VAE's 7.9 MiB of weights only
+      e.allocator.limitBytes = e.allocator.stats().allocated + 2 * 2 ** 20;
+      await expect(pipe.decode(lat)).rejects.toThrow(/out of memory|memory_limit|budget/i);
+      expect(e.allocator.allocatedByOwner(1).get('vae') ?? 0).toBe(0);
+      e.allocator.limitBytes = limit;
+      const v = await pipe.decode(lat);
+      expect(v.shape).toEqual([3, 9, 64, 64]);
+      expect(e.allocator.allocatedByOwner(1).get('vae') ?? 0).toBe(0);
+    } finally {
+      e.allocator.limitBytes = limit;
+      pipe.dispose();
+    }
+  });
+
   it('the prompt cache makes the second encode free', async () => {
     const e = await getEngine();
     const dir = mkdtempSync(join(tmpdir(), 'sd-pc-'));

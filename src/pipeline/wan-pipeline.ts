@@ -537,21 +537,25 @@ export class WanPipeline {
     e.allocator.resetPeakMemoryStats();
     this.emit({ type: 'phase', phase: 'decode' }, cb);
     const t0 = performance.now();
-    await this.loadVae();
     let res: { video: Float32Array; shape: [number, number, number, number] };
-    if (this.plan.vaeTiling) {
-      res = await decodeTiled(e, this.vae, latents.data, latents.shape, {
-        tile: this.plan.tileSize,
-        overlap: this.plan.tileOverlap,
-        onTile: (d, t) => this.emit({ type: 'decode', done: d, total: t, unit: 'tile' }, cb),
-      });
-    } else {
-      res = await this.vae.decode(e, latents.data, latents.shape, { onChunk: (d, t) => this.emit({ type: 'decode', done: d, total: t, unit: 'frame' }, cb) });
+    try {
+      await this.loadVae();
+      if (this.plan.vaeTiling) {
+        res = await decodeTiled(e, this.vae, latents.data, latents.shape, {
+          tile: this.plan.tileSize,
+          overlap: this.plan.tileOverlap,
+          onTile: (d, t) => this.emit({ type: 'decode', done: d, total: t, unit: 'tile' }, cb),
+        });
+      } else {
+        res = await this.vae.decode(e, latents.data, latents.shape, { onChunk: (d, t) => this.emit({ type: 'decode', done: d, total: t, unit: 'frame' }, cb) });
+      }
+      await e.sync();
+      perPhase.decode = this.phaseMemory();
+      this.emitMemory('decode', cb);
+    } finally {
+      // level 3: the VAE leaves the GPU after the decode, also a failed one (an OOM must not strand it there)
+      if (this.plan.vae === 'on-demand') this.unloadVae();
     }
-    await e.sync();
-    perPhase.decode = this.phaseMemory();
-    this.emitMemory('decode', cb);
-    if (this.plan.vae === 'on-demand') this.unloadVae();
     timings.decode = performance.now() - t0;
     return res;
   }
