@@ -131,7 +131,6 @@ export class WanPipeline {
   private vaeLoaded = false;
   /** level 3: the VAE's host copy (key -> host tensor in the weight dtype), uploaded per decode */
   private vaeHost: Map<string, Tensor> | null = null;
-  private teLoaded = false;
   /** text_encoder_device=gpu-stream: the encoder blocks' host images and their slot ring */
   private teRing: StreamedBlocks | null = null;
   private readonly promptCache: PromptCache | null;
@@ -275,8 +274,8 @@ export class WanPipeline {
     await e.sync();
   }
 
-  /** level 3's VAE: weights converted once into host memory; loadVae() uploads them for a decode */
-  private async loadVaeHost(): Promise<void> {
+  /** Read the VAE's weights (converted to the weight dtype) onto the GPU, or with placement 'host' into host memory. */
+  private async readVae(placement?: 'host'): Promise<void> {
     const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
     const ck = await this.folder.vae.open();
     try {
@@ -284,18 +283,22 @@ export class WanPipeline {
         engine: this.engine,
         owner: 'vae',
         weightDtype: wd,
-        placement: () => 'host',
+        ...(placement ? { placement: () => placement } : {}),
         onProgress: (d, t) => this.emit({ type: 'load', component: 'vae', done: d, total: t }),
       });
     } finally {
       await ck.close();
     }
+  }
+
+  /** level 3's VAE: weights converted once into host memory; loadVae() uploads them for a decode */
+  private async loadVaeHost(): Promise<void> {
+    await this.readVae('host');
     this.vaeHost = new Map(this.vae.namedParams().map(([k, p]) => [k, p.t]));
   }
 
-  /** mode 'gpu': resident; 'cpu': CPU device; 'gpu-stream': host weights, blocks streamed through the GPU */
+  /** (once, by fromPretrained) mode 'gpu': resident; 'cpu': CPU device; 'gpu-stream': host weights, blocks streamed through the GPU */
   private async loadTextEncoder(mode: 'gpu' | 'cpu' | 'gpu-stream'): Promise<void> {
-    if (this.teLoaded) return;
     const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
     const ck = await this.folder.textEncoder.open();
     const te = this.textEncoder;
@@ -316,7 +319,6 @@ export class WanPipeline {
       this.teRing = new StreamedBlocks(this.engine, this.textEncoder.blocks.items, 'text_encoder.block.slot', 2, false);
       this.teRing.ownerOf = (i) => `text_encoder.encoder.block.${i}`;
     }
-    this.teLoaded = true;
   }
 
   private async loadVae(): Promise<void> {
@@ -328,18 +330,7 @@ export class WanPipeline {
       this.vaeLoaded = true;
       return;
     }
-    const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
-    const ck = await this.folder.vae.open();
-    try {
-      await loadModule(this.vae, ck, {
-        engine: this.engine,
-        owner: 'vae',
-        weightDtype: wd,
-        onProgress: (d, t) => this.emit({ type: 'load', component: 'vae', done: d, total: t }),
-      });
-    } finally {
-      await ck.close();
-    }
+    await this.readVae();
     this.componentBytes.vae = this.vae.paramBytes();
     this.vaeLoaded = true;
   }
@@ -368,8 +359,7 @@ export class WanPipeline {
     if (cached && cached.dim === d) return pad(cached.context, cached.length, textLen, d);
     if (!this.tokenizer) throw new ShapeError(`[pipeline] the model folder ${this.folder.dir} has no tokenizer/ folder: prompts cannot be encoded (add tokenizer/tokenizer.json)`);
     const enc = encodePrompt(this.tokenizer, text, textLen);
-    const mode = this.plan.textEncoder;
-    await this.loadTextEncoder(mode);
+    const mode = this.plan.textEncoder; // its weights were loaded by fromPretrained
     // Only the prompt's own tokens are run. The official code runs all text_len positions with the
     // padded keys masked and then keeps the first `length` rows: a real token's output depends only on
     // the real tokens (masked keys weigh exactly 0, the relative bias depends on i - j), so this is the
