@@ -259,11 +259,8 @@ export function engineDTypeOf(dt: StDType): DType {
  * Read one tensor as a host (CPU) engine tensor. F32 → f32; F16/BF16 → f16/bf16 kept as raw 16-bit
  * words (never widened); I32 → i32; U32 → u32; I64/U64 → i32 with a range check; smaller ints →
  * i32; F64 → f32 (rounded). `expectShape` throws with both shapes when the stored shape differs.
- */
-/**
- * Read one tensor into host memory (64-bit types narrowed to 32). `shared`: F32/F16/BF16/I32/U32
- * data is read straight into a SharedArrayBuffer, which the CPU device's worker threads read
- * without a copy.
+ * `shared`: F32/F16/BF16/I32/U32 data is read straight into a SharedArrayBuffer, which the CPU
+ * device's worker threads read without a copy.
  */
 export async function readTensor(ckpt: Checkpoint, key: string, opts: { expectShape?: readonly number[]; what?: string; shared?: boolean } = {}): Promise<Tensor> {
   const info = ckpt.info(key);
