@@ -10,7 +10,7 @@ import { actAlias } from './common.ts';
 import { bindingLimit, elemWindow, gridRows, rowChunks } from './layout.ts';
 import { Params } from '../runtime/params.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
-import { type DType, dtypeCode, dtypeSize, f16BitsToF32 } from '../tensor/dtype.ts';
+import { type DType, dtypeCode, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
 
 export interface EmbeddingAttrs {
@@ -72,18 +72,13 @@ export const embeddingOp = defineOp<{ ids: Tensor; table: Tensor }, EmbeddingAtt
     const outDt = a?.out ?? 'f32';
     const [V, D] = table.shape as [number, number];
     const iv = ids.hostValues();
-    // Only the gathered rows are widened: a 16-bit table is read as its raw words (UMT5-XXL's is
-    // 2.1 GB in bf16; widening all of it per prompt cost seconds).
-    const raw = table.dtype === 'f32' ? null : (table.data as Uint16Array);
-    const tv = raw ? null : (table.hostValues() as Float32Array);
     const out = new Float32Array(ids.numel * D);
-    const ou = new Uint32Array(out.buffer);
     for (let n = 0; n < iv.length; n++) {
       const id = iv[n]!;
       if (!(id >= 0 && id < V)) throw new ShapeError(`[embedding] id ${id} at position ${n} is out of range for a table of ${V} rows`);
-      if (tv) out.set(tv.subarray(id * D, id * D + D), n * D);
-      else if (table.dtype === 'bf16') for (let d = 0, s = id * D, o = n * D; d < D; d++) ou[o + d] = raw![s + d]! << 16;
-      else for (let d = 0, s = id * D, o = n * D; d < D; d++) out[o + d] = f16BitsToF32(raw![s + d]!);
+      // only the gathered row is widened (UMT5-XXL's bf16 table is 2.1 GB: widening all of it per
+      // prompt cost seconds)
+      out.set(table.select0(id).hostValues(), n * D);
     }
     return Tensor.fromValues(out, [...ids.shape, D], outDt);
   },
