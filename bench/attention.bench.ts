@@ -7,15 +7,16 @@
 //
 // Token counts are scaled down from the real workloads so that one fused run takes a second or
 // two on the 2-core lavapipe machine (the shape string names what is run; `real` what the model
-// does). FLOPs are counted as 4 * B * H * Lq * Lk * Dh for both paths.
-import { addBench, type BenchInstance, type PeerInstance } from './harness.ts';
+// does). FLOPs and bytes are the op registry's for the fused call (4 * B * H * Lq * Lk * Dh flops),
+// used for both paths.
+import { addBench, opWork, type BenchInstance, type PeerInstance } from './harness.ts';
 import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import type { Engine } from '../src/runtime/engine.ts';
 import type { DType } from '../src/tensor/dtype.ts';
 import { WaitPredictor } from '../src/device/wait.ts';
 import { attention, attentionKernel, type BiasMode } from '../src/ops/attention.ts';
-import { softmax } from '../src/ops/softmax.ts';
+import { softmax, softmaxOp } from '../src/ops/softmax.ts';
 import { matmul } from '../src/ops/matmul.ts';
 import { affine, add } from '../src/ops/elementwise.ts';
 
@@ -130,14 +131,11 @@ function forgetCompileStall(e: Engine): void {
 }
 
 for (const c of CASES) {
-  const flops = 4 * c.B * c.H * c.Lq * c.Lk * c.Dh;
-  const es = c.dtype === 'f16' ? 2 : 4;
-  const bytes = (2 * c.B * c.Lq + 2 * c.B * c.Lk) * c.H * c.Dh * es + (c.bias ? c.H * (c.Lq + c.Lk) * 4 : 0);
   const fusedIdx = (b: number, i: number, h: number, x: number) => ((b * c.Lq + i) * c.H + h) * c.Dh + x;
   const unfusedIdx = (b: number, i: number, h: number, x: number) => ((b * c.H + h) * c.Lq + i) * c.Dh + x;
 
   const setup = async (e: Engine): Promise<BenchInstance> => {
-    if (c.dtype === 'f16' && !e.features.shaderF16) throw new Error('bench: adapter lacks shader-f16');
+    if (c.dtype === 'f16' && !e.caps.shaderF16) throw new Error('bench: adapter lacks shader-f16');
     const d = inputs(c);
     const q = Tensor.fromValues(d.q, [c.B, c.Lq, c.H, c.Dh], c.dtype).toGpu(e);
     const k = Tensor.fromValues(d.k, [c.B, c.Lk, c.H, c.Dh], c.dtype).toGpu(e);
@@ -147,6 +145,7 @@ for (const c of CASES) {
     const attrs = { scale: c.scale, biasMode: c.bias };
     let y: Tensor | null = null;
     return {
+      work: opWork(attention, { q, k, v, bias, keyMask }, attrs),
       run() {
         y?.dispose();
         y = attention({ q, k, v, bias, keyMask }, attrs);
@@ -207,8 +206,6 @@ for (const c of CASES) {
     name: c.name,
     shape: `B${c.B} Lq${c.Lq} Lk${c.Lk} H${c.H} Dh${c.Dh}${c.bias ? ` ${c.bias}` : ''}${c.maskTail ? ' mask' : ''}`,
     dtype: c.dtype,
-    flops,
-    bytes,
     setup,
     peer,
   });
@@ -224,13 +221,12 @@ for (const [name, rows, n] of [
     name,
     shape: `rows${rows} N${n}`,
     dtype: 'f32',
-    flops: rows * n * 5,
-    bytes: rows * n * 8,
     async setup(e) {
       const xv = randn(rows * n, 5, 3);
       const x = e.fromHost(xv, [rows, n], 'f32');
       let y: Tensor | null = null;
       return {
+        work: opWork(softmaxOp, { x }, {}),
         run() {
           y?.dispose();
           y = softmax(x);
@@ -287,7 +283,7 @@ async function roundRobin(rounds: number): Promise<void> {
   console.log(`${'workload'.padEnd(22)} ${'shape'.padEnd(40)} ${'dtype'.padEnd(5)} ${'fused ms'.padStart(9)} ${'unfused ms'.padStart(10)} ${'wall ratio'.padStart(10)} ${'fused GF/cpu-s'.padStart(14)} ${'unfused GF/cpu-s'.padStart(16)} ${'cpu ratio'.padStart(9)}`);
   try {
     for (const c of cases.filter((x) => x.kernel === 'attention' && x.peer)) {
-      if (c.dtype === 'f16' && !e.features.shaderF16) continue;
+      if (c.dtype === 'f16' && !e.caps.shaderF16) continue;
       const a = await c.setup(e);
       const b = await c.peer!.setup(e);
       await a.validate();
@@ -312,8 +308,9 @@ async function roundRobin(rounds: number): Promise<void> {
       a.dispose();
       b.dispose();
       const [wf, wu, cf, cu] = [med(wall[0]!), med(wall[1]!), med(cpu[0]!), med(cpu[1]!)];
+      const flops = a.work?.flops ?? c.flops ?? NaN;
       console.log(
-        `${c.name.padEnd(22)} ${c.shape.padEnd(40)} ${c.dtype.padEnd(5)} ${wf.toFixed(0).padStart(9)} ${wu.toFixed(0).padStart(10)} ${(wu / wf).toFixed(2).padStart(10)} ${(c.flops / cf / 1e6).toFixed(2).padStart(14)} ${(c.flops / cu / 1e6).toFixed(2).padStart(16)} ${(cu / cf).toFixed(2).padStart(9)}`,
+        `${c.name.padEnd(22)} ${c.shape.padEnd(40)} ${c.dtype.padEnd(5)} ${wf.toFixed(0).padStart(9)} ${wu.toFixed(0).padStart(10)} ${(wu / wf).toFixed(2).padStart(10)} ${(flops / cf / 1e6).toFixed(2).padStart(14)} ${(flops / cu / 1e6).toFixed(2).padStart(16)} ${(cu / cf).toFixed(2).padStart(9)}`,
       );
     }
   } finally {

@@ -8,11 +8,11 @@
 // Our result is validated against the CPU reference (first 8 output channels), the peer's against
 // ours.
 
-import { addBench, type BenchInstance, type PeerInstance } from './harness.ts';
+import { addBench, opWork, type BenchInstance, type PeerInstance, type Work } from './harness.ts';
 import { tfjsOn, tfSync } from './peers/tfjs.ts';
 import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
-import { conv3d, conv2d, conv3dFlops } from '../src/ops/conv.ts';
+import { conv3d, conv2d, conv3dOp, conv2dOp } from '../src/ops/conv.ts';
 import type { Engine } from '../src/runtime/engine.ts';
 
 function randn(n: number, seed: number, std = 1): Float32Array {
@@ -38,7 +38,8 @@ interface ConvCase {
 // on these channel counts). The 3x3x3 cases use 'same' padding [1, 1, 1, 1] on both sides (tfjs
 // has no causal mode; a causal conv does the same per-output work); the time_conv and shortcut
 // cases are exactly the decoder's cached calls. The last case is a real full-frame stage, ours only.
-// GFLOP/s count useful multiply-adds only (taps on padding excluded), the same for both sides.
+// GFLOP/s count useful multiply-adds only (taps on padding excluded; the op registry's flops), the
+// same for both sides.
 const cases: ConvCase[] = [
   { name: 'wan-vae 384ch stage conv 3x3x3', x: [1, 384, 3, 2, 32], co: 384, k: [3, 3, 3], padding: [1, 1, 1, 1] },
   { name: 'wan-vae 192ch stage conv 3x3x3', x: [1, 192, 3, 2, 64], co: 192, k: [3, 3, 3], padding: [1, 1, 1, 1] },
@@ -52,16 +53,6 @@ const cases: ConvCase[] = [
 function outDims(c: ConvCase): [number, number, number] {
   const [, , T, H, W] = c.x;
   return [T + c.padding[0] + c.padding[1] - c.k[0] + 1, H + 2 * c.padding[2] - c.k[1] + 1, W + 2 * c.padding[3] - c.k[2] + 1];
-}
-
-function flopsOf(c: ConvCase): number {
-  return conv3dFlops(c.x, [c.co, c.x[1], ...c.k], c.padding);
-}
-
-function bytesOf(c: ConvCase): number {
-  const [To, Ho, Wo] = outDims(c);
-  const xn = c.x.reduce((a, b) => a * b, 1);
-  return 4 * (xn + c.co * c.x[1] * c.k[0] * c.k[1] * c.k[2] + c.co + c.x[0] * c.co * To * Ho * Wo);
 }
 
 function data(c: ConvCase) {
@@ -88,6 +79,20 @@ function runOurs(c: ConvCase, x: Tensor, w: Tensor, b: Tensor): Tensor {
   return conv3d({ x, w, b }, { padding: c.padding });
 }
 
+/** The registry's flops (useful multiply-adds, padding taps excluded) and bytes of runOurs. */
+function oursWork(c: ConvCase, x: Tensor, w: Tensor, b: Tensor): Work {
+  if (c.twoD) {
+    const [B, Ci, , H, W] = c.x;
+    const x4 = x.reshape([B, Ci, H, W]);
+    const w4 = w.reshape([c.co, Ci, c.k[1], c.k[2]]);
+    const work = opWork(conv2dOp, { x: x4, w: w4, b }, { padding: [c.padding[2], c.padding[3]] });
+    x4.dispose();
+    w4.dispose();
+    return work;
+  }
+  return opWork(conv3dOp, { x, w, b }, { padding: c.padding });
+}
+
 async function setupOurs(e: Engine, c: ConvCase): Promise<BenchInstance> {
   const d = data(c);
   const fan = c.x[1] * c.k[0] * c.k[1] * c.k[2];
@@ -96,6 +101,7 @@ async function setupOurs(e: Engine, c: ConvCase): Promise<BenchInstance> {
   const b = e.fromHost(d.b, [c.co], 'f32');
   let y: Tensor | null = null;
   return {
+    work: oursWork(c, x, w, b),
     run() {
       y?.dispose();
       y = runOurs(c, x, w, b);
@@ -205,8 +211,6 @@ for (const c of cases) {
       ? `x[${c.x[0] * c.x[2]},${c.x[1]},${c.x[3]},${c.x[4]}] k${c.k[1]}x${c.k[2]} Co${c.co}`
       : `x[${c.x.join(',')}] k${c.k.join('x')} Co${c.co} -> T${To}`,
     dtype: 'f32',
-    flops: flopsOf(c),
-    bytes: bytesOf(c),
     setup: (e) => setupOurs(e, c),
     peer: c.ours ? undefined : { name: 'tfjs-webgpu', setup: (e) => setupTfjs(e, c) },
   });

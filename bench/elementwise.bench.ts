@@ -1,9 +1,9 @@
 // Elementwise / modulation bandwidth on Wan 1.3B activation shapes.
-import { addBench } from './harness.ts';
+import { addBench, opWork, type Work } from './harness.ts';
 import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import { modulate, gatedResidual, unary, type UnaryKind } from '../src/ops/elementwise.ts';
-import { Params } from '../src/runtime/params.ts';
+import type { ParamValues } from '../src/runtime/params.ts';
 import { grid1d } from '../src/ops/registry.ts';
 
 function rand(n: number, seed: number): Float32Array {
@@ -16,14 +16,13 @@ for (const [name, L, D] of [['wan1.3b tokens', 4680, 1536]] as const) {
     name,
     shape: `L${L} D${D}`,
     dtype: 'f32',
-    flops: L * D * 3,
-    bytes: L * D * 8,
     async setup(e) {
       const x = e.fromHost(rand(L * D, 1), [L, D], 'f32');
       const sh = e.fromHost(rand(D, 2), [D], 'f32');
       const sc = e.fromHost(rand(D, 3), [D], 'f32');
       let y: Tensor | null = null;
       return {
+        work: opWork(modulate, { x, shift: sh, scale: sc }, {}),
         run() {
           y?.dispose();
           y = modulate({ x, shift: sh, scale: sc }, {});
@@ -50,14 +49,13 @@ for (const [name, L, D] of [['wan1.3b tokens', 4680, 1536]] as const) {
     name,
     shape: `L${L} D${D}`,
     dtype: 'f32',
-    flops: L * D * 2,
-    bytes: L * D * 12,
     async setup(e) {
       const x = e.fromHost(rand(L * D, 1), [L, D], 'f32');
       const r = e.fromHost(rand(L * D, 4), [L, D], 'f32');
       const g = e.fromHost(rand(D, 3), [D], 'f32');
       let y: Tensor | null = null;
       return {
+        work: opWork(gatedResidual, { x, r, gate: g }, {}),
         run() {
           y?.dispose();
           y = gatedResidual({ x, r, gate: g }, {});
@@ -88,27 +86,30 @@ for (const [name, L, D] of [['wan1.3b tokens', 4680, 1536]] as const) {
 
 const WG = 256;
 
-function scalarBaseline(kernel: string, entry: string, L: number, D: number, layout: Array<'read' | 'write'>, params: (n: number) => Uint8Array, bytes: number): void {
+/** `work`: the registry's numbers for the op this kernel implemented, on the bound tensors */
+function scalarBaseline(kernel: string, entry: string, L: number, D: number, layout: Array<'read' | 'write'>, params: (n: number) => ParamValues, work: (bufs: Tensor[]) => Work): void {
   addBench({
     kernel,
     name: `wan1.3b tokens (scalar, before)`,
     shape: `L${L} D${D}`,
     dtype: 'f32',
-    flops: L * D * 3,
-    bytes,
     async setup(e) {
       const n = L * D;
       const bufs = layout.map((k, i) => (k === 'write' ? e.empty([L, D], 'f32') : e.fromHost(rand(i === 0 || entry === 'gated_residual' ? n : D, 20 + i), [i === 0 || entry === 'gated_residual' ? n : D], 'f32')));
-      const run = () =>
+      const w = work(bufs);
+      const run = () => {
+        // a bare kernel, not an op: tell the wait predictor its work
+        e.addWork(w.flops + w.bytes);
         e.dispatch({
           kernel: { family: 'elementwise', entry, constants: { WG }, aliases: { a_t: 'f32', b_t: 'f32', c_t: 'f32', y_t: 'f32' }, layout },
           name: `${entry}.scalar`,
           params: params(n),
           bindings: bufs,
           workgroups: grid1d(Math.ceil(n / WG)),
-          work: n * 8,
         });
+      };
       return {
+        work: w,
         run,
         async validate() {
           run();
@@ -125,21 +126,20 @@ function scalarBaseline(kernel: string, entry: string, L: number, D: number, lay
 {
   const [L, D] = [4680, 1536];
   const n = L * D;
-  scalarBaseline('modulate', 'modulate', L, D, ['read', 'read', 'read', 'write'], (m) => new Params().u32(m).u32(1).u32(D).u32(1).u32(D).f32(0).f32(0).u32(0).bytes(), n * 8);
-  scalarBaseline('gated_res', 'gated_residual', L, D, ['read', 'read', 'read', 'write'], (m) => new Params().u32(m).u32(1).u32(1).u32(1).u32(D).f32(0).f32(0).u32(0).bytes(), n * 12);
-  scalarBaseline('unary', 'unary', L, D, ['read', 'write'], (m) => new Params().u32(m).u32(1).u32(1).u32(1).u32(1).f32(1).f32(0).u32(0).bytes(), n * 8);
+  scalarBaseline('modulate', 'modulate', L, D, ['read', 'read', 'read', 'write'], (m) => ({ n: m, b_div: 1, b_mod: D, c_div: 1, c_mod: D, alpha: 0, beta: 0, op: 0 }), ([x, shift, scale]) => opWork(modulate, { x: x!, shift: shift!, scale: scale! }, {}));
+  scalarBaseline('gated_res', 'gated_residual', L, D, ['read', 'read', 'read', 'write'], (m) => ({ n: m, b_div: 1, b_mod: 1, c_div: 1, c_mod: D, alpha: 0, beta: 0, op: 0 }), ([x, r, gate]) => opWork(gatedResidual, { x: x!, r: r!, gate: gate! }, {}));
+  scalarBaseline('unary', 'unary', L, D, ['read', 'write'], (m) => ({ n: m, b_div: 1, b_mod: 1, c_div: 1, c_mod: 1, alpha: 1, beta: 0, op: 0 }), ([x]) => opWork(unary, { x: x! }, { kind: 'copy' }));
   for (const kind of ['copy', 'silu', 'gelu'] as UnaryKind[]) {
     addBench({
       kernel: 'unary',
       name: `wan1.3b tokens ${kind}`,
       shape: `L${L} D${D}`,
       dtype: 'f32',
-      flops: n * (kind === 'copy' ? 0 : 8),
-      bytes: n * 8,
       async setup(e) {
         const x = e.fromHost(rand(n, 30), [L, D], 'f32');
         let y: Tensor | null = null;
         return {
+          work: opWork(unary, { x }, { kind }),
           run() {
             y?.dispose();
             y = unary({ x }, { kind });

@@ -4,10 +4,13 @@
 // (tfjs-backend-webgpu on the same Dawn device) timed the same way; the report shows the ratio.
 
 import type { Engine } from '../src/runtime/engine.ts';
+import type { Op, OpInputs } from '../src/ops/registry.ts';
 
 export interface BenchInstance {
   /** encode one run of the kernel(s) (the harness syncs after it) */
   run(): void | Promise<void>;
+  /** flops and bytes of one run, from the op registry (see opWork); overrides the case's numbers */
+  work?: Work;
   /** throw if the result is wrong (called once, before timing) */
   validate(): Promise<void>;
   dispose(): void;
@@ -29,10 +32,10 @@ export interface BenchCase {
   /** shape string, e.g. 'M1024 K1536 N1536' */
   shape: string;
   dtype: string;
-  /** floating-point operations per run */
-  flops: number;
-  /** bytes read + written per run (ideal, each operand once) */
-  bytes: number;
+  /** floating-point operations per run; omit when the instance reports `work` from the registry */
+  flops?: number;
+  /** bytes read + written per run (ideal, each operand once); omit like flops */
+  bytes?: number;
   setup(e: Engine): Promise<BenchInstance>;
   peer?: { name: string; setup(e: Engine): Promise<PeerInstance> };
   /** mark cases too slow for the default run (run with --all) */
@@ -40,6 +43,20 @@ export interface BenchCase {
 }
 
 export const cases: BenchCase[] = [];
+
+export interface Work {
+  flops: number;
+  bytes: number;
+}
+
+/** One op call's flops and bytes, as the op registry counts them (summed over several calls by `sumWork`). */
+export function opWork<I extends OpInputs, A>(op: Op<I, A>, inputs: I, attrs: A): Work {
+  return { flops: op.def.flops(inputs, attrs), bytes: op.def.bytes(inputs, attrs) };
+}
+
+export function sumWork(...w: Work[]): Work {
+  return { flops: w.reduce((s, x) => s + x.flops, 0), bytes: w.reduce((s, x) => s + x.bytes, 0) };
+}
 
 export function addBench(c: BenchCase): void {
   cases.push(c);

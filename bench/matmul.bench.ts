@@ -6,7 +6,7 @@
 // shape string names the L used. Weights: bf16 as in the checkpoints (ours only: tfjs has no
 // bf16) and f32 (ours and the peer, same shapes). Each case is validated before timing: a few
 // output rows against the CPU reference (src/ops/matmul.ts), and the peer against the same rows.
-import { addBench, type BenchInstance, type PeerInstance } from './harness.ts';
+import { addBench, opWork, type BenchInstance, type PeerInstance } from './harness.ts';
 import { tfjsOn, tfSync } from './peers/tfjs.ts';
 import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
@@ -74,9 +74,6 @@ function forgetCompileStall(e: Engine): void {
   Object.assign(e.predictor, new WaitPredictor());
 }
 
-const flopsOf = (s: Shape) => 2 * s.L * s.K * s.N;
-const bytesOf = (s: Shape, wBytes: number) => s.L * s.K * 4 + s.N * s.K * wBytes + s.L * s.N * 4;
-
 for (const s of SHAPES) {
   for (const wdt of ['bf16', 'f32'] as DType[]) {
     const setupOurs = async (e: Engine): Promise<BenchInstance> => {
@@ -87,6 +84,7 @@ for (const s of SHAPES) {
       const w = wCpu.toGpu(e);
       let y: Tensor | null = null;
       return {
+        work: opWork(linearOp, { x, w }, {}),
         run() {
           y?.dispose();
           y = linear(x, w);
@@ -118,7 +116,7 @@ for (const s of SHAPES) {
               // tfjs binds a weight as one storage buffer: one above the adapter's binding limit
               // (the 14B FFN and UMT5 f32 weights, 168-283 MB) fails validation, so it gets the
               // weight in row blocks that fit and concatenates the products (named in the row)
-              const parts = Math.ceil((s.N * s.K * 4) / e.maxBinding);
+              const parts = Math.ceil((s.N * s.K * 4) / e.caps.maxBinding);
               const step = Math.ceil(s.N / parts);
               const tws: Array<{ dispose(): void }> = [];
               for (let n0 = 0; n0 < s.N; n0 += step) {
@@ -171,8 +169,6 @@ for (const s of SHAPES) {
       name: s.name,
       shape: `L${s.L} K${s.K} N${s.N}`,
       dtype: `x f32, w ${wdt}`,
-      flops: flopsOf(s),
-      bytes: bytesOf(s, wdt === 'f32' ? 4 : 2),
       setup: setupOurs,
       peer,
     });
@@ -197,8 +193,6 @@ for (const s of CPU_SHAPES) {
     name: s.name,
     shape: `L${s.L} K${s.K} N${s.N}`,
     dtype: 'x f32, w bf16',
-    flops: flopsOf(s),
-    bytes: bytesOf(s, 2),
     async setup(): Promise<BenchInstance> {
       const x = xv();
       const w = wBf16();
@@ -206,6 +200,8 @@ for (const s of CPU_SHAPES) {
       const ws = new Uint16Array(new SharedArrayBuffer(raw.byteLength));
       ws.set(raw);
       return {
+        // the linear op's numbers: cpuGemm is what linear runs on CPU tensors
+        work: opWork(linearOp, { x: Tensor.cpu(x, [s.L, s.K], 'f32'), w }, {}),
         run() {
           cpuGemm(x, ws, 2, null, s.L, s.K, s.N);
         },

@@ -9,7 +9,7 @@ import { writeFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Engine } from '../src/runtime/engine.ts';
-import { WanPipeline } from '../src/pipeline/wan-pipeline.ts';
+import { WanPipeline, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
 import { randomModelFolder, WAN_1_3B_TRANSFORMER, WAN_VAE, umt5XxlConfig } from '../src/tools/random-model.ts';
 import { tinyModelWithTokenizer } from '../test/helpers/models.ts';
 import { fmtBytes } from '../src/util/errors.ts';
@@ -52,7 +52,7 @@ interface Row {
 interface Case {
   name: string;
   dir: () => Promise<string>;
-  config: Record<string, unknown>;
+  options: WanPipelineOptions;
   blockBytes?: number;
 }
 
@@ -80,7 +80,7 @@ async function main() {
     cases.push({
       name: 'tiny (golden)',
       dir: async () => tinyModelWithTokenizer(),
-      config: { 'infer.height': 128, 'infer.width': 128, 'infer.num_frames': 9, 'infer.num_inference_steps': 1, 'infer.text_len': 16, 'infer.vae_tile_overlap': 0.25 },
+      options: { textLen: 16, vaeTileOverlap: 0.25, defaults: { height: 128, width: 128, numFrames: 9, numInferenceSteps: 1 } },
     });
   const teLayers = Number(arg('--t5-layers') ?? 1);
   if (models.includes('1.3b'))
@@ -88,13 +88,10 @@ async function main() {
       name: `Wan2.1-1.3B shapes (UMT5-XXL x${teLayers} layer)`,
       dir: () =>
         randomModelFolder(cacheRoot, { transformer: WAN_1_3B_TRANSFORMER, vae: WAN_VAE, textEncoder: umt5XxlConfig(teLayers), dtype: 'bf16', seed: 1234, tokenizerDir: tokDir }, (s) => console.log(`  ${s}`)),
-      config: {
-        'infer.height': Number(arg('--height') ?? 128),
-        'infer.width': Number(arg('--width') ?? 128),
-        'infer.num_frames': 5,
-        'infer.num_inference_steps': 1,
-        'infer.text_len': 512,
-        'infer.vae_tile_overlap': 0.25,
+      options: {
+        textLen: 512,
+        vaeTileOverlap: 0.25,
+        defaults: { height: Number(arg('--height') ?? 128), width: Number(arg('--width') ?? 128), numFrames: 5, numInferenceSteps: 1 },
       },
     });
   // A fresh GPU device per level (default; --shared-device: one device for all levels). On lavapipe
@@ -117,7 +114,15 @@ async function main() {
         e.allocator.emptyCache();
         e.allocator.resetPeakMemoryStats();
         const t0 = performance.now();
-        const pipe = await WanPipeline.fromPretrained(dir, { engine: e, lowMemLevel: level, promptCache: false, config: { ...c.config, ...(stream ? { 'infer.text_encoder_device': 'gpu-stream' } : {}), ...(untiled ? { 'infer.vae_tiling': false } : {}) }, profile: false });
+        const pipe = await WanPipeline.fromPretrained(dir, {
+          ...c.options,
+          engine: e,
+          lowMemLevel: level,
+          promptCache: false,
+          profile: false,
+          ...(stream ? { textEncoderDevice: 'gpu-stream' as const } : {}),
+          ...(untiled ? { vaeTiling: false } : {}),
+        });
         const tLoad = performance.now() - t0;
         const t1 = performance.now();
         const verbose = process.argv.includes('--verbose');

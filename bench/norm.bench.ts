@@ -1,11 +1,12 @@
 // Norms, RoPE and layout permutes on Wan workload shapes (GB/s; the ops are memory-bound).
-import { addBench, type BenchInstance } from './harness.ts';
+import { addBench, opWork, type BenchInstance } from './harness.ts';
 import type { Engine } from '../src/runtime/engine.ts';
+import type { Op, OpInputs } from '../src/ops/registry.ts';
 import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
-import { layerNorm, rmsNorm, channelL2Norm, type RowImpl } from '../src/ops/norm.ts';
-import { rope } from '../src/ops/rope.ts';
-import { permute } from '../src/ops/layout.ts';
+import { layerNorm, rmsNorm, channelL2NormOp, type RowImpl } from '../src/ops/norm.ts';
+import { ropeOp } from '../src/ops/rope.ts';
+import { permuteOp } from '../src/ops/layout.ts';
 
 function rand(n: number, seed: number, scale = 1): Float32Array {
   const a = new Rng(seed).fillNormal(new Float32Array(n));
@@ -23,23 +24,27 @@ async function sampleCheck(what: string, gpu: Tensor, cpu: Tensor, tol = 1e-4): 
   }
 }
 
-/** A bench instance that runs `op` on GPU inputs, validated against the same op on CPU inputs. */
-function opBench(e: Engine, what: string, inputs: Record<string, Tensor>, op: (i: Record<string, Tensor>) => Tensor): BenchInstance {
-  const g: Record<string, Tensor> = Object.fromEntries(Object.entries(inputs).map(([k, t]) => [k, t.toGpu(e)]));
+/**
+ * A bench instance that runs the registered `op` on GPU copies of `inputs`, validated against the
+ * same op on the CPU inputs; its flops and bytes are the registry's.
+ */
+function opBench<I extends OpInputs, A>(e: Engine, what: string, op: Op<I, A>, inputs: I, attrs: A): BenchInstance {
+  const g = Object.fromEntries(Object.entries(inputs).map(([k, t]) => [k, t?.toGpu(e)])) as I;
   let y: Tensor | null = null;
   return {
+    work: opWork(op, g, attrs),
     run() {
       y?.dispose();
-      y = op(g);
+      y = op(g, attrs);
     },
     async validate() {
-      const out = op(g);
-      await sampleCheck(what, out, op(inputs));
+      const out = op(g, attrs);
+      await sampleCheck(what, out, op(inputs, attrs));
       out.dispose();
     },
     dispose() {
       y?.dispose();
-      for (const t of Object.values(g)) t.dispose();
+      for (const t of Object.values(g)) t?.dispose();
     },
   };
 }
@@ -52,13 +57,11 @@ for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as
       name: `${model} norm1+mod (${impl})`,
       shape: `L${L} D${D}`,
       dtype: 'f32',
-      flops: L * D * 10,
-      bytes: L * D * 8,
       async setup(e) {
         const x = Tensor.cpu(rand(L * D, 1), [L, D]);
         const shift = Tensor.cpu(rand(D, 2), [D]);
         const scale = Tensor.cpu(rand(D, 3, 0.1), [D]);
-        return opBench(e, 'layer_norm', { x, shift, scale }, (i) => layerNorm({ x: i.x!, shift: i.shift, scale: i.scale }, { eps: 1e-6, impl }));
+        return opBench(e, 'layer_norm', layerNorm, { x, shift, scale }, { eps: 1e-6, impl });
       },
     });
   }
@@ -67,13 +70,11 @@ for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as
     name: `${model} norm2 affine bf16 w`,
     shape: `L${L} D${D}`,
     dtype: 'f32',
-    flops: L * D * 9,
-    bytes: L * D * 8,
     async setup(e) {
       const x = Tensor.cpu(rand(L * D, 4), [L, D]);
       const weight = Tensor.fromValues(rand(D, 5), [D], 'bf16');
       const bias = Tensor.fromValues(rand(D, 6), [D], 'bf16');
-      return opBench(e, 'layer_norm affine', { x, weight, bias }, (i) => layerNorm({ x: i.x!, weight: i.weight, bias: i.bias }, { eps: 1e-6 }));
+      return opBench(e, 'layer_norm affine', layerNorm, { x, weight, bias }, { eps: 1e-6 });
     },
   });
   addBench({
@@ -81,12 +82,10 @@ for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as
     name: `${model} q/k norm`,
     shape: `L${L} D${D}`,
     dtype: 'f32',
-    flops: L * D * 5,
-    bytes: L * D * 8,
     async setup(e) {
       const x = Tensor.cpu(rand(L * D, 7), [L, D]);
       const weight = Tensor.cpu(rand(D, 8), [D]);
-      return opBench(e, 'rms_norm', { x, weight }, (i) => rmsNorm({ x: i.x!, weight: i.weight! }, { eps: 1e-6 }));
+      return opBench(e, 'rms_norm', rmsNorm, { x, weight }, { eps: 1e-6 });
     },
   });
 }
@@ -96,12 +95,10 @@ addBench({
   name: 'umt5-xxl layer norm',
   shape: 'L512 D4096',
   dtype: 'f32',
-  flops: 512 * 4096 * 5,
-  bytes: 512 * 4096 * 8,
   async setup(e) {
     const x = Tensor.cpu(rand(512 * 4096, 9), [512, 4096]);
     const weight = Tensor.fromValues(rand(4096, 10), [4096], 'bf16');
-    return opBench(e, 'rms_norm t5', { x, weight }, (i) => rmsNorm({ x: i.x!, weight: i.weight! }, { eps: 1e-6 }));
+    return opBench(e, 'rms_norm t5', rmsNorm, { x, weight }, { eps: 1e-6 });
   },
 });
 
@@ -114,12 +111,10 @@ addBench({
     name: 'wan vae up-block (scaled)',
     shape: `[${shape.join(',')}]`,
     dtype: 'f32',
-    flops: n * 5,
-    bytes: n * 12, // x read twice, y written
     async setup(e) {
       const x = Tensor.cpu(rand(n, 11), shape);
       const gamma = Tensor.cpu(rand(384, 12), [384, 1, 1, 1]);
-      return opBench(e, 'channel_l2_norm', { x, gamma }, (i) => channelL2Norm({ x: i.x!, gamma: i.gamma! }));
+      return opBench(e, 'channel_l2_norm', channelL2NormOp, { x, gamma }, undefined);
     },
   });
 }
@@ -133,14 +128,12 @@ addBench({
     name: 'wan1.3b attn1 q',
     shape: `[1,${L},${H},${Dh}]`,
     dtype: 'f32',
-    flops: n * 3,
-    bytes: n * 8 + L * Dh * 4,
     async setup(e) {
       const x = Tensor.cpu(rand(n, 13), [1, L, H, Dh]);
       const ang = rand(L * (Dh / 2), 14, 3);
       const cos = Tensor.cpu(ang.map(Math.cos), [L, Dh / 2]);
       const sin = Tensor.cpu(ang.map(Math.sin), [L, Dh / 2]);
-      return opBench(e, 'rope', { x, cos, sin }, (i) => rope({ x: i.x!, cos: i.cos!, sin: i.sin! }));
+      return opBench(e, 'rope', ropeOp, { x, cos, sin }, undefined);
     },
   });
 }
@@ -159,11 +152,9 @@ for (const [name, shape, dims] of [
     name,
     shape: `[${shape.join(',')}]`,
     dtype: 'f32',
-    flops: 0,
-    bytes: n * 8,
     async setup(e) {
       const x = Tensor.cpu(rand(n, 15), shape);
-      return opBench(e, 'permute', { x }, (i) => permute(i.x!, dims));
+      return opBench(e, 'permute', permuteOp, { x }, { dims });
     },
   });
 }

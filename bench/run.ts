@@ -29,7 +29,7 @@ async function main() {
   const timeMs = Number(arg('--time') ?? 1500);
   const all = process.argv.includes('--all');
   const e = await Engine.create({ waitMode: (arg('--wait') as 'predict' | 'await') ?? 'predict' });
-  console.log(`adapter: ${e.adapterName}; features: ${JSON.stringify(e.features)}`);
+  console.log(`adapter: ${e.adapterName}; caps: ${JSON.stringify(e.caps)}`);
   const rows: BenchRow[] = [];
   const header = `${'kernel'.padEnd(10)} ${'workload'.padEnd(30)} ${'shape'.padEnd(28)} ${'dtype'.padEnd(9)} ${'ms'.padStart(9)} ${'GFLOP/s'.padStart(8)} ${'GB/s'.padStart(7)} ${'peer GF/s'.padStart(9)} ${'ratio'.padStart(6)}`;
   console.log(header);
@@ -39,6 +39,9 @@ async function main() {
       if (re && !re.test(id)) continue;
       if (c.slow && !all && !re) continue;
       const inst = await c.setup(e);
+      const flops = inst.work?.flops ?? c.flops;
+      const bytes = inst.work?.bytes ?? c.bytes;
+      if (flops === undefined || bytes === undefined) throw new Error(`[bench] ${id}: no flops/bytes (the case or its instance's registry work must give them)`);
       await inst.validate();
       const t = await timeIt(async () => {
         await inst.run();
@@ -52,8 +55,8 @@ async function main() {
         peerMs = (await timeIt(() => p.run(), timeMs)).median;
         p.dispose();
       }
-      const gflops = c.flops / (t.median * 1e6);
-      const peerGf = peerMs ? c.flops / (peerMs * 1e6) : null;
+      const gflops = flops / (t.median * 1e6);
+      const peerGf = peerMs ? flops / (peerMs * 1e6) : null;
       const row: BenchRow = {
         kernel: c.kernel,
         name: c.name,
@@ -61,7 +64,7 @@ async function main() {
         dtype: c.dtype,
         ms: t.median,
         gflops,
-        gbps: c.bytes / (t.median * 1e6),
+        gbps: bytes / (t.median * 1e6),
         peer: c.peer?.name ?? null,
         peer_ms: peerMs,
         peer_gflops: peerGf,

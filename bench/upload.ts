@@ -16,7 +16,10 @@ console.log(`adapter: ${e.adapterName}; block image ${MiB} MiB; ${rounds} rounds
 const image = new Uint8Array(bytes);
 for (let i = 0; i < bytes; i += 4096) image[i] = (i >> 12) & 255;
 const slot = dev.createBuffer({ size: bytes, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC });
-const ring = [0, 1].map(() => dev.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_WRITE | GPUBufferUsage.COPY_SRC }));
+// the ring as residency.ts allocates it: allocator-owned staging, mapped at creation (unmapped here,
+// so every round starts with mapAsync)
+const ring = [0, 1].map((i) => e.allocator.allocStaging(bytes, `bench.staging.${i}`));
+for (const s of ring) s.buffer.unmap();
 let ringIdx = 0;
 
 async function viaWriteBuffer(): Promise<void> {
@@ -25,7 +28,7 @@ async function viaWriteBuffer(): Promise<void> {
 }
 
 async function viaStagingRing(): Promise<void> {
-  const st = ring[ringIdx]!;
+  const st = ring[ringIdx]!.buffer;
   ringIdx ^= 1;
   await st.mapAsync(GPUMapMode.WRITE);
   new Uint8Array(st.getMappedRange()).set(image);
@@ -71,6 +74,6 @@ try {
   console.log(`staging ring / writeBuffer time: ${(rows[1]!.ms / rows[0]!.ms).toFixed(2)}`);
 } finally {
   slot.destroy();
-  for (const b of ring) b.destroy();
+  for (const b of ring) e.allocator.freeStaging(b);
   e.destroy();
 }

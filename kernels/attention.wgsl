@@ -43,40 +43,10 @@ enable subgroups;
 alias in_t = f32;   // q, k, v storage
 
 struct Params {
-  Lq: u32,         // full query length
-  Lk: u32,         // full key length
-  H: u32,          // heads
-  Dh: u32,         // head dim (elements, a multiple of 4 here)
-  b0: u32,         // first batch of this dispatch
-  nh: u32,         // heads in this dispatch
-  h0: u32,         // first head
-  i0: u32,         // first query row (per batch)
-  nq: u32,         // query rows per batch in this dispatch
-  qtiles: u32,     // ceil(nq / (WG * QPL))
-  ngroups: u32,    // workgroups with work: nb * nh * qtiles
-  j0: u32,         // key range [j0, j1)
-  j1: u32,
-  q_base: u32,     // window starts in vec4 units of q, k, v (flash_ubo: k_base = keys per uniform window)
-  k_base: u32,
-  v_base: u32,
-  s_row0: u32,     // first state row (row = (b * Lq + i) * H + h) held by the bound st_ml
-  o_base: u32,     // output window start (elements; f16 output only)
-  bias_base: u32,  // bias window start (elements)
-  acc_base: u32,   // st_acc window start (vec4 units): acc index = (row * H + h) * Dh / 4 + d4 - acc_base
-  scale: f32,      // q·k multiplier times log2(e)
-  bias_scale: f32, // log2(e): the bias is added in the exp2 domain
-  flags: u32,      // FLAG_* bits
-  _pad2: u32,
+  //!include lib/attention_params.wgsl
 }
 
-// Params.flags (runtime, not override constants: every combination would be another pipeline,
-// and each costs seconds of LLVM time on lavapipe; these branches are uniform and cheap)
-const FLAG_MASK: u32 = 1u;       // key mask [B, Lk] i32
-const FLAG_BIAS_FULL: u32 = 2u;  // bias [H, Lq, Lk]
-const FLAG_BIAS_REL: u32 = 4u;   // bias [H, Lq + Lk - 1]
-const FLAG_STATE_IN: u32 = 8u;   // continue from st_acc / st_ml (a previous key range)
-const FLAG_FINAL: u32 = 16u;     // normalize and write the output (else write the (m, l) state)
-const FLAG_ACC_IS_OUT: u32 = 32u; // st_acc is the f32 output itself (o unused)
+//!include lib/attention_flags.wgsl
 
 override WG: u32 = 32u;          // invocations per workgroup (a multiple of 8)
 

@@ -33,33 +33,7 @@ alias x_t = f32;
 alias y_t = f32;
 
 struct Params {
-  ci: u32,        // input channels summed by this dispatch
-  t: u32,         // input frames in the x window
-  h: u32,         // input height
-  w: u32,         // input width
-  co: u32,        // output channels written by this dispatch
-  to: u32,        // output frames written by this dispatch
-  ho: u32,        // output height
-  wo: u32,        // output width
-  kt: u32,        // kernel size (frames)
-  st: u32,        // temporal stride
-  pt: i32,        // input frame of output frame 0, tap 0 is -pt (relative to the x window)
-  nb: u32,        // batch elements in this dispatch
-  x_off: u32,     // in elements: element (b0, ci0, frame 0 of the window) in the x binding
-  x_cs: u32,      // in elements: x channel stride
-  x_bs: u32,      // in elements: x batch stride
-  y_off: u32,     // in elements: element (b0, co0, frame t0) in the y binding
-  y_cs: u32,      // in elements: y channel stride
-  y_bs: u32,      // in elements: y batch stride
-  w_row: u32,     // in elements: weight stride between output channels (Ci_total * kt * kh * kw)
-  w_off: u32,     // in elements: weight offset of (co0, ci0) inside the weight binding
-  b_off: u32,     // in elements: bias offset of co0 inside the bias binding
-  tiles_w: u32,   // position tiles per output row (k3) / per output frame (k1)
-  tiles: u32,     // position tiles per batch element
-  grid_x: u32,    // workgroups along x (the position-tile grid is folded into x and y)
-  accumulate: u32,// 1: y += result (later input-channel chunks); 0: y = result (+ bias)
-  has_bias: u32,  // 1: add the bias (binding Bs) on the first input-channel chunk
-  b_dtype: u32,   // bias storage: 0 f32, 1 f16, 2 bf16
+  //!include lib/conv_params.wgsl
   _pad0: u32,
 }
 
@@ -77,26 +51,14 @@ const TILE: u32 = 64u;
 @group(0) @binding(4) var<storage, read> Bs: array<u32>;
 @group(0) @binding(5) var<storage, read_write> Y: array<y_t>;
 
+//!include lib/dtype.wgsl
+
 fn weight(i: u32) -> f32 {
-  if (W_DTYPE == 0u) {
-    return bitcast<f32>(Wt[i]);
-  }
-  let word = Wt[i >> 1u];
-  if (W_DTYPE == 1u) {
-    return unpack2x16float(word)[i & 1u];
-  }
-  return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
+  return widen(Wt[word_index(i, W_DTYPE)], i, W_DTYPE);
 }
 
 fn bias(i: u32) -> f32 {
-  if (P.b_dtype == 0u) {
-    return bitcast<f32>(Bs[i]);
-  }
-  let word = Bs[i >> 1u];
-  if (P.b_dtype == 1u) {
-    return unpack2x16float(word)[i & 1u];
-  }
-  return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
+  return widen(Bs[word_index(i, P.b_dtype)], i, P.b_dtype);
 }
 
 // 4 consecutive x elements: element i (a multiple of 4) of the row starting at element r (a
@@ -120,6 +82,19 @@ fn store4(o: u32, p: u32, n: u32, v: vec4<f32>) {
   if (p + 1u < n) { Y[o + 1u] = y_t(r.y); }
   if (p + 2u < n) { Y[o + 2u] = y_t(r.z); }
   if (p + 3u < n) { Y[o + 3u] = y_t(r.w); }
+}
+
+// One lane's accumulators: 8 output channels (a0..a7) x its 8 positions (two vec4). Separate
+// members, each indexed by literals only: a private array indexed at run time is an if-ladder.
+struct Acc {
+  a0: array<vec4<f32>, 2>,
+  a1: array<vec4<f32>, 2>,
+  a2: array<vec4<f32>, 2>,
+  a3: array<vec4<f32>, 2>,
+  a4: array<vec4<f32>, 2>,
+  a5: array<vec4<f32>, 2>,
+  a6: array<vec4<f32>, 2>,
+  a7: array<vec4<f32>, 2>,
 }
 
 struct Tile {
@@ -170,14 +145,7 @@ fn conv_k3(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
   let hok = (is_l && tl.p0 > 0u) || (is_r && tl.p0 + TILE < P.w);
   // weights of output channel co0 + lane (clamped: lanes past Co load a valid row, never stored)
   let wrow = P.w_off + min(tl.co0 + lane, P.co - 1u) * P.w_row;
-  var a0: array<vec4<f32>, 2>;
-  var a1: array<vec4<f32>, 2>;
-  var a2: array<vec4<f32>, 2>;
-  var a3: array<vec4<f32>, 2>;
-  var a4: array<vec4<f32>, 2>;
-  var a5: array<vec4<f32>, 2>;
-  var a6: array<vec4<f32>, 2>;
-  var a7: array<vec4<f32>, 2>;
+  var acc: Acc;
   for (var ka = 0u; ka < P.kt; ka++) {
     let ti = i32(tl.t * P.st + ka) - P.pt;
     if (ti < 0 || ti >= i32(P.t)) { continue; }
@@ -202,18 +170,18 @@ fn conv_k3(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
         let w0 = weight(wi);
         let w1 = weight(wi + 1u);
         let w2 = weight(wi + 2u);
-        mac3(&a0, subgroupBroadcast(w0, 0u), subgroupBroadcast(w1, 0u), subgroupBroadcast(w2, 0u), l0, v0, r0, l1, v1, r1);
-        mac3(&a1, subgroupBroadcast(w0, 1u), subgroupBroadcast(w1, 1u), subgroupBroadcast(w2, 1u), l0, v0, r0, l1, v1, r1);
-        mac3(&a2, subgroupBroadcast(w0, 2u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w2, 2u), l0, v0, r0, l1, v1, r1);
-        mac3(&a3, subgroupBroadcast(w0, 3u), subgroupBroadcast(w1, 3u), subgroupBroadcast(w2, 3u), l0, v0, r0, l1, v1, r1);
-        mac3(&a4, subgroupBroadcast(w0, 4u), subgroupBroadcast(w1, 4u), subgroupBroadcast(w2, 4u), l0, v0, r0, l1, v1, r1);
-        mac3(&a5, subgroupBroadcast(w0, 5u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w2, 5u), l0, v0, r0, l1, v1, r1);
-        mac3(&a6, subgroupBroadcast(w0, 6u), subgroupBroadcast(w1, 6u), subgroupBroadcast(w2, 6u), l0, v0, r0, l1, v1, r1);
-        mac3(&a7, subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 7u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a0, subgroupBroadcast(w0, 0u), subgroupBroadcast(w1, 0u), subgroupBroadcast(w2, 0u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a1, subgroupBroadcast(w0, 1u), subgroupBroadcast(w1, 1u), subgroupBroadcast(w2, 1u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a2, subgroupBroadcast(w0, 2u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w2, 2u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a3, subgroupBroadcast(w0, 3u), subgroupBroadcast(w1, 3u), subgroupBroadcast(w2, 3u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a4, subgroupBroadcast(w0, 4u), subgroupBroadcast(w1, 4u), subgroupBroadcast(w2, 4u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a5, subgroupBroadcast(w0, 5u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w2, 5u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a6, subgroupBroadcast(w0, 6u), subgroupBroadcast(w1, 6u), subgroupBroadcast(w2, 6u), l0, v0, r0, l1, v1, r1);
+        mac3(&acc.a7, subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 7u), l0, v0, r0, l1, v1, r1);
       }
     }
   }
-  finish(tl, lane, pl, P.wo, tl.r * P.wo + pl, a0, a1, a2, a3, a4, a5, a6, a7);
+  finish(tl, lane, pl, P.wo, tl.r * P.wo + pl, acc);
 }
 
 // ---------------------------------------------------------------- 1x1 spatial, no padding, stride 1
@@ -231,14 +199,7 @@ fn conv_k1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
   let pl = tl.p0 + 8u * lane;
   let xb0 = P.x_off + tl.b * P.x_bs;
   let wrow = P.w_off + min(tl.co0 + lane, P.co - 1u) * P.w_row;
-  var a0: array<vec4<f32>, 2>;
-  var a1: array<vec4<f32>, 2>;
-  var a2: array<vec4<f32>, 2>;
-  var a3: array<vec4<f32>, 2>;
-  var a4: array<vec4<f32>, 2>;
-  var a5: array<vec4<f32>, 2>;
-  var a6: array<vec4<f32>, 2>;
-  var a7: array<vec4<f32>, 2>;
+  var acc: Acc;
   for (var ka = 0u; ka < P.kt; ka++) {
     let ti = i32(tl.t * P.st + ka) - P.pt;
     if (ti < 0 || ti >= i32(P.t)) { continue; }
@@ -248,24 +209,22 @@ fn conv_k1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_i
       let v0 = load4(row, pl, plane);
       let v1 = load4(row, pl + 4u, plane);
       let wv = weight(wrow + ci * P.kt + ka);
-      mac1(&a0, subgroupBroadcast(wv, 0u), v0, v1);
-      mac1(&a1, subgroupBroadcast(wv, 1u), v0, v1);
-      mac1(&a2, subgroupBroadcast(wv, 2u), v0, v1);
-      mac1(&a3, subgroupBroadcast(wv, 3u), v0, v1);
-      mac1(&a4, subgroupBroadcast(wv, 4u), v0, v1);
-      mac1(&a5, subgroupBroadcast(wv, 5u), v0, v1);
-      mac1(&a6, subgroupBroadcast(wv, 6u), v0, v1);
-      mac1(&a7, subgroupBroadcast(wv, 7u), v0, v1);
+      mac1(&acc.a0, subgroupBroadcast(wv, 0u), v0, v1);
+      mac1(&acc.a1, subgroupBroadcast(wv, 1u), v0, v1);
+      mac1(&acc.a2, subgroupBroadcast(wv, 2u), v0, v1);
+      mac1(&acc.a3, subgroupBroadcast(wv, 3u), v0, v1);
+      mac1(&acc.a4, subgroupBroadcast(wv, 4u), v0, v1);
+      mac1(&acc.a5, subgroupBroadcast(wv, 5u), v0, v1);
+      mac1(&acc.a6, subgroupBroadcast(wv, 6u), v0, v1);
+      mac1(&acc.a7, subgroupBroadcast(wv, 7u), v0, v1);
     }
   }
-  finish(tl, lane, pl, plane, pl, a0, a1, a2, a3, a4, a5, a6, a7);
+  finish(tl, lane, pl, plane, pl, acc);
 }
 
 // Adds the bias (first input-channel chunk only) and stores 8 channels x 8 positions per lane.
 // `p` is the lane's first position along a row of `n` valid positions; `q` its offset in the frame.
-fn finish(tl: Tile, lane: u32, p: u32, n: u32, q: u32,
-          a0: array<vec4<f32>, 2>, a1: array<vec4<f32>, 2>, a2: array<vec4<f32>, 2>, a3: array<vec4<f32>, 2>,
-          a4: array<vec4<f32>, 2>, a5: array<vec4<f32>, 2>, a6: array<vec4<f32>, 2>, a7: array<vec4<f32>, 2>) {
+fn finish(tl: Tile, lane: u32, p: u32, n: u32, q: u32, acc: Acc) {
   var bv = 0.0;
   if (P.has_bias != 0u && P.accumulate == 0u) {
     bv = bias(P.b_off + min(tl.co0 + lane, P.co - 1u));
@@ -273,14 +232,14 @@ fn finish(tl: Tile, lane: u32, p: u32, n: u32, q: u32,
   // broadcasts in uniform control flow, then one store loop over the channels
   var r: array<array<vec4<f32>, 2>, 8>;
   var b: array<f32, 8>;
-  r[0] = a0; b[0] = subgroupBroadcast(bv, 0u);
-  r[1] = a1; b[1] = subgroupBroadcast(bv, 1u);
-  r[2] = a2; b[2] = subgroupBroadcast(bv, 2u);
-  r[3] = a3; b[3] = subgroupBroadcast(bv, 3u);
-  r[4] = a4; b[4] = subgroupBroadcast(bv, 4u);
-  r[5] = a5; b[5] = subgroupBroadcast(bv, 5u);
-  r[6] = a6; b[6] = subgroupBroadcast(bv, 6u);
-  r[7] = a7; b[7] = subgroupBroadcast(bv, 7u);
+  r[0] = acc.a0; b[0] = subgroupBroadcast(bv, 0u);
+  r[1] = acc.a1; b[1] = subgroupBroadcast(bv, 1u);
+  r[2] = acc.a2; b[2] = subgroupBroadcast(bv, 2u);
+  r[3] = acc.a3; b[3] = subgroupBroadcast(bv, 3u);
+  r[4] = acc.a4; b[4] = subgroupBroadcast(bv, 4u);
+  r[5] = acc.a5; b[5] = subgroupBroadcast(bv, 5u);
+  r[6] = acc.a6; b[6] = subgroupBroadcast(bv, 6u);
+  r[7] = acc.a7; b[7] = subgroupBroadcast(bv, 7u);
   let o = P.y_off + tl.b * P.y_bs + tl.co0 * P.y_cs + tl.t * P.ho * P.wo + q;
   let nco = min(8u, P.co - tl.co0);
   for (var c = 0u; c < nco; c++) {

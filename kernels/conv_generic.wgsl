@@ -4,41 +4,16 @@
 // kernels/conv.wgsl cover (3x3 pad 1 and 1x1, spatial stride 1, vec4-aligned rows) go there.
 //
 // An invocation computes 4 consecutive positions of one output frame (flat over Ho x Wo) for
-// 4 output channels; the 4 channels are the same for the whole workgroup. Params and the
-// windowed bindings are the ones of kernels/conv.wgsl (see there), plus the spatial geometry.
+// 4 output channels; the 4 channels are the same for the whole workgroup. The windowed bindings
+// are the ones of kernels/conv.wgsl (see there); Params are its fields (lib/conv_params.wgsl) plus
+// the spatial geometry.
 // Accumulation is f32.
 
 alias x_t = f32;
 alias y_t = f32;
 
 struct Params {
-  ci: u32,        // input channels summed by this dispatch
-  t: u32,         // input frames in the x window
-  h: u32,         // input height
-  w: u32,         // input width
-  co: u32,        // output channels written by this dispatch
-  to: u32,        // output frames written by this dispatch
-  ho: u32,        // output height
-  wo: u32,        // output width
-  kt: u32,        // kernel size (frames)
-  st: u32,        // temporal stride
-  pt: i32,        // input frame of output frame 0, tap 0 is -pt (relative to the x window)
-  nb: u32,        // batch elements in this dispatch
-  x_off: u32,     // in elements: element (b0, ci0, frame 0 of the window) in the x binding
-  x_cs: u32,      // in elements: x channel stride
-  x_bs: u32,      // in elements: x batch stride
-  y_off: u32,     // in elements: element (b0, co0, frame t0) in the y binding
-  y_cs: u32,      // in elements: y channel stride
-  y_bs: u32,      // in elements: y batch stride
-  w_row: u32,     // in elements: weight stride between output channels (Ci_total * kt * kh * kw)
-  w_off: u32,     // in elements: weight offset of (co0, ci0) inside the weight binding
-  b_off: u32,     // in elements: bias offset of co0 inside the bias binding
-  tiles_w: u32,   // position tiles per output frame
-  tiles: u32,     // position tiles per batch element (tiles_w * to)
-  grid_x: u32,    // workgroups along x (the tile grid is folded into x and y)
-  accumulate: u32,// 1: y += result (later input-channel chunks); 0: y = result (+ bias)
-  has_bias: u32,  // 1: add the bias (binding Bs) on the first input-channel chunk
-  b_dtype: u32,   // bias storage: 0 f32, 1 f16, 2 bf16
+  //!include lib/conv_params.wgsl
   _pad2: u32,
   kh: u32,
   kw: u32,
@@ -59,25 +34,16 @@ const TN: u32 = 4u;           // output channels per workgroup
 @group(0) @binding(3) var<storage, read> Bs: array<u32>;
 @group(0) @binding(4) var<storage, read_write> Y: array<y_t>;
 
-// element i of a float buffer stored as dt (0 f32, 1 f16, 2 bf16; 16-bit types two per word).
+//!include lib/dtype.wgsl
+
 // The weight dtype is a Params field here, not an override: this kernel is the slow path and one
 // pipeline per dtype would cost seconds of lavapipe compile each.
-fn unpack_at(word: u32, i: u32, dt: u32) -> f32 {
-  if (dt == 0u) {
-    return bitcast<f32>(word);
-  }
-  if (dt == 1u) {
-    return unpack2x16float(word)[i & 1u];
-  }
-  return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
-}
-
 fn weight(i: u32) -> f32 {
-  return unpack_at(Wt[select(i >> 1u, i, P.w_dtype == 0u)], i, P.w_dtype);
+  return widen(Wt[word_index(i, P.w_dtype)], i, P.w_dtype);
 }
 
 fn bias(i: u32) -> f32 {
-  return unpack_at(Bs[select(i >> 1u, i, P.b_dtype == 0u)], i, P.b_dtype);
+  return widen(Bs[word_index(i, P.b_dtype)], i, P.b_dtype);
 }
 
 // top-left input corner (may be negative: padding) of output position p of the frame

@@ -50,21 +50,29 @@ override C_MODE: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> P: Params;
 
-fn tanh_f(z: f32) -> f32 {
-  // tanh through exp with the argument clamped: |z| > 15 is ±1 to f32 precision, and the clamp
-  // keeps exp() finite on every implementation.
-  let c = clamp(z, -15.0, 15.0);
-  let e = exp(2.0 * c);
-  return (e - 1.0) / (e + 1.0);
+//!include lib/activations.wgsl
+
+// The operations, on vec4 values whatever the kernel: the scalar kernels use lane x (the same
+// operations in the same order, so both paths give bit-identical elements).
+fn unary_f(x: vec4<f32>, op: u32, alpha: f32, beta: f32) -> vec4<f32> {
+  switch (op) {
+    case 1u: { return silu4(x); }
+    case 2u: { return gelu_tanh4(x); }
+    case 3u: { return alpha * x + beta; }
+    case 4u: { return clamp(x, vec4<f32>(alpha), vec4<f32>(beta)); }
+    default: { return x; }
+  }
 }
 
-fn gelu_tanh(x: f32) -> f32 {
-  // GELU, tanh approximation (PyTorch approximate='tanh', T5 gelu_new)
-  return 0.5 * x * (1.0 + tanh_f(0.7978845608028654 * (x + 0.044715 * x * x * x)));
-}
-
-fn silu(x: f32) -> f32 {
-  return x / (1.0 + exp(-x));
+fn binary_f(a: vec4<f32>, b: vec4<f32>, op: u32, alpha: f32) -> vec4<f32> {
+  switch (op) {
+    case 1u: { return a - b; }
+    case 2u: { return a * b; }
+    case 3u: { return a / b; }
+    case 4u: { return a + alpha * b; }
+    case 5u: { return a + alpha * (b - a); }
+    default: { return a + b; }
+  }
 }
 
 fn lin_id(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
@@ -79,16 +87,7 @@ fn lin_id(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
 fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = lin_id(wid, nwg, lid);
   if (i >= P.n) { return; }
-  let x = f32(ua[i]);
-  var r: f32;
-  switch (P.op) {
-    case 1u: { r = silu(x); }
-    case 2u: { r = gelu_tanh(x); }
-    case 3u: { r = P.alpha * x + P.beta; }
-    case 4u: { r = clamp(x, P.alpha, P.beta); }
-    default: { r = x; }
-  }
-  uy[i] = y_t(r);
+  uy[i] = y_t(unary_f(vec4<f32>(f32(ua[i])), P.op, P.alpha, P.beta).x);
 }
 
 // ---------------------------------------------------------------- binary: bindings (a, b, y)
@@ -100,52 +99,39 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = lin_id(wid, nwg, lid);
   if (i >= P.n) { return; }
-  let a = f32(ba[i]);
   let b = f32(bb[(i / P.b_div) % P.b_mod]);
-  var r: f32;
-  switch (P.op) {
-    case 1u: { r = a - b; }
-    case 2u: { r = a * b; }
-    case 3u: { r = a / b; }
-    case 4u: { r = a + P.alpha * b; }
-    case 5u: { r = a + P.alpha * (b - a); }
-    default: { r = a + b; }
-  }
-  by[i] = y_t(r);
+  by[i] = y_t(binary_f(vec4<f32>(f32(ba[i])), vec4<f32>(b), P.op, P.alpha).x);
 }
 
-// ------------------------------------- modulate: y = x * (1 + scale) + shift; bindings (x, shift, scale, y)
-// shift is indexed like b, scale like c (both usually [D] per row of x [L, D]).
+// ------------------------------------- modulate / gated residual: bindings (x, b, c, y)
+// modulate: y = x * (1 + c) + b (b = shift, indexed like b; c = scale, indexed like c, both usually
+// [D] per row of x [L, D]); gated residual: y = x + b * c (b = r, x's shape; c = gate, indexed like c).
 @group(0) @binding(1) var<storage, read> mx: array<a_t>;
-@group(0) @binding(2) var<storage, read> mshift: array<b_t>;
-@group(0) @binding(3) var<storage, read> mscale: array<c_t>;
+@group(0) @binding(2) var<storage, read> mb: array<b_t>;
+@group(0) @binding(3) var<storage, read> mc: array<c_t>;
 @group(0) @binding(4) var<storage, read_write> my: array<y_t>;
+
+// `gated` is a literal at both call sites: each entry point compiles to its own formula
+fn ternary(i: u32, gated: bool) {
+  let x = f32(mx[i]);
+  let c = f32(mc[(i / P.c_div) % P.c_mod]);
+  if (gated) {
+    my[i] = y_t(x + f32(mb[i]) * c);
+  } else {
+    my[i] = y_t(x * (1.0 + c) + f32(mb[(i / P.b_div) % P.b_mod]));
+  }
+}
 
 @compute @workgroup_size(WG)
 fn modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = lin_id(wid, nwg, lid);
-  if (i >= P.n) { return; }
-  let x = f32(mx[i]);
-  let sh = f32(mshift[(i / P.b_div) % P.b_mod]);
-  let sc = f32(mscale[(i / P.c_div) % P.c_mod]);
-  my[i] = y_t(x * (1.0 + sc) + sh);
+  if (i < P.n) { ternary(i, false); }
 }
-
-// ------------------------------------- gated residual: y = x + r * gate; bindings (x, r, gate, y)
-// r has x's shape; gate is indexed like c.
-@group(0) @binding(1) var<storage, read> gx: array<a_t>;
-@group(0) @binding(2) var<storage, read> gr: array<b_t>;
-@group(0) @binding(3) var<storage, read> gg: array<c_t>;
-@group(0) @binding(4) var<storage, read_write> gy: array<y_t>;
 
 @compute @workgroup_size(WG)
 fn gated_residual(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = lin_id(wid, nwg, lid);
-  if (i >= P.n) { return; }
-  let x = f32(gx[i]);
-  let r = f32(gr[i]);
-  let g = f32(gg[(i / P.c_div) % P.c_mod]);
-  gy[i] = y_t(x + r * g);
+  if (i < P.n) { ternary(i, true); }
 }
 
 // ================================================================= vec4 kernels
@@ -218,20 +204,6 @@ fn tile_origin(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> vec2<u32> {
   return vec2<u32>(c, (wid.y + wid.z * nwg.y) * R);
 }
 
-fn unary_op(x: vec4<f32>) -> vec4<f32> {
-  switch (Q.op) {
-    case 1u: { return x / (1.0 + exp(-x)); }
-    case 2u: {
-      let z = clamp(0.7978845608028654 * (x + 0.044715 * x * x * x), vec4<f32>(-15.0), vec4<f32>(15.0));
-      let e = exp(2.0 * z);
-      return 0.5 * x * (1.0 + (e - 1.0) / (e + 1.0));
-    }
-    case 3u: { return Q.alpha * x + Q.beta; }
-    case 4u: { return clamp(x, vec4<f32>(Q.alpha), vec4<f32>(Q.beta)); }
-    default: { return x; }
-  }
-}
-
 // ---------------------------------------------------------------- unary4: bindings (x, y)
 @group(0) @binding(1) var<storage, read> ua4: array<vec4<a_t>>;
 @group(0) @binding(2) var<storage, read_write> uy4: array<vec4<y_t>>;
@@ -243,7 +215,7 @@ fn unary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
   var i = o.y * Q.cols4 + o.x;
   let nr = row_count(o);
   for (var k = 0u; k < nr; k++) {
-    uy4[Q.y_off + i] = vec4<y_t>(unary_op(vec4<f32>(ua4[Q.a_off + i])));
+    uy4[Q.y_off + i] = vec4<y_t>(unary_f(vec4<f32>(ua4[Q.a_off + i]), Q.op, Q.alpha, Q.beta));
     i += Q.cols4;
   }
 }
@@ -255,17 +227,6 @@ fn unary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 // binary4: B_MODE 0 or 1. binary4_row: b in row mode (one scalar per row group, e.g. a per-channel
 // [C,1,1] or a scalar), read through this scalar view of the same binding.
 @group(0) @binding(2) var<storage, read> bb1: array<b_t>;
-
-fn binary_op(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
-  switch (Q.op) {
-    case 1u: { return a - b; }
-    case 2u: { return a * b; }
-    case 3u: { return a / b; }
-    case 4u: { return a + Q.alpha * b; }
-    case 5u: { return a + Q.alpha * (b - a); }
-    default: { return a + b; }
-  }
-}
 
 @compute @workgroup_size(WG)
 fn binary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -279,7 +240,7 @@ fn binary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
   let nr = row_count(o);
   for (var k = 0u; k < nr; k++) {
     if (B_MODE != 1u) { b = vec4<f32>(bb4[Q.b_off + kb.idx]); }
-    by4[Q.y_off + i] = vec4<y_t>(binary_op(vec4<f32>(ba4[Q.a_off + i]), b));
+    by4[Q.y_off + i] = vec4<y_t>(binary_f(vec4<f32>(ba4[Q.a_off + i]), b, Q.op, Q.alpha));
     i += Q.cols4;
     kb = cursor_next(B_MODE, Q.b_p, Q.b_q, kb);
   }
@@ -293,7 +254,7 @@ fn binary4_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
   var kb = cursor_start(2u, Q.b_p, Q.b_q, o.y, o.x);
   let nr = row_count(o);
   for (var k = 0u; k < nr; k++) {
-    by4[Q.y_off + i] = vec4<y_t>(binary_op(vec4<f32>(ba4[Q.a_off + i]), vec4<f32>(f32(bb1[Q.b_off + kb.idx]))));
+    by4[Q.y_off + i] = vec4<y_t>(binary_f(vec4<f32>(ba4[Q.a_off + i]), vec4<f32>(f32(bb1[Q.b_off + kb.idx])), Q.op, Q.alpha));
     i += Q.cols4;
     kb = cursor_next(2u, Q.b_p, Q.b_q, kb);
   }
@@ -308,8 +269,8 @@ fn binary4_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @group(0) @binding(3) var<storage, read> mc4: array<vec4<c_t>>;
 @group(0) @binding(4) var<storage, read_write> my4: array<vec4<y_t>>;
 
-@compute @workgroup_size(WG)
-fn modulate4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+// `gated` is a literal at both call sites (see ternary)
+fn ternary4(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, gated: bool) {
   let o = tile_origin(wid, nwg, lid);
   if (o.x == 0xffffffffu) { return; }
   var i = o.y * Q.cols4 + o.x;
@@ -325,7 +286,11 @@ fn modulate4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (B_MODE != 1u) { b = vec4<f32>(mb4[Q.b_off + kb.idx]); }
     if (C_MODE != 1u) { c = vec4<f32>(mc4[Q.c_off + kc.idx]); }
     let x = vec4<f32>(mx4[Q.a_off + i]);
-    my4[Q.y_off + i] = vec4<y_t>(x * (1.0 + c) + b);
+    if (gated) {
+      my4[Q.y_off + i] = vec4<y_t>(x + b * c);
+    } else {
+      my4[Q.y_off + i] = vec4<y_t>(x * (1.0 + c) + b);
+    }
     i += Q.cols4;
     kb = cursor_next(B_MODE, Q.b_p, Q.b_q, kb);
     kc = cursor_next(C_MODE, Q.c_p, Q.c_q, kc);
@@ -333,25 +298,11 @@ fn modulate4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 }
 
 @compute @workgroup_size(WG)
+fn modulate4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+  ternary4(wid, nwg, lid, false);
+}
+
+@compute @workgroup_size(WG)
 fn gated4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-  let o = tile_origin(wid, nwg, lid);
-  if (o.x == 0xffffffffu) { return; }
-  var i = o.y * Q.cols4 + o.x;
-  var kb = cursor_start(B_MODE, Q.b_p, Q.b_q, o.y, o.x);
-  var kc = cursor_start(C_MODE, Q.c_p, Q.c_q, o.y, o.x);
-  // col-mode operands are the same for all R rows: load them once
-  var b = vec4<f32>(0.0);
-  var c = vec4<f32>(0.0);
-  if (B_MODE == 1u) { b = vec4<f32>(mb4[Q.b_off + kb.idx]); }
-  if (C_MODE == 1u) { c = vec4<f32>(mc4[Q.c_off + kc.idx]); }
-  let nr = row_count(o);
-  for (var k = 0u; k < nr; k++) {
-    if (B_MODE != 1u) { b = vec4<f32>(mb4[Q.b_off + kb.idx]); }
-    if (C_MODE != 1u) { c = vec4<f32>(mc4[Q.c_off + kc.idx]); }
-    let x = vec4<f32>(mx4[Q.a_off + i]);
-    my4[Q.y_off + i] = vec4<y_t>(x + b * c);
-    i += Q.cols4;
-    kb = cursor_next(B_MODE, Q.b_p, Q.b_q, kb);
-    kc = cursor_next(C_MODE, Q.c_p, Q.c_q, kc);
-  }
+  ternary4(wid, nwg, lid, true);
 }

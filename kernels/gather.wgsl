@@ -34,11 +34,10 @@ override T_DTYPE: u32 = 0u;
 @group(0) @binding(2) var<storage, read> table: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<y_t>;
 
+//!include lib/dtype.wgsl
+
 fn table_at(e: u32) -> f32 {
-  if (T_DTYPE == 0u) { return bitcast<f32>(table[e]); }
-  let half = (table[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu;
-  if (T_DTYPE == 2u) { return bitcast<f32>(half << 16u); }
-  return unpack2x16float(half).x;
+  return widen(table[word_index(e, T_DTYPE)], e, T_DTYPE);
 }
 
 @compute @workgroup_size(WG)

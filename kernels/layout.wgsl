@@ -98,23 +98,48 @@ fn row_range(wid: vec3<u32>, nwg: vec3<u32>) -> vec2<u32> {
   return vec2<u32>(r0, min(r0 + RB, P.rows));
 }
 
-// ---------------------------------------------------------------- 32-bit words
+// ---------------------------------------------------------------- 32-bit words and 16-bit halves
 @group(0) @binding(1) var<storage, read> src1: array<u32>;
 @group(0) @binding(2) var<storage, read_write> dst1: array<u32>;
 
-@compute @workgroup_size(WG)
-fn copy_w1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+// copy_w1 (half = false): units are u32 words. copy_half (half = true): units are 16-bit elements;
+// each invocation moves one element with a read-modify-write of its destination word, and the
+// wrapper runs the box twice, parity 0 then 1 (elements whose destination index is even, then
+// odd), so no two invocations of one dispatch ever touch the same word. `half` is a literal at
+// both call sites: each entry point compiles to its own loop body.
+fn copy_u32(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, half: bool) {
   let lane = wid.x * WG + lid.x;
   if (lane >= P.inner) { return; }
   let lo = lane_offsets(lane);
   let rr = row_range(wid, nwg);
   for (var r = rr.x; r < rr.y; r++) {
     let o = lo + row_offsets(r);
-    dst1[o.y] = src1[o.x];
+    if (!half) {
+      dst1[o.y] = src1[o.x];
+      continue;
+    }
+    let h = o.y & 1u;
+    if (h == P.parity) {
+      let v = (src1[o.x >> 1u] >> ((o.x & 1u) * 16u)) & 0xffffu;
+      let w = o.y >> 1u;
+      dst1[w] = (dst1[w] & ~(0xffffu << (16u * h))) | (v << (16u * h));
+    }
   }
 }
 
+@compute @workgroup_size(WG)
+fn copy_w1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+  copy_u32(wid, nwg, lid, false);
+}
+
+@compute @workgroup_size(WG)
+fn copy_half(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+  copy_u32(wid, nwg, lid, true);
+}
+
 // ---------------------------------------------------------------- vec4<u32> (16-byte) units
+// (its own loop: the array<vec4<u32>> views share binding numbers with the u32 ones above, and
+// one entry point cannot use both)
 @group(0) @binding(1) var<storage, read> src4: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> dst4: array<vec4<u32>>;
 
@@ -127,29 +152,5 @@ fn copy_w4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
   for (var r = rr.x; r < rr.y; r++) {
     let o = lo + row_offsets(r);
     dst4[o.y] = src4[o.x];
-  }
-}
-
-// ---------------------------------------------------------------- 16-bit elements, odd layouts
-// Units are 16-bit elements. Each invocation moves one element with a read-modify-write of its
-// destination word; the wrapper runs the box twice, parity 0 then 1 (elements whose destination
-// index is even, then odd), so no two invocations of one dispatch ever touch the same word.
-@group(0) @binding(1) var<storage, read> srch: array<u32>;
-@group(0) @binding(2) var<storage, read_write> dsth: array<u32>;
-
-@compute @workgroup_size(WG)
-fn copy_half(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-  let lane = wid.x * WG + lid.x;
-  if (lane >= P.inner) { return; }
-  let lo = lane_offsets(lane);
-  let rr = row_range(wid, nwg);
-  for (var r = rr.x; r < rr.y; r++) {
-    let o = lo + row_offsets(r);
-    let h = o.y & 1u;
-    if (h == P.parity) {
-      let v = (srch[o.x >> 1u] >> ((o.x & 1u) * 16u)) & 0xffffu;
-      let w = o.y >> 1u;
-      dsth[w] = (dsth[w] & ~(0xffffu << (16u * h))) | (v << (16u * h));
-    }
   }
 }

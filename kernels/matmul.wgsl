@@ -59,40 +59,22 @@ struct Params {
 var<workgroup> As: array<f32, BK * TY * TM>;   // [k][m]
 var<workgroup> Bs: array<f32, BK * TX * TN>;   // [k][n]
 
-fn tanh_f(z: f32) -> f32 {
-  // tanh through exp with the argument clamped: |z| > 15 is ±1 to f32 precision, and the clamp
-  // keeps exp() finite on every implementation.
-  let c = clamp(z, -15.0, 15.0);
-  let e = exp(2.0 * c);
-  return (e - 1.0) / (e + 1.0);
-}
-
-fn gelu_tanh(x: f32) -> f32 {
-  // GELU, tanh approximation (PyTorch approximate='tanh', T5 gelu_new)
-  return 0.5 * x * (1.0 + tanh_f(0.7978845608028654 * (x + 0.044715 * x * x * x)));
-}
-
-fn silu(x: f32) -> f32 {
-  return x / (1.0 + exp(-x));
-}
-
-fn half_of(w: u32, idx: u32) -> u32 {
-  return select(w & 0xffffu, w >> 16u, (idx & 1u) == 1u);
-}
+//!include lib/dtype.wgsl
+//!include lib/matmul_epilogue.wgsl
 
 fn load_b(i: u32) -> f32 {
-  if (P.w_dtype == 0u) { return bitcast<f32>(B[i]); }
-  let h = half_of(B[i >> 1u], i);
-  if (P.w_dtype == 2u) { return bitcast<f32>(h << 16u); }
-  return unpack2x16float(h).x;
+  return widen(B[word_index(i, P.w_dtype)], i, P.w_dtype);
 }
 
-fn bias_at(n: u32) -> f32 {
-  let i = P.bias_off + n;
-  if (P.bias_dtype == 0u) { return bitcast<f32>(BIAS[i]); }
-  let h = half_of(BIAS[i >> 1u], i);
-  if (P.bias_dtype == 2u) { return bitcast<f32>(h << 16u); }
-  return unpack2x16float(h).x;
+// Staging values: A[m, k] and B[n, k] of the current batch (zero outside the matrices)
+fn a_val(base: u32, m: u32, k: u32) -> f32 {
+  if (m < P.M && k < P.K) { return f32(A[base + m * P.a_rs + k]); }
+  return 0.0;
+}
+
+fn b_val(base: u32, n: u32, k: u32) -> f32 {
+  if (n < P.N && k < P.K) { return load_b(base + n * P.b_ns + k * P.b_ks); }
+  return 0.0;
 }
 
 @compute @workgroup_size(TX, TY)
@@ -113,24 +95,9 @@ fn mm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
 
   for (var k0 = 0u; k0 < P.K; k0 += BK) {
     // stage A[m0.., k0..] and B[n0.., k0..] (k fastest: consecutive invocations, consecutive k)
-    for (var e = li; e < BM * BK; e += NT) {
-      let r = e / BK;
-      let c = e % BK;
-      let m = m0 + r;
-      let k = k0 + c;
-      var v = 0.0;
-      if (m < P.M && k < P.K) { v = f32(A[a_base + m * P.a_rs + k]); }
-      As[c * BM + r] = v;
-    }
-    for (var e = li; e < BN * BK; e += NT) {
-      let r = e / BK;
-      let c = e % BK;
-      let n = n0 + r;
-      let k = k0 + c;
-      var v = 0.0;
-      if (n < P.N && k < P.K) { v = load_b(b_base + n * P.b_ns + k * P.b_ks); }
-      Bs[c * BN + r] = v;
-    }
+    // (element e: row e / BK, k e % BK of the tile)
+    for (var e = li; e < BM * BK; e += NT) { As[(e % BK) * BM + e / BK] = a_val(a_base, m0 + e / BK, k0 + e % BK); }
+    for (var e = li; e < BN * BK; e += NT) { Bs[(e % BK) * BN + e / BK] = b_val(b_base, n0 + e / BK, k0 + e % BK); }
     workgroupBarrier();
     for (var kk = 0u; kk < BK; kk++) {
       var a: array<f32, 4>;
@@ -151,14 +118,7 @@ fn mm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
     for (var j = 0u; j < TN; j++) {
       let n = n0 + lid.x + j * TX;
       if (n >= P.N) { continue; }
-      let yi = y_base + m * P.y_rs + n;
-      var v = acc[i][j];
-      if (P.prev != 0u) { v += f32(Y[yi]); }
-      if (P.epi != 0u) {
-        if (P.has_bias != 0u) { v += bias_at(n); }
-        if (P.act == 1u) { v = gelu_tanh(v); } else if (P.act == 2u) { v = silu(v); }
-      }
-      Y[yi] = y_t(v);
+      epilogue(y_base + m * P.y_rs + n, P.bias_off + n, acc[i][j]);
     }
   }
 }

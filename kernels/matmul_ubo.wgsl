@@ -63,35 +63,8 @@ struct MmParams {
 @group(0) @binding(5) var<storage, read> BIAS: array<u32>;
 @group(0) @binding(6) var<storage, read_write> Y: array<y_t>;
 
-fn tanh_f(z: f32) -> f32 {
-  // tanh through exp with the argument clamped: |z| > 15 is ±1 to f32 precision, and the clamp
-  // keeps exp() finite on every implementation.
-  let c = clamp(z, -15.0, 15.0);
-  let e = exp(2.0 * c);
-  return (e - 1.0) / (e + 1.0);
-}
-
-fn gelu_tanh(x: f32) -> f32 {
-  // GELU, tanh approximation (PyTorch approximate='tanh', T5 gelu_new)
-  return 0.5 * x * (1.0 + tanh_f(0.7978845608028654 * (x + 0.044715 * x * x * x)));
-}
-
-fn silu(x: f32) -> f32 {
-  return x / (1.0 + exp(-x));
-}
-
-fn load16(words: u32, idx: u32) -> f32 {
-  // element idx of a packed 16-bit array read through u32 words
-  let h = select(words & 0xffffu, words >> 16u, (idx & 1u) == 1u);
-  if (P.bias_dtype == 2u) { return bitcast<f32>(h << 16u); }
-  return unpack2x16float(h).x;
-}
-
-fn bias_at(n: u32) -> f32 {
-  let i = P.b_off + n;
-  if (P.bias_dtype == 0u) { return bitcast<f32>(BIAS[i]); }
-  return load16(BIAS[i >> 1u], i);
-}
+//!include lib/dtype.wgsl
+//!include lib/matmul_epilogue.wgsl
 
 // 8 weights (one vec4<u32> of 16-bit pairs, k .. k+7) -> (k+0, 2, 4, 6), (k+1, 3, 5, 7)
 fn unpack8(p: vec4<u32>) -> array<vec4<f32>, 2> {
@@ -107,14 +80,7 @@ fn unpack8(p: vec4<u32>) -> array<vec4<f32>, 2> {
 
 fn put(m: u32, n: u32, acc: f32) {
   if (m >= P.M || n >= P.N) { return; }
-  let i = P.y_off + (m - P.y_row0) * P.y_stride + n;
-  var v = acc;
-  if (P.prev != 0u) { v += f32(Y[i]); }
-  if (P.epi != 0u) {
-    if (P.has_bias != 0u) { v += bias_at(n); }
-    if (P.act == 1u) { v = gelu_tanh(v); } else if (P.act == 2u) { v = silu(v); }
-  }
-  Y[i] = y_t(v);
+  epilogue(P.y_off + (m - P.y_row0) * P.y_stride + n, P.b_off + n, acc);
 }
 
 // Grid: (NT / 8, MT / 8, 1), workgroup = 8 invocations = one lavapipe subgroup.
@@ -258,9 +224,9 @@ fn src_bits(row: u32, k: u32) -> u32 {
   // raw bits of one source element: f32 bits, or the 16-bit pattern in the low half
   if (row >= Q.rows || k >= Q.K) { return 0u; }
   let i = Q.src_off + (row - Q.src_row0) * Q.rs + (k - Q.src_k0) * Q.ks;
-  if (Q.s_dtype == 0u) { return SRC[i]; }
-  let w = SRC[i >> 1u];
-  return select(w & 0xffffu, w >> 16u, (i & 1u) == 1u);
+  let w = SRC[word_index(i, Q.s_dtype)];
+  if (Q.s_dtype == 0u) { return w; }
+  return half_bits(w, i);
 }
 
 fn src_word(row: u32, k: u32) -> u32 {

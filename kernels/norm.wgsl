@@ -63,16 +63,8 @@ fn m_dtype() -> u32 { return (P.flags >> 10u) & 3u; }
 @group(0) @binding(5) var<storage, read> scale: array<u32>;
 @group(0) @binding(6) var<storage, read_write> y: array<y_t>;
 
-// Element j of a buffer of 32-bit words holding f32 / f16 / bf16 values.
-fn widen(word: u32, j: u32, code: u32) -> f32 {
-  if (code == 0u) { return bitcast<f32>(word); }
-  let half = (word >> ((j & 1u) * 16u)) & 0xffffu;
-  if (code == 2u) { return bitcast<f32>(half << 16u); }
-  return unpack2x16float(half).x;
-}
-fn word_index(j: u32, code: u32) -> u32 {
-  return select(j >> 1u, j, code == 0u);
-}
+//!include lib/dtype.wgsl
+
 fn ld_w(j0: u32) -> f32 { let j = j0 + P.w_off; let c = w_dtype(); return widen(w[word_index(j, c)], j, c); }
 fn ld_b(j0: u32) -> f32 { let j = j0 + P.b_off; let c = w_dtype(); return widen(bias[word_index(j, c)], j, c); }
 fn ld_shift(j: u32) -> f32 { let c = m_dtype(); return widen(shift[word_index(j, c)], j, c); }

@@ -97,44 +97,16 @@ fn softmax_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 // ---------------------------------------------------------------- attention (portable)
-// The fields mean what they mean in attention.wgsl's Params, except that window bases are in
-// elements (scalar storage) and the head dim may be anything.
+// Params and flags are attention.wgsl's; window bases are in elements (scalar storage) and the
+// head dim may be anything.
 
 struct AttnParams {
-  Lq: u32,
-  Lk: u32,
-  H: u32,
-  Dh: u32,
-  b0: u32,
-  nh: u32,
-  h0: u32,
-  i0: u32,
-  nq: u32,
-  qtiles: u32,     // ceil(nq / AWG)
-  ngroups: u32,
-  j0: u32,
-  j1: u32,
-  q_base: u32,     // window starts (elements)
-  k_base: u32,
-  v_base: u32,
-  s_row0: u32,     // first (row * H + h) held by st_ml
-  o_base: u32,
-  bias_base: u32,
-  acc_base: u32,   // st_acc window start (elements): acc index = (row * H + h) * Dh + d - acc_base
-  scale: f32,      // times log2(e)
-  bias_scale: f32, // log2(e)
-  flags: u32,      // FLAG_* bits
-  _pad2: u32,
+  //!include lib/attention_params.wgsl
 }
 
+//!include lib/attention_flags.wgsl
+
 override AWG: u32 = 64u;
-// AttnParams.flags: as in attention.wgsl
-const FLAG_MASK: u32 = 1u;
-const FLAG_BIAS_FULL: u32 = 2u;
-const FLAG_BIAS_REL: u32 = 4u;
-const FLAG_STATE_IN: u32 = 8u;
-const FLAG_FINAL: u32 = 16u;
-const FLAG_ACC_IS_OUT: u32 = 32u;
 
 @group(0) @binding(0) var<uniform> A: AttnParams;
 @group(0) @binding(1) var<storage, read> aq: array<in_t>;

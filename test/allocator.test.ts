@@ -4,21 +4,28 @@ import { takeSnapshot, renderSnapshotHtml } from '../src/memory/snapshot.ts';
 import { OutOfMemoryError } from '../src/util/errors.ts';
 import { getEngine } from './helpers/gpu.ts';
 
-/** A fake device that counts live bytes, so the allocator's figures can be checked exactly. */
+/** A fake device that counts live bytes (device and staging apart), so the allocator's figures can be checked exactly. */
 function fakeFactory() {
   let live = 0;
   let created = 0;
-  const f: BufferFactory & { live(): number; created(): number } = {
+  const staging = new Set<GPUBuffer>();
+  const f: BufferFactory & { live(): number; created(): number; staging(): number } = {
     create(size) {
       live += size;
       created++;
       return { size, destroy() {} } as unknown as GPUBuffer;
     },
+    createStaging(size) {
+      const b = { size, destroy() {} } as unknown as GPUBuffer;
+      staging.add(b);
+      return b;
+    },
     destroy(b) {
-      live -= b.size;
+      if (!staging.delete(b)) live -= b.size;
     },
     live: () => live,
     created: () => created,
+    staging: () => [...staging].reduce((n, b) => n + b.size, 0),
   };
   return f;
 }
@@ -136,6 +143,27 @@ describe('caching allocator accounting', () => {
     expect(m).toMatch(/9\.8 KiB requested for 'vae\.more'/);
     expect(m).toMatch(/low_mem_level/);
     a.free(y);
+  });
+
+  it('owns staging buffers with owner tags, counted apart from device memory and the budget', () => {
+    const f = fakeFactory();
+    const a = new CachingAllocator(f, { limitBytes: 4096 });
+    const s0 = a.allocStaging(3000, 'dit.blocks.slot.staging.0');
+    const s1 = a.allocStaging(3001, 'dit.blocks.slot.staging.1'); // rounded up to 4 bytes
+    expect(s1.size).toBe(3004);
+    expect(f.staging()).toBe(6004);
+    expect(a.memoryStaging()).toBe(6004);
+    // not device memory: allocated/reserved unchanged, and the 4 KiB budget still has room
+    expect(a.memoryReserved()).toBe(0);
+    a.free(a.alloc(4000, 'activation'));
+    expect(a.stats()).toMatchObject({ stagingBytes: 6004, peakStagingBytes: 6004, allocated: 0 });
+    expect(takeSnapshot(a).staging.map((b) => b.owner)).toEqual(['dit.blocks.slot.staging.0', 'dit.blocks.slot.staging.1']);
+    a.freeStaging(s0);
+    expect(() => a.freeStaging(s0)).toThrow(/double free of staging buffer/);
+    a.freeStaging(s1);
+    expect(f.staging()).toBe(0);
+    expect(a.stats()).toMatchObject({ stagingBytes: 0, peakStagingBytes: 6004 });
+    expect(a.liveStagingList()).toEqual([]);
   });
 
   it('renders a snapshot as HTML with owners and phases', () => {

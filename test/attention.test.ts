@@ -137,7 +137,7 @@ describe('attention', () => {
   for (const c of F16_CASES) {
     it(c.name, async () => {
       const e = await engine();
-      if (!e.features.shaderF16) return; // adapter without shader-f16: f16 tensors are rejected (tested below)
+      if (!e.caps.shaderF16) return; // adapter without shader-f16: f16 tensors are rejected (tested below)
       await runCase(e, rng, c);
     });
   }
@@ -182,7 +182,7 @@ describe('attention', () => {
   it('an adapter without subgroups runs the portable kernel', async () => {
     const e2 = await Engine.create({ waitMode: 'await', disableFeatures: ['subgroups'] });
     try {
-      expect(e2.features.subgroups).toBe(false);
+      expect(e2.caps.subgroups).toBe(false);
       expect(attentionKernel(e2, 64)).toBe('portable');
       expect(() => attentionKernel(e2, 64, 'subgroup')).toThrow(/\[attention\] the subgroup kernel needs the 'subgroups' feature/);
       expect(() => attentionKernel(e2, 64, 'ubo')).toThrow(/\[attention\] the ubo kernel needs the 'subgroups' feature/);
@@ -213,7 +213,7 @@ describe('attention', () => {
     expect(run({}, { scale: NaN })).toThrow(/\[attention\] scale must be a finite number/);
     const e = await engine();
     expect(() => attention({ q: q.toGpu(e), k, v: k }, { scale: 1 })).toThrow(/\[attention\] inputs are on different devices/);
-    if (!e.features.shaderF16) {
+    if (!e.caps.shaderF16) {
       expect(() => attention({ q: z([1, 4, 2, 8], 'f16').toGpu(e), k: z([1, 6, 2, 8], 'f16').toGpu(e), v: z([1, 6, 2, 8], 'f16').toGpu(e) }, { scale: 1 })).toThrow(
         /shader-f16/,
       );

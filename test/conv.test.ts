@@ -148,7 +148,7 @@ describe('conv3d: GPU vs CPU', () => {
       const x = randTensor(rng, xs);
       const w = weights(rng, [Co, xs[1]!, ...k], 'f32');
       const b = idx % 2 === 0 ? randTensor(rng, [Co]) : undefined;
-      if (e.features.subgroups) expect(conv3dPath(e, { x, w }, { padding: pad, stride })).toBe(path);
+      if (e.caps.subgroups) expect(conv3dPath(e, { x, w }, { padding: pad, stride })).toBe(path);
       await gpuVsCpu((i) => conv3d(i, { padding: pad, stride }), { x, w, b }, TOL.f32, 'conv3d');
     });
   });
@@ -186,7 +186,7 @@ describe('conv3d: GPU vs CPU', () => {
 
   it('f16 activations in and out', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return; // adapter without shader-f16: f16 activations are not offered
+    if (!e.caps.shaderF16) return; // adapter without shader-f16: f16 activations are not offered
     const x = randTensor(rng, [1, 16, 3, 8, 12], 'f16');
     const w = weights(rng, [16, 16, 3, 3, 3], 'bf16');
     await gpuVsCpu((i) => conv3d(i, { padding: [2, 0, 1, 1] }), { x, w }, TOL.f16, 'conv3d f16 -> f16');

@@ -35,7 +35,7 @@ describe('elementwise', () => {
   });
   it('cast f32 -> f16 -> f32 rounds like the host', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return; // adapter without shader-f16: cast path not available
+    if (!e.caps.shaderF16) return; // adapter without shader-f16: cast path not available
     const x = randTensor(rng, [1025], 'f32', 10);
     await gpuVsCpu((i) => unary({ x: i.x! }, { kind: 'copy', out: 'f16' }), { x }, { atol: 0, rtol: 0 }, 'cast f16');
   });
@@ -91,7 +91,7 @@ describe('elementwise', () => {
   });
   it('f16 through the vec4 kernels', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return;
+    if (!e.caps.shaderF16) return;
     const x = randTensor(rng, [4100], 'f32', 10);
     await gpuVsCpu((i) => unary({ x: i.x! }, { kind: 'copy', out: 'f16' }), { x }, { atol: 0, rtol: 0 }, 'cast f16 vec4');
     const h = randTensor(rng, [12, 64], 'f16');
@@ -107,19 +107,19 @@ describe('elementwise', () => {
       return e.dispatchCount - before;
     };
     const x = randTensor(rng, [40, 96]);
-    const n1 = await count(() => gpuVsCpu((i) => unary({ x: i.x! }, { kind: 'gelu', maxBinding: 1024 }), { x }, { atol: 2e-6, rtol: 2e-6 }, 'split unary'));
+    const n1 = await count(() => gpuVsCpu((i) => unary({ x: i.x! }, { kind: 'gelu', maxBindingBytes: 1024 }), { x }, { atol: 2e-6, rtol: 2e-6 }, 'split unary'));
     expect(n1).toBeGreaterThan(3);
     for (const bs of [[40, 96], [96], [40, 1], [1]]) {
       const b = randTensor(rng, bs);
-      await gpuVsCpu((i) => binary({ a: i.a!, b: i.b! }, { kind: 'sub', maxBinding: 1024 }), { a: x, b }, TOL.f32, `split binary ${JSON.stringify(bs)}`);
+      await gpuVsCpu((i) => binary({ a: i.a!, b: i.b! }, { kind: 'sub', maxBindingBytes: 1024 }), { a: x, b }, TOL.f32, `split binary ${JSON.stringify(bs)}`);
     }
     // row mode with a row offset per chunk: [4, 8, 12] + [4, 1, 1] (one value per 96 elements)
-    await gpuVsCpu((i) => binary({ a: i.a!, b: i.b! }, { kind: 'mul', maxBinding: 512 }), { a: randTensor(rng, [4, 8, 12]), b: randTensor(rng, [4, 1, 1]) }, TOL.f32, 'split binary row');
+    await gpuVsCpu((i) => binary({ a: i.a!, b: i.b! }, { kind: 'mul', maxBindingBytes: 512 }), { a: randTensor(rng, [4, 8, 12]), b: randTensor(rng, [4, 1, 1]) }, TOL.f32, 'split binary row');
     const shift = randTensor(rng, [96]);
     const scale = randTensor(rng, [96]);
-    await gpuVsCpu((i) => modulate({ x: i.x!, shift: i.shift!, scale: i.scale! }, { maxBinding: 1024 }), { x, shift, scale }, TOL.f32, 'split modulate');
+    await gpuVsCpu((i) => modulate({ x: i.x!, shift: i.shift!, scale: i.scale! }, { maxBindingBytes: 1024 }), { x, shift, scale }, TOL.f32, 'split modulate');
     const r = randTensor(rng, [40, 96]);
-    await gpuVsCpu((i) => gatedResidual({ x: i.x!, r: i.r!, gate: i.gate! }, { maxBinding: 1024 }), { x, r, gate: scale }, TOL.f32, 'split gated');
+    await gpuVsCpu((i) => gatedResidual({ x: i.x!, r: i.r!, gate: i.gate! }, { maxBindingBytes: 1024 }), { x, r, gate: scale }, TOL.f32, 'split gated');
   });
   it('mixed devices are rejected', async () => {
     const e = await getEngine();

@@ -5,7 +5,6 @@ import { fileURLToPath } from 'node:url';
 import { getEngine } from './helpers/gpu.ts';
 import { Engine } from '../src/runtime/engine.ts';
 import { dawnInstanceCount } from '../src/device/gpu.ts';
-import { Params } from '../src/runtime/params.ts';
 import { GpuError, ShapeError } from '../src/util/errors.ts';
 import { unary } from '../src/ops/elementwise.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
@@ -27,7 +26,7 @@ describe('device', () => {
   it('requests the adapter limits and reports features', async () => {
     const e = await getEngine();
     expect(e.limits.maxStorageBufferBindingSize).toBeGreaterThanOrEqual(128 * 2 ** 20);
-    expect(typeof e.features.shaderF16).toBe('boolean');
+    expect(typeof e.caps.shaderF16).toBe('boolean');
     expect(e.adapterName.length).toBeGreaterThan(0);
   });
 
@@ -83,7 +82,7 @@ describe('kernels and errors', () => {
     const e = await getEngine();
     const y = e.empty([100], 'f32');
     const kernel = { family: join(fixtures, 'kernels', 'ok.wgsl'), entry: 'main', layout: ['write' as const] };
-    e.dispatch({ kernel, params: new Params().u32(100).f32(0.5).bytes(), bindings: [y], workgroups: [2] });
+    e.dispatch({ kernel, params: { n: 100, scale: 0.5 }, bindings: [y], workgroups: [2] });
     const v = await y.toArray();
     expect(v[0]).toBe(0);
     expect(v[99]).toBe(49.5);
@@ -127,7 +126,7 @@ describe('profiling with timestamp queries', () => {
   it('records per-kernel GPU time', async () => {
     const e = await Engine.create({ profile: true });
     try {
-      if (!e.features.timestampQuery) return; // adapter without timestamp-query: nothing to record
+      if (!e.caps.timestampQuery) return; // adapter without timestamp-query: nothing to record
       const x = e.fromValues(new Float32Array(10000).fill(1), [10000]);
       for (let i = 0; i < 3; i++) unary({ x }, { kind: 'gelu' }).dispose();
       await e.sync();
@@ -136,6 +135,24 @@ describe('profiling with timestamp queries', () => {
       expect(g?.calls).toBe(3);
       expect(g!.totalMs).toBeGreaterThan(0);
       expect(e.profile.table()).toMatch(/unary\.gelu/);
+    } finally {
+      e.destroy();
+    }
+  });
+
+  it("attributes each op call's registry flops and bytes, and its dispatches' GPU time, to the op", async () => {
+    const e = await Engine.create({ profile: true });
+    try {
+      if (!e.caps.timestampQuery) return;
+      const x = e.fromValues(new Float32Array(10000).fill(1), [100, 100]);
+      for (let i = 0; i < 2; i++) unary({ x }, { kind: 'gelu' }).dispose();
+      await e.sync();
+      const op = e.profile.opRows().find((r) => r.name === 'unary');
+      expect(op?.calls).toBe(2);
+      expect(op!.flops).toBe(2 * unary.def.flops({ x }, { kind: 'gelu' }));
+      expect(op!.bytes).toBe(2 * unary.def.bytes({ x }, { kind: 'gelu' }));
+      expect(op!.totalMs).toBeCloseTo(e.profile.rows().find((r) => r.name === 'unary.gelu')!.totalMs, 9);
+      expect(e.profile.table()).toMatch(/^unary\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+$/m);
     } finally {
       e.destroy();
     }

@@ -43,7 +43,7 @@ describe('embedding', () => {
   });
   it('f16 output, zero-size, and out-of-range ids (CPU throws, GPU writes zeros)', async () => {
     const e = await getEngine();
-    if (e.features.shaderF16) await check(ids(rng, 9, 20), randTensor(rng, [20, 33], 'bf16'), { out: 'f16' }, 'embedding -> f16');
+    if (e.caps.shaderF16) await check(ids(rng, 9, 20), randTensor(rng, [20, 33], 'bf16'), { out: 'f16' }, 'embedding -> f16');
     const z = embedding({ ids: Tensor.cpu(new Int32Array(0), [0], 'i32').toGpu(e), table: randTensor(rng, [4, 3]).toGpu(e) });
     expect(z.shape).toEqual([0, 3]);
     const bad = Tensor.cpu(Int32Array.from([1, 7, -1, 0]), [4], 'i32');
@@ -57,7 +57,7 @@ describe('embedding', () => {
     const idsT = ids(rng, 40, 300);
     idsT.data![3] = 299;
     idsT.data![4] = 0;
-    const n = await check(idsT, randTensor(rng, [300, 17], 'bf16'), { maxBinding: 1024 }, 'embedding split');
+    const n = await check(idsT, randTensor(rng, [300, 17], 'bf16'), { maxBindingBytes: 1024 }, 'embedding split');
     expect(n).toBeGreaterThan(10);
   });
   it('errors name the op', () => {

@@ -38,7 +38,7 @@ describe('golden: official Wan 2.1 reference, tiny case', () => {
 
   it('f16 activations in the DiT (when the adapter has shader-f16)', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return; // adapter without f16: the path is refused with a clear error elsewhere
+    if (!e.caps.shaderF16) return; // adapter without f16: the path is refused with a clear error elsewhere
     const rows = await checkGolden(e, TINY, { activationDtype: 'f16', metric: 'rel', tolComponent: 3e-2, tolEndToEnd: 5e-2, groups: ['dit'] });
     expect(summarize(rows)).toBe('');
     expect(Math.max(...rows.map((r) => r.maxAbs))).toBeGreaterThan(1e-5);

@@ -135,7 +135,7 @@ describe('layout: permute', () => {
       const x = randAny(rng, shape, dtype);
       const xg = x.toGpu(e);
       const before = e.dispatchCount;
-      const y = permuteOp({ x: xg }, { dims, maxBinding: 1024 });
+      const y = permuteOp({ x: xg }, { dims, maxBindingBytes: 1024 });
       expect(e.dispatchCount - before, 'split into several dispatches').toBeGreaterThan(1);
       await sameBits(y, permute(x, dims), `split permute ${JSON.stringify(shape)} ${dtype}`);
       xg.dispose();
@@ -202,10 +202,10 @@ describe('layout: slice and concat', () => {
       const x = randAny(rng, [3, 9, 13, 5], dtype);
       const xg = x.toGpu(e);
       const before = e.dispatchCount;
-      const y = sliceOp({ x: xg }, { dim: 2, start: 3, end: 12, maxBinding: 512 });
+      const y = sliceOp({ x: xg }, { dim: 2, start: 3, end: 12, maxBindingBytes: 512 });
       expect(e.dispatchCount - before).toBeGreaterThan(1);
       await sameBits(y, slice(x, 2, 3, 12), `split slice ${dtype}`);
-      const z = concat([xg, y], 2, { maxBinding: 512 });
+      const z = concat([xg, y], 2, { maxBindingBytes: 512 });
       await sameBits(z, concat([x, slice(x, 2, 3, 12)], 2), `split concat ${dtype}`);
       xg.dispose();
     }

@@ -123,7 +123,7 @@ describe('linear', () => {
 
   it('f16 activations and f16 output', async () => {
     const e = await engine();
-    if (!e.features.shaderF16) return; // adapter without shader-f16: f16 tensors are rejected (tested below)
+    if (!e.caps.shaderF16) return; // adapter without shader-f16: f16 tensors are rejected (tested below)
     for (const variant of ['tiled', 'ubo'] as const) {
       // K <= 256: one K chunk (f16 stored directly); K > 256: f32 accumulator + cast
       await checkLinear(rng, { xShape: [40, 200], N: 70, wdt: 'f16', xdt: 'f16', bias: 'f16', act: 'gelu', variant });
@@ -151,7 +151,7 @@ describe('linear', () => {
     const e = await engine();
     const N = 16400;
     const K = 4096;
-    expect(N * K * 2).toBeGreaterThan(e.maxBinding);
+    expect(N * K * 2).toBeGreaterThan(e.caps.maxBinding);
     // deterministic cheap values (random fills of 67M values would dominate the test time)
     const bits = new Uint16Array(N * K);
     const f = new Float32Array(1);
@@ -227,7 +227,7 @@ describe('matmul', () => {
   }
   it('f16 operands', async () => {
     const e = await engine();
-    if (!e.features.shaderF16) return;
+    if (!e.caps.shaderF16) return;
     await checkMatmul([2, 40, 300], [2, 300, 50], { dt: 'f16', variant: 'tiled' });
     await checkMatmul([2, 40, 300], [2, 50, 300], { dt: 'f16', transB: true, variant: 'ubo', out: 'f32' });
   });

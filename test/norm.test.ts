@@ -104,7 +104,7 @@ describe('layerNorm', () => {
   });
   it('f16 activations in, f16 or f32 out', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return; // adapter without shader-f16: f16 path unavailable
+    if (!e.caps.shaderF16) return; // adapter without shader-f16: f16 path unavailable
     for (const D of [33, 1025]) {
       const x = randTensor(rng, [6, D], 'f16');
       const weight = randTensor(rng, [D], 'bf16');
@@ -133,11 +133,11 @@ describe('layerNorm', () => {
     const shiftR = randTensor(rng, [rows, D]);
     const scaleR = randTensor(rng, [rows, D]);
     for (const impl of IMPLS) {
-      const n1 = await gpuVsCpu((i) => layerNorm({ x: i.x!, weight: i.weight, shift: i.shift, scale: i.scale }, { eps: 1e-6, impl, maxBinding: 2048 }), { x, weight, shift, scale }, TOL.f32, 'split ln');
+      const n1 = await gpuVsCpu((i) => layerNorm({ x: i.x!, weight: i.weight, shift: i.shift, scale: i.scale }, { eps: 1e-6, impl, maxBindingBytes: 2048 }), { x, weight, shift, scale }, TOL.f32, 'split ln');
       expect(n1).toBeGreaterThan(3);
-      const n2 = await gpuVsCpu((i) => layerNorm({ x: i.x!, shift: i.shift, scale: i.scale }, { eps: 1e-6, impl, maxBinding: 1024 }), { x, shift: shiftR, scale: scaleR }, TOL.f32, 'split ln per-row mod');
+      const n2 = await gpuVsCpu((i) => layerNorm({ x: i.x!, shift: i.shift, scale: i.scale }, { eps: 1e-6, impl, maxBindingBytes: 1024 }), { x, shift: shiftR, scale: scaleR }, TOL.f32, 'split ln per-row mod');
       expect(n2).toBeGreaterThan(3);
-      const n3 = await gpuVsCpu((i) => rmsNorm({ x: i.x!, weight: i.weight! }, { eps: 1e-6, impl, maxBinding: 1024 }), { x, weight }, TOL.f32, 'split rms');
+      const n3 = await gpuVsCpu((i) => rmsNorm({ x: i.x!, weight: i.weight! }, { eps: 1e-6, impl, maxBindingBytes: 1024 }), { x, weight }, TOL.f32, 'split rms');
       expect(n3).toBeGreaterThan(3);
     }
   });
@@ -205,7 +205,7 @@ describe('channelL2Norm', () => {
   });
   it('f16 activations', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return;
+    if (!e.caps.shaderF16) return;
     const x = randTensor(rng, [1, 16, 3, 33], 'f16');
     const gamma = randTensor(rng, [16, 1, 1, 1], 'bf16');
     await gpuVsCpu((i) => channelL2Norm({ x: i.x!, gamma: i.gamma! }), { x, gamma }, TOL.f16, 'l2 f16');
@@ -219,10 +219,10 @@ describe('channelL2Norm', () => {
   it('split path: channel groups, and position ranges when one plane is too big', async () => {
     const x = randTensor(rng, [2, 24, 3, 7, 5]); // S = 105 positions, planes of 420 bytes
     const gamma = randTensor(rng, [24, 1, 1, 1]);
-    const groups = await gpuVsCpu((i) => channelL2NormOp({ x: i.x!, gamma: i.gamma! }, { maxBinding: 2048 }), { x, gamma }, TOL.f32, 'l2 split groups');
+    const groups = await gpuVsCpu((i) => channelL2NormOp({ x: i.x!, gamma: i.gamma! }, { maxBindingBytes: 2048 }), { x, gamma }, TOL.f32, 'l2 split groups');
     expect(groups).toBeGreaterThan(8);
     const x2 = randTensor(rng, [1, 5, 301]);
-    const planes = await gpuVsCpu((i) => channelL2NormOp({ x: i.x!, gamma: i.gamma! }, { maxBinding: 512 }), { x: x2, gamma: randTensor(rng, [5]) }, TOL.f32, 'l2 split planes');
+    const planes = await gpuVsCpu((i) => channelL2NormOp({ x: i.x!, gamma: i.gamma! }, { maxBindingBytes: 512 }), { x: x2, gamma: randTensor(rng, [5]) }, TOL.f32, 'l2 split planes');
     expect(planes).toBeGreaterThan(10);
   });
   it('errors name the op', () => {

@@ -175,7 +175,7 @@ describe('pipeline on the tiny model', () => {
     const e = await getEngine();
     const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCache: false, lowMemLevel: 0 });
     try {
-      const textLen = Number(pipe.config['infer.text_len']);
+      const textLen = pipe.settings.load.textLen;
       const te = pipe.textEncoder;
       const d = te.dims.dModel;
       const prompts = ['a', 'a green square', 'a green square moving up', 'a red circle moving left on a gray background', 'up', 'a blue', 'a white triangle moving down'];

@@ -118,6 +118,32 @@ describe('StreamedBlocks', () => {
     // a stale reference kept a second 2.6 GiB copy of the 1.3B DiT alive per generate)
     const second = buffers();
     for (let i = 0; i < blocks.length; i++) expect(second[i]).not.toBe(first[i]);
-    for (const b of blocks) for (const [, p] of b.namedParams()) expect((p as { streamHost?: Tensor }).streamHost).toBeUndefined();
+    for (const b of blocks) for (const [, p] of b.namedParams()) expect(p.streamHost).toBeNull();
+  });
+
+  it('the staging ring is allocator-owned: counted as staging (not device memory) under the ring\'s owner, freed by releaseDevice and dispose', async () => {
+    const x0 = new Rng(9).fillNormal(new Float32Array(3 * D));
+    const blocks = makeBlocks(4);
+    const a = e.allocator;
+    const base = a.memoryStaging();
+    const ours = () => a.liveStagingList().filter((b) => b.owner.startsWith('test.ring.'));
+    const res = new StreamedBlocks(e, blocks, 'test.ring');
+    expect(ours().map((b) => b.owner)).toEqual(['test.ring.staging.0', 'test.ring.staging.1']);
+    expect(a.memoryStaging() - base).toBe(2 * res.slotSize);
+    // the device memory is the two slots alone
+    expect(a.liveBlockList().filter((b) => b.owner.startsWith('test.ring.')).reduce((n, b) => n + b.requested, 0)).toBe(2 * res.slotSize);
+    await runChain(blocks, x0, 1, res);
+    expect(a.memoryStaging() - base).toBe(2 * res.slotSize);
+    res.releaseDevice();
+    expect(ours()).toEqual([]);
+    expect(a.memoryStaging()).toBe(base);
+    await runChain(blocks, x0, 1, res); // the ring comes back with the slots
+    expect(a.memoryStaging() - base).toBe(2 * res.slotSize);
+    res.dispose();
+    expect(a.memoryStaging()).toBe(base);
+    for (const b of blocks) for (const [, p] of b.namedParams()) {
+      expect(p.streamHost).toBeNull();
+      expect(p.t.device).toBe('cpu');
+    }
   });
 });

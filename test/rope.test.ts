@@ -70,7 +70,7 @@ describe('rope', () => {
   });
   it('f16 activations', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return;
+    if (!e.caps.shaderF16) return;
     const x = randTensor(rng, [2, 9, 3, 16], 'f16');
     const { cos, sin } = tables(rng, 9, 8);
     await gpuVsCpu((i) => rope({ x: i.x!, cos: i.cos!, sin: i.sin! }), { x, cos, sin }, TOL.f16, 'rope f16');
@@ -82,7 +82,7 @@ describe('rope', () => {
     expect(z.shape).toEqual([1, 0, 2, 4]);
     const x = randTensor(rng, [2, 33, 3, 10]);
     const { cos, sin } = tables(rng, 33, 5);
-    const n = await gpuVsCpu((i) => ropeOp({ x: i.x!, cos: i.cos!, sin: i.sin! }, { maxBinding: 1024 }), { x, cos, sin }, TOL.f32, 'rope split');
+    const n = await gpuVsCpu((i) => ropeOp({ x: i.x!, cos: i.cos!, sin: i.sin! }, { maxBindingBytes: 1024 }), { x, cos, sin }, TOL.f32, 'rope split');
     expect(n).toBeGreaterThan(4);
   });
   it('errors name the op', () => {

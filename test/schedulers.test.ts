@@ -2,7 +2,10 @@
 // guide scale 5), plus self-consistency and edge cases.
 import { describe, it, expect } from 'vitest';
 import { loadGolden } from './helpers/golden.ts';
-import { createScheduler, cfgCombine, wanFlowSchedule, unipcOrders, type FlowScheduler, type SchedulerKind } from '../src/schedulers/index.ts';
+import { createScheduler, cfgCombine } from '../src/schedulers/index.ts';
+import { wanFlowSchedule } from '../src/schedulers/flow-schedule.ts';
+import { unipcOrders } from '../src/schedulers/flow-unipc.ts';
+import type { FlowScheduler, SchedulerKind } from '../src/schedulers/types.ts';
 import { Rng } from '../src/util/rng.ts';
 
 const g = loadGolden();

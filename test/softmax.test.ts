@@ -65,7 +65,7 @@ describe('softmax', () => {
 
   it('f16 in and out', async () => {
     const e = await engine();
-    if (!e.features.shaderF16) return; // adapter without shader-f16: f16 tensors are rejected
+    if (!e.caps.shaderF16) return; // adapter without shader-f16: f16 tensors are rejected
     await check(rand(rng, [7, 65], 2, 'f16'), 'rows', undefined, 'f16 rows');
     await check(rand(rng, [3, 1025], 2, 'f16'), 'wide', 'f32', 'f16 -> f32 wide');
     await check(rand(rng, [3, 33], 2, 'f32'), undefined, 'f16', 'f32 -> f16');

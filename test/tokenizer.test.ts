@@ -144,6 +144,8 @@ describe('encodePrompt: padding, truncation, cleanup', () => {
     expect(htmlUnescape('&notit;')).toBe('¬it;');
     expect(htmlUnescape('&#x80;')).toBe('€');
     expect(htmlUnescape('&#128512;')).toBe('😀');
+    // names inherited by every JS object are not entities
+    expect(htmlUnescape('&constructor &toString; &__proto__')).toBe('&constructor &toString; &__proto__');
   });
   it("ftfy.fix_text (which Wan runs first) is not replicated: the prompts where it changes the ids are exactly these", () => {
     const cases: Array<{ text: string; clean_ftfy: string }> = JSON.parse(readFileSync(join(FIX, 'clean-cases.json'), 'utf8'));

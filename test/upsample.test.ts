@@ -50,7 +50,7 @@ describe('upsample_nearest2x', () => {
   });
   it('f16 activations', async () => {
     const e = await getEngine();
-    if (!e.features.shaderF16) return; // adapter without shader-f16: f16 activations are not offered
+    if (!e.caps.shaderF16) return; // adapter without shader-f16: f16 activations are not offered
     await check([2, 3, 17, 33], 'f16');
   });
   it('split over planes when a binding is small', async () => {

@@ -1,10 +1,17 @@
-// The configuration schema: every key the CLI, the YAML config and the TypeScript API accept,
-// with its type, default, allowed range and one line of doc. Key names follow the reference
-// (Hydra-style `infer.diffusion.low_mem_level`, `infer.offload_text_encoder`, ...).
+// The settings schema: every key the CLI, the YAML config and the TypeScript API accept, declared
+// once with its dotted name (Hydra-style `infer.diffusion.low_mem_level`, as the reference spells
+// it), its TypeScript field, type, default, allowed range and one line of doc. The typed
+// `Settings` object is derived from this declaration, so a new key is added here and nowhere else.
+//
+// Keys are grouped by when they are used, not by their dotted prefix: `request` (what one
+// generation asks for: `pipe.generate(req)` overrides these), `load` (fixed when the pipeline is
+// built: model, precision, memory placement, device), `output` and `report` (what the CLI writes
+// and prints). So `settings.request.seed` is `infer.seed` and `settings.load.profile` is
+// `report.profile`. A field is the camelCase of its key's last part (checked by test/config.test.ts).
 
 export type KeyType =
   | { kind: 'int'; min?: number; max?: number; step?: { mod: number; rem: number; what: string } }
-  | { kind: 'float'; min?: number; max?: number; minExclusive?: boolean }
+  | { kind: 'float'; min?: number; max?: number }
   | { kind: 'bool' }
   | { kind: 'boolOrAuto' }
   | { kind: 'string' }
@@ -12,66 +19,122 @@ export type KeyType =
   | { kind: 'enum'; values: readonly string[] }
   | { kind: 'bytes' };
 
-export interface KeySpec {
+/** One key; `V` is the TypeScript type of its value. */
+export interface Spec<V = unknown> {
   key: string;
   type: KeyType;
-  default: unknown;
+  default: V;
   doc: string;
+  /** a model folder's smart_diffusion.json may recommend it, named by the key's last part (`text_len`) */
+  fromModel?: boolean;
 }
 
-const int = (min?: number, max?: number): KeyType => ({ kind: 'int', min, max });
-const float = (min?: number, max?: number): KeyType => ({ kind: 'float', min, max });
+interface Common<V> {
+  key: string;
+  default: V;
+  doc: string;
+  fromModel?: boolean;
+}
 
-export const SCHEMA: readonly KeySpec[] = [
-  // ---- what to generate
-  { key: 'prompt', type: { kind: 'string' }, default: '', doc: 'text prompt' },
-  { key: 'negative_prompt', type: { kind: 'string' }, default: '', doc: 'negative prompt (classifier-free guidance uncondition); empty = the model default' },
-  { key: 'model', type: { kind: 'path' }, default: 'weights/demo', doc: 'model folder in the diffusers layout (default: the embedded demo model)' },
-  { key: 'infer.height', type: { kind: 'int', min: 16, max: 4096, step: { mod: 16, rem: 0, what: 'a multiple of 16' } }, default: 64, doc: 'video height in pixels (multiple of 16)' },
-  { key: 'infer.width', type: { kind: 'int', min: 16, max: 4096, step: { mod: 16, rem: 0, what: 'a multiple of 16' } }, default: 64, doc: 'video width in pixels (multiple of 16)' },
-  { key: 'infer.num_frames', type: { kind: 'int', min: 1, max: 1025, step: { mod: 4, rem: 1, what: 'of the form 4k+1 (1, 5, 9, ..., 81)' } }, default: 9, doc: 'frames (4k+1)' },
-  { key: 'infer.num_inference_steps', type: int(1, 1000), default: 20, doc: 'denoising steps' },
-  { key: 'infer.guidance_scale', type: float(0, 100), default: 5.0, doc: 'classifier-free guidance scale (1 = no guidance: the negative pass is skipped)' },
-  { key: 'infer.shift', type: float(0.01, 100), default: 5.0, doc: "flow shift of the sigma schedule (null in a model's scheduler config = 5.0)" },
-  { key: 'infer.seed', type: int(0, 2 ** 32 - 1), default: 42, doc: 'random seed of the initial noise' },
-  { key: 'infer.sampler', type: { kind: 'enum', values: ['unipc', 'euler'] }, default: 'unipc', doc: "sampler: Wan's flow UniPC (bh2, order 2) or flow Euler" },
-  { key: 'infer.text_len', type: int(1, 4096), default: 512, doc: 'text tokens fed to the encoder / cross-attention (Wan: 512)' },
-  { key: 'infer.fps', type: int(1, 240), default: 16, doc: 'frames per second of the written video (Wan 2.1: 16)' },
-  // ---- precision
-  { key: 'infer.weight_dtype', type: { kind: 'enum', values: ['checkpoint', 'f32', 'f16', 'bf16'] }, default: 'checkpoint', doc: "dtype of matmul/conv weights on the GPU ('checkpoint' keeps the file's)" },
-  { key: 'infer.activation_dtype', type: { kind: 'enum', values: ['f32', 'f16'] }, default: 'f32', doc: 'activation dtype of the DiT matmuls/attention (f16 needs shader-f16); norms, modulation, RoPE stay f32' },
-  // ---- memory
-  { key: 'infer.diffusion.low_mem_level', type: int(0, 3), default: 0, doc: '0 all resident; 1 + tiled VAE decode; 2 + text encoder off the GPU; 3 + DiT blocks streamed from host memory' },
-  { key: 'infer.diffusion.cp_size', type: int(1, 1), default: 1, doc: 'context-parallel GPUs (only 1: multi-GPU is not implemented)' },
-  { key: 'infer.offload_text_encoder', type: { kind: 'boolOrAuto' }, default: 'auto', doc: 'keep the text encoder off the GPU (auto: level >= 2)' },
-  { key: 'infer.offload_dit', type: { kind: 'boolOrAuto' }, default: 'auto', doc: 'stream DiT blocks from host memory (auto: level 3)' },
-  { key: 'infer.offload_vae', type: { kind: 'boolOrAuto' }, default: 'auto', doc: 'load VAE weights to the GPU only for the decode phase (auto: level 3)' },
-  { key: 'infer.vae_tiling', type: { kind: 'boolOrAuto' }, default: 'auto', doc: 'spatially tiled VAE decode (auto: level >= 1)' },
-  { key: 'infer.vae_tile_size', type: int(0, 1024), default: 0, doc: "largest VAE tile in latent pixels (×8 in the video), >= 4; 0 = auto: the least work whose tiles need no more memory than the decoder's whole-frame stages" },
-  { key: 'infer.vae_tile_overlap', type: float(0.25, 0.75), default: 0.25, doc: 'tile overlap as a fraction of the tile (>= 0.25: linear blend, no seams)' },
-  { key: 'infer.text_encoder_device', type: { kind: 'enum', values: ['cpu', 'gpu-stream'] }, default: 'cpu', doc: "where the offloaded text encoder runs: 'cpu' device, or streamed block by block through the GPU" },
-  { key: 'infer.activation_offload', type: { kind: 'bool' }, default: false, doc: 'keep the residual stream in host memory between DiT blocks (level 3, very long videos)' },
-  { key: 'infer.memory_limit', type: { kind: 'bytes' }, default: 0, doc: "GPU memory budget (e.g. '8GiB'); 0 = unlimited (the device's own limit)" },
-  { key: 'infer.prompt_cache', type: { kind: 'bool' }, default: true, doc: 'cache prompt embeddings on disk (keyed by text encoder and prompt)' },
-  { key: 'infer.prompt_cache_dir', type: { kind: 'path' }, default: '.cache/prompt-embeddings', doc: 'prompt embedding cache folder' },
-  { key: 'infer.prompt_cache_max_mb', type: int(1, 1_000_000), default: 512, doc: 'prompt embedding cache size bound (oldest entries evicted)' },
-  // ---- output
-  { key: 'output.path', type: { kind: 'path' }, default: 'outputs/{date}-{slug}.mp4', doc: 'output video path ({date}, {slug}, {seed} are filled in)' },
-  { key: 'output.mp4', type: { kind: 'bool' }, default: true, doc: 'write an H.264 MP4 (needs ffmpeg: bundled or on PATH)' },
-  { key: 'output.frames', type: { kind: 'bool' }, default: false, doc: 'also write every frame as PNG' },
-  { key: 'output.preview', type: { kind: 'bool' }, default: true, doc: 'also write an animated GIF preview' },
-  { key: 'output.save_latents', type: { kind: 'bool' }, default: true, doc: 'save the final latents (decode later with --decode-latents)' },
-  { key: 'output.sidecar', type: { kind: 'bool' }, default: true, doc: 'write a JSON sidecar with config, seed, model, timings and memory peaks' },
-  // ---- device and reporting
-  { key: 'device.backend', type: { kind: 'string' }, default: '', doc: "dawn backend ('vulkan', 'metal', 'd3d12'...; empty = default)" },
-  { key: 'device.adapter', type: { kind: 'string' }, default: '', doc: 'adapter name substring (empty = default)' },
-  { key: 'report.memory_stats', type: { kind: 'bool' }, default: false, doc: 'print allocated/reserved/peak GPU memory per phase and step' },
-  { key: 'report.memory_snapshot', type: { kind: 'path' }, default: '', doc: 'write the memory history (JSON + HTML timeline) to this path' },
-  { key: 'report.profile', type: { kind: 'bool' }, default: false, doc: 'print a per-kernel GPU time table (timestamp queries) and phase times' },
-  { key: 'report.progress', type: { kind: 'enum', values: ['bar', 'quiet', 'jsonl'] }, default: 'bar', doc: 'progress output: bar (terminal), quiet, or JSON lines' },
-];
+const spec = <V>(o: Common<V>, type: KeyType): Spec<V> => ({ key: o.key, type, default: o.default, doc: o.doc, ...(o.fromModel ? { fromModel: true } : {}) });
+const int = (o: Common<number> & { min?: number; max?: number; step?: { mod: number; rem: number; what: string } }): Spec<number> =>
+  spec(o, { kind: 'int', min: o.min, max: o.max, ...(o.step ? { step: o.step } : {}) });
+const float = (o: Common<number> & { min?: number; max?: number }): Spec<number> => spec(o, { kind: 'float', min: o.min, max: o.max });
+const bool = (o: Common<boolean>): Spec<boolean> => spec(o, { kind: 'bool' });
+const boolOrAuto = (o: Common<boolean | 'auto'>): Spec<boolean | 'auto'> => spec(o, { kind: 'boolOrAuto' });
+const str = (o: Common<string>): Spec<string> => spec(o, { kind: 'string' });
+const path = (o: Common<string>): Spec<string> => spec(o, { kind: 'path' });
+const bytes = (o: Common<number>): Spec<number> => spec(o, { kind: 'bytes' });
+const oneOf = <const T extends readonly string[]>(o: Common<T[number]> & { values: T }): Spec<T[number]> => spec(o, { kind: 'enum', values: o.values });
 
-export const SCHEMA_BY_KEY: ReadonlyMap<string, KeySpec> = new Map(SCHEMA.map((s) => [s.key, s]));
+const MULTIPLE_OF_16 = { mod: 16, rem: 0, what: 'a multiple of 16' };
+
+export const SCHEMA = {
+  request: {
+    prompt: str({ key: 'prompt', default: '', doc: 'text prompt' }),
+    negativePrompt: str({ key: 'negative_prompt', default: '', fromModel: true, doc: 'negative prompt (classifier-free guidance uncondition); empty = the model default' }),
+    height: int({ key: 'infer.height', min: 16, max: 4096, step: MULTIPLE_OF_16, default: 64, fromModel: true, doc: 'video height in pixels (multiple of 16)' }),
+    width: int({ key: 'infer.width', min: 16, max: 4096, step: MULTIPLE_OF_16, default: 64, fromModel: true, doc: 'video width in pixels (multiple of 16)' }),
+    numFrames: int({ key: 'infer.num_frames', min: 1, max: 1025, step: { mod: 4, rem: 1, what: 'of the form 4k+1 (1, 5, 9, ..., 81)' }, default: 9, fromModel: true, doc: 'frames (4k+1)' }),
+    numInferenceSteps: int({ key: 'infer.num_inference_steps', min: 1, max: 1000, default: 20, fromModel: true, doc: 'denoising steps' }),
+    guidanceScale: float({ key: 'infer.guidance_scale', min: 0, max: 100, default: 5.0, fromModel: true, doc: 'classifier-free guidance scale (1 = no guidance: the negative pass is skipped)' }),
+    shift: float({ key: 'infer.shift', min: 0.01, max: 100, default: 5.0, fromModel: true, doc: "flow shift of the sigma schedule (null in a model's scheduler config = 5.0)" }),
+    seed: int({ key: 'infer.seed', min: 0, max: 2 ** 32 - 1, default: 42, doc: 'random seed of the initial noise' }),
+    sampler: oneOf({ key: 'infer.sampler', values: ['unipc', 'euler'], default: 'unipc', fromModel: true, doc: "sampler: Wan's flow UniPC (bh2, order 2) or flow Euler" }),
+  },
+  load: {
+    model: path({ key: 'model', default: 'weights/demo', doc: 'model folder in the diffusers layout (default: the embedded demo model)' }),
+    textLen: int({ key: 'infer.text_len', min: 1, max: 4096, default: 512, fromModel: true, doc: 'text tokens fed to the encoder / cross-attention (Wan: 512)' }),
+    // ---- precision
+    weightDtype: oneOf({ key: 'infer.weight_dtype', values: ['checkpoint', 'f32', 'f16', 'bf16'], default: 'checkpoint', doc: "dtype of matmul/conv weights on the GPU ('checkpoint' keeps the file's)" }),
+    activationDtype: oneOf({ key: 'infer.activation_dtype', values: ['f32', 'f16'], default: 'f32', doc: 'activation dtype of the DiT matmuls/attention (f16 needs shader-f16); norms, modulation, RoPE stay f32' }),
+    // ---- memory
+    lowMemLevel: int({ key: 'infer.diffusion.low_mem_level', min: 0, max: 3, default: 0, doc: '0 all resident; 1 + tiled VAE decode; 2 + text encoder off the GPU; 3 + DiT blocks streamed from host memory' }),
+    offloadTextEncoder: boolOrAuto({ key: 'infer.offload_text_encoder', default: 'auto', doc: 'keep the text encoder off the GPU (auto: level >= 2)' }),
+    offloadDit: boolOrAuto({ key: 'infer.offload_dit', default: 'auto', doc: 'stream DiT blocks from host memory (auto: level 3)' }),
+    offloadVae: boolOrAuto({ key: 'infer.offload_vae', default: 'auto', doc: 'load VAE weights to the GPU only for the decode phase (auto: level 3)' }),
+    vaeTiling: boolOrAuto({ key: 'infer.vae_tiling', default: 'auto', doc: 'spatially tiled VAE decode (auto: level >= 1)' }),
+    vaeTileSize: int({ key: 'infer.vae_tile_size', min: 0, max: 1024, default: 0, doc: "largest VAE tile in latent pixels (×8 in the video), >= 4; 0 = auto: the least work whose tiles need no more memory than the decoder's whole-frame stages" }),
+    vaeTileOverlap: float({ key: 'infer.vae_tile_overlap', min: 0.25, max: 0.75, default: 0.25, doc: 'tile overlap as a fraction of the tile (>= 0.25: linear blend, no seams)' }),
+    textEncoderDevice: oneOf({ key: 'infer.text_encoder_device', values: ['cpu', 'gpu-stream'], default: 'cpu', doc: "where the offloaded text encoder runs: 'cpu' device, or streamed block by block through the GPU" }),
+    activationOffload: bool({ key: 'infer.activation_offload', default: false, doc: 'keep the residual stream in host memory between DiT blocks (level 3, very long videos)' }),
+    memoryLimit: bytes({ key: 'infer.memory_limit', default: 0, doc: "GPU memory budget (e.g. '8GiB'); 0 = unlimited (the device's own limit)" }),
+    promptCache: bool({ key: 'infer.prompt_cache', default: true, doc: 'cache prompt embeddings on disk (keyed by text encoder and prompt)' }),
+    promptCacheDir: path({ key: 'infer.prompt_cache_dir', default: '.cache/prompt-embeddings', doc: 'prompt embedding cache folder' }),
+    promptCacheMaxMb: int({ key: 'infer.prompt_cache_max_mb', min: 1, max: 1_000_000, default: 512, doc: 'prompt embedding cache size bound (oldest entries evicted)' }),
+    // ---- device
+    backend: str({ key: 'device.backend', default: '', doc: "dawn backend ('vulkan', 'metal', 'd3d12'...; empty = default)" }),
+    adapter: str({ key: 'device.adapter', default: '', doc: 'adapter name substring (empty = default)' }),
+    // the engine records timestamps from its creation on
+    profile: bool({ key: 'report.profile', default: false, doc: 'print a per-kernel GPU time table (timestamp queries) and phase times' }),
+  },
+  output: {
+    fps: int({ key: 'infer.fps', min: 1, max: 240, default: 16, fromModel: true, doc: 'frames per second of the written video (Wan 2.1: 16)' }),
+    path: path({ key: 'output.path', default: 'outputs/{date}-{slug}.mp4', doc: 'output video path ({date}, {slug}, {seed} are filled in)' }),
+    mp4: bool({ key: 'output.mp4', default: true, doc: 'write an H.264 MP4 (needs ffmpeg: bundled or on PATH)' }),
+    frames: bool({ key: 'output.frames', default: false, doc: 'also write every frame as PNG' }),
+    preview: bool({ key: 'output.preview', default: true, doc: 'also write an animated GIF preview' }),
+    saveLatents: bool({ key: 'output.save_latents', default: true, doc: 'save the final latents (decode later with --decode-latents)' }),
+    sidecar: bool({ key: 'output.sidecar', default: true, doc: 'write a JSON sidecar with config, seed, model, timings and memory peaks' }),
+  },
+  report: {
+    memoryStats: bool({ key: 'report.memory_stats', default: false, doc: 'print allocated/reserved/peak GPU memory per phase and step' }),
+    memorySnapshot: path({ key: 'report.memory_snapshot', default: '', doc: 'write the memory history (JSON + HTML timeline) to this path' }),
+    progress: oneOf({ key: 'report.progress', values: ['bar', 'quiet', 'jsonl'], default: 'bar', doc: 'progress output: bar (terminal), quiet, or JSON lines' }),
+  },
+};
+
+export type Group = keyof typeof SCHEMA;
+type ValuesOf<G> = { [F in keyof G]: G[F] extends Spec<infer V> ? V : never };
+
+/** Every setting, typed: `settings.request.height`, `settings.load.lowMemLevel`, ... */
+export type Settings = { [G in Group]: ValuesOf<(typeof SCHEMA)[G]> };
+/** What one generation asks for (prompt, size, steps, seed, ...): `pipe.generate(req)` */
+export type RequestSettings = Settings['request'];
+/** Fixed when the pipeline is built: model, precision, memory placement, device */
+export type LoadSettings = Settings['load'];
+export type OutputSettings = Settings['output'];
+export type ReportSettings = Settings['report'];
+/** Any part of the settings, by group and field (the typed form of a layer) */
+export type SettingsPatch = { [G in Group]?: Partial<Settings[G]> };
+
+/** A key with its place in `Settings`. */
+export interface KeySpec extends Spec {
+  group: Group;
+  field: string;
+}
+
+// Users know the keys by their dotted names: lists of keys (help, YAML, the sidecar's `config`)
+// are ordered by dotted section, in declaration order within a section.
+const SECTIONS = ['', 'infer', 'output', 'device', 'report'];
+const section = (key: string) => SECTIONS.indexOf(key.includes('.') ? key.slice(0, key.indexOf('.')) : '');
+
+/** Every key, by dotted section. */
+export const KEYS: readonly KeySpec[] = Object.entries(SCHEMA)
+  .flatMap(([group, specs]) => Object.entries(specs as Record<string, Spec>).map(([field, s]) => ({ ...s, group: group as Group, field })))
+  .sort((a, b) => section(a.key) - section(b.key));
+
+export const SPEC_BY_KEY: ReadonlyMap<string, KeySpec> = new Map(KEYS.map((s) => [s.key, s]));
 
 export function typeName(t: KeyType): string {
   switch (t.kind) {
@@ -90,6 +153,6 @@ export function typeName(t: KeyType): string {
     case 'enum':
       return t.values.join('|');
     case 'bytes':
-      return "bytes (e.g. 512MiB, 8GiB, 0)";
+      return 'bytes (e.g. 512MiB, 8GiB, 0)';
   }
 }

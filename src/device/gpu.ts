@@ -1,5 +1,5 @@
 // The one place that creates the Dawn instance, chooses the adapter, requests its real limits and
-// features, and turns device loss / uncaptured errors into loud errors.
+// features, reads what it can do (caps.ts), and turns device loss / uncaptured errors into loud errors.
 //
 // Adapter choice (first match wins): explicit options > environment (SD_WEBGPU_BACKEND,
 // SD_WEBGPU_ADAPTER, SD_WEBGPU_POWER) > Dawn's default. Backend names are dawn.node's:
@@ -9,6 +9,8 @@ import { mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NoAdapterError } from '../util/errors.ts';
+import { readCaps, type AdapterCaps, type RawAdapterInfo } from './caps.ts';
+import { withoutDawnLimitWarnings } from './dawn-stderr.ts';
 
 export interface GpuOptions {
   /** dawn.node backend, e.g. 'vulkan'. Env: SD_WEBGPU_BACKEND. */
@@ -22,16 +24,10 @@ export interface GpuOptions {
   disableFeatures?: Array<'shader-f16' | 'timestamp-query' | 'subgroups'>;
 }
 
-export interface GpuFeatures {
-  shaderF16: boolean;
-  timestampQuery: boolean;
-  subgroups: boolean;
-}
-
 export interface GpuContext {
   device: GPUDevice;
-  adapterInfo: { vendor: string; architecture: string; device: string; description: string; backend: string };
-  features: GpuFeatures;
+  /** what the adapter and device can do (class, features, subgroup sizes, binding limits) */
+  caps: AdapterCaps;
   limits: GPUSupportedLimits;
   /** Errors Dawn raised outside any error scope since the last check. */
   takeErrors(): GpuErrorRecord[];
@@ -74,6 +70,7 @@ const HOW_TO_GET_AN_ADAPTER =
   "(or run 'sudo .ci/install-vulkan.sh'). On a GPU machine install the vendor's Vulkan driver and libvulkan1.";
 
 const instances = new Map<string, GPU>();
+const enumerated = new WeakSet<GPU>();
 let instancesCreated = 0;
 /** Dawn instances created so far in this process (one per distinct set of flags). */
 export function dawnInstanceCount(): number {
@@ -111,7 +108,11 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
   const power = opts.powerPreference ?? (process.env.SD_WEBGPU_POWER as GPUPowerPreference | undefined) ?? 'high-performance';
   let adapter: GPUAdapter | null = null;
   try {
-    adapter = await gpu.requestAdapter({ powerPreference: power });
+    const g = gpu;
+    const ask = () => g.requestAdapter({ powerPreference: power });
+    // an instance enumerates its adapters (and Dawn prints its limit warnings) at the first request only
+    adapter = await (enumerated.has(g) ? ask() : withoutDawnLimitWarnings(ask));
+    enumerated.add(g);
   } catch (err) {
     gpu = null;
     const msg = (err as Error).message;
@@ -156,15 +157,9 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
     if (typeof v === 'number') requiredLimits[key] = v;
   }
   const device = await adapter.requestDevice({ requiredFeatures: want, requiredLimits });
-  const info = adapter.info;
-  // dawn.node exposes the backend only in the description; keep what it gives us.
-  const adapterInfo = {
-    vendor: info.vendor,
-    architecture: info.architecture,
-    device: info.device,
-    description: info.description,
-    backend: backend ?? guessBackend(info.description),
-  };
+  const info = adapter.info as GPUAdapterInfo & RawAdapterInfo;
+  // dawn.node exposes the backend only in the description
+  const caps = readCaps(info, backend ?? guessBackend(info.description), device.features, device.limits);
   const errors: GpuErrorRecord[] = [];
   let lostFlag = false;
   device.onuncapturederror = (ev: GPUUncapturedErrorEvent) => {
@@ -179,12 +174,7 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
   });
   return {
     device,
-    adapterInfo,
-    features: {
-      shaderF16: device.features.has('shader-f16'),
-      timestampQuery: device.features.has('timestamp-query'),
-      subgroups: device.features.has('subgroups'),
-    },
+    caps,
     limits: device.limits,
     takeErrors: () => errors.splice(0, errors.length),
     lost,

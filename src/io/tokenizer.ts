@@ -16,7 +16,8 @@
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { CheckpointError } from '../util/errors.ts';
-import { HTML5_ENTITIES, INVALID_CHARREFS, INVALID_CODEPOINTS } from './html-entities.ts';
+// a generated table, kept as data: esbuild inlines the JSON into a bundle, so no path lookup is needed
+import htmlEntities from './html-entities.json' with { type: 'json' };
 
 type Json = Record<string, unknown>;
 
@@ -575,6 +576,11 @@ export async function loadTokenizer(dir: string): Promise<UnigramTokenizer> {
 // ---------------------------------------------------------------------------------------------
 // Wan's prompt cleaning and encoding
 
+// Maps, not the parsed objects: an object lookup would also find inherited names ('constructor')
+const HTML5_ENTITIES: ReadonlyMap<string, string> = new Map(Object.entries(htmlEntities.html5));
+const INVALID_CHARREFS: ReadonlyMap<number, string> = new Map(Object.entries(htmlEntities.invalidCharrefs).map(([k, v]) => [Number(k), v]));
+const INVALID_CODEPOINTS: ReadonlySet<number> = new Set(htmlEntities.invalidCodepoints);
+
 /** Python's html.unescape(), exactly (HTML5 named references, numeric references with fix-ups). */
 export function htmlUnescape(s: string): string {
   if (!s.includes('&')) return s;
@@ -583,19 +589,19 @@ export function htmlUnescape(s: string): string {
       const hex = ref[1] === 'x' || ref[1] === 'X';
       const digits = ref.slice(hex ? 2 : 1).replace(/;$/, '');
       const num = hex ? parseInt(digits, 16) : Number(digits);
-      const fix = INVALID_CHARREFS[num];
+      const fix = INVALID_CHARREFS.get(num);
       if (fix !== undefined) return fix;
       if ((num >= 0xd800 && num <= 0xdfff) || num > 0x10ffff) return '\ufffd';
       if (INVALID_CODEPOINTS.has(num)) return '';
       return String.fromCodePoint(num);
     }
-    const named = HTML5_ENTITIES[ref];
+    const named = HTML5_ENTITIES.get(ref);
     if (named !== undefined) return named;
     // the longest prefix that is a name (HTML5 allows some names without ';')
     const cps = Array.from(ref);
     for (let x = cps.length - 1; x > 1; x--) {
       const pre = cps.slice(0, x).join('');
-      const v = HTML5_ENTITIES[pre];
+      const v = HTML5_ENTITIES.get(pre);
       if (v !== undefined) return v + cps.slice(x).join('');
     }
     return whole;

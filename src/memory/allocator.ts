@@ -12,12 +12,31 @@
 // was *encoded* can be handed to a later kernel in the same command stream. The only hazard is
 // `queue.writeBuffer` into a reused buffer while unsubmitted commands still read it; the engine
 // flushes before every upload for that reason.
+//
+// Staging (upload) buffers are owned here too, with owner tags, but counted apart: `staging` bytes
+// are host-visible MAP_WRITE | COPY_SRC memory. On a discrete GPU that memory is system RAM the copy
+// engine reads (CUDA's pinned host buffers, which torch.cuda.memory_allocated/reserved do not
+// count either), so it does not use the device memory that `limitBytes` protects, and the memory
+// plans, which budget device memory, stay what they are. It is neither pooled nor in the history:
+// its users keep it for long (a streaming ring) and free it explicitly.
 
 import { OutOfMemoryError } from '../util/errors.ts';
 
 export interface BufferFactory {
   create(size: number, label: string): GPUBuffer;
+  /** a host-visible upload buffer (MAP_WRITE | COPY_SRC), mapped at creation */
+  createStaging(size: number, label: string): GPUBuffer;
   destroy(buffer: GPUBuffer): void;
+}
+
+/** A host-visible upload buffer from allocStaging (not device memory: see the header). */
+export interface StagingBlock {
+  readonly id: number;
+  readonly buffer: GPUBuffer;
+  /** bytes of the buffer */
+  readonly size: number;
+  readonly owner: string;
+  live: boolean;
 }
 
 export interface Block {
@@ -66,6 +85,9 @@ export interface MemoryStats {
   numFrees: number;
   numSegments: number;
   cachedBytes: number;
+  /** host-visible upload buffers held (not in allocated/reserved, not limited: see the header) */
+  stagingBytes: number;
+  peakStagingBytes: number;
 }
 
 const ALIGN = 256;
@@ -87,6 +109,9 @@ export class CachingAllocator {
   private readonly factory: BufferFactory;
   private readonly pools = new Map<number, Block[]>();
   private readonly liveBlocks = new Map<number, Block>();
+  private readonly liveStaging = new Map<number, StagingBlock>();
+  private staging = 0;
+  private peakStaging = 0;
   private nextId = 1;
   private allocated = 0;
   private reserved = 0;
@@ -202,6 +227,38 @@ export class CachingAllocator {
     this.record('alloc', bytes, block.id, owner);
   }
 
+  /**
+   * A host-visible upload buffer of `bytes` (rounded up to 4), mapped at creation, tagged `owner`
+   * (e.g. 'dit.blocks.slot.staging.0'). Counted in `stagingBytes`, not against the budget.
+   */
+  allocStaging(bytes: number, owner: string = this.currentOwner): StagingBlock {
+    if (!(bytes > 0) || !Number.isFinite(bytes)) throw new RangeError(`[allocator] invalid staging size ${bytes}`);
+    const size = Math.ceil(bytes / 4) * 4;
+    const block: StagingBlock = { id: this.nextId++, buffer: this.factory.createStaging(size, owner), size, owner, live: true };
+    this.liveStaging.set(block.id, block);
+    this.staging += size;
+    if (this.staging > this.peakStaging) this.peakStaging = this.staging;
+    return block;
+  }
+
+  /** Destroy a staging buffer (after the copies that read it were encoded: WebGPU orders them first). */
+  freeStaging(block: StagingBlock): void {
+    if (!block.live) throw new Error(`[allocator] double free of staging buffer ${block.id} (${block.owner})`);
+    block.live = false;
+    this.liveStaging.delete(block.id);
+    this.staging -= block.size;
+    this.factory.destroy(block.buffer);
+  }
+
+  /** Host-visible upload bytes held (see allocStaging). */
+  memoryStaging(): number {
+    return this.staging;
+  }
+
+  liveStagingList(): StagingBlock[] {
+    return [...this.liveStaging.values()];
+  }
+
   /** Destroy every cached (free) buffer: reserved drops to what live allocations hold. */
   emptyCache(): void {
     for (const [, pool] of this.pools) {
@@ -229,6 +286,7 @@ export class CachingAllocator {
   resetPeakMemoryStats(): void {
     this.peakAllocated = this.allocated;
     this.peakReserved = this.reserved;
+    this.peakStaging = this.staging;
   }
 
   stats(): MemoryStats {
@@ -243,6 +301,8 @@ export class CachingAllocator {
       numFrees: this.numFrees,
       numSegments: this.numSegments,
       cachedBytes: cached,
+      stagingBytes: this.staging,
+      peakStagingBytes: this.peakStaging,
     };
   }
 

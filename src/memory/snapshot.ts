@@ -14,6 +14,8 @@ export interface MemorySnapshot {
   droppedEvents: number;
   events: MemoryEvent[];
   live: Array<{ id: number; bytes: number; size: number; owner: string; phase: string }>;
+  /** host-visible upload buffers (counted apart from device memory: see allocator.ts) */
+  staging: Array<{ id: number; size: number; owner: string }>;
 }
 
 export function takeSnapshot(alloc: CachingAllocator, device = 'unknown'): MemorySnapshot {
@@ -26,6 +28,7 @@ export function takeSnapshot(alloc: CachingAllocator, device = 'unknown'): Memor
     droppedEvents: alloc.droppedEvents(),
     events: [...alloc.events()],
     live: alloc.liveBlockList().map((b) => ({ id: b.id, bytes: b.requested, size: b.size, owner: b.owner, phase: b.phase })),
+    staging: alloc.liveStagingList().map((b) => ({ id: b.id, size: b.size, owner: b.owner })),
   };
 }
 
@@ -186,7 +189,7 @@ export function renderSnapshotHtml(snap: MemorySnapshot, opts: { groupDepth?: nu
 <style>body{font:13px system-ui,sans-serif;margin:20px}table{border-collapse:collapse}td{padding:1px 8px}</style></head>
 <body><h1>${esc(title)}</h1>
 <p>${esc(snap.device)} · ${esc(snap.createdAt)} · ${ev.length} events${snap.droppedEvents ? ` (${snap.droppedEvents} dropped)` : ''} ·
-peak allocated <b>${fmtBytes(s.peakAllocated)}</b> · peak reserved <b>${fmtBytes(s.peakReserved)}</b></p>
+peak allocated <b>${fmtBytes(s.peakAllocated)}</b> · peak reserved <b>${fmtBytes(s.peakReserved)}</b>${s.peakStagingBytes ? ` · peak staging (host-visible upload buffers, not in the bands) <b>${fmtBytes(s.peakStagingBytes)}</b>` : ''}</p>
 <p>Bands: live allocated bytes stacked by owner (grouped to ${depth} name parts; hover for the name). Black line: reserved (held from the device). Top strip: phases.</p>
 <svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">
 ${ticks.join('')}

@@ -16,6 +16,12 @@ export class Param {
   /** full dotted key, set when the module tree is walked */
   fullKey = '';
   value: Tensor | null = null;
+  /**
+   * A streamed param's host copy (a view of its block's host image), set while a residency manager
+   * streams its block (pipeline/residency.ts): `value` is then either this or a view of a GPU slot.
+   * Null for params that are not streamed.
+   */
+  streamHost: Tensor | null = null;
   constructor(
     readonly name: string,
     readonly shape: Shape,

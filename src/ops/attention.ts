@@ -7,20 +7,22 @@
 //               score(h, i, j) += bias[h, j - i + Lq - 1]   (T5: one small table per layer)
 //   keyMask [B, Lk] i32: 0 = masked. A query with no attendable key gets zeros.
 //
-// Kernels (attentionKernel() picks one): 'ubo' (kernels/attention.wgsl flash_ubo + pack_kv) on
-// llvmpipe without a bias; 'subgroup' (flash) on other adapters with subgroups, and with a bias;
-// 'portable' (kernels/softmax.wgsl attention_portable) without subgroups or when Dh % 4 != 0.
+// Kernels (attentionKernel() picks one, the adapter's part from variants.ts): 'ubo'
+// (kernels/attention.wgsl flash_ubo + pack_kv) on llvmpipe without a bias; 'subgroup' (flash) on
+// other adapters with subgroups, and with a bias; 'portable' (kernels/softmax.wgsl
+// attention_portable) without subgroups or when Dh % 4 != 0.
 //
 // Tensors above the adapter's binding limit (Wan 480p: q/k/v [1, 32760, 12, 128] f32 = 201 MB) are
 // split: per batch, per query chunk, per head (full bias only) and per key chunk; each dispatch binds
-// windows of the big buffers, and key chunks are chained through the online-softmax state
-// (unnormalized accumulator + running max and sum).
+// windows of the big buffers (window.ts), and key chunks are chained through the online-softmax
+// state (unnormalized accumulator + running max and sum).
 
 import { defineOp, grid1d } from './registry.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
-import { Params } from '../runtime/params.ts';
+import { bindingLimit, elemWindow } from './window.ts';
+import { meets, variantFor } from './variants.ts';
 import type { BufferBinding, Engine } from '../runtime/engine.ts';
-import type { Aliases } from '../kernels/loader.ts';
+import type { Aliases } from '../runtime/kernels.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -61,35 +63,28 @@ function dims(q: Tensor, k: Tensor) {
 
 export type AttentionKernel = 'ubo' | 'subgroup' | 'portable';
 
-/** llvmpipe (lavapipe) with 256/512-bit SIMD: the adapter the 'ubo' kernel is built for */
-function isLlvmpipe(e: Engine): boolean {
-  const s = e.adapterName.toLowerCase();
-  return s.includes('llvmpipe') && /(256|512)-bits/.test(s);
-}
-
 /** head dims the 'ubo' kernel takes: at least 16 keys per 64 KiB uniform window */
 const UBO_MAX_DH = 1024;
 
 /**
- * Which kernel runs on this engine for head dim Dh. 'auto': on llvmpipe without a bias the 'ubo'
- * kernel; on other adapters with subgroups of at least 8 lanes (and on llvmpipe with a bias) the
- * 'subgroup' kernel; the 'portable' one without subgroups or for head dims that are not a
- * multiple of 4.
+ * Which kernel runs on this engine for head dim Dh. 'auto': the adapter's choice from
+ * variants.ts ('ubo' on llvmpipe, 'subgroup' elsewhere, 'portable' without subgroups of at least
+ * 8 lanes), then the shape: 'ubo' only without a bias and for Dh <= 1024 (else 'subgroup'), and
+ * 'portable' for head dims that are not a multiple of 4.
  */
 export function attentionKernel(e: Engine, Dh: number, want: AttentionAttrs['kernel'] = 'auto', hasBias = false): AttentionKernel {
-  const sgMin = (e.device as unknown as { adapterInfo?: { subgroupMinSize?: number } }).adapterInfo?.subgroupMinSize;
-  const sgOk = e.features.subgroups && (sgMin === undefined || sgMin >= 8);
   const vec4Dh = Dh % 4 === 0;
   if (want === 'portable') return 'portable';
   if (want === 'subgroup' || want === 'ubo') {
-    if (!sgOk) throw new ShapeError(`[attention] the ${want} kernel needs the 'subgroups' feature with subgroups of at least 8 lanes; this adapter has ${e.features.subgroups ? `min size ${sgMin}` : 'none'}`);
+    if (!meets(e.caps, 'subgroups8')) throw new ShapeError(`[attention] the ${want} kernel needs the 'subgroups' feature with subgroups of at least 8 lanes; this adapter has ${e.caps.subgroups ? `min size ${e.caps.subgroupMinSize}` : 'none'}`);
     if (!vec4Dh) throw new ShapeError(`[attention] the ${want} kernel needs a head dim that is a multiple of 4, got ${Dh}`);
     if (want === 'ubo' && hasBias) throw new ShapeError(`[attention] the 'ubo' kernel takes no bias; use 'subgroup' or 'portable'`);
     if (want === 'ubo' && Dh > UBO_MAX_DH) throw new ShapeError(`[attention] the 'ubo' kernel takes head dims up to ${UBO_MAX_DH}, got ${Dh}`);
     return want;
   }
-  if (!sgOk || !vec4Dh) return 'portable';
-  return isLlvmpipe(e) && !hasBias && Dh <= UBO_MAX_DH ? 'ubo' : 'subgroup';
+  const v = variantFor(e.caps, 'attention');
+  if (v === 'portable' || !vec4Dh) return 'portable';
+  return v === 'ubo' && !hasBias && Dh <= UBO_MAX_DH ? 'ubo' : 'subgroup';
 }
 
 interface Window {
@@ -100,21 +95,16 @@ interface Window {
 
 /**
  * Bind elements [start, end) of `t` (plus whatever the alignment pulls in before `start`).
- * `base` is the index, in units of `unit` elements, of the first bound element.
+ * `base` is the index, in units of `unit` elements, of the first bound element (the kernels
+ * index whole vec4s from it, so `t` itself must start at an aligned offset).
  */
 function window(e: Engine, t: Tensor, start: number, end: number, unit: number, what: string): Window {
-  t.assertLive();
-  const es = dtypeSize(t.dtype);
-  const align = e.storageAlign;
+  const align = e.caps.storageAlign;
   if (t.byteOffset % align !== 0) {
     throw new ShapeError(`[attention] ${what} ${t} is a view at byte offset ${t.byteOffset}, not a multiple of ${align}; clone it first`);
   }
-  const buf = t.buffer;
-  const startByte = t.byteOffset + start * es;
-  const off = Math.floor(startByte / align) * align;
-  const endByte = Math.max(t.byteOffset + end * es, off + 4);
-  const size = Math.min(Math.ceil((endByte - off) / 4) * 4, buf.size - off);
-  return { binding: { buffer: buf, offset: off, size }, base: (off - t.byteOffset) / (es * unit) };
+  const w = elemWindow(e, t, start, end, 'attention');
+  return { binding: w.binding, base: (start - w.off) / unit };
 }
 
 function fitsU32(op: string, what: string, t: Tensor): void {
@@ -190,8 +180,8 @@ function attentionGpu(e: Engine, { q, k, v, bias, keyMask }: AttentionInputs, a:
   const wg = portable ? PORTABLE_WG : SG_WG;
   const qpw = portable ? PORTABLE_WG : SG_WG * SG_QPL; // queries per workgroup
   const mode = bias ? (a.biasMode ?? 'full') : null;
-  const limit = Math.min(a.maxBindingBytes ?? Infinity, e.maxBinding);
-  const align = e.storageAlign;
+  const limit = bindingLimit(e, a.maxBindingBytes);
+  const align = e.caps.storageAlign;
   const usable = limit - align; // a window start may be pulled back by up to align - 1 bytes
   const es = dtypeSize(q.dtype);
   const accIsOut = outDt === 'f32';
@@ -273,15 +263,15 @@ function attentionGpu(e: Engine, { q, k, v, bias, keyMask }: AttentionInputs, a:
           const accW: Window = accIsOut ? oW : { binding: whole(accT!), base: rowA * H * Dh / unit };
           const qtiles = Math.ceil(nq / qpw);
           const ngroups = nb * nh * qtiles;
-          const p = new Params()
-            .u32(Lq).u32(Lk).u32(H).u32(Dh)
-            .u32(b0).u32(nh).u32(h0).u32(i0)
-            .u32(nq).u32(qtiles).u32(ngroups).u32(groupBatches ? 0 : j0)
-            .u32(groupBatches ? Lk : j1).u32(qW.base).u32(kW.base).u32(vW.base)
-            .u32(rowA * H).u32(oW.base * unit).u32(biasW?.base ?? 0).u32(accW.base)
-            .f32(a.scale * Math.LOG2E).f32(Math.LOG2E)
-            .u32(flags | (c > 0 ? FLAG_STATE_IN : 0) | (c === nKeyChunks - 1 ? FLAG_FINAL : 0))
-            .u32(0);
+          const p = {
+            Lq, Lk, H, Dh,
+            b0, nh, h0, i0,
+            nq, qtiles, ngroups, j0: groupBatches ? 0 : j0,
+            j1: groupBatches ? Lk : j1, q_base: qW.base, k_base: kW.base, v_base: vW.base,
+            s_row0: rowA * H, o_base: oW.base * unit, bias_base: biasW?.base ?? 0, acc_base: accW.base,
+            scale: a.scale * Math.LOG2E, bias_scale: Math.LOG2E,
+            flags: flags | (c > 0 ? FLAG_STATE_IN : 0) | (c === nKeyChunks - 1 ? FLAG_FINAL : 0),
+          };
           e.dispatch({
             kernel: {
               family: portable ? 'softmax' : 'attention',
@@ -291,7 +281,7 @@ function attentionGpu(e: Engine, { q, k, v, bias, keyMask }: AttentionInputs, a:
               layout: [...layout],
             },
             name: `attention.${portable ? 'portable' : 'flash'}`,
-            params: p.bytes(),
+            params: p,
             bindings: [
               qW.binding,
               kW.binding,
@@ -303,7 +293,6 @@ function attentionGpu(e: Engine, { q, k, v, bias, keyMask }: AttentionInputs, a:
               whole(mlT ?? dumML!),
             ],
             workgroups: grid1d(ngroups),
-            work: 4 * nb * nh * nq * (j1 - j0) * Dh,
           });
         }
       }
@@ -343,8 +332,8 @@ function uboWindows(Dh: number, uAlign: number): { KPB: number; NKW: number } {
 function attentionUbo(e: Engine, { q, k, v, keyMask }: AttentionInputs, a: AttentionAttrs, out: Tensor): void {
   const { B, Lq, H, Dh, Lk } = dims(q, k);
   const outDt = out.dtype;
-  const limit = Math.min(a.maxBindingBytes ?? Infinity, e.maxBinding);
-  const align = e.storageAlign;
+  const limit = bindingLimit(e, a.maxBindingBytes);
+  const align = e.caps.storageAlign;
   const usable = limit - align;
   const es = dtypeSize(q.dtype);
   const accIsOut = outDt === 'f32';
@@ -385,15 +374,14 @@ function attentionUbo(e: Engine, { q, k, v, keyMask }: AttentionInputs, a: Atten
         const vW = window(e, v, (b * Lk + j0) * H * Dh, (b * Lk + j0 + n) * H * Dh, 4, 'v');
         const kd = window(e, kp, j0 * Dh, (j0 + n) * Dh, 4, 'workspace');
         const vd = window(e, vp, j0 * Dh, (j0 + n) * Dh, 4, 'workspace');
-        const pp = new Params().u32(Lk).u32(H).u32(dh4).u32(b).u32(h).u32(j0).u32(n).u32(kW.base).u32(vW.base).u32(kd.base).u32(0).u32(0);
+        const pp = { Lk, H, dh4, b, h, j0, n, k_base: kW.base, v_base: vW.base, dst_base: kd.base };
         if (kd.base !== vd.base) throw new Error('[attention] internal: pack windows differ');
         e.dispatch({
           kernel: { family: 'attention', entry: 'pack_kv', aliases, layout: ['read', 'read', 'write', 'write'] },
           name: 'attention.pack_kv',
-          params: pp.bytes(),
+          params: pp,
           bindings: [kW.binding, vW.binding, kd.binding, vd.binding],
           workgroups: grid1d(Math.ceil((n * dh4) / 64)),
-          work: n * Dh * (2 * es + 8),
         });
       }
       for (let i0 = 0; i0 < Lq; i0 += QC) {
@@ -407,13 +395,14 @@ function attentionUbo(e: Engine, { q, k, v, keyMask }: AttentionInputs, a: Atten
           const j0 = w * KPD;
           const j1 = Math.min(Lk, j0 + KPD);
           const flags = baseFlags | (w > 0 ? FLAG_STATE_IN : 0) | (w === nWin - 1 ? FLAG_FINAL : 0);
-          const p = new Params()
-            .u32(Lq).u32(Lk).u32(H).u32(Dh)
-            .u32(b).u32(1).u32(h).u32(i0)
-            .u32(nq).u32(qtiles).u32(qtiles).u32(j0)
-            .u32(j1).u32(qW.base).u32(KPB).u32(0)
-            .u32(rowA * H).u32(oW.base * 4).u32(0).u32(accW.base)
-            .f32(a.scale * Math.LOG2E).f32(Math.LOG2E).u32(flags).u32(0);
+          const p = {
+            Lq, Lk, H, Dh,
+            b0: b, nh: 1, h0: h, i0,
+            nq, qtiles, ngroups: qtiles, j0,
+            j1, q_base: qW.base, k_base: KPB, v_base: 0,
+            s_row0: rowA * H, o_base: oW.base * 4, bias_base: 0, acc_base: accW.base,
+            scale: a.scale * Math.LOG2E, bias_scale: Math.LOG2E, flags,
+          };
           // window x of this dispatch: keys j0 + x * KPB ..; windows past the last key repeat window 0
           const ub = (t: Tensor, x: number): BufferBinding => ({
             buffer: t.buffer,
@@ -429,7 +418,7 @@ function attentionUbo(e: Engine, { q, k, v, keyMask }: AttentionInputs, a: Atten
               layout: ['read', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'read', 'write', 'write', 'write'],
             },
             name: 'attention.flash_ubo',
-            params: p.bytes(),
+            params: p,
             bindings: [
               qW.binding,
               ub(kp, 0), ub(kp, 1), ub(kp, 2), ub(kp, 3),
@@ -440,7 +429,6 @@ function attentionUbo(e: Engine, { q, k, v, keyMask }: AttentionInputs, a: Atten
               whole(mlT),
             ],
             workgroups: grid1d(qtiles),
-            work: 4 * nq * (j1 - j0) * Dh,
           });
         }
       }

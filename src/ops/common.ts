@@ -9,7 +9,7 @@ import { ShapeError } from '../util/errors.ts';
 export function actAlias(op: string, dt: DType, e?: Engine): 'f32' | 'f16' {
   if (dt === 'f32') return 'f32';
   if (dt === 'f16') {
-    if (e && !e.features.shaderF16) throw new ShapeError(`[${op}] f16 tensors need the adapter feature 'shader-f16', which this adapter lacks; use f32`);
+    if (e && !e.caps.shaderF16) throw new ShapeError(`[${op}] f16 tensors need the adapter feature 'shader-f16', which this adapter lacks; use f32`);
     return 'f16';
   }
   throw new ShapeError(`[${op}] activations must be f32 or f16, got ${dt}`);

@@ -7,14 +7,15 @@
 //
 // Tensors larger than one storage binding (a 480p decoder activation is ~600 MB): the op plans
 // dispatches over (batch, output frames, output channels, input channels) so that the x, y and
-// weight windows each fit one binding; windows start at `storageAlign`-aligned byte offsets and
-// the kernels get the element offset of their first element. Chunks over input channels add into
-// y (`accumulate`), so a split changes the f32 summation order only by chunk.
+// weight windows each fit one binding (window.ts); the kernels get the element offset of their
+// first element. Chunks over input channels add into y (`accumulate`), so a split changes the f32
+// summation order only by chunk.
 
 import { defineOp, expectRank, expectDtype, grid1d } from './registry.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
-import { Params } from '../runtime/params.ts';
-import type { Engine, BufferBinding } from '../runtime/engine.ts';
+import { bindingLimit, elemWindow, windowSlack } from './window.ts';
+import { variantFor } from './variants.ts';
+import type { Engine } from '../runtime/engine.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeCode, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -185,11 +186,10 @@ function conv3dCpu(g: Geo, { x, w, b }: ConvInputs, out: DType): Tensor {
 
 type Path = 'k3' | 'k1' | 'generic';
 
+/** The adapter's choice comes from variants.ts ('shuffle': the k3 / k1 kernels); the shape conditions are here. */
 function choosePath(e: Engine, g: Geo, x: Tensor, forced: ConvPath | undefined): Path {
-  if (forced === 'generic' || !e.features.subgroups) return 'generic';
   // the fast kernels use 8-lane subgroup shuffles within one 8-invocation workgroup
-  const info = (e.device as unknown as { adapterInfo?: { subgroupMinSize?: number } }).adapterInfo;
-  if (info?.subgroupMinSize !== undefined && info.subgroupMinSize < 8) return 'generic';
+  if (forced === 'generic' || variantFor(e.caps, 'conv') === 'generic') return 'generic';
   if (g.sh !== 1 || g.sw !== 1) return 'generic';
   // ... and vec4 loads of x rows: rows (k3) / frames (k1) of a multiple of 4 elements, x starting
   // at a multiple of 4 elements (then every window offset is one)
@@ -223,8 +223,7 @@ function inputFrames(g: Geo, t0: number, t1: number): [number, number] {
  * then per batch element: all output frames if a single channel plane fits, input channels
  * chunked (accumulating into y) and output channels chunked (multiples of 8).
  */
-function plan(op: string, g: Geo, xs: number, ys: number, ws: number, limit: number, align: number): Chunk[] {
-  const slack = align + 16; // a window starts up to align-1 bytes early and is rounded up to 16
+function plan(op: string, g: Geo, xs: number, ys: number, ws: number, limit: number, slack: number): Chunk[] {
   const limX = Math.floor((limit - slack) / xs);
   const limY = Math.floor((limit - slack) / ys);
   const limW = Math.floor((limit - slack) / ws);
@@ -282,37 +281,30 @@ function plan(op: string, g: Geo, xs: number, ys: number, ws: number, limit: num
   return chunks;
 }
 
-/** A window [firstElem, endElem) of tensor `t` as an aligned binding; returns the element offset of firstElem inside it. */
-function window(e: Engine, t: Tensor, firstElem: number, endElem: number, align: number, limit: number, op: string, what: string): { bind: BufferBinding; off: number } {
-  const es = dtypeSize(t.dtype);
-  const start = t.byteOffset + firstElem * es;
-  const aligned = Math.floor(start / align) * align;
-  const bufSize = t.buffer.size;
-  const end = t.byteOffset + Math.max(endElem, firstElem + 1) * es;
-  const size = Math.min(Math.ceil((end - aligned) / 16) * 16, bufSize - aligned);
-  if (size > limit) throw new ShapeError(`[${op}] internal: ${what} window of ${size} bytes exceeds the binding limit ${limit}`);
-  if ((start - aligned) % es !== 0) throw new ShapeError(`[${op}] ${what} ${t} starts at byte ${t.byteOffset}, not a multiple of its element size`);
-  return { bind: { buffer: t.buffer, offset: aligned, size }, off: (start - aligned) / es };
-}
+/** Output columns of one row per workgroup of the 3×3 paths (the kernels' TILE). */
+const K3_TILE_COLUMNS = 64;
 
 /**
- * Output columns of one row per workgroup of the 3×3 paths (the kernels' TILE): a row of W columns
- * costs ceil(W / 64) workgroups, so widths just over a multiple of 64 waste most of a workgroup
- * (the tiled VAE decode plans its tile widths around this).
+ * Output columns the 3×3 conv paths compute for a row of `width` columns: whole workgroups, so
+ * widths just over a multiple of the workgroup waste most of one (the tiled VAE decode plans its
+ * tile widths around this: conv3dWorkColumns(1) is the workgroup's width).
  */
-export const K3_TILE_COLUMNS = 64;
+export function conv3dWorkColumns(width: number): number {
+  return Math.ceil(width / K3_TILE_COLUMNS) * K3_TILE_COLUMNS;
+}
 
 function conv3dGpu(e: Engine, op: string, g: Geo, { x, w, b }: ConvInputs, a: Conv3dAttrs): Tensor {
   const outDt = a.out ?? x.dtype;
   const y = e.empty([g.B, g.Co, g.To, g.Ho, g.Wo], outDt);
   if (y.numel === 0) return y;
   const path = choosePath(e, g, x, a.path);
-  const align = e.storageAlign;
-  const limit = Math.min(e.maxBinding, a.maxBindingBytes ?? Infinity);
+  const limit = bindingLimit(e, a.maxBindingBytes);
+  // the kernels read x rows as vec4: windows are rounded up to 16 bytes
+  const win = { limit, granule: 16 } as const;
   const xs = dtypeSize(x.dtype);
   const ys = dtypeSize(outDt);
   const ws = dtypeSize(w.dtype);
-  const chunks = plan(op, g, xs, ys, ws, limit, align);
+  const chunks = plan(op, g, xs, ys, ws, limit, windowSlack(e, 16));
   const HW = g.H * g.W;
   const plane = g.Ho * g.Wo;
   const xcs = g.T * HW;
@@ -329,65 +321,62 @@ function conv3dGpu(e: Engine, op: string, g: Geo, { x, w, b }: ConvInputs, a: Co
   const tn = path === 'generic' ? 4 : 8;
   for (const c of chunks) {
     const [f0, f1] = inputFrames(g, c.t0, c.t1);
-    const xw = window(e, x, c.b0 * xbs + c.c0 * xcs + f0 * HW, (c.b0 + c.nb - 1) * xbs + (c.c1 - 1) * xcs + f1 * HW, align, limit, op, 'x');
-    const yw = window(e, y, c.b0 * ybs + c.o0 * ycs + c.t0 * plane, (c.b0 + c.nb - 1) * ybs + (c.o1 - 1) * ycs + c.t1 * plane, align, limit, op, 'y');
-    const ww = window(e, w, c.o0 * wRow + c.c0 * kk, (c.o1 - 1) * wRow + c.c1 * kk, align, limit, op, 'weight');
-    const bw = b ? window(e, b, c.o0, c.o1, align, limit, op, 'bias') : ww;
+    const xw = elemWindow(e, x, c.b0 * xbs + c.c0 * xcs + f0 * HW, (c.b0 + c.nb - 1) * xbs + (c.c1 - 1) * xcs + f1 * HW, op, win);
+    const yw = elemWindow(e, y, c.b0 * ybs + c.o0 * ycs + c.t0 * plane, (c.b0 + c.nb - 1) * ybs + (c.o1 - 1) * ycs + c.t1 * plane, op, win);
+    const ww = elemWindow(e, w, c.o0 * wRow + c.c0 * kk, (c.o1 - 1) * wRow + c.c1 * kk, op, win);
+    const bw = b ? elemWindow(e, b, c.o0, c.o1, op, win) : ww;
     const nco = c.o1 - c.o0;
     const nt = c.t1 - c.t0;
     const tilesW = Math.ceil((path === 'k3' ? g.Wo : plane) / tileW);
     const tiles = tilesW * (path === 'k3' ? g.Ho : 1) * nt;
     const [gx, gy] = grid1d(c.nb * tiles);
     const gz = Math.ceil(nco / tn);
-    const p = new Params()
-      .u32(c.c1 - c.c0)
-      .u32(f1 - f0)
-      .u32(g.H)
-      .u32(g.W)
-      .u32(nco)
-      .u32(nt)
-      .u32(g.Ho)
-      .u32(g.Wo)
-      .u32(g.kt)
-      .u32(g.st)
-      .i32(g.pt - c.t0 * g.st + f0)
-      .u32(c.nb)
-      .u32(xw.off)
-      .u32(xcs)
-      .u32(xbs)
-      .u32(yw.off)
-      .u32(ycs)
-      .u32(ybs)
-      .u32(wRow)
-      .u32(ww.off)
-      .u32(b ? bw.off : 0)
-      .u32(tilesW)
-      .u32(tiles)
-      .u32(gx)
-      .u32(c.c0 > 0 ? 1 : 0)
-      .u32(b ? 1 : 0)
-      .u32(b ? dtypeCode(b.dtype) : 0);
+    const p: Record<string, number> = {
+      ci: c.c1 - c.c0,
+      t: f1 - f0,
+      h: g.H,
+      w: g.W,
+      co: nco,
+      to: nt,
+      ho: g.Ho,
+      wo: g.Wo,
+      kt: g.kt,
+      st: g.st,
+      pt: g.pt - c.t0 * g.st + f0,
+      nb: c.nb,
+      x_off: xw.off,
+      x_cs: xcs,
+      x_bs: xbs,
+      y_off: yw.off,
+      y_cs: ycs,
+      y_bs: ybs,
+      w_row: wRow,
+      w_off: ww.off,
+      b_off: b ? bw.off : 0,
+      tiles_w: tilesW,
+      tiles,
+      grid_x: gx,
+      accumulate: c.c0 > 0 ? 1 : 0,
+      has_bias: b ? 1 : 0,
+      b_dtype: b ? dtypeCode(b.dtype) : 0,
+    };
     if (path !== 'generic' && xw.off % 4 !== 0) throw new ShapeError(`[${op}] internal: x window offset ${xw.off} is not vec4-aligned`);
-    p.u32(0);
-    if (path === 'generic') p.u32(g.kh).u32(g.kw).u32(g.sh).u32(g.sw).u32(g.ph).u32(g.pw).u32(dtypeCode(w.dtype)).u32(0);
-    const work = 2 * c.nb * nco * nt * plane * (c.c1 - c.c0) * kk; // an upper bound (padding taps included)
+    if (path === 'generic') Object.assign(p, { kh: g.kh, kw: g.kw, sh: g.sh, sw: g.sw, ph: g.ph, pw: g.pw, w_dtype: dtypeCode(w.dtype) });
     if (path === 'generic') {
       e.dispatch({
         kernel: { family: 'conv_generic', entry: 'conv_any', aliases, layout: ['read', 'read', 'read', 'write'] },
         name: `${op}.generic`,
-        params: p.bytes(),
-        bindings: [xw.bind, ww.bind, bw.bind, yw.bind],
+        params: p,
+        bindings: [xw.binding, ww.binding, bw.binding, yw.binding],
         workgroups: [gx, gy, gz],
-        work,
       });
     } else {
       e.dispatch({
         kernel: { family: 'conv', entry: path === 'k3' ? 'conv_k3' : 'conv_k1', constants, aliases, layout: ['read', 'read', 'read', 'read', 'write'] },
         name: `${op}.${path}`,
-        params: p.bytes(),
-        bindings: [xw.bind, xw.bind, ww.bind, bw.bind, yw.bind],
+        params: p,
+        bindings: [xw.binding, xw.binding, ww.binding, bw.binding, yw.binding],
         workgroups: [gx, gy, gz],
-        work,
       });
     }
   }
@@ -470,21 +459,6 @@ export const conv2dOp = defineOp<ConvInputs, Conv2dAttrs>({
       return inputs.x.nbytes + inputs.w.nbytes + (inputs.b?.nbytes ?? 0) + g.B * g.Co * g.Ho * g.Wo * dtypeSize(a.out ?? inputs.x.dtype);
     }),
 });
-
-/**
- * Useful flops (2 per multiply-add on real input, padding taps excluded) of a conv3d with these
- * shapes: x [B, Ci, T, H, W], w [Co, Ci, kt, kh, kw]. For benchmarks.
- */
-export function conv3dFlops(xShape: readonly number[], wShape: readonly number[], padding: Conv3dAttrs['padding'], stride: Conv3dAttrs['stride'] = [1, 1, 1]): number {
-  const [B, Ci, T, H, W] = xShape as [number, number, number, number, number];
-  const [Co, , kt, kh, kw] = wShape as [number, number, number, number, number];
-  const [pt, pb, ph, pw] = padding;
-  const [st, sh, sw] = stride;
-  const To = T === 0 ? 0 : Math.floor((T + pt + pb - kt) / st) + 1;
-  const Ho = Math.floor((H + 2 * ph - kh) / sh) + 1;
-  const Wo = Math.floor((W + 2 * pw - kw) / sw) + 1;
-  return convUsefulFlops({ B, Ci, T, H, W, Co, kt, kh, kw, st, sh, sw, pt, pb, ph, pw, To, Ho, Wo });
-}
 
 /** Which kernel a GPU conv3d call uses ('k3' / 'k1': kernels/conv.wgsl; 'generic': kernels/conv_generic.wgsl). */
 export function conv3dPath(e: Engine, inputs: { x: Tensor; w: Tensor; b?: Tensor }, attrs: Conv3dAttrs): 'k3' | 'k1' | 'generic' {

@@ -3,10 +3,9 @@
 
 import { defineOp, grid1d } from './registry.ts';
 import { actAlias, broadcastMap, broadcastIndexer, cpuTensor, f32 } from './common.ts';
-import { Params } from '../runtime/params.ts';
 import type { Engine, BufferBinding } from '../runtime/engine.ts';
-import type { Aliases } from '../kernels/loader.ts';
-import { bindingLimit, elemWindow, rowChunks, windowSlack, type Window } from './layout.ts';
+import type { Aliases } from '../runtime/kernels.ts';
+import { bindingLimit, elemWindow, rowChunks, windowSlack, type Window } from './window.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -91,9 +90,9 @@ function plan4(n: number, ops: Array<{ div: number; mod: number }>, maxCols4 = I
 }
 
 /** The widest view row (in vec4s) whose windows still fit the binding limit. */
-function maxCols4(e: Engine, maxBinding: number | undefined, ts: Tensor[]): number {
+function maxCols4(e: Engine, maxBindingBytes: number | undefined, ts: Tensor[]): number {
   const elt = Math.max(...ts.map((t) => dtypeSize(t.dtype)));
-  return Math.max(1, Math.floor((bindingLimit(e, maxBinding) - windowSlack(e)) / (4 * elt)));
+  return Math.max(1, Math.floor((bindingLimit(e, maxBindingBytes) - windowSlack(e)) / (4 * elt)));
 }
 
 /** x: column blocks; y/z: blocks of R rows, folded to stay within 65535 per dimension */
@@ -122,9 +121,9 @@ function dispatch4(
   alpha: number,
   beta: number,
   opCode: number,
-  maxBinding: number | undefined,
+  maxBindingBytes: number | undefined,
 ): void {
-  const limit = bindingLimit(e, maxBinding);
+  const limit = bindingLimit(e, maxBindingBytes);
   const cols = pl.cols4 * 4;
   const full = [lead, ...ops.filter((_, k) => pl.modes[k] === 0), y];
   const chunks = rowChunks(e, op, pl.rows, full.map((t) => cols * dtypeSize(t.dtype)), limit);
@@ -147,29 +146,28 @@ function dispatch4(
     const wl = win(lead, 'lead');
     const wo = ops.map((t, k) => win(t, pl.modes[k]!));
     const wy = win(y, 'lead');
-    const params = new Params()
-      .u32((e1 - e0) / 4)
-      .u32(pl.cols4)
-      .u32(pl.p[0] ?? 1)
-      .u32(pl.q[0] ?? 1)
-      .u32(pl.p[1] ?? 1)
-      .u32(pl.q[1] ?? 1)
-      .f32(alpha)
-      .f32(beta)
-      .u32(wl.off)
-      .u32(wo[0]?.off ?? 0)
-      .u32(wo[1]?.off ?? 0)
-      .u32(wy.off)
-      .u32(r0)
-      .u32(opCode)
-      .bytes();
+    const params = {
+      n4: (e1 - e0) / 4,
+      cols4: pl.cols4,
+      b_p: pl.p[0] ?? 1,
+      b_q: pl.q[0] ?? 1,
+      c_p: pl.p[1] ?? 1,
+      c_q: pl.q[1] ?? 1,
+      alpha,
+      beta,
+      a_off: wl.off,
+      b_off: wo[0]?.off ?? 0,
+      c_off: wo[1]?.off ?? 0,
+      y_off: wy.off,
+      r0,
+      op: opCode,
+    };
     e.dispatch({
       kernel: { family: 'elementwise', ...kernel },
       name: op,
       params,
       bindings: [wl.b, ...wo.map((w) => w.b), wy.b],
       workgroups: grid4(pl, r1 - r0),
-      work: (e1 - e0) * 4 * (full.length + 1),
     });
   }
 }
@@ -196,7 +194,7 @@ export interface UnaryAttrs {
   /** output dtype (default: input's) — 'copy' with another dtype is a cast */
   out?: DType;
   /** tests only: plan as if the binding limit were this many bytes (vec4 kernels split rows) */
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
@@ -211,7 +209,7 @@ export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
     const outDt = a.out ?? x.dtype;
     const y = e.empty(x.shape, outDt);
     const n = x.numel;
-    const pl = plan4(n, [], maxCols4(e, a.maxBinding, [x, y]));
+    const pl = plan4(n, [], maxCols4(e, a.maxBindingBytes, [x, y]));
     if (pl) {
       const kernel = {
         entry: 'unary4',
@@ -219,7 +217,7 @@ export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
         aliases: { a_t: actAlias('unary', x.dtype, e), y_t: actAlias('unary', outDt, e) },
         layout: ['read', 'write'] as Array<'read' | 'write'>,
       };
-      dispatch4(e, `unary.${a.kind}`, kernel, pl, x, [], y, a.alpha ?? 1, a.beta ?? 0, UNARY_CODE[a.kind], a.maxBinding);
+      dispatch4(e, `unary.${a.kind}`, kernel, pl, x, [], y, a.alpha ?? 1, a.beta ?? 0, UNARY_CODE[a.kind], a.maxBindingBytes);
       return y;
     }
     e.dispatch({
@@ -231,10 +229,9 @@ export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
         layout: ['read', 'write'],
       },
       name: `unary.${a.kind}`,
-      params: new Params().u32(n).u32(1).u32(1).u32(1).u32(1).f32(a.alpha ?? 1).f32(a.beta ?? 0).u32(UNARY_CODE[a.kind]).bytes(),
+      params: { n, b_div: 1, b_mod: 1, c_div: 1, c_mod: 1, alpha: a.alpha ?? 1, beta: a.beta ?? 0, op: UNARY_CODE[a.kind] },
       bindings: [x, y],
       workgroups: grid1d(Math.ceil(n / WG)),
-      work: n * (dtypeSize(x.dtype) + dtypeSize(outDt)),
     });
     return y;
   },
@@ -250,7 +247,7 @@ export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
     }
     return cpuTensor(out, x.shape, a.out ?? x.dtype);
   },
-  flops: ({ x }, a) => x.numel * (a.kind === 'gelu' ? 12 : a.kind === 'silu' ? 4 : 1),
+  flops: ({ x }, a) => x.numel * (a.kind === 'gelu' ? 12 : a.kind === 'silu' ? 4 : a.kind === 'copy' ? 0 : 2),
   bytes: ({ x }, a) => x.numel * (dtypeSize(x.dtype) + dtypeSize(a.out ?? x.dtype)),
 });
 
@@ -271,7 +268,7 @@ export interface BinaryAttrs {
   alpha?: number;
   out?: DType;
   /** tests only: plan as if the binding limit were this many bytes (vec4 kernels split rows) */
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
@@ -288,7 +285,7 @@ export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
     const { div, mod } = broadcastMap('binary', a.shape, b.shape);
     const y = e.empty(a.shape, outDt);
     const n = a.numel;
-    const pl = plan4(n, [{ div, mod }], maxCols4(e, at.maxBinding, [a, b, y]));
+    const pl = plan4(n, [{ div, mod }], maxCols4(e, at.maxBindingBytes, [a, b, y]));
     if (pl) {
       const row = pl.modes[0] === 2;
       const kernel = {
@@ -297,7 +294,7 @@ export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
         aliases: { a_t: actAlias('binary', a.dtype, e), b_t: actAlias('binary', b.dtype, e), y_t: actAlias('binary', outDt, e) },
         layout: ['read', 'read', 'write'] as Array<'read' | 'write'>,
       };
-      dispatch4(e, `binary.${at.kind}`, kernel, pl, a, [b], y, at.alpha ?? 1, 0, BINARY_CODE[at.kind], at.maxBinding);
+      dispatch4(e, `binary.${at.kind}`, kernel, pl, a, [b], y, at.alpha ?? 1, 0, BINARY_CODE[at.kind], at.maxBindingBytes);
       return y;
     }
     e.dispatch({
@@ -309,10 +306,9 @@ export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
         layout: ['read', 'read', 'write'],
       },
       name: `binary.${at.kind}`,
-      params: new Params().u32(n).u32(div).u32(mod).u32(1).u32(1).f32(at.alpha ?? 1).f32(0).u32(BINARY_CODE[at.kind]).bytes(),
+      params: { n, b_div: div, b_mod: mod, c_div: 1, c_mod: 1, alpha: at.alpha ?? 1, beta: 0, op: BINARY_CODE[at.kind] },
       bindings: [a, b, y],
       workgroups: grid1d(Math.ceil(n / WG)),
-      work: n * 3 * 4,
     });
     return y;
   },
@@ -349,7 +345,7 @@ export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
     return cpuTensor(out, a.shape, at.out ?? a.dtype);
   },
   flops: ({ a }) => a.numel * 2,
-  bytes: ({ a, b }) => a.numel * 2 * dtypeSize(a.dtype) + b.nbytes,
+  bytes: ({ a, b }, at) => a.nbytes + b.nbytes + a.numel * dtypeSize(at.out ?? a.dtype),
 });
 
 export const add = (a: Tensor, b: Tensor) => binary({ a, b }, { kind: 'add' });
@@ -372,7 +368,7 @@ function rowBroadcast(op: string, x: Tensor, v: Tensor, what: string): { div: nu
 }
 
 /** y = x * (1 + scale) + shift  (Wan's adaLN modulation; shift/scale broadcast, usually [D]). */
-export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { out?: DType; maxBinding?: number }>({
+export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { out?: DType; maxBindingBytes?: number }>({
   name: 'modulate',
   family: 'elementwise',
   check({ x, shift, scale }) {
@@ -386,7 +382,7 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
     const c = rowBroadcast('modulate', x, scale, 'scale');
     const y = e.empty(x.shape, outDt);
     const n = x.numel;
-    const pl = plan4(n, [b, c], maxCols4(e, at.maxBinding, [x, shift, scale, y]));
+    const pl = plan4(n, [b, c], maxCols4(e, at.maxBindingBytes, [x, shift, scale, y]));
     if (pl && !pl.modes.includes(2)) {
       const kernel = {
         entry: 'modulate4',
@@ -394,7 +390,7 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
         aliases: { a_t: actAlias('modulate', x.dtype, e), b_t: actAlias('modulate', shift.dtype, e), c_t: actAlias('modulate', scale.dtype, e), y_t: actAlias('modulate', outDt, e) },
         layout: ['read', 'read', 'read', 'write'] as Array<'read' | 'write'>,
       };
-      dispatch4(e, 'modulate', kernel, pl, x, [shift, scale], y, 1, 0, 0, at.maxBinding);
+      dispatch4(e, 'modulate', kernel, pl, x, [shift, scale], y, 1, 0, 0, at.maxBindingBytes);
       return y;
     }
     e.dispatch({
@@ -406,10 +402,9 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
         layout: ['read', 'read', 'read', 'write'],
       },
       name: 'modulate',
-      params: new Params().u32(n).u32(b.div).u32(b.mod).u32(c.div).u32(c.mod).f32(0).f32(0).u32(0).bytes(),
+      params: { n, b_div: b.div, b_mod: b.mod, c_div: c.div, c_mod: c.mod, alpha: 0, beta: 0, op: 0 },
       bindings: [x, shift, scale, y],
       workgroups: grid1d(Math.ceil(n / WG)),
-      work: n * 2 * 4,
     });
     return y;
   },
@@ -424,11 +419,11 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
     return cpuTensor(out, x.shape, at.out ?? x.dtype);
   },
   flops: ({ x }) => x.numel * 3,
-  bytes: ({ x }) => x.numel * 2 * dtypeSize(x.dtype),
+  bytes: ({ x, shift, scale }, at) => x.nbytes + shift.nbytes + scale.nbytes + x.numel * dtypeSize(at.out ?? x.dtype),
 });
 
 /** y = x + r * gate  (gated residual; gate broadcast, usually [D]). */
-export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { out?: DType; maxBinding?: number }>({
+export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { out?: DType; maxBindingBytes?: number }>({
   name: 'gated_residual',
   family: 'elementwise',
   check({ x, r, gate }) {
@@ -441,7 +436,7 @@ export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { 
     const c = rowBroadcast('gated_residual', x, gate, 'gate');
     const y = e.empty(x.shape, outDt);
     const n = x.numel;
-    const pl = plan4(n, [{ div: 1, mod: n }, c], maxCols4(e, at.maxBinding, [x, r, gate, y]));
+    const pl = plan4(n, [{ div: 1, mod: n }, c], maxCols4(e, at.maxBindingBytes, [x, r, gate, y]));
     if (pl && !pl.modes.includes(2)) {
       const kernel = {
         entry: 'gated4',
@@ -449,7 +444,7 @@ export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { 
         aliases: { a_t: actAlias('gated_residual', x.dtype, e), b_t: actAlias('gated_residual', r.dtype, e), c_t: actAlias('gated_residual', gate.dtype, e), y_t: actAlias('gated_residual', outDt, e) },
         layout: ['read', 'read', 'read', 'write'] as Array<'read' | 'write'>,
       };
-      dispatch4(e, 'gated_residual', kernel, pl, x, [r, gate], y, 1, 0, 0, at.maxBinding);
+      dispatch4(e, 'gated_residual', kernel, pl, x, [r, gate], y, 1, 0, 0, at.maxBindingBytes);
       return y;
     }
     e.dispatch({
@@ -461,10 +456,9 @@ export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { 
         layout: ['read', 'read', 'read', 'write'],
       },
       name: 'gated_residual',
-      params: new Params().u32(n).u32(1).u32(1).u32(c.div).u32(c.mod).f32(0).f32(0).u32(0).bytes(),
+      params: { n, b_div: 1, b_mod: 1, c_div: c.div, c_mod: c.mod, alpha: 0, beta: 0, op: 0 },
       bindings: [x, r, gate, y],
       workgroups: grid1d(Math.ceil(n / WG)),
-      work: n * 3 * 4,
     });
     return y;
   },
@@ -478,5 +472,5 @@ export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { 
     return cpuTensor(out, x.shape, at.out ?? x.dtype);
   },
   flops: ({ x }) => x.numel * 2,
-  bytes: ({ x }) => x.numel * 3 * dtypeSize(x.dtype),
+  bytes: ({ x, r, gate }, at) => x.nbytes + r.nbytes + gate.nbytes + x.numel * dtypeSize(at.out ?? x.dtype),
 });

@@ -7,8 +7,8 @@
 
 import { defineOp, expectDtype } from './registry.ts';
 import { actAlias } from './common.ts';
-import { bindingLimit, elemWindow, gridRows, rowChunks } from './layout.ts';
-import { Params } from '../runtime/params.ts';
+import { gridRows } from './layout.ts';
+import { bindingLimit, elemWindow, rowChunks } from './window.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeCode, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -16,7 +16,7 @@ import { ShapeError } from '../util/errors.ts';
 export interface EmbeddingAttrs {
   out?: DType;
   /** tests only: plan as if the binding limit were this many bytes */
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 const WG = 64;
@@ -40,7 +40,7 @@ export const embeddingOp = defineOp<{ ids: Tensor; table: Tensor }, EmbeddingAtt
       e.fill(y, 0);
       return y;
     }
-    const limit = bindingLimit(e, a?.maxBinding);
+    const limit = bindingLimit(e, a?.maxBindingBytes);
     const tElt = dtypeSize(table.dtype);
     const rowChunksIds = rowChunks(e, 'embedding', N, [4, D * dtypeSize(outDt)], limit);
     const tableChunks = rowChunks(e, 'embedding', V, [D * tElt], limit);
@@ -59,10 +59,9 @@ export const embeddingOp = defineOp<{ ids: Tensor; table: Tensor }, EmbeddingAtt
         e.dispatch({
           kernel,
           name: 'embedding',
-          params: new Params().u32(n1 - n0).u32(D).u32(v0).u32(v1).u32(V).u32(tw.off).u32(iw.off).u32(yw.off).u32(k === 0 ? 1 : 0).u32(0).u32(0).u32(0).bytes(),
+          params: { rows: n1 - n0, d: D, v0, v1, vocab: V, t_off: tw.off, ids_off: iw.off, y_off: yw.off, zero_oob: k === 0 ? 1 : 0 },
           bindings: [iw.binding, tw.binding, yw.binding],
           workgroups: gridRows(Math.ceil(D / WG), n1 - n0),
-          work: (n1 - n0) * D * (tElt + dtypeSize(outDt)),
         });
       });
     }

@@ -8,75 +8,19 @@
 // elements is copied with vec4 loads. Contiguous copies go through copyBufferToBuffer.
 //
 // Big tensors: a box whose source or destination span exceeds the binding limit
-// (e.maxBinding, or attrs.maxBinding in tests) is split, along the dim that contributes the
-// largest span, into boxes that fit; each binds windows of the two buffers (window starts
-// aligned to e.storageAlign, the remaining element offset passed in the params).
-//
-// This file also holds the window helpers the other op families use to split big activations.
+// (e.caps.maxBinding, or attrs.maxBindingBytes in tests) is split, along the dim that contributes
+// the largest span, into boxes that fit; each binds windows of the two buffers (window.ts).
 
 import { defineOp } from './registry.ts';
-import { Params } from '../runtime/params.ts';
-import type { Engine, BufferBinding } from '../runtime/engine.ts';
+import { bindingLimit, elemWindow, windowSlack } from './window.ts';
+import type { Engine } from '../runtime/engine.ts';
 import { Tensor, numelOf, shapeStr, hostArrayFor, type Shape } from '../tensor/tensor.ts';
 import { dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
 
 // =====================================================================================
-// Window helpers (shared with norm / rope / gather)
+// Shape helpers (gridRows: also gather)
 // =====================================================================================
-
-/** The per-binding byte limit an op plans with: the device's, or a smaller test override. */
-export function bindingLimit(e: Engine, override?: number): number {
-  if (override === undefined) return e.maxBinding;
-  if (!(override >= 64)) throw new ShapeError(`[binding] maxBinding override must be >= 64 bytes, got ${override}`);
-  return Math.min(e.maxBinding, override);
-}
-
-/** Bytes a window may need beyond its elements (start rounded down to the alignment, end to 4). */
-export function windowSlack(e: Engine): number {
-  return e.storageAlign + 4;
-}
-
-export interface Window {
-  binding: BufferBinding;
-  /** element offset of `start` inside the window */
-  off: number;
-}
-
-/**
- * A binding covering elements [start, end) of tensor `t` (in units of its dtype); the window
- * starts at the aligned byte offset at or below the first element.
- */
-export function elemWindow(e: Engine, t: Tensor, start: number, end: number, what: string): Window {
-  t.assertLive();
-  const elt = dtypeSize(t.dtype);
-  const align = e.storageAlign;
-  const startByte = t.byteOffset + start * elt;
-  const base = Math.floor(startByte / align) * align;
-  const endByte = t.byteOffset + Math.max(end, start + 1) * elt;
-  const buffer = t.buffer;
-  const size = Math.min(Math.ceil((endByte - base) / 4) * 4, buffer.size - base);
-  if (size > e.maxBinding) {
-    throw new ShapeError(`[${what}] a window of ${size} bytes of ${t} exceeds maxStorageBufferBindingSize (${e.maxBinding}); this is a bug in the op's split`);
-  }
-  return { binding: { buffer, offset: base, size: Math.max(4, size) }, off: (startByte - base) / elt };
-}
-
-/**
- * Split `rows` rows into ranges [r0, r1) such that, for every operand, rows·rowBytes plus the
- * window slack fits in `limit` bytes. Throws `[op]` when a single row does not fit.
- */
-export function rowChunks(e: Engine, op: string, rows: number, rowBytes: number[], limit: number): Array<[number, number]> {
-  const maxRow = Math.max(1, ...rowBytes);
-  const room = limit - windowSlack(e);
-  const per = Math.floor(room / maxRow);
-  if (per < 1) {
-    throw new ShapeError(`[${op}] one row is ${maxRow} bytes, above the ${limit}-byte binding limit of this device; such rows cannot be split by rows`);
-  }
-  const out: Array<[number, number]> = [];
-  for (let r = 0; r < rows; r += per) out.push([r, Math.min(rows, r + per)]);
-  return out;
-}
 
 /** Contiguous (row-major) strides of a shape, in elements. */
 export function stridesOf(shape: Shape): number[] {
@@ -246,13 +190,14 @@ function encodeBox(e: Engine, name: string, src: Tensor, dst: Tensor, b0: Box, e
   const wg = inner >= 256 ? WG : 64;
   const entry = unit === 'w4' ? 'copy_w4' : unit === 'w1' ? 'copy_w1' : 'copy_half';
   const mk = (parity: number) => {
-    const p = new Params();
-    for (const v of shape) p.u32(v);
-    for (const v of ss) p.u32(v);
-    for (const v of ts) p.u32(v);
-    p.u32(srcOff).u32(dstOff).u32(ni).u32(inner).u32(parity).u32(rows).u32(Math.max(1, b.shape.length));
-    for (const v of shape) p.f32(1 / v);
-    return p.bytes();
+    const p: Record<string, number> = { src_base: srcOff, dst_base: dstOff, ni, inner, parity, rows, nd: Math.max(1, b.shape.length) };
+    for (let k = 0; k < MAX_DIMS; k++) {
+      p[`o${k}`] = shape[k]!; // box sizes, source and destination strides, 1 / size
+      p[`s${k}`] = ss[k]!;
+      p[`t${k}`] = ts[k]!;
+      p[`r${k}`] = 1 / shape[k]!;
+    }
+    return p;
   };
   for (const parity of unit === 'half' ? [0, 1] : [0]) {
     e.dispatch({
@@ -261,7 +206,6 @@ function encodeBox(e: Engine, name: string, src: Tensor, dst: Tensor, b0: Box, e
       params: mk(parity),
       bindings: [sw.binding, dw.binding],
       workgroups: gridRows(Math.ceil(inner / wg), Math.ceil(rows / RB)),
-      work: 2 * numelOf(shape) * (unit === 'w4' ? 16 : unit === 'w1' ? 4 : 2),
     });
   }
 }
@@ -308,7 +252,7 @@ function normDim(op: string, dim: number, rank: number): number {
 export interface PermuteAttrs {
   dims: number[];
   /** tests only: plan as if the binding limit were this many bytes */
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 function permuteBox(x: Tensor, dims: number[]): { shape: number[]; box: Box } {
@@ -330,7 +274,7 @@ export const permuteOp = defineOp<{ x: Tensor }, PermuteAttrs>({
   gpu(e, { x }, a) {
     const { shape, box } = permuteBox(x, a.dims);
     const y = e.empty(shape, x.dtype);
-    boxCopy(e, 'permute', x, y, box, bindingLimit(e, a.maxBinding));
+    boxCopy(e, 'permute', x, y, box, bindingLimit(e, a.maxBindingBytes));
     return y;
   },
   cpu({ x }, a) {
@@ -366,7 +310,7 @@ export interface SliceAttrs {
   dim: number;
   start: number;
   end: number;
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 function sliceBox(x: Tensor, a: SliceAttrs): { shape: number[]; box: Box } {
@@ -390,7 +334,7 @@ export const sliceOp = defineOp<{ x: Tensor }, SliceAttrs>({
   gpu(e, { x }, a) {
     const { shape, box } = sliceBox(x, a);
     const y = e.empty(shape, x.dtype);
-    boxCopy(e, 'slice', x, y, box, bindingLimit(e, a.maxBinding));
+    boxCopy(e, 'slice', x, y, box, bindingLimit(e, a.maxBindingBytes));
     return y;
   },
   cpu({ x }, a) {
@@ -417,7 +361,7 @@ export const CONCAT_MAX = 8;
 
 export interface ConcatAttrs {
   dim: number;
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 type ConcatInputs = { x0: Tensor; x1?: Tensor; x2?: Tensor; x3?: Tensor; x4?: Tensor; x5?: Tensor; x6?: Tensor; x7?: Tensor };
@@ -464,7 +408,7 @@ export const concatOp = defineOp<ConcatInputs, ConcatAttrs>({
     const xs = concatList(inp);
     const { shape, boxes } = concatPlan(xs, a.dim);
     const y = e.empty(shape, xs[0]!.dtype);
-    const limit = bindingLimit(e, a.maxBinding);
+    const limit = bindingLimit(e, a.maxBindingBytes);
     xs.forEach((t, i) => boxCopy(e, 'concat', t, y, boxes[i]!, limit));
     return y;
   },
@@ -480,7 +424,7 @@ export const concatOp = defineOp<ConcatInputs, ConcatAttrs>({
 });
 
 /** Concatenate along `dim` (negative counts from the end). Any number of tensors. */
-export function concat(xs: Tensor[], dim: number, attrs: { maxBinding?: number } = {}): Tensor {
+export function concat(xs: Tensor[], dim: number, attrs: { maxBindingBytes?: number } = {}): Tensor {
   if (xs.length === 0) throw new ShapeError('[concat] needs at least one tensor');
   if (xs.length <= CONCAT_MAX) {
     const inp = Object.fromEntries(xs.map((t, i) => [`x${i}`, t])) as ConcatInputs;

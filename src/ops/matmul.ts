@@ -11,13 +11,14 @@
 //   gathers are ~3x cheaper than storage loads; operands are packed into 64 KiB blocks first.
 //   See docs/notes/matmul.md for the measurements behind it.
 // Operands or outputs larger than the adapter's storage-binding limit are processed in chunks, each
-// dispatch binding a window {buffer, offset, size} aligned to e.storageAlign.
+// dispatch binding a window of each operand (window.ts).
 
 import { cpuGemm, PARALLEL_MACS } from './cpu/pool.ts';
 import { defineOp } from './registry.ts';
+import { bindingLimit, elemWindow, type Window } from './window.ts';
+import { meets, variantFor } from './variants.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
 import { cast, geluTanh, silu } from './elementwise.ts';
-import { Params } from '../runtime/params.ts';
 import type { Engine, BufferBinding } from '../runtime/engine.ts';
 import { Tensor, numelOf, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeSize, dtypeCode, f16BitsToF32 } from '../tensor/dtype.ts';
@@ -75,35 +76,6 @@ function gemmFlops(g: { batch: number; M: number; N: number; K: number }): numbe
   return 2 * g.batch * g.M * g.N * g.K;
 }
 
-// ---------------------------------------------------------------- binding windows
-
-interface Window {
-  binding: BufferBinding;
-  /** element index (in the tensor's dtype) of element `lo` inside the window */
-  off: number;
-}
-
-/** A storage window over elements [lo, hi) of `t`, start aligned down to e.storageAlign. */
-function windowOf(e: Engine, t: Tensor, lo: number, hi: number, limit: number, what: string): Window {
-  const es = dtypeSize(t.dtype);
-  const buffer = t.buffer;
-  const start = t.byteOffset + lo * es;
-  const align = e.storageAlign;
-  const bs = Math.floor(start / align) * align;
-  const end = t.byteOffset + Math.max(hi, lo + 1) * es;
-  const size = Math.min(Math.ceil((end - bs) / 4) * 4, buffer.size - bs);
-  if (size > limit) {
-    throw new ShapeError(`[${what}] internal: window of ${size} bytes exceeds the binding limit ${limit}; please report this shape`);
-  }
-  return { binding: { buffer, offset: bs, size: Math.max(4, size) }, off: (start - bs) / es };
-}
-
-function bindingLimit(e: Engine, knobs: GemmKnobs): number {
-  const real = e.maxBinding;
-  const lim = knobs.maxBindingBytes ? Math.min(real, knobs.maxBindingBytes) : real;
-  return Math.floor(lim / 4) * 4;
-}
-
 const dummies = new WeakMap<Engine, Tensor>();
 /** A tiny read-only tensor bound where a kernel's optional input (bias) is absent. */
 function dummyTensor(e: Engine): Tensor {
@@ -115,27 +87,27 @@ function dummyTensor(e: Engine): Tensor {
   return t;
 }
 
+/** The window of the bias, or of the dummy where there is none. */
+function biasWindow(e: Engine, bias: Tensor | undefined, limit: number): Window {
+  return bias ? elemWindow(e, bias, 0, bias.numel, 'linear', { limit }) : elemWindow(e, dummyTensor(e), 0, 1, 'linear', { limit });
+}
+
 // ---------------------------------------------------------------- variant choice
 
 const MAX_WG = 65535;
 
-/** Mesa llvmpipe with 8- or 16-wide SIMD: the adapter the 'ubo' variant is written for. */
-export function isLlvmpipe(e: Engine): boolean {
-  const s = e.adapterName.toLowerCase();
-  return s.includes('llvmpipe') && /(256|512)-bits/.test(s);
-}
-
 const UBO_MIN_M = 32;
 
+/** The adapter's choice comes from variants.ts; the shape conditions of 'ubo' are here. */
 function chooseVariant(e: Engine, g: Gemm, knobs: GemmKnobs): 'tiled' | 'ubo' {
   const v = knobs.variant ?? 'auto';
-  const uboOk = e.features.subgroups && g.K > 0 && bindingLimit(e, knobs) >= Math.max(UBO_BLOCK_BYTES, uboYWindowBytes(g));
+  const uboOk = meets(e.caps, 'subgroups') && g.K > 0 && bindingLimit(e, knobs.maxBindingBytes) >= Math.max(UBO_BLOCK_BYTES, uboYWindowBytes(g));
   if (v === 'ubo') {
     if (!uboOk) throw new ShapeError(`[matmul] variant 'ubo' needs the 'subgroups' feature, K > 0 and a binding limit >= one output tile`);
     return 'ubo';
   }
   if (v === 'tiled') return 'tiled';
-  return uboOk && isLlvmpipe(e) && g.M >= UBO_MIN_M ? 'ubo' : 'tiled';
+  return uboOk && variantFor(e.caps, 'matmul') === 'ubo' && g.M >= UBO_MIN_M ? 'ubo' : 'tiled';
 }
 
 // ---------------------------------------------------------------- tiled variant
@@ -155,7 +127,7 @@ export interface TiledGeom {
  * workgroups for a matrix-vector product). CPU adapters use it only for tiny M.
  */
 function tiledGeom(e: Engine, M: number): TiledGeom {
-  const cpu = isLlvmpipe(e);
+  const cpu = variantFor(e.caps, 'matmulTile') === 'cpu';
   if (M <= 16) return cpu ? { TX: 64, TY: 1, TM: Math.max(1, Math.min(4, M)), TN: 4, BK: 16 } : { TX: 128, TY: 1, TM: Math.max(1, Math.min(4, M)), TN: 1, BK: 8 };
   return { TX: 16, TY: 16, TM: 4, TN: 4, BK: cpu ? 16 : 8 };
 }
@@ -174,7 +146,7 @@ interface TiledPlan {
 /** Chunk sizes for the tiled kernel: every window fits the binding limit, every grid dim 65535. */
 function planTiled(e: Engine, g: Gemm, knobs: GemmKnobs, yEs: number): TiledPlan {
   const { M, N, K } = g;
-  const limit = bindingLimit(e, knobs);
+  const limit = bindingLimit(e, knobs.maxBindingBytes);
   const geo = knobs.tile ?? tiledGeom(e, M);
   if (geo.TM > 4 || geo.TN > 4 || geo.TX * geo.TY > e.limits.maxComputeInvocationsPerWorkgroup) {
     throw new ShapeError(`[linear] tile ${JSON.stringify(geo)}: TM and TN must be <= 4 and TX*TY within the workgroup limit`);
@@ -211,14 +183,14 @@ function planTiled(e: Engine, g: Gemm, knobs: GemmKnobs, yEs: number): TiledPlan
 
 function runTiled(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
   const { M, N, K } = g;
-  const limit = bindingLimit(e, knobs);
+  const limit = bindingLimit(e, knobs.maxBindingBytes);
   const { geo, bc, mc, nc, kc, nk } = planTiled(e, g, knobs, dtypeSize(yAcc.dtype));
   const BM = geo.TY * geo.TM;
   const BN = geo.TX * geo.TN;
   if (nk > 1 && yAcc.dtype !== 'f32') throw new Error('[matmul] internal: K split needs an f32 accumulator');
 
   const bias = g.bias;
-  const biasWin = bias ? windowOf(e, bias, 0, bias.numel, limit, 'linear') : windowOf(e, dummyTensor(e), 0, 1, limit, 'linear');
+  const biasWin = biasWindow(e, bias, limit);
   const aAlias = actAlias('linear', g.a.dtype, e);
   const yAlias = actAlias('linear', yAcc.dtype, e);
   for (let b0 = 0; b0 < g.batch; b0 += bc) {
@@ -232,13 +204,13 @@ function runTiled(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
           const kLen = Math.min(kc, K - k0);
           const aLo = b0 * g.aBs + m0 * K + k0;
           const aHi = (b0 + nb - 1) * g.aBs + (m0 + mRows - 1) * K + k0 + Math.max(kLen, 1);
-          const aw = windowOf(e, g.a, aLo, aHi, limit, 'linear');
+          const aw = elemWindow(e, g.a, aLo, aHi, 'linear', { limit });
           const bLo = b0 * g.bBs + n0 * g.bNs + k0 * g.bKs;
           const bHi = (b0 + nb - 1) * g.bBs + (n0 + nCols - 1) * g.bNs + (k0 + Math.max(kLen, 1) - 1) * g.bKs + 1;
-          const bw = windowOf(e, g.b, bLo, bHi, limit, 'linear');
+          const bw = elemWindow(e, g.b, bLo, bHi, 'linear', { limit });
           const yLo = (b0 * M + m0) * N + n0;
           const yHi = ((b0 + nb - 1) * M + m0 + mRows - 1) * N + n0 + nCols;
-          const yw = windowOf(e, yAcc, yLo, yHi, limit, 'linear');
+          const yw = elemWindow(e, yAcc, yLo, yHi, 'linear', { limit });
           const last = ki === nk - 1;
           e.dispatch({
             kernel: {
@@ -255,31 +227,30 @@ function runTiled(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
               layout: ['read', 'read', 'read', 'write'],
             },
             name: 'matmul.tiled',
-            params: new Params()
-              .u32(mRows)
-              .u32(nCols)
-              .u32(Math.max(kLen, 0))
-              .u32(aw.off)
-              .u32(K)
-              .u32(g.aBs)
-              .u32(bw.off)
-              .u32(g.bNs)
-              .u32(g.bKs)
-              .u32(g.bBs)
-              .u32(yw.off)
-              .u32(N)
-              .u32(M * N)
-              .u32(biasWin.off + n0)
-              .u32(ki > 0 ? 1 : 0)
-              .u32(last ? 1 : 0)
-              .u32(bias ? 1 : 0)
-              .u32(bias ? dtypeCode(bias.dtype) : 0)
-              .u32(ACT_CODE[g.act])
-              .u32(dtypeCode(g.b.dtype))
-              .bytes(),
+            params: {
+              M: mRows,
+              N: nCols,
+              K: Math.max(kLen, 0),
+              a_off: aw.off,
+              a_rs: K,
+              a_bs: g.aBs,
+              b_off: bw.off,
+              b_ns: g.bNs,
+              b_ks: g.bKs,
+              b_bs: g.bBs,
+              y_off: yw.off,
+              y_rs: N,
+              y_bs: M * N,
+              bias_off: biasWin.off + n0,
+              prev: ki > 0 ? 1 : 0,
+              epi: last ? 1 : 0,
+              has_bias: bias ? 1 : 0,
+              bias_dtype: bias ? dtypeCode(bias.dtype) : 0,
+              act: ACT_CODE[g.act],
+              w_dtype: dtypeCode(g.b.dtype),
+            },
             bindings: [aw.binding, bw.binding, biasWin.binding, yw.binding],
             workgroups: [Math.ceil(nCols / BN), Math.ceil(mRows / BM), nb],
-            work: 2 * nb * mRows * nCols * Math.max(kLen, 0),
           });
         }
       }
@@ -375,7 +346,7 @@ function packOperand(
     const rHi = Math.min(r0 + (t0 + tn) * o.RT, o.rows);
     const kHi = Math.min(kn * KC, o.K);
     if (rHi <= rLo || kHi <= 0) return 4;
-    return ((rHi - 1 - rLo) * o.rs + (kHi - 1) * o.ks + 1) * srcEs + e.storageAlign;
+    return ((rHi - 1 - rLo) * o.rs + (kHi - 1) * o.ks + 1) * srcEs + e.caps.storageAlign;
   };
   for (let t0 = 0; t0 < nTiles; ) {
     // the destination window holds whole block rows when it can; the source window must fit too
@@ -393,7 +364,7 @@ function packOperand(
       const valid = rHi > rLo && kHi > kLo;
       const lo = o.base + rLo * o.rs + kLo * o.ks;
       const hi = valid ? o.base + (rHi - 1) * o.rs + (kHi - 1) * o.ks + 1 : lo + 1;
-      const sw = windowOf(e, o.src, lo, hi, limit, 'linear');
+      const sw = elemWindow(e, o.src, lo, hi, 'linear', { limit });
       const firstBlk = t0 * nk + kc0;
       const lastBlk = (t0 + tn - 1) * nk + kc0 + kn; // exclusive
       const dstWin: BufferBinding = { buffer: dst, offset: firstBlk * UBO_BLOCK_BYTES, size: (lastBlk - firstBlk) * UBO_BLOCK_BYTES };
@@ -409,27 +380,26 @@ function packOperand(
       e.dispatch({
         kernel: { family: 'matmul_ubo', entry: 'pack', constants: { WG: PACK_WG }, layout: ['read', 'write'] },
         name: 'matmul.pack',
-        params: new Params()
-          .u32(o.rows)
-          .u32(o.K)
-          .u32(rowBase)
-          .u32(kc0)
-          .u32(nk)
-          .u32(sw.off)
-          .u32(rLo)
-          .u32(kLo)
-          .u32(o.rs)
-          .u32(o.ks)
-          .u32(dtypeCode(o.src.dtype))
-          .u32(o.pack16 ? 1 : 0)
-          .u32(fast ? 1 : 0)
-          .u32(o.RT)
-          .u32(KC)
-          .u32(Math.log2(KC / epw))
-          .bytes(),
+        params: {
+          rows: o.rows,
+          K: o.K,
+          r0: rowBase,
+          kc0,
+          blk_stride: nk,
+          src_off: sw.off,
+          src_row0: rLo,
+          src_k0: kLo,
+          rs: o.rs,
+          ks: o.ks,
+          s_dtype: dtypeCode(o.src.dtype),
+          pack16: o.pack16 ? 1 : 0,
+          fast: fast ? 1 : 0,
+          rt: o.RT,
+          kc: KC,
+          wpr_shift: Math.log2(KC / epw),
+        },
         bindings: [sw.binding, dstWin],
         workgroups: [UBO_BLOCK_WORDS / 4 / PACK_WG, tn, kn],
-        work: tn * kn * UBO_BLOCK_WORDS * 8,
       });
     }
     t0 += tn;
@@ -438,7 +408,7 @@ function packOperand(
 
 function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
   const { M, N, K } = g;
-  const limit = bindingLimit(e, knobs);
+  const limit = bindingLimit(e, knobs.maxBindingBytes);
   const budget = Math.max(2 * UBO_BLOCK_BYTES, knobs.packBudgetBytes ?? DEFAULT_PACK_BUDGET);
   const nk = Math.ceil(K / KC);
   const NT = uboNT(g.b.dtype);
@@ -452,7 +422,7 @@ function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
   const aBuf = packBuffer(e, 'a', (mcRows / MT) * blockRowBytes);
   const bBuf = packBuffer(e, 'b', (ncRows / NT) * blockRowBytes);
   const bias = g.bias;
-  const biasWin = bias ? windowOf(e, bias, 0, bias.numel, limit, 'linear') : windowOf(e, dummyTensor(e), 0, 1, limit, 'linear');
+  const biasWin = biasWindow(e, bias, limit);
   const yAlias = actAlias('linear', yAcc.dtype, e);
   if (nk > 1 && yAcc.dtype !== 'f32') throw new Error('[matmul] internal: K split needs an f32 accumulator');
   const constants = { KC, MT, NT, W_DTYPE: dtypeCode(g.b.dtype) };
@@ -472,7 +442,7 @@ function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
         for (let ta = 0; ta < nTilesA; ta += 2) {
           const rowLo = m0 + ta * MT;
           const rowHi = Math.min(M, rowLo + 2 * MT);
-          const yw = windowOf(e, yAcc, (bi * M + rowLo) * N, (bi * M + rowHi - 1) * N + N, limit, 'linear');
+          const yw = elemWindow(e, yAcc, (bi * M + rowLo) * N, (bi * M + rowHi - 1) * N + N, 'linear', { limit });
           for (let tb = 0; tb < nTilesB; tb += 2) {
             for (let kc = 0; kc < nk; kc++) {
               const ublk = (buf: GPUBuffer, t: number, nTiles: number): BufferBinding => {
@@ -488,27 +458,23 @@ function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
                   layout: ['uniform', 'uniform', 'uniform', 'uniform', 'read', 'write'],
                 },
                 name: 'matmul.ubo',
-                params: new Params()
-                  .u32(M)
-                  .u32(N)
-                  .u32(rowLo)
-                  .u32(n0 + tb * NT)
-                  .u32(yw.off)
-                  .u32(rowLo)
-                  .u32(N)
-                  .u32(biasWin.off)
-                  .u32(kc > 0 ? 1 : 0)
-                  .u32(kc === nk - 1 ? 1 : 0)
-                  .u32(bias ? 1 : 0)
-                  .u32(bias ? dtypeCode(bias.dtype) : 0)
-                  .u32(ACT_CODE[g.act])
-                  .u32(0)
-                  .u32(0)
-                  .u32(0)
-                  .bytes(),
+                params: {
+                  M,
+                  N,
+                  m0: rowLo,
+                  n0: n0 + tb * NT,
+                  y_off: yw.off,
+                  y_row0: rowLo,
+                  y_stride: N,
+                  b_off: biasWin.off,
+                  prev: kc > 0 ? 1 : 0,
+                  epi: kc === nk - 1 ? 1 : 0,
+                  has_bias: bias ? 1 : 0,
+                  bias_dtype: bias ? dtypeCode(bias.dtype) : 0,
+                  act: ACT_CODE[g.act],
+                },
                 bindings: [ublk(aBuf, ta, nTilesA), ublk(aBuf, ta + 1, nTilesA), ublk(bBuf, tb, nTilesB), ublk(bBuf, tb + 1, nTilesB), biasWin.binding, yw.binding],
                 workgroups: [NT / 8, MT / 8, 1],
-                work: 2 * 4 * MT * NT * KC,
               });
             }
           }

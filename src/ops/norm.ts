@@ -6,13 +6,13 @@
 // widened in the kernel (checkpoint bf16 weights need no conversion pass). Math is f32.
 //
 // Big activations: x (and y, and per-row modulation) are split into row ranges whose windows
-// fit the binding limit (see layout.ts: rowChunks / elemWindow); channelL2Norm splits by
+// fit the binding limit (window.ts: rowChunks / elemWindow); channelL2Norm splits by
 // channel groups (and by positions when one channel plane alone is too big).
 
 import { defineOp, grid1d, expectDtype } from './registry.ts';
 import { actAlias, broadcastMap } from './common.ts';
-import { bindingLimit, elemWindow, rowChunks, windowSlack, type Window } from './layout.ts';
-import { Params } from '../runtime/params.ts';
+import { bindingLimit, elemWindow, rowChunks, windowSlack, type Window } from './window.ts';
+import { variantFor } from './variants.ts';
 import type { Engine } from '../runtime/engine.ts';
 import { Tensor, numelOf, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeCode, dtypeSize } from '../tensor/dtype.ts';
@@ -29,21 +29,15 @@ export interface RowNormAttrs {
   /** tests/benchmarks: force a row schedule */
   impl?: RowImpl;
   /** tests only: plan as if the binding limit were this many bytes */
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 const THREAD_WG = 64;
 const ROW_WG = 64;
 
-function isCpuAdapter(e: Engine): boolean {
-  const i = e.gpu.adapterInfo;
-  const s = `${i.vendor} ${i.architecture} ${i.device} ${i.description}`.toLowerCase();
-  return i.architecture === 'software' || /llvmpipe|lavapipe|swiftshader|software/.test(s);
-}
-
 function pickImpl(e: Engine, impl: RowImpl | undefined): 'thread' | 'wg' {
   if (impl === 'thread' || impl === 'wg') return impl;
-  return isCpuAdapter(e) ? 'thread' : 'wg';
+  return variantFor(e.caps, 'rowNorm');
 }
 
 function outDtype(op: string, x: Tensor, out: DType | undefined): DType {
@@ -113,7 +107,7 @@ function rowNormGpu(e: Engine, op: string, norm: 0 | 1, inp: RowNormInputs, a: R
   const rows = D === 0 ? 0 : x.numel / D;
   if (rows === 0) return y;
   const impl = pickImpl(e, a.impl);
-  const limit = bindingLimit(e, a.maxBinding);
+  const limit = bindingLimit(e, a.maxBindingBytes);
   const hasMod = !!(shift && scale);
   const mmap = hasMod ? modRowMap(op, x, shift!, 'shift') : { div: 1, mod: 1 };
   // per-row modulation (same row count as x) is windowed with x; broadcast modulation is bound whole
@@ -153,20 +147,20 @@ function rowNormGpu(e: Engine, op: string, norm: 0 | 1, inp: RowNormInputs, a: R
     // the modulation windows of one dispatch share one element offset
     const mOff = sw ? sw.off : 0;
     if (sw && cw && sw.off !== cw.off) throw new ShapeError(`[${op}] shift and scale views are aligned differently; clone one of them`);
-    const params = new Params()
-      .u32(n)
-      .u32(D)
-      .u32(xw.off)
-      .u32(yw.off)
-      .u32(mRow0)
-      .u32(modPerRow ? 1 : mmap.div)
-      .u32(modPerRow ? n : mmap.mod)
-      .u32(mOff)
-      .f32(a.eps)
-      .u32(wW?.off ?? 0)
-      .u32(bW?.off ?? 0)
-      .u32(flags)
-      .bytes();
+    const params = {
+      rows: n,
+      d: D,
+      x_off: xw.off,
+      y_off: yw.off,
+      m_row0: mRow0,
+      m_div: modPerRow ? 1 : mmap.div,
+      m_mod: modPerRow ? n : mmap.mod,
+      m_off: mOff,
+      eps: a.eps,
+      w_off: wW?.off ?? 0,
+      b_off: bW?.off ?? 0,
+      flags,
+    };
     const dummy = xw.binding;
     e.dispatch({
       kernel,
@@ -174,7 +168,6 @@ function rowNormGpu(e: Engine, op: string, norm: 0 | 1, inp: RowNormInputs, a: R
       params,
       bindings: [xw.binding, wW?.binding ?? dummy, bW?.binding ?? dummy, sw?.binding ?? dummy, cw?.binding ?? dummy, yw.binding],
       workgroups: impl === 'thread' ? grid1d(Math.ceil(n / THREAD_WG)) : grid1d(n),
-      work: n * D * (dtypeSize(x.dtype) + dtypeSize(outDt)) * 1.5,
     });
   }
   return y;
@@ -246,7 +239,7 @@ export const layerNorm = defineOp<RowNormInputs, RowNormAttrs>({
   gpu: (e, inp, a) => rowNormGpu(e, 'layer_norm', 0, inp, a),
   cpu: (inp, a) => rowNormCpu('layer_norm', 0, inp, a),
   flops: ({ x, weight, bias, shift }) => x.numel * (7 + (weight ? 1 : 0) + (bias ? 1 : 0) + (shift ? 3 : 0)),
-  bytes: ({ x, shift }, a) => rowBytes(x, a.out) + (shift ? 2 * shift.nbytes : 0),
+  bytes: ({ x, weight, bias, shift }, a) => rowBytes(x, a.out) + (weight?.nbytes ?? 0) + (bias?.nbytes ?? 0) + (shift ? 2 * shift.nbytes : 0),
 });
 
 // =====================================================================================
@@ -264,7 +257,7 @@ export const rmsNorm = defineOp<{ x: Tensor; weight: Tensor }, RowNormAttrs>({
   gpu: (e, inp, a) => rowNormGpu(e, 'rms_norm', 1, inp, a),
   cpu: (inp, a) => rowNormCpu('rms_norm', 1, inp, a),
   flops: ({ x }) => x.numel * 5,
-  bytes: ({ x }, a) => rowBytes(x, a.out),
+  bytes: ({ x, weight }, a) => rowBytes(x, a.out) + weight.nbytes,
 });
 
 // =====================================================================================
@@ -276,7 +269,7 @@ export interface ChannelL2Attrs {
   eps?: number;
   out?: DType;
   /** tests only: plan as if the binding limit were this many bytes */
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 const L2_WG = 64;
@@ -339,7 +332,7 @@ export const channelL2NormOp = defineOp<{ x: Tensor; gamma: Tensor }, ChannelL2A
     const y = e.empty(x.shape, outDt);
     const { B, C, S } = l2Dims(x);
     if (x.numel === 0) return y;
-    const limit = bindingLimit(e, a?.maxBinding);
+    const limit = bindingLimit(e, a?.maxBindingBytes);
     const ss = e.empty([B * S], 'f32'); // per-position sums of squares
     if (gamma.nbytes + windowSlack(e) > limit) throw new ShapeError(`[channel_l2_norm] gamma ${gamma} is larger than the binding limit`);
     const gw = elemWindow(e, gamma, 0, gamma.numel, 'channel_l2_norm');
@@ -348,20 +341,7 @@ export const channelL2NormOp = defineOp<{ x: Tensor; gamma: Tensor }, ChannelL2A
     const aliases = { x_t: actAlias('channel_l2_norm', x.dtype, e), y_t: actAlias('channel_l2_norm', outDt, e) };
     const ssWin = (c: L2Chunk) => elemWindow(e, ss, c.b * S + c.s0, c.b * S + c.s0 + c.ns, 'channel_l2_norm');
     const params = (c: L2Chunk, xoff: number, yoff: number, ssoff: number, acc: number) =>
-      new Params()
-        .u32(c.ns)
-        .u32(c.nc)
-        .u32(S)
-        .u32(xoff)
-        .u32(yoff)
-        .u32(ssoff)
-        .u32(c.c0)
-        .u32(acc)
-        .f32(Math.sqrt(C))
-        .f32(a?.eps ?? 1e-12)
-        .u32(0)
-        .u32(0)
-        .bytes();
+      ({ ns: c.ns, nc: c.nc, s_stride: S, x_off: xoff, y_off: yoff, ss_off: ssoff, c0: c.c0, accumulate: acc, scale: Math.sqrt(C), eps: a?.eps ?? 1e-12 });
     const range = (c: L2Chunk): [number, number] => {
       const start = (c.b * C + c.c0) * S + c.s0;
       return [start, start + (c.nc - 1) * S + c.ns];
@@ -377,7 +357,6 @@ export const channelL2NormOp = defineOp<{ x: Tensor; gamma: Tensor }, ChannelL2A
         params: params(c, xw.off, 0, sw.off, c.c0 === 0 ? 0 : 1),
         bindings: [xw.binding, sw.binding],
         workgroups: grid1d(Math.ceil(c.ns / L2_WG)),
-        work: c.nc * c.ns * dtypeSize(x.dtype),
       });
     }
     // pass 2: scale
@@ -392,7 +371,6 @@ export const channelL2NormOp = defineOp<{ x: Tensor; gamma: Tensor }, ChannelL2A
         params: params(c, xw.off, yw.off, sw.off, 0),
         bindings: [xw.binding, sw.binding, gw.binding, yw.binding],
         workgroups: grid1d(Math.ceil(c.ns / L2_WG)),
-        work: c.nc * c.ns * (dtypeSize(x.dtype) + dtypeSize(outDt)),
       });
     }
     ss.dispose();

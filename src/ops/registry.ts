@@ -1,18 +1,20 @@
 // One op registry. Each op has: input checks (shapes, dtypes, device limits) that throw
 // `[name] ...` errors, a WGSL implementation (encodes dispatches on an Engine), a plain-loop CPU
-// reference (which is also the CPU device's implementation), and flops/bytes for benchmarks and
-// the wait predictor. `defineOp` returns the callable op; it runs on the device of its inputs.
-// Tests and benchmarks iterate `opRegistry`.
+// reference (which is also the CPU device's implementation), and flops/bytes. `defineOp` returns
+// the callable op; it runs on the device of its inputs. The flops and bytes are the truth about an
+// op's work: every GPU call adds them to the engine's pending work (the wait predictor's input)
+// and, when profiling, to the op's row of the profile; benchmarks read them too.
+// test/ops-sweep.test.ts iterates `opRegistry` (every op against its CPU reference).
 
 import { Tensor } from '../tensor/tensor.ts';
-import type { Engine } from '../runtime/engine.ts';
+import { engineOf, type Engine } from '../runtime/engine.ts';
 import { ShapeError } from '../util/errors.ts';
 
 export type OpInputs = Record<string, Tensor | undefined>;
 
 export interface OpDef<I extends OpInputs, A> {
   name: string;
-  /** kernel family (`kernels/<family>.wgsl`, `src/ops/<family>.ts`) */
+  /** kernel family (`kernels/<family>.wgsl`, `src/ops/<family>.ts`); the op sweep test groups by it */
   family: string;
   /** throws ShapeError `[name] ...` on bad inputs (shared by both devices) */
   check(inputs: I, attrs: A): void;
@@ -23,14 +25,14 @@ export interface OpDef<I extends OpInputs, A> {
   bytes(inputs: I, attrs: A): number;
 }
 
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
-export const opRegistry = new Map<string, OpDef<any, any>>();
-
 export type Op<I extends OpInputs, A> = ((inputs: I, attrs: A) => Tensor) & { def: OpDef<I, A> };
+
+/** Every defined op by name (the callable; its definition is `.def`). */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export const opRegistry = new Map<string, Op<any, any>>();
 
 export function defineOp<I extends OpInputs, A>(def: OpDef<I, A>): Op<I, A> {
   if (opRegistry.has(def.name)) throw new Error(`[registry] op ${def.name} defined twice`);
-  opRegistry.set(def.name, def);
   const run = (inputs: I, attrs: A): Tensor => {
     let engine: Engine | null = null;
     let sawCpu = false;
@@ -38,9 +40,10 @@ export function defineOp<I extends OpInputs, A>(def: OpDef<I, A>): Op<I, A> {
       if (!t) continue;
       if (!(t instanceof Tensor)) throw new ShapeError(`[${def.name}] input '${k}' is not a Tensor`);
       t.assertLive();
-      if (t.engine) {
-        if (engine && engine !== t.engine) throw new ShapeError(`[${def.name}] inputs live on different engines`);
-        engine = t.engine;
+      const te = engineOf(t);
+      if (te) {
+        if (engine && engine !== te) throw new ShapeError(`[${def.name}] inputs live on different engines`);
+        engine = te;
       } else sawCpu = true;
     }
     if (engine && sawCpu) {
@@ -51,9 +54,13 @@ export function defineOp<I extends OpInputs, A>(def: OpDef<I, A>): Op<I, A> {
       throw new ShapeError(`[${def.name}] inputs are on different devices (${where}); move them with toGpu()/toCpu()`);
     }
     def.check(inputs, attrs);
-    return engine ? def.gpu(engine, inputs, attrs) : def.cpu(inputs, attrs);
+    if (!engine) return def.cpu(inputs, attrs);
+    const e = engine;
+    return e.runOp(def.name, def.flops(inputs, attrs), def.bytes(inputs, attrs), () => def.gpu(e, inputs, attrs));
   };
-  return Object.assign(run, { def });
+  const op = Object.assign(run, { def });
+  opRegistry.set(def.name, op);
+  return op;
 }
 
 // ---- helpers shared by op implementations ----

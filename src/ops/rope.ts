@@ -5,8 +5,7 @@
 
 import { defineOp, grid1d, expectDtype } from './registry.ts';
 import { actAlias } from './common.ts';
-import { bindingLimit, elemWindow, rowChunks, windowSlack } from './layout.ts';
-import { Params } from '../runtime/params.ts';
+import { bindingLimit, elemWindow, rowChunks, windowSlack } from './window.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -14,7 +13,7 @@ import { ShapeError } from '../util/errors.ts';
 export interface RopeAttrs {
   out?: DType;
   /** tests only: plan as if the binding limit were this many bytes */
-  maxBinding?: number;
+  maxBindingBytes?: number;
 }
 
 const WG = 64;
@@ -42,7 +41,7 @@ export const ropeOp = defineOp<{ x: Tensor; cos: Tensor; sin: Tensor }, RopeAttr
     const rows = B * L;
     const P2 = Dh / 2;
     if (x.numel === 0) return y;
-    const limit = bindingLimit(e, a?.maxBinding);
+    const limit = bindingLimit(e, a?.maxBindingBytes);
     if (cos.nbytes + windowSlack(e) > limit) throw new ShapeError(`[rope] the cos/sin tables (${cos.nbytes} bytes each) exceed the binding limit ${limit}`);
     const cw = elemWindow(e, cos, 0, cos.numel, 'rope');
     const sw = elemWindow(e, sin, 0, sin.numel, 'rope');
@@ -56,10 +55,9 @@ export const ropeOp = defineOp<{ x: Tensor; cos: Tensor; sin: Tensor }, RopeAttr
       e.dispatch({
         kernel: { family: 'rope', entry: 'rope', constants: { WG }, aliases: { x_t: actAlias('rope', x.dtype, e), y_t: actAlias('rope', outDt, e) }, layout: ['read', 'read', 'read', 'write'] },
         name: 'rope',
-        params: new Params().u32(n).u32(L).u32(H).u32(P2).u32(r0).u32(xw.off / 2).u32(yw.off / 2).u32(cw.off).bytes(),
+        params: { rows: n, seq: L, heads: H, pairs: P2, row0: r0, x_off: xw.off / 2, y_off: yw.off / 2, cs_off: cw.off },
         bindings: [xw.binding, cw.binding, sw.binding, yw.binding],
         workgroups: grid1d(Math.ceil((n * P2) / WG)),
-        work: n * rowElems * (dtypeSize(x.dtype) + dtypeSize(outDt)),
       });
     }
     return y;

@@ -3,7 +3,6 @@
 
 import { defineOp, grid1d } from './registry.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
-import { Params } from '../runtime/params.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { dtypeSize, type DType } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -40,8 +39,8 @@ export const softmaxOp = defineOp<{ x: Tensor }, SoftmaxAttrs>({
     const { rows, n } = rowsOf(x);
     if (rows === 0) return y;
     for (const [t, what] of [[x, 'x'], [y, 'output']] as const) {
-      if (t.nbytes > e.maxBinding) {
-        throw new ShapeError(`[softmax] ${what} ${shapeStr(t.shape)} is ${t.nbytes} bytes, above this adapter's binding limit (${e.maxBinding}); softmax over chunks of rows`);
+      if (t.nbytes > e.caps.maxBinding) {
+        throw new ShapeError(`[softmax] ${what} ${shapeStr(t.shape)} is ${t.nbytes} bytes, above this adapter's binding limit (${e.caps.maxBinding}); softmax over chunks of rows`);
       }
     }
     const wide = a.kernel ? a.kernel === 'wide' : rows < WIDE_BELOW_ROWS;
@@ -55,10 +54,9 @@ export const softmaxOp = defineOp<{ x: Tensor }, SoftmaxAttrs>({
         layout: ['read', 'write'],
       },
       name: wide ? 'softmax.wide' : 'softmax.rows',
-      params: new Params().u32(rows).u32(n).u32(0).u32(0).bytes(),
+      params: { rows, n },
       bindings: [x, y],
       workgroups: grid1d(wide ? rows : Math.ceil(rows / wg)),
-      work: x.numel * (dtypeSize(x.dtype) * 2 + dtypeSize(outDt) + 20),
     });
     return y;
   },
@@ -79,7 +77,8 @@ export const softmaxOp = defineOp<{ x: Tensor }, SoftmaxAttrs>({
     return cpuTensor(out, x.shape, a.out ?? x.dtype);
   },
   flops: ({ x }) => x.numel * 5,
-  bytes: ({ x }, a) => x.numel * (dtypeSize(x.dtype) + dtypeSize(a.out ?? x.dtype)),
+  // x is read twice (max/sum pass, then the output pass)
+  bytes: ({ x }, a) => x.numel * (2 * dtypeSize(x.dtype) + dtypeSize(a.out ?? x.dtype)),
 });
 
 /** softmax over the last dim of x [..., N] */

@@ -1,10 +1,10 @@
 // Nearest-neighbour x2 upsampling of the last two dims (kernels/upsample.wgsl): the Wan VAE's
 // Upsample (`nearest-exact` at an exact x2, equal to plain nearest) before its 3x3 conv.
-// Tensors larger than one storage binding are done in dispatches over whole planes.
+// Tensors larger than one storage binding are done in dispatches over whole planes (window.ts).
 
 import { defineOp, grid1d } from './registry.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
-import { Params } from '../runtime/params.ts';
+import { bindingLimit, elemWindow, windowSlack } from './window.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -42,10 +42,11 @@ export const upsampleNearest2xOp = defineOp<{ x: Tensor }, UpsampleAttrs>({
     const { planes, H, W } = dims(x);
     if (y.numel === 0) return y;
     const es = dtypeSize(x.dtype);
-    const align = e.storageAlign;
-    const limit = Math.min(e.maxBinding, a.maxBindingBytes ?? Infinity);
+    const limit = bindingLimit(e, a.maxBindingBytes);
+    // the kernel writes y as pairs: windows are rounded up to 16 bytes
+    const win = { limit, granule: 16 } as const;
     const planeOut = 4 * H * W * es;
-    const per = Math.floor((limit - align - 16) / planeOut);
+    const per = Math.floor((limit - windowSlack(e, 16)) / planeOut);
     if (per < 1) {
       throw new ShapeError(`[upsample_nearest2x] one output plane (${2 * H}x${2 * W}, ${planeOut} bytes) is larger than a storage binding (${limit} bytes); tile it first`);
     }
@@ -53,33 +54,14 @@ export const upsampleNearest2xOp = defineOp<{ x: Tensor }, UpsampleAttrs>({
     for (let p0 = 0; p0 < planes; p0 += per) {
       const np = Math.min(per, planes - p0);
       const n = np * H * W;
-      // windows: x elements [p0*HW, (p0+np)*HW), y elements [p0*4HW, (p0+np)*4HW)
-      const xs = x.byteOffset + p0 * H * W * es;
-      const xa = Math.floor(xs / align) * align;
-      const ys = y.byteOffset + p0 * 4 * H * W * es;
-      const ya = Math.floor(ys / align) * align;
-      const xSize = Math.min(Math.ceil((xs + n * es - xa) / 16) * 16, x.buffer.size - xa);
-      const ySize = Math.min(Math.ceil((ys + 4 * n * es - ya) / 16) * 16, y.buffer.size - ya);
-      if ((xs - xa) % es !== 0) throw new ShapeError(`[upsample_nearest2x] ${x} starts at byte ${x.byteOffset}, not a multiple of its element size`);
+      const xw = elemWindow(e, x, p0 * H * W, (p0 + np) * H * W, 'upsample_nearest2x', win);
+      const yw = elemWindow(e, y, p0 * 4 * H * W, (p0 + np) * 4 * H * W, 'upsample_nearest2x', win);
       e.dispatch({
         kernel: { family: 'upsample', entry: 'nearest2x', constants: { WG }, aliases: { x_t: alias }, layout: ['read', 'write'] },
         name: 'upsample_nearest2x',
-        params: new Params()
-          .u32(n)
-          .u32(H)
-          .u32(W)
-          .u32((xs - xa) / es)
-          .u32((ys - ya) / (2 * es))
-          .u32(0)
-          .u32(0)
-          .u32(0)
-          .bytes(),
-        bindings: [
-          { buffer: x.buffer, offset: xa, size: xSize },
-          { buffer: y.buffer, offset: ya, size: ySize },
-        ],
+        params: { n, h: H, w: W, x_off: xw.off, y_off: yw.off / 2 },
+        bindings: [xw.binding, yw.binding],
         workgroups: grid1d(Math.ceil(n / WG)),
-        work: 5 * n * es,
       });
     }
     return y;

@@ -10,7 +10,7 @@
 // | 3     | as level 2                   | host memory, streamed one block at a  | tiled; weights on the GPU only  |
 // |       |                              | time with the next block prefetched   | during decode                   |
 
-import type { FlatConfig } from '../config/config.ts';
+import type { LoadSettings } from '../config/schema.ts';
 import { ConfigError } from '../util/errors.ts';
 
 export interface MemoryPlan {
@@ -29,27 +29,22 @@ export interface MemoryPlan {
   activationOffload: boolean;
 }
 
-function flag(v: unknown, auto: boolean): boolean {
-  return v === 'auto' || v === undefined || v === null ? auto : Boolean(v);
-}
+const flag = (v: boolean | 'auto', auto: boolean): boolean => (v === 'auto' ? auto : v);
 
-export function memoryPlan(cfg: FlatConfig): MemoryPlan {
-  const level = Number(cfg['infer.diffusion.low_mem_level'] ?? 0) as 0 | 1 | 2 | 3;
-  const offTe = flag(cfg['infer.offload_text_encoder'], level >= 2);
-  const offDit = flag(cfg['infer.offload_dit'], level >= 3);
-  const offVae = flag(cfg['infer.offload_vae'], level >= 3);
-  const tiling = flag(cfg['infer.vae_tiling'], level >= 1);
-  const teDev = String(cfg['infer.text_encoder_device'] ?? 'cpu') as 'cpu' | 'gpu-stream';
-  const tileSize = Number(cfg['infer.vae_tile_size'] ?? 0);
-  if (tileSize > 0 && tileSize < 4) throw new ConfigError(`infer.vae_tile_size=${tileSize}: tiles need at least 4 latent pixels (or 0 for auto)`);
+const LEVELS = [0, 1, 2, 3] as const;
+
+export function memoryPlan(s: LoadSettings): MemoryPlan {
+  // the schema bounds the level to 0..3; this narrows the number to the plan's literal type
+  const level = LEVELS[s.lowMemLevel]!;
+  if (s.vaeTileSize > 0 && s.vaeTileSize < 4) throw new ConfigError(`infer.vae_tile_size=${s.vaeTileSize}: tiles need at least 4 latent pixels (or 0 for auto)`);
   return {
     level,
-    textEncoder: offTe ? teDev : 'gpu',
-    dit: offDit ? 'stream' : 'resident',
-    vae: offVae ? 'on-demand' : 'resident',
-    vaeTiling: tiling,
-    tileSize,
-    tileOverlap: Number(cfg['infer.vae_tile_overlap'] ?? 0.25),
-    activationOffload: Boolean(cfg['infer.activation_offload'] ?? false),
+    textEncoder: flag(s.offloadTextEncoder, level >= 2) ? s.textEncoderDevice : 'gpu',
+    dit: flag(s.offloadDit, level >= 3) ? 'stream' : 'resident',
+    vae: flag(s.offloadVae, level >= 3) ? 'on-demand' : 'resident',
+    vaeTiling: flag(s.vaeTiling, level >= 1),
+    tileSize: s.vaeTileSize,
+    tileOverlap: s.vaeTileOverlap,
+    activationOffload: s.activationOffload,
   };
 }

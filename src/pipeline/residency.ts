@@ -4,9 +4,11 @@
 // ArrayBuffer in the checkpoint dtype, every tensor at an offset aligned to the device's storage
 // alignment). On the GPU there is a ring of `slots` (2 by default) buffers, each one block
 // image large, allocated once and reused for every block: nothing is allocated per block.
-// Uploading a block copies its image through a reused ring of mapped staging buffers into a slot
-// (measured 2x faster than `queue.writeBuffer` here: `npm run bench:upload`), after which the block's Params point at
-// tensor views of that slot. The code that runs the blocks says what it needs, explicitly:
+// Uploading a block copies its image through a reused ring of mapped staging buffers (allocator-owned,
+// counted as staging, not device memory) into a slot (measured 2x faster than `queue.writeBuffer`
+// here: `npm run bench:upload`), after which the block's Params point at tensor views of that slot
+// (`viewBytes`); each Param's `streamHost` holds its view of the host image. The code that runs the
+// blocks says what it needs, explicitly:
 //
 //     await res.acquire(i); res.prefetch(i + 1); run(i); res.release(i);
 //
@@ -16,9 +18,10 @@
 
 import type { Engine } from '../runtime/engine.ts';
 import type { Module, Param } from '../nn/module.ts';
-import { Tensor, GpuStorage } from '../tensor/tensor.ts';
+import { Tensor } from '../tensor/tensor.ts';
 import { dtypeSize } from '../tensor/dtype.ts';
-import type { BlockResidency } from '../models/wan_dit/model.ts';
+import type { StagingBlock } from '../memory/allocator.ts';
+import type { BlockResidency } from '../nn/residency.ts';
 
 interface Entry {
   param: Param;
@@ -26,6 +29,7 @@ interface Entry {
 }
 
 interface BlockImage {
+  /** the image (the params' host copies are views of it), as bytes for the uploads */
   bytes: Uint8Array;
   entries: Entry[];
 }
@@ -60,7 +64,7 @@ export class StreamedBlocks implements BlockResidency {
    * 1.3B block (84 MiB) in 0.49x the time of writeBuffer on lavapipe (docs/memory-levels.md).
    */
   uploadPath: 'staging' | 'writeBuffer' = 'staging';
-  private readonly staging: GPUBuffer[] = [];
+  private readonly staging: StagingBlock[] = [];
   private readonly stagingMapped: boolean[] = [];
   private readonly stagingBusy: Array<Promise<void> | null> = [];
   private stagingNext = 0;
@@ -78,7 +82,7 @@ export class StreamedBlocks implements BlockResidency {
     /** false: allocate the slots at the first acquire()/prefetch() (see releaseDevice) */
     allocateNow = true,
   ) {
-    const align = Math.max(e.storageAlign, 256);
+    const align = Math.max(e.caps.storageAlign, 256);
     let maxBytes = 0;
     for (const b of blocks) {
       const entries: Entry[] = [];
@@ -91,17 +95,16 @@ export class StreamedBlocks implements BlockResidency {
         off += t.nbytes;
       }
       const size = Math.ceil(off / 4) * 4;
-      const bytes = new Uint8Array(size);
+      const words = new Uint32Array(size / 4);
+      const image = Tensor.cpu(words, [words.length], 'u32');
+      const bytes = new Uint8Array(words.buffer);
       for (const { param, offset } of entries) {
         const t = param.t;
         const d = t.data!;
         bytes.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), offset);
         // the param now views the image: host memory holds each weight once (and a previous ring's
         // image, which a stale streamHost would keep alive, is let go)
-        const n = t.numel;
-        const view = t.dtype === 'f32' ? new Float32Array(bytes.buffer, offset, n) : t.dtype === 'i32' ? new Int32Array(bytes.buffer, offset, n) : t.dtype === 'u32' ? new Uint32Array(bytes.buffer, offset, n) : new Uint16Array(bytes.buffer, offset, n);
-        param.value = Tensor.cpu(view, t.shape, t.dtype);
-        delete (param as { streamHost?: Tensor }).streamHost;
+        param.value = param.streamHost = image.viewBytes(offset, t.shape, t.dtype);
       }
       this.images.push({ bytes, entries });
       maxBytes = Math.max(maxBytes, size);
@@ -119,9 +122,8 @@ export class StreamedBlocks implements BlockResidency {
     for (let s = 0; s < this.numSlots; s++) {
       this.slotTensors.push(e.keep(e.empty([slotBytes / 4], 'u32', `${owner}.${s}`)));
       this.blockIn.push(-1);
-      // host-visible staging memory (not GPU memory on a discrete card, like CUDA's pinned host
-      // buffers, which torch.cuda.memory_allocated does not count either): outside the allocator
-      this.staging.push(e.device.createBuffer({ size: slotBytes, usage: GPUBufferUsage.MAP_WRITE | GPUBufferUsage.COPY_SRC, mappedAtCreation: true, label: `${owner}.staging.${s}` }));
+      // host-visible, mapped at creation: counted as staging, not against the GPU budget (allocator.ts)
+      this.staging.push(e.allocator.allocStaging(slotBytes, `${owner}.staging.${s}`));
       this.stagingMapped.push(true);
       this.stagingBusy.push(null);
     }
@@ -146,7 +148,7 @@ export class StreamedBlocks implements BlockResidency {
     for (const t of this.slotTensors) t.dispose();
     this.slotTensors.length = 0;
     this.blockIn.length = 0;
-    for (const b of this.staging) b.destroy();
+    for (const b of this.staging) this.e.allocator.freeStaging(b);
     this.staging.length = 0;
     this.stagingMapped.length = 0;
     this.stagingBusy.length = 0;
@@ -213,7 +215,7 @@ export class StreamedBlocks implements BlockResidency {
     if (this.uploadPath === 'staging') {
       const k = this.stagingNext;
       this.stagingNext = (k + 1) % this.staging.length;
-      const st = this.staging[k]!;
+      const st = this.staging[k]!.buffer;
       // one staging buffer is used by one upload at a time
       while (this.stagingBusy[k]) await this.stagingBusy[k];
       let release!: () => void;
@@ -244,15 +246,11 @@ export class StreamedBlocks implements BlockResidency {
       this.account(i, performance.now() - t0);
     }
     // point the block's params at views of the slot
-    const storage = slotT.storage as GpuStorage;
     const views: Tensor[] = [];
     for (const { param, offset } of img.entries) {
-      const host = param.value!;
-      storage.refs++;
-      const v = new Tensor({ shape: host.shape, dtype: host.dtype, storage, byteOffset: offset });
-      this.e.keep(v);
+      const host = param.streamHost!;
+      const v = this.e.keep(slotT.viewBytes(offset, host.shape, host.dtype));
       views.push(v);
-      (param as { streamHost?: Tensor }).streamHost ??= host;
       param.value = v;
     }
     this.views[i] = views;
@@ -263,10 +261,7 @@ export class StreamedBlocks implements BlockResidency {
   /** params of block i back to their host tensors; views dropped */
   private detach(i: number): void {
     const img = this.images[i]!;
-    for (const { param } of img.entries) {
-      const host = (param as { streamHost?: Tensor }).streamHost;
-      if (host) param.value = host;
-    }
+    for (const { param } of img.entries) param.value = param.streamHost;
     for (const v of this.views[i]!) v.dispose();
     this.views[i] = [];
     const s = this.slotOf[i]!;
@@ -308,7 +303,7 @@ export class StreamedBlocks implements BlockResidency {
   dispose(): void {
     this.releaseDevice();
     // the params own their host tensors (views of the images) again; nothing else here keeps them
-    for (const img of this.images) for (const { param } of img.entries) delete (param as { streamHost?: Tensor }).streamHost;
+    for (const img of this.images) for (const { param } of img.entries) param.streamHost = null;
     this.images.length = 0;
     this.inflight.fill(null);
   }

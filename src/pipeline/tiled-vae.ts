@@ -8,7 +8,6 @@
 
 import type { Engine } from '../runtime/engine.ts';
 import { WanVaeDecoder, CausalCache, sliceFrames, concatTime } from '../models/wan_vae/model.ts';
-import { K3_TILE_COLUMNS } from '../ops/conv.ts';
 
 /** Tiles along one axis: tile i covers latent pixels [starts[i], starts[i] + lens[i]). */
 export interface AxisPlan {
@@ -252,8 +251,8 @@ export async function decodeTiled(
   // at a low resolution, where narrow tiles also leave the conv kernels' 64-column workgroups half empty.
   const stemStages = Math.max(0, Math.min(opts.stemStages ?? STEM_STAGES, vae.numStages - 1));
   const halo = Math.max(0, opts.halo ?? Math.ceil(vae.headRadius(stemStages) - 1e-9));
-  // rows cost what they hold; columns cost whole workgroups of K3_TILE_COLUMNS output pixels
-  const quantumX = Math.max(1, Math.round(K3_TILE_COLUMNS / vae.stageScale(vae.numStages)));
+  // rows cost what they hold; columns cost whole workgroups of the output-resolution convs
+  const quantumX = vae.columnQuantum;
   const auto = opts.tile > 0 ? null : planAutoTiles(vae, H, W, F, { stemStages, halo, overlap: opts.overlap, quantumX, framesPerChunk: opts.framesPerChunk ?? 1 });
   const py = auto ? auto.py : planTiles(H, opts.tile, opts.overlap, halo, 1);
   const px = auto ? auto.px : planTiles(W, opts.tile, opts.overlap, halo, quantumX);

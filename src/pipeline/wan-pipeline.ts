@@ -2,22 +2,23 @@
 // decode -> (the CLI writes files). The memory plan (memory-plan.ts) decides, per component and
 // phase, what lives on the GPU; the code below makes every placement explicit.
 
-import { existsSync, readFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { Engine } from '../runtime/engine.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import { openModelFolder, type ModelFolder } from '../io/model-folder.ts';
 import { loadTokenizer, encodePrompt, type UnigramTokenizer } from '../io/tokenizer.ts';
-import { loadModule, type WeightDtype } from '../nn/load.ts';
-import { WanTransformer3DModel, ditDimsFromConfig, RESIDENT, type BlockResidency } from '../models/wan_dit/model.ts';
+import { loadModule } from '../nn/load.ts';
+import { WanTransformer3DModel, ditDimsFromConfig } from '../models/wan_dit/model.ts';
+import { RESIDENT, type BlockResidency } from '../nn/residency.ts';
 import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
 import { WanVaeDecoder, vaeDimsFromConfig } from '../models/wan_vae/model.ts';
-import { createScheduler, cfgCombine, type SchedulerKind } from '../schedulers/index.ts';
+import { createScheduler, cfgCombine } from '../schedulers/index.ts';
 import { memoryPlan, type MemoryPlan } from './memory-plan.ts';
 import { StreamedBlocks } from './residency.ts';
 import { decodeTiled } from './tiled-vae.ts';
 import { PromptCache, weightsIdentity } from './prompt-cache.ts';
-import { defaultConfig, applyObject, type FlatConfig } from '../config/config.ts';
+import { settingsForModel, requestSettings, type SettingsOptions } from '../config/settings.ts';
+import type { RequestSettings, Settings } from '../config/schema.ts';
 import { Rng } from '../util/rng.ts';
 import { ConfigError, InterruptedError, ShapeError, fmtBytes } from '../util/errors.ts';
 
@@ -30,46 +31,25 @@ export type ProgressEvent =
   | { type: 'load'; component: string; done: number; total: number }
   | { type: 'memory'; phase: string; step?: number; allocated: number; reserved: number; peakAllocated: number; peakReserved: number };
 
-/** Options of `WanPipeline.fromPretrained`: the same settings as the CLI's dotted keys. */
-export interface WanPipelineOptions {
-  lowMemLevel?: 0 | 1 | 2 | 3;
-  offloadTextEncoder?: boolean;
-  offloadDit?: boolean;
-  offloadVae?: boolean;
-  vaeTiling?: boolean;
-  vaeTileSize?: number;
-  vaeTileOverlap?: number;
-  textEncoderDevice?: 'cpu' | 'gpu-stream';
-  activationOffload?: boolean;
-  weightDtype?: WeightDtype;
-  /** GPU memory budget in bytes (0 = unlimited) */
-  memoryLimit?: number;
-  promptCache?: boolean;
-  promptCacheDir?: string;
-  /** any config key by its dotted name (applied before the typed options above) */
-  config?: Record<string, unknown>;
+/** What a pipeline needs besides its settings. */
+export interface PipelineRuntime {
   /** use this engine instead of creating one (the pipeline then does not destroy it) */
   engine?: Engine;
-  backend?: string;
-  adapter?: string;
-  /** per-kernel GPU timestamps */
-  profile?: boolean;
   /** record every GPU alloc/free for a memory snapshot */
   recordMemory?: boolean;
   onProgress?: (ev: ProgressEvent) => void;
 }
 
-export interface GenerateRequest {
+/**
+ * Options of `WanPipeline.fromPretrained`: the load-time settings as typed fields (`lowMemLevel`,
+ * `weightDtype`, ...; see `LoadSettings`), request `defaults`, dotted `config` keys or a YAML
+ * `configFile` (settingsForModel), and the runtime parts.
+ */
+export interface WanPipelineOptions extends SettingsOptions, PipelineRuntime {}
+
+/** One generation: the request settings (`RequestSettings`: size, steps, seed...; unset fields keep the pipeline's) */
+export interface GenerateRequest extends Partial<RequestSettings> {
   prompt: string;
-  negativePrompt?: string;
-  height?: number;
-  width?: number;
-  numFrames?: number;
-  numInferenceSteps?: number;
-  guidanceScale?: number;
-  shift?: number;
-  seed?: number;
-  sampler?: SchedulerKind;
   onProgress?: (ev: ProgressEvent) => void;
   signal?: AbortSignal;
 }
@@ -95,34 +75,9 @@ export interface GenerateResult {
   seed: number;
   timingsMs: Record<string, number>;
   memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number }>; peakAllocated: number; peakReserved: number };
-  config: FlatConfig;
+  /** the request's effective settings */
+  settings: Settings;
   uploads?: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number; exposedMs: number };
-}
-
-/** Recommended defaults shipped with a model folder (smart_diffusion.json), e.g. the demo model's. */
-export function modelDefaults(dir: string): Record<string, unknown> {
-  const p = join(dir, 'smart_diffusion.json');
-  if (!existsSync(p)) return {};
-  try {
-    const j = JSON.parse(readFileSync(p, 'utf8')) as Record<string, unknown>;
-    const out: Record<string, unknown> = {};
-    const map: Record<string, string> = {
-      text_len: 'infer.text_len',
-      height: 'infer.height',
-      width: 'infer.width',
-      num_frames: 'infer.num_frames',
-      num_inference_steps: 'infer.num_inference_steps',
-      guidance_scale: 'infer.guidance_scale',
-      shift: 'infer.shift',
-      fps: 'infer.fps',
-      negative_prompt: 'negative_prompt',
-      sampler: 'infer.sampler',
-    };
-    for (const [k, v] of Object.entries(j)) if (map[k]) out[map[k]!] = v;
-    return out;
-  } catch (e) {
-    throw new ConfigError(`${p} is not valid JSON: ${(e as Error).message}`);
-  }
 }
 
 export class WanPipeline {
@@ -140,18 +95,19 @@ export class WanPipeline {
     readonly engine: Engine,
     private readonly ownsEngine: boolean,
     readonly folder: ModelFolder,
-    readonly config: FlatConfig,
+    readonly settings: Settings,
     readonly dit: WanTransformer3DModel,
     readonly textEncoder: UMT5EncoderModel,
     readonly vae: WanVaeDecoder,
     readonly tokenizer: UnigramTokenizer | null,
     private readonly onProgress?: (ev: ProgressEvent) => void,
   ) {
-    this.plan = memoryPlan(config);
-    this.promptCache = config['infer.prompt_cache']
+    const l = settings.load;
+    this.plan = memoryPlan(l);
+    this.promptCache = l.promptCache
       ? new PromptCache(
-          resolve(String(config['infer.prompt_cache_dir'])),
-          Number(config['infer.prompt_cache_max_mb']) * 2 ** 20,
+          resolve(l.promptCacheDir),
+          l.promptCacheMaxMb * 2 ** 20,
           weightsIdentity(folder.textEncoder.config, [folder.textEncoder.weights.path]),
         )
       : null;
@@ -159,46 +115,29 @@ export class WanPipeline {
 
   /** Open a diffusers-layout Wan 2.1 T2V folder and place its components per the memory plan. */
   static async fromPretrained(dir: string, options: WanPipelineOptions = {}): Promise<WanPipeline> {
-    const cfg = defaultConfig();
-    applyObject(cfg, modelDefaults(dir), ` in ${join(dir, 'smart_diffusion.json')}`);
-    if (options.config) applyObject(cfg, options.config, ' in the pipeline options');
-    const typed: Record<string, unknown> = {
-      'infer.diffusion.low_mem_level': options.lowMemLevel,
-      'infer.offload_text_encoder': options.offloadTextEncoder,
-      'infer.offload_dit': options.offloadDit,
-      'infer.offload_vae': options.offloadVae,
-      'infer.vae_tiling': options.vaeTiling,
-      'infer.vae_tile_size': options.vaeTileSize,
-      'infer.vae_tile_overlap': options.vaeTileOverlap,
-      'infer.text_encoder_device': options.textEncoderDevice,
-      'infer.activation_offload': options.activationOffload,
-      'infer.weight_dtype': options.weightDtype,
-      'infer.memory_limit': options.memoryLimit,
-      'infer.prompt_cache': options.promptCache,
-      'infer.prompt_cache_dir': options.promptCacheDir,
-      'device.backend': options.backend,
-      'device.adapter': options.adapter,
-      'report.profile': options.profile,
-    };
-    applyObject(cfg, Object.fromEntries(Object.entries(typed).filter(([, v]) => v !== undefined)), ' in the pipeline options');
-    cfg['model'] = dir;
-    const folder = await openModelFolder(dir);
+    return WanPipeline.fromSettings(settingsForModel(dir, options), options);
+  }
+
+  /** The same from settings already resolved (the CLI builds them from its arguments; src/config/settings.ts). */
+  static async fromSettings(settings: Settings, options: PipelineRuntime = {}): Promise<WanPipeline> {
+    const l = settings.load;
+    const folder = await openModelFolder(l.model);
     const engine =
       options.engine ??
       (await Engine.create({
-        backend: String(cfg['device.backend'] || '') || undefined,
-        adapter: String(cfg['device.adapter'] || '') || undefined,
-        profile: Boolean(cfg['report.profile']),
-        limitBytes: Number(cfg['infer.memory_limit']) || undefined,
+        backend: l.backend || undefined,
+        adapter: l.adapter || undefined,
+        profile: l.profile,
+        limitBytes: l.memoryLimit || undefined,
       }));
-    if (options.engine && cfg['infer.memory_limit']) engine.allocator.limitBytes = Number(cfg['infer.memory_limit']);
+    if (options.engine && l.memoryLimit) engine.allocator.limitBytes = l.memoryLimit;
     if (options.recordMemory) engine.allocator.startRecording();
     try {
       const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config as unknown as Record<string, unknown>));
       const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config as unknown as Record<string, unknown>));
       const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config as unknown as Record<string, unknown>));
       const tok = folder.tokenizer ? await loadTokenizer(folder.tokenizer.dir) : null;
-      const p = new WanPipeline(engine, !options.engine, folder, cfg, dit, te, vae, tok, options.onProgress);
+      const p = new WanPipeline(engine, !options.engine, folder, settings, dit, te, vae, tok, options.onProgress);
       await p.load();
       return p;
     } catch (e) {
@@ -237,12 +176,12 @@ export class WanPipeline {
 
   private async load(): Promise<void> {
     const e = this.engine;
-    const act = String(this.config['infer.activation_dtype']) as 'f32' | 'f16';
-    if (act === 'f16' && !e.features.shaderF16) {
+    const act = this.settings.load.activationDtype;
+    if (act === 'f16' && !e.caps.shaderF16) {
       throw new ConfigError(`infer.activation_dtype=f16 needs the adapter feature 'shader-f16', which ${e.adapterName} does not expose; use f32`);
     }
     this.dit.dims.activationDtype = act;
-    const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
+    const wd = this.settings.load.weightDtype;
     this.setPhase('load');
     e.allocator.oomAdvice = this.oomAdvice('load');
     this.emit({ type: 'phase', phase: 'load' });
@@ -276,7 +215,7 @@ export class WanPipeline {
 
   /** Read the VAE's weights (converted to the weight dtype) onto the GPU, or with placement 'host' into host memory. */
   private async readVae(placement?: 'host'): Promise<void> {
-    const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
+    const wd = this.settings.load.weightDtype;
     const ck = await this.folder.vae.open();
     try {
       await loadModule(this.vae, ck, {
@@ -299,7 +238,7 @@ export class WanPipeline {
 
   /** (once, by fromPretrained) mode 'gpu': resident; 'cpu': CPU device; 'gpu-stream': host weights, blocks streamed through the GPU */
   private async loadTextEncoder(mode: 'gpu' | 'cpu' | 'gpu-stream'): Promise<void> {
-    const wd = String(this.config['infer.weight_dtype']) as WeightDtype;
+    const wd = this.settings.load.weightDtype;
     const ck = await this.folder.textEncoder.open();
     const te = this.textEncoder;
     try {
@@ -353,7 +292,7 @@ export class WanPipeline {
    * [textLen, textDim] host f32 (exactly what WanModel stacks before text_embedding).
    */
   async encodePrompt(text: string): Promise<Float32Array> {
-    const textLen = Number(this.config['infer.text_len']);
+    const textLen = this.settings.load.textLen;
     const d = this.textEncoder.dims.dModel;
     const cached = await this.promptCache?.get(text, textLen);
     if (cached && cached.dim === d) return pad(cached.context, cached.length, textLen, d);
@@ -389,28 +328,15 @@ export class WanPipeline {
 
   // ------------------------------------------------------------------ sample
 
-  /** Resolve a request against the pipeline config (request fields win). */
-  resolveRequest(req: GenerateRequest): FlatConfig {
-    const cfg = { ...this.config };
-    const o: Record<string, unknown> = {
-      prompt: req.prompt,
-      negative_prompt: req.negativePrompt,
-      'infer.height': req.height,
-      'infer.width': req.width,
-      'infer.num_frames': req.numFrames,
-      'infer.num_inference_steps': req.numInferenceSteps,
-      'infer.guidance_scale': req.guidanceScale,
-      'infer.shift': req.shift,
-      'infer.seed': req.seed,
-      'infer.sampler': req.sampler,
-    };
-    applyObject(cfg, Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)), ' in the request');
-    return cfg;
+  /** A request's effective settings: the pipeline's, with the request's fields (checked) on top. */
+  resolveRequest(req: GenerateRequest): Settings {
+    return requestSettings(this.settings, req);
   }
 
   /** Encode + denoise: returns the final latents (save them before decoding). */
   async sample(req: GenerateRequest, result: Partial<GenerateResult> = {}): Promise<Latents> {
-    const cfg = this.resolveRequest(req);
+    const settings = this.resolveRequest(req);
+    const r = settings.request;
     const e = this.engine;
     const cb = req.onProgress;
     const check = () => {
@@ -418,9 +344,9 @@ export class WanPipeline {
     };
     const timings = (result.timingsMs ??= {});
     const perPhase = (result.memory ??= { perPhase: {}, perStep: [], peakAllocated: 0, peakReserved: 0 }).perPhase;
-    const H = Number(cfg['infer.height']);
-    const W = Number(cfg['infer.width']);
-    const T = Number(cfg['infer.num_frames']);
+    const H = r.height;
+    const W = r.width;
+    const T = r.numFrames;
     const [pt, ph, pw] = this.dit.dims.patchSize;
     const sfS = 8;
     const sfT = 4;
@@ -438,10 +364,10 @@ export class WanPipeline {
     e.allocator.resetPeakMemoryStats();
     this.emit({ type: 'phase', phase: 'encode' }, cb);
     let t0 = performance.now();
-    const guidance = Number(cfg['infer.guidance_scale']);
+    const guidance = r.guidanceScale;
     const useCfg = guidance !== 1;
-    const cond = await this.encodePrompt(String(cfg['prompt']));
-    const uncond = useCfg ? await this.encodePrompt(String(cfg['negative_prompt'])) : null;
+    const cond = await this.encodePrompt(r.prompt);
+    const uncond = useCfg ? await this.encodePrompt(r.negativePrompt) : null;
     await e.sync();
     timings.encode = performance.now() - t0;
     perPhase.encode = this.phaseMemory();
@@ -453,12 +379,12 @@ export class WanPipeline {
     e.allocator.resetPeakMemoryStats();
     this.emit({ type: 'phase', phase: 'denoise' }, cb);
     t0 = performance.now();
-    const steps = Number(cfg['infer.num_inference_steps']);
-    const sched = createScheduler(String(cfg['infer.sampler']) as SchedulerKind, { steps, shift: Number(cfg['infer.shift']) });
-    const seed = Number(cfg['infer.seed']);
+    const steps = r.numInferenceSteps;
+    const sched = createScheduler(r.sampler, { steps, shift: r.shift });
+    const seed = r.seed;
     const rng = new Rng(seed);
     let latent = rng.fillNormal(new Float32Array(C * F * lh * lw));
-    const textLen = Number(cfg['infer.text_len']);
+    const textLen = settings.load.textLen;
     const textDim = this.dit.dims.textDim;
     const B = useCfg ? 2 : 1;
     const ctxHost = new Float32Array(B * textLen * textDim);
@@ -501,7 +427,7 @@ export class WanPipeline {
     };
     if (this.streamed) result.uploads = { ...this.streamed.stats };
     result.seed = seed;
-    result.config = cfg;
+    result.settings = settings;
     return { data: latent, shape: [C, F, lh, lw] };
   }
 

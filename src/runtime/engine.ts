@@ -4,16 +4,19 @@
 // pass per dispatch when profiling); nothing is submitted until a flush. Flushes happen at sync
 // points (reads, `sync()`), before every upload (so `queue.writeBuffer` can never overtake
 // unsubmitted reads of a reused buffer), and every `maxDispatchesPerSubmit` dispatches. Every
-// dispatch's `Params` go into one CPU-side staging block that is written to a uniform arena with a
+// dispatch's `Params` (given by field name, packed against the WGSL struct parsed once per pipeline:
+// runtime/params.ts) go into one CPU-side staging block that is written to a uniform arena with a
 // single `writeBuffer` right before the submit; queue order makes reusing the arena safe.
 
 import { createGpu, type GpuContext, type GpuOptions } from '../device/gpu.ts';
+import { adapterName, type AdapterCaps } from '../device/caps.ts';
 import { WaitPredictor, sleep } from '../device/wait.ts';
 import { CachingAllocator, type AllocatorOptions } from '../memory/allocator.ts';
-import { kernelSource, specialize, kernelKey, moduleKey, type KernelSpec } from '../kernels/loader.ts';
-import { Tensor, GpuStorage, numelOf, shapeStr, type HostArray, type Shape } from '../tensor/tensor.ts';
+import { kernelSource, kernelLine, specialize, kernelKey, moduleKey, type KernelSpec } from './kernels.ts';
+import { Tensor, GpuStorage, numelOf, shapeStr, type HostArray, type Shape, type TensorDevice } from '../tensor/tensor.ts';
 import { type DType, dtypeSize } from '../tensor/dtype.ts';
 import { KernelProfile } from './profiler.ts';
+import { parseParamLayout, packParams, type ParamLayout, type ParamValues } from './params.ts';
 import { GpuError, OutOfMemoryError, ShapeError } from '../util/errors.ts';
 
 export interface EngineOptions extends GpuOptions, AllocatorOptions {
@@ -34,19 +37,24 @@ export interface Dispatch {
   kernel: KernelSpec;
   /** name in profiles and error messages (default `family.entry`) */
   name?: string;
-  params?: Uint8Array;
+  /** the entry point's `Params` uniform by field name (see runtime/params.ts; `_` fields default to 0) */
+  params?: ParamValues;
   /** storage bindings 1..n, matching kernel.layout */
   bindings: Array<Tensor | BufferBinding>;
   workgroups: readonly [number, number?, number?];
-  /** flops + bytes moved, for the wait predictor and benchmarks */
-  work?: number;
+}
+
+interface PipelineEntry {
+  pipeline: GPUComputePipeline;
+  /** the entry point's Params layout (null: it binds none); an Error is thrown at its first dispatch */
+  params: ParamLayout | null | Error;
 }
 
 const PARAM_SLOT = 256;
 const ARENA_SLOTS = 4096;
 const QUERY_PAIRS = 1024;
 
-export class Engine {
+export class Engine implements TensorDevice {
   readonly gpu: GpuContext;
   readonly device: GPUDevice;
   readonly allocator: CachingAllocator;
@@ -56,8 +64,8 @@ export class Engine {
   profiling: boolean;
   maxDispatchesPerSubmit: number;
 
-  private readonly pipelines = new Map<string, GPUComputePipeline>();
-  private readonly modules = new Map<string, GPUShaderModule>();
+  private readonly pipelines = new Map<string, PipelineEntry>();
+  private readonly modules = new Map<string, { module: GPUShaderModule; code: string }>();
   private readonly bgLayouts = new Map<string, GPUBindGroupLayout>();
   private readonly pipelineLayouts = new Map<string, GPUPipelineLayout>();
   private readonly scopeErrors: Array<Promise<{ name: string; error: GPUError | null }>> = [];
@@ -67,6 +75,7 @@ export class Engine {
   private pass: GPUComputePassEncoder | null = null;
   private readonly arena: GPUBuffer;
   private readonly paramStage = new Uint8Array(PARAM_SLOT * ARENA_SLOTS);
+  private readonly paramView = new DataView(this.paramStage.buffer);
   private paramSlots = 0;
   private dispatchesInEncoder = 0;
   private readonly recentKernels: string[] = [];
@@ -82,9 +91,12 @@ export class Engine {
   // timestamp queries
   private querySet: GPUQuerySet | null = null;
   private queryResolve: GPUBuffer | null = null;
-  private queryNames: string[] = [];
+  /** per timestamp pair: the kernel's name and the op whose call encoded it */
+  private queryNames: Array<[string, string | null]> = [];
   private readonly profileReads: Array<Promise<void>> = [];
-  private readonly profilePending: Array<{ buf: GPUBuffer; names: string[] }> = [];
+  private readonly profilePending: Array<{ buf: GPUBuffer; names: Array<[string, string | null]> }> = [];
+  /** the op whose GPU implementation is encoding now (outermost; see runOp) */
+  private currentOp: string | null = null;
 
   private readonly stagingPool: GPUBuffer[] = [];
   private readonly scopes: Array<Set<Tensor>> = [];
@@ -102,7 +114,7 @@ export class Engine {
     this.gpu = gpu;
     this.device = gpu.device;
     this.waitMode = opts.waitMode ?? 'predict';
-    this.profiling = (opts.profile ?? false) && gpu.features.timestampQuery;
+    this.profiling = (opts.profile ?? false) && gpu.caps.timestampQuery;
     this.maxDispatchesPerSubmit = opts.maxDispatchesPerSubmit ?? 512;
     const device = this.device;
     this.allocator = new CachingAllocator(
@@ -116,6 +128,7 @@ export class Engine {
           this.oomChecks.push(device.popErrorScope().then((error) => ({ bytes: size, owner, phase, error })));
           return buffer;
         },
+        createStaging: (size, label) => device.createBuffer({ size, usage: GPUBufferUsage.MAP_WRITE | GPUBufferUsage.COPY_SRC, mappedAtCreation: true, label }),
         // encoded-but-unsubmitted dispatches may still bind a cached buffer: submit them first
         destroy: (b) => {
           if (this.encoder) this.flush();
@@ -127,22 +140,15 @@ export class Engine {
     this.arena = device.createBuffer({ size: PARAM_SLOT * ARENA_SLOTS, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST, label: 'params-arena' });
   }
 
-  get features() {
-    return this.gpu.features;
+  /** what the adapter can do: class, features, subgroup sizes, binding limits (device/caps.ts) */
+  get caps(): AdapterCaps {
+    return this.gpu.caps;
   }
   get limits(): GPUSupportedLimits {
     return this.gpu.limits;
   }
   get adapterName(): string {
-    const i = this.gpu.adapterInfo;
-    return [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(' / ');
-  }
-  /** bytes a single storage binding may cover on this device */
-  get maxBinding(): number {
-    return this.limits.maxStorageBufferBindingSize;
-  }
-  get storageAlign(): number {
-    return this.limits.minStorageBufferOffsetAlignment;
+    return adapterName(this.gpu.caps);
   }
 
   // ---------------------------------------------------------------- tensors
@@ -229,13 +235,13 @@ export class Engine {
   binding(t: Tensor, what = 'tensor'): BufferBinding {
     t.assertLive();
     const buffer = t.buffer;
-    if (t.byteOffset % this.storageAlign !== 0) {
-      throw new ShapeError(`[${what}] ${t} is a view at byte offset ${t.byteOffset}, not a multiple of ${this.storageAlign}; clone it first`);
+    if (t.byteOffset % this.caps.storageAlign !== 0) {
+      throw new ShapeError(`[${what}] ${t} is a view at byte offset ${t.byteOffset}, not a multiple of ${this.caps.storageAlign}; clone it first`);
     }
     const size = Math.min(Math.max(4, Math.ceil(t.nbytes / 4) * 4), buffer.size - t.byteOffset);
-    if (size > this.maxBinding) {
+    if (size > this.caps.maxBinding) {
       throw new ShapeError(
-        `[${what}] ${t} is ${size} bytes, above this adapter's maxStorageBufferBindingSize (${this.maxBinding}); the op must split it`,
+        `[${what}] ${t} is ${size} bytes, above this adapter's maxStorageBufferBindingSize (${this.caps.maxBinding}); the op must split it`,
       );
     }
     return { buffer, offset: t.byteOffset, size };
@@ -299,12 +305,12 @@ export class Engine {
 
   // ---------------------------------------------------------------- kernels
 
-  private moduleFor(spec: KernelSpec): GPUShaderModule {
+  private moduleFor(spec: KernelSpec): { module: GPUShaderModule; code: string } {
     const key = moduleKey(spec);
     let m = this.modules.get(key);
     if (!m) {
       const code = specialize(spec.family, kernelSource(spec.family), spec.aliases);
-      m = this.device.createShaderModule({ code, label: `${spec.family}.wgsl` });
+      m = { module: this.device.createShaderModule({ code, label: `${spec.family}.wgsl` }), code };
       this.modules.set(key, m);
     }
     return m;
@@ -332,13 +338,17 @@ export class Engine {
 
   /** The compute pipeline for a kernel spec (cached by a key derived from the spec). */
   pipeline(spec: KernelSpec): GPUComputePipeline {
+    return this.pipelineEntry(spec).pipeline;
+  }
+
+  private pipelineEntry(spec: KernelSpec): PipelineEntry {
     const key = kernelKey(spec);
     let p = this.pipelines.get(key);
     if (!p) {
       const name = `${spec.family}.${spec.entry}`;
       this.device.pushErrorScope('validation');
-      const module = this.moduleFor(spec);
-      p = this.device.createComputePipeline({
+      const { module, code } = this.moduleFor(spec);
+      const pipeline = this.device.createComputePipeline({
         layout: this.layoutFor(spec.layout),
         compute: { module, entryPoint: spec.entry, constants: spec.constants ?? {} },
         label: name,
@@ -349,13 +359,21 @@ export class Engine {
           let detail = '';
           try {
             const info = await module.getCompilationInfo();
-            detail = info.messages.map((m) => `  ${m.type} ${spec.family}.wgsl:${m.lineNum}:${m.linePos} ${m.message}`).join('\n');
+            detail = info.messages.map((m) => `  ${m.type} ${kernelLine(spec.family, m.lineNum)}:${m.linePos} ${m.message}`).join('\n');
           } catch {
             /* ignore */
           }
           return { name, error: detail ? ({ message: `${error.message}\n${detail}` } as GPUError) : error };
         }),
       );
+      let params: PipelineEntry['params'];
+      try {
+        params = parseParamLayout(code, spec.entry);
+        if (params && params.size > PARAM_SLOT) params = new Error(`[${name}] params: struct ${params.struct} is ${params.size} bytes, above the ${PARAM_SLOT}-byte arena slot`);
+      } catch (e) {
+        params = new Error(`[${name}] ${(e as Error).message}`);
+      }
+      p = { pipeline, params };
       this.pipelines.set(key, p);
       // lavapipe compiles at the first dispatch (0.5-7 s): keep that out of the wait predictor
       this.pendingCompiled = true;
@@ -381,6 +399,28 @@ export class Engine {
     }
   }
 
+  /**
+   * Run an op's GPU implementation (called by the op registry): its registry flops + bytes are the
+   * work the wait predictor sees, and when profiling, the GPU time of its dispatches is the op's.
+   * An op built from other ops counts once, as itself.
+   */
+  runOp<T>(op: string, flops: number, bytes: number, encode: () => T): T {
+    if (this.currentOp !== null) return encode();
+    this.pendingWork += flops + bytes;
+    if (this.profiling) this.profile.addOp(op, flops, bytes);
+    this.currentOp = op;
+    try {
+      return encode();
+    } finally {
+      this.currentOp = null;
+    }
+  }
+
+  /** Add work (flops + bytes) not encoded through an op, e.g. a benchmark's bare kernel. */
+  addWork(work: number): void {
+    this.pendingWork += work;
+  }
+
   /** Encode one dispatch. Zero-sized grids are skipped. */
   dispatch(d: Dispatch): void {
     const [x, y = 1, z = 1] = d.workgroups;
@@ -394,13 +434,23 @@ export class Engine {
       throw new Error(`[${name}] ${d.bindings.length} bindings for a layout of ${d.kernel.layout.length}`);
     }
     if (this.destroyed) throw new Error('[engine] used after destroy()');
-    const pipeline = this.pipeline(d.kernel);
+    const { pipeline, params: layout } = this.pipelineEntry(d.kernel);
+    if (layout instanceof Error) throw layout;
+    if (!layout && d.params && Object.keys(d.params).length > 0) {
+      throw new Error(`[${d.kernel.family}.${d.kernel.entry}] params: the entry point binds no Params uniform at @group(0) @binding(0)`);
+    }
     if (this.paramSlots >= ARENA_SLOTS) this.flush();
-    const slot = this.paramSlots++;
-    const params = d.params ?? new Uint8Array(16);
-    if (params.byteLength > PARAM_SLOT) throw new Error(`[${name}] params of ${params.byteLength} bytes exceed ${PARAM_SLOT}`);
-    this.paramStage.set(params, slot * PARAM_SLOT);
-    const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: this.arena, offset: slot * PARAM_SLOT, size: Math.max(16, params.byteLength) } }];
+    const slot = this.paramSlots;
+    if (layout) {
+      try {
+        packParams(layout, d.params ?? {}, this.paramView, slot * PARAM_SLOT);
+      } catch (e) {
+        // a mismatch between the op's call and the WGSL struct: a bug, never a silent garbage kernel
+        throw new Error(`[${d.kernel.family}.${d.kernel.entry}] ${(e as Error).message}`);
+      }
+    }
+    this.paramSlots++;
+    const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: this.arena, offset: slot * PARAM_SLOT, size: layout ? layout.size : 16 } }];
     d.bindings.forEach((b, i) => {
       const r = b instanceof Tensor ? this.binding(b, name) : b;
       entries.push({ binding: i + 1, resource: { buffer: r.buffer, offset: r.offset, size: r.size } });
@@ -415,7 +465,7 @@ export class Engine {
       }
       if (this.queryNames.length >= QUERY_PAIRS) this.flush();
       const q = this.queryNames.length;
-      this.queryNames.push(name);
+      this.queryNames.push([name, this.currentOp]);
       pass = this.enc().beginComputePass({ timestampWrites: { querySet: this.querySet, beginningOfPassWriteIndex: 2 * q, endOfPassWriteIndex: 2 * q + 1 } });
       this.pass = pass;
     } else {
@@ -428,7 +478,6 @@ export class Engine {
     if (this.profiling) this.endPass();
     this.dispatchCount++;
     this.dispatchesInEncoder++;
-    this.pendingWork += d.work ?? 0;
     this.recentKernels.push(name);
     if (this.recentKernels.length > 16) this.recentKernels.shift();
     if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
@@ -439,7 +488,7 @@ export class Engine {
     if (!this.encoder) return;
     this.endPass();
     const enc = this.encoder;
-    let profileRead: { buf: GPUBuffer; names: string[] } | null = null;
+    let profileRead: { buf: GPUBuffer; names: Array<[string, string | null]> } | null = null;
     if (this.profiling && this.queryNames.length > 0) {
       const n = this.queryNames.length;
       enc.resolveQuerySet(this.querySet!, 0, 2 * n, this.queryResolve!, 0);
@@ -471,7 +520,7 @@ export class Engine {
           const ts = new BigInt64Array(buf.getMappedRange());
           for (let i = 0; i < names.length; i++) {
             const ns = Number(ts[2 * i + 1]! - ts[2 * i]!);
-            this.profile.add(names[i]!, Math.max(0, ns) / 1e6);
+            this.profile.add(names[i]![0], Math.max(0, ns) / 1e6, names[i]![1]);
           }
           buf.unmap();
           buf.destroy();
@@ -615,6 +664,13 @@ export class Engine {
   get isDestroyed(): boolean {
     return this.destroyed;
   }
+}
+
+/** The engine a GPU tensor lives on (null for a CPU tensor). */
+export function engineOf(t: Tensor): Engine | null {
+  const d = t.gpuDevice;
+  if (d && !(d instanceof Engine)) throw new Error(`[engine] ${t} lives on a device that is not an Engine`);
+  return d;
 }
 
 function collectTensors(v: unknown, out: Set<Tensor>, depth: number): void {

@@ -9,8 +9,8 @@
 // kept as floats), so the Euler and UniPC samplers see the same timesteps and can be compared.
 // Wan 2.1 itself ships no Euler sampler for T2V (its alternatives are 'unipc' and 'dpm++').
 
-import type { FlowScheduler, StepInfo } from './index.ts';
-import { checkScheduleOptions, wanFlowSchedule, type FlowScheduleOptions } from './flow-unipc.ts';
+import type { FlowScheduler, StepInfo } from './types.ts';
+import { checkScheduleOptions, wanFlowSchedule, type FlowScheduleOptions } from './flow-schedule.ts';
 import { ShapeError, SmartDiffusionError } from '../util/errors.ts';
 
 const f = Math.fround;

@@ -1,6 +1,7 @@
 // Tensor = shape + dtype + a view of storage, in PyTorch dimension order (row-major, last dim
-// contiguous). Tensors are always contiguous; views (reshape, slice along dim 0) are cheap and
-// share storage by reference count. Anything else (permute, strided slices) is an op.
+// contiguous). Tensors are always contiguous; views (reshape, slice along dim 0, a typed view of a
+// byte range: viewBytes) are cheap and share storage by reference count. Anything else (permute,
+// strided slices) is an op. GPU storage belongs to a TensorDevice (the runtime's Engine).
 //
 // A tensor lives on the GPU (storage = a block of the caching allocator) or on the CPU device
 // (storage = a typed array: Float32Array for f32, Uint16Array of raw bits for f16/bf16,
@@ -9,7 +10,6 @@
 import type { Block } from '../memory/allocator.ts';
 import { type DType, dtypeSize, decode, encode } from './dtype.ts';
 import { ShapeError } from '../util/errors.ts';
-import type { Engine } from '../runtime/engine.ts';
 
 export type HostArray = Float32Array | Uint16Array | Int32Array | Uint32Array;
 
@@ -31,11 +31,28 @@ export function shapeStr(shape: Shape): string {
   return `[${shape.join(', ')}]`;
 }
 
+/**
+ * What GPU tensors need from the device that made them: the runtime's Engine implements it (the
+ * tensor layer sits below the runtime and does not import it; `engineOf(t)` in runtime/engine.ts
+ * gives the Engine back to code above).
+ */
+export interface TensorDevice {
+  /** the allocator that owns the storage blocks (a block goes back when its last view is disposed) */
+  readonly allocator: { free(block: Block): void };
+  /** a new GPU tensor joins the innermost scope; a disposed one leaves it */
+  track(t: Tensor): void;
+  untrack(t: Tensor): void;
+  /** the tensor's bytes, read back to the host */
+  read(t: Tensor): Promise<Uint8Array>;
+  /** upload host data (raw words for f16/bf16) into a new GPU tensor */
+  fromHost(data: HostArray, shape: Shape, dtype: DType, owner?: string): Tensor;
+}
+
 /** Storage shared between a GPU tensor and its views. */
 export class GpuStorage {
   refs = 1;
   constructor(
-    readonly engine: Engine,
+    readonly device: TensorDevice,
     public block: Block | null,
   ) {}
   get buffer(): GPUBuffer {
@@ -44,9 +61,24 @@ export class GpuStorage {
   }
   release(): void {
     if (--this.refs === 0 && this.block) {
-      this.engine.allocator.free(this.block);
+      this.device.allocator.free(this.block);
       this.block = null;
     }
+  }
+}
+
+/** A typed array of `n` elements of `dtype` over `buffer` at `byteOffset` (no copy). */
+function hostView(dtype: DType, buffer: ArrayBufferLike, byteOffset: number, n: number): HostArray {
+  switch (dtype) {
+    case 'f32':
+      return new Float32Array(buffer, byteOffset, n);
+    case 'f16':
+    case 'bf16':
+      return new Uint16Array(buffer, byteOffset, n);
+    case 'i32':
+      return new Int32Array(buffer, byteOffset, n);
+    case 'u32':
+      return new Uint32Array(buffer, byteOffset, n);
   }
 }
 
@@ -82,7 +114,7 @@ export class Tensor {
     this.storage = init.storage ?? null;
     this.byteOffset = init.byteOffset ?? 0;
     this.data = init.data ?? null;
-    if (this.storage) this.storage.engine.track(this);
+    if (this.storage) this.storage.device.track(this);
   }
 
   // ---- construction on the CPU device ----
@@ -114,8 +146,9 @@ export class Tensor {
   get device(): 'gpu' | 'cpu' {
     return this.storage ? 'gpu' : 'cpu';
   }
-  get engine(): Engine | null {
-    return this.storage?.engine ?? null;
+  /** the device of a GPU tensor (null on the CPU device); code above the runtime uses engineOf(t) */
+  get gpuDevice(): TensorDevice | null {
+    return this.storage?.device ?? null;
   }
   get numel(): number {
     return numelOf(this.shape);
@@ -158,7 +191,7 @@ export class Tensor {
   /** Read values to the host (f32 for float dtypes). */
   async toArray(): Promise<Float32Array | Int32Array | Uint32Array> {
     if (this.data) return this.hostValues().slice();
-    const bytes = await this.engine!.read(this);
+    const bytes = await this.storage!.device.read(this);
     return decode(this.dtype, bytes, this.numel);
   }
 
@@ -171,16 +204,16 @@ export class Tensor {
   /** Copy to the CPU device. */
   async toCpu(): Promise<Tensor> {
     if (this.data) return this;
-    const bytes = await this.engine!.read(this);
+    const bytes = await this.storage!.device.read(this);
     const arr = hostArrayFor(this.dtype, this.numel);
     new Uint8Array(arr.buffer).set(bytes.subarray(0, this.nbytes));
     return new Tensor({ shape: this.shape, dtype: this.dtype, data: arr });
   }
 
   /** Copy to the GPU of `engine` (a no-op for a GPU tensor of that engine). */
-  toGpu(engine: Engine, owner?: string): Tensor {
+  toGpu(engine: TensorDevice, owner?: string): Tensor {
     if (this.storage) {
-      if (this.storage.engine !== engine) throw new Error('[tensor] tensor belongs to another engine');
+      if (this.storage.device !== engine) throw new Error('[tensor] tensor belongs to another engine');
       return this;
     }
     return engine.fromHost(this.data!, this.shape, this.dtype, owner);
@@ -215,14 +248,38 @@ export class Tensor {
     return this.narrow0(i, i + 1).reshape(this.shape.slice(1));
   }
 
+  /**
+   * The bytes [byteOffset, byteOffset + its size) of this tensor, seen as a tensor of `shape` and
+   * `dtype` (a view sharing the storage, like torch's `untyped_storage()[a:b].view(dtype)`): how a
+   * packed buffer (a block image, a GPU slot holding several weights) hands out its parts. The
+   * offset must keep elements aligned to their size, and the view must end inside this tensor.
+   */
+  viewBytes(byteOffset: number, shape: Shape, dtype: DType): Tensor {
+    checkShape(shape, 'viewBytes');
+    const size = dtypeSize(dtype);
+    const nbytes = numelOf(shape) * size;
+    if (!Number.isInteger(byteOffset) || byteOffset < 0) throw new ShapeError(`[viewBytes] byte offset ${byteOffset} of ${this} must be an integer >= 0`);
+    const at = (this.data ? this.data.byteOffset : this.byteOffset) + byteOffset;
+    if (at % size !== 0) throw new ShapeError(`[viewBytes] a ${dtype} view of ${this} at byte offset ${byteOffset} starts at storage byte ${at}, not a multiple of ${size}; align the offset`);
+    if (byteOffset + nbytes > this.nbytes) {
+      throw new ShapeError(`[viewBytes] a ${dtype} view ${shapeStr(shape)} (${nbytes} bytes) at byte offset ${byteOffset} runs past the end of ${this} (${this.nbytes} bytes)`);
+    }
+    return this.viewOf(shape, dtype, byteOffset);
+  }
+
   private viewAt(shape: readonly number[], elemOffset: number): Tensor {
+    return this.viewOf(shape, this.dtype, elemOffset * dtypeSize(this.dtype));
+  }
+
+  /** a view at `byteOffset` bytes into this tensor (checked by the callers) */
+  private viewOf(shape: Shape, dtype: DType, byteOffset: number): Tensor {
     this.assertLive();
     if (this.storage) {
       this.storage.refs++;
-      return new Tensor({ shape, dtype: this.dtype, storage: this.storage, byteOffset: this.byteOffset + elemOffset * dtypeSize(this.dtype) });
+      return new Tensor({ shape, dtype, storage: this.storage, byteOffset: this.byteOffset + byteOffset });
     }
-    const n = numelOf(shape);
-    return new Tensor({ shape, dtype: this.dtype, data: this.data!.subarray(elemOffset, elemOffset + n) as HostArray });
+    const d = this.data!;
+    return new Tensor({ shape, dtype, data: hostView(dtype, d.buffer, d.byteOffset + byteOffset, numelOf(shape)) });
   }
 
   assertLive(): void {
@@ -234,7 +291,7 @@ export class Tensor {
     if (this.disposed) return;
     this.disposed = true;
     if (this.storage) {
-      this.storage.engine.untrack(this);
+      this.storage.device.untrack(this);
       this.storage.release();
     }
   }

@@ -21,7 +21,7 @@ export interface DemoEvalOptions {
 export async function evalDemo(opts: DemoEvalOptions = {}) {
   const model = opts.model ?? join(ROOT, 'weights', 'demo');
   const prompts = demoPrompts(loadHeldout(join(ROOT, 'training', 'heldout.json')), { heldoutPerCombo: opts.heldoutPerCombo ?? 3 });
-  const pipe = await WanPipeline.fromPretrained(model, { promptCache: false, config: opts.steps ? { 'infer.num_inference_steps': opts.steps } : {} });
+  const pipe = await WanPipeline.fromPretrained(model, { promptCache: false, defaults: { numInferenceSteps: opts.steps } });
   const rows: Array<DemoPrompt & Analysis & { seed: number }> = [];
   const t0 = performance.now();
   try {

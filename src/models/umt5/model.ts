@@ -18,7 +18,8 @@ import { embedding } from '../../ops/gather.ts';
 import { add, mul } from '../../ops/elementwise.ts';
 import { relativeBucketsByOffset, relativeBiasTable } from './buckets.ts';
 import { ShapeError } from '../../util/errors.ts';
-import { RESIDENT, type Tracer, type BlockResidency } from '../wan_dit/model.ts';
+import { RESIDENT, type BlockResidency } from '../../nn/residency.ts';
+import type { Tracer } from '../../nn/trace.ts';
 
 export interface Umt5Dims {
   dModel: number;

@@ -8,8 +8,10 @@
 
 import { Module, ModuleList, Param, Container, ParamHolder } from '../../nn/module.ts';
 import { Linear, LayerNorm, RMSNorm } from '../../nn/layers.ts';
+import { RESIDENT, type BlockResidency } from '../../nn/residency.ts';
+import type { Tracer } from '../../nn/trace.ts';
 import { Tensor } from '../../tensor/tensor.ts';
-import type { Engine } from '../../runtime/engine.ts';
+import { engineOf, type Engine } from '../../runtime/engine.ts';
 import { attention } from '../../ops/attention.ts';
 import { rope } from '../../ops/rope.ts';
 import { permute } from '../../ops/layout.ts';
@@ -59,25 +61,6 @@ export function ditDimsFromConfig(c: Record<string, unknown>): WanDitDims {
     ropeMaxSeqLen: (c.rope_max_seq_len as number) ?? 1024,
   };
 }
-
-/** Placement of the blocks' weights, driven by the residency manager (explicit in the loop below). */
-export interface BlockResidency {
-  /** make block i's weights usable on the GPU (waits for a prefetch in flight) */
-  acquire(i: number): Promise<void>;
-  /** start bringing block i's weights (no-op when resident) */
-  prefetch(i: number): void;
-  /** block i's weights are no longer needed for this pass */
-  release(i: number): void;
-}
-
-export const RESIDENT: BlockResidency = {
-  acquire: async () => {},
-  prefetch: () => {},
-  release: () => {},
-};
-
-/** Receives named intermediates (golden tests); must copy what it keeps. */
-export type Tracer = (name: string, t: Tensor) => Promise<void> | void;
 
 class WanAttention extends Module {
   readonly to_q: Linear;
@@ -158,7 +141,7 @@ export class WanBlock extends Module {
    * Returns the new residual stream (the input is not modified).
    */
   async forward(x: Tensor, e0: Tensor, ctx: Tensor, ropeCs: { cos: Tensor; sin: Tensor }, trace?: Tracer, tag = ''): Promise<Tensor> {
-    const e = x.engine!;
+    const e = engineOf(x)!;
     const eps = this.dims.eps;
     const D = x.size(2);
     // m = scale_shift_table[0] + e0, chunked: shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn
@@ -190,7 +173,7 @@ function layerNormMod(x: Tensor, shift: Tensor, scale: Tensor, eps: number): Ten
 /** Row k of a [R, D] tensor as a bindable tensor (a view when aligned, else a copy). */
 function alignedRow(e: Engine, m: Tensor, k: number): Tensor {
   const v = m.select0(k);
-  if (v.byteOffset % e.storageAlign === 0) return v;
+  if (v.byteOffset % e.caps.storageAlign === 0) return v;
   const c = e.clone(v);
   v.dispose();
   return c;
@@ -279,7 +262,7 @@ export class WanTransformer3DModel extends Module {
    * ctxEmb: embedded text [B, textLen, D] (from embedText). Returns the flow prediction [B, C_out, F, H, W].
    */
   async forward(x: Tensor, t: number, ctxEmb: Tensor, opts: DitForwardOptions = {}): Promise<Tensor> {
-    const e = x.engine;
+    const e = engineOf(x);
     if (!e) throw new ShapeError('[wan_dit] run the DiT on a GPU engine');
     const residency = opts.residency ?? RESIDENT;
     const trace = opts.trace;

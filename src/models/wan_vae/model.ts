@@ -15,8 +15,8 @@
 
 import { Module, ModuleList, Param, Container, ParamHolder } from '../../nn/module.ts';
 import { Tensor } from '../../tensor/tensor.ts';
-import type { Engine } from '../../runtime/engine.ts';
-import { conv3d, conv2d } from '../../ops/conv.ts';
+import { engineOf, type Engine } from '../../runtime/engine.ts';
+import { conv3d, conv2d, conv3dWorkColumns } from '../../ops/conv.ts';
 import { upsampleNearest2x } from '../../ops/upsample.ts';
 import { channelL2Norm } from '../../ops/norm.ts';
 import { permute, concat, slice } from '../../ops/layout.ts';
@@ -24,7 +24,7 @@ import { linear } from '../../ops/matmul.ts';
 import { attention } from '../../ops/attention.ts';
 import { add, unary } from '../../ops/elementwise.ts';
 import { ShapeError } from '../../util/errors.ts';
-import type { Tracer } from '../wan_dit/model.ts';
+import type { Tracer } from '../../nn/trace.ts';
 
 export interface WanVaeDims {
   baseDim: number;
@@ -88,7 +88,7 @@ class CausalConv3d extends Module {
    * updated with this chunk's last frames.
    */
   forward(x: Tensor, cache: CausalCache | null): Tensor {
-    const e = x.engine;
+    const e = engineOf(x);
     const kt = this.k[0];
     const ph = (this.k[1] - 1) / 2;
     const pw = (this.k[2] - 1) / 2;
@@ -211,8 +211,8 @@ class AttentionBlock extends Module {
 /** rows [start, start+n) of a weight or bias, as a bindable tensor */
 function rowsOf(t: Tensor, start: number, n: number): Tensor {
   const v = t.narrow0(start, start + n);
-  const e = t.engine;
-  if (!e || v.byteOffset % e.storageAlign === 0) return v;
+  const e = engineOf(t);
+  if (!e || v.byteOffset % e.caps.storageAlign === 0) return v;
   const c = e.clone(v);
   v.dispose();
   return c;
@@ -344,7 +344,7 @@ export class WanVaeDecoder extends Module {
    * (see runStages). x: [B, zDim, Tc, H, W] de-normalized latents.
    */
   stem(x: Tensor, cache: CausalCache, traceStep?: (n: string, t: Tensor) => Promise<void>, opts: { stages?: number; first?: boolean } = {}): Promise<Tensor> {
-    const e = x.engine!;
+    const e = engineOf(x)!;
     return e.scopeAsync(async () => {
       const pq = this.post_quant_conv.forward(x, cache);
       if (traceStep) await traceStep('post_quant_conv_out', pq);
@@ -366,7 +366,7 @@ export class WanVaeDecoder extends Module {
    * raw (unclamped) output [B, 3, T', 8H, 8W].
    */
   head(h: Tensor, cache: CausalCache, first: boolean, traceStep?: (n: string, t: Tensor) => Promise<void>, fromStage = 0): Promise<Tensor> {
-    const e = h.engine!;
+    const e = engineOf(h)!;
     return e.scopeAsync(async () => {
       const x = await this.runStages(e, fromStage, this.numStages, h, h, cache, first, traceStep);
       return this.conv_out.forward(silu(this.norm_out.forward(x)), cache);
@@ -411,6 +411,15 @@ export class WanVaeDecoder extends Module {
       }
     }
     return r + 1 / sc; // conv_out
+  }
+
+  /**
+   * Width granularity, in latent pixels, of the decode's cost: the output-resolution convs compute
+   * rows in whole workgroups (conv3dWorkColumns), so a region's columns cost this many at a time.
+   * The tiled decode plans its column tiles around it.
+   */
+  get columnQuantum(): number {
+    return Math.max(1, Math.round(conv3dWorkColumns(1) / this.stageScale(this.numStages)));
   }
 
   /** Spatial scale, relative to the latent, of the output of stages [0, s). */

@@ -1,0 +1,110 @@
+// What a run reports about itself: the JSON sidecar, the memory snapshot files, and the text of
+// `--memory-stats`, `--profile` and the loaded/done lines. Used by the CLI; nothing here runs the model.
+
+import { resolve } from 'node:path';
+import { toDotted } from '../config/settings.ts';
+import type { Settings } from '../config/schema.ts';
+import { takeSnapshot, renderSnapshotHtml } from '../memory/snapshot.ts';
+import { writeFileAtomic } from '../io/atomic.ts';
+import { fmtBytes } from '../util/errors.ts';
+import type { GenerateResult, ProgressEvent, WanPipeline } from './wan-pipeline.ts';
+
+type Memory = GenerateResult['memory'];
+
+/** The run's peaks: the largest of its phases' (the pipeline resets the peaks at each phase). */
+export function runPeaks(mem: Memory): { allocated: number; reserved: number } {
+  const phases = Object.values(mem.perPhase);
+  return { allocated: Math.max(0, ...phases.map((p) => p.peakAllocated)), reserved: Math.max(0, ...phases.map((p) => p.peakReserved)) };
+}
+
+export interface SidecarInput {
+  settings: Settings;
+  pipe: WanPipeline;
+  /** the video file, or null when none was written */
+  videoPath: string | null;
+  /** [3, T, H, W] */
+  videoShape: readonly number[];
+  /** the latents file this run wrote or decoded, if any */
+  latentsPath: string | null;
+  result: Pick<GenerateResult, 'timingsMs' | 'memory' | 'uploads'>;
+}
+
+/** The JSON sidecar: what was asked (the settings by their dotted keys), on what, and what it cost. */
+export function sidecar(r: SidecarInput): Record<string, unknown> {
+  const { settings, pipe, result } = r;
+  const req = settings.request;
+  const peaks = runPeaks(result.memory);
+  return {
+    tool: 'smart-diffusion',
+    created: new Date().toISOString(),
+    prompt: req.prompt,
+    negative_prompt: req.negativePrompt,
+    seed: req.seed,
+    model: { path: settings.load.model, transformer: pipe.folder.transformer.config, vae_base_dim: pipe.folder.vae.config.base_dim, text_encoder_d_model: pipe.folder.textEncoder.config.d_model },
+    video: { path: r.videoPath, frames: r.videoShape[1], height: r.videoShape[2], width: r.videoShape[3], fps: settings.output.fps },
+    latents: r.latentsPath,
+    adapter: pipe.engine.adapterName,
+    memory_plan: pipe.plan,
+    timings_ms: result.timingsMs,
+    memory: {
+      peak_allocated_bytes: peaks.allocated,
+      peak_reserved_bytes: peaks.reserved,
+      per_phase: result.memory.perPhase,
+      per_step: result.memory.perStep,
+    },
+    uploads: result.uploads ?? null,
+    config: toDotted(settings),
+  };
+}
+
+/** `--memory-stats`: one line per memory event */
+export function memoryLine(ev: Extract<ProgressEvent, { type: 'memory' }>): string {
+  return `  memory ${ev.phase}${ev.step ? ` step ${ev.step}` : ''}: allocated ${fmtBytes(ev.allocated)}, reserved ${fmtBytes(ev.reserved)}, peak allocated ${fmtBytes(ev.peakAllocated)}, peak reserved ${fmtBytes(ev.peakReserved)}`;
+}
+
+export function loadedLine(pipe: WanPipeline, loadMs: number): string {
+  const p = pipe.plan;
+  return `loaded in ${(loadMs / 1000).toFixed(1)} s on ${pipe.engine.adapterName}; memory level ${p.level} (text encoder: ${p.textEncoder}, DiT: ${p.dit}, VAE: ${p.vae}${p.vaeTiling ? `, tiled ${p.tileSize || 'auto'}` : ''})`;
+}
+
+export function doneLine(written: readonly string[], timingsMs: Record<string, number>, mem: Memory): string {
+  const peaks = runPeaks(mem);
+  const timings = Object.entries(timingsMs)
+    .map(([k, v]) => `${k} ${(v / 1000).toFixed(1)} s`)
+    .join(', ');
+  return `done: ${written.join(', ')}\n  timings ${timings}; peak GPU memory ${fmtBytes(peaks.allocated)} allocated, ${fmtBytes(peaks.reserved)} reserved`;
+}
+
+/** `--profile`: the per-kernel table, phase times and (level 3) the block streaming statistics */
+export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'>): string {
+  const lines = ['', 'kernels (GPU time from timestamp queries):', pipe.engine.profile.table(), '', 'phases (wall ms):'];
+  for (const [k, v] of Object.entries(result.timingsMs)) lines.push(`  ${k.padEnd(8)} ${v.toFixed(0).padStart(9)}`);
+  if (result.uploads) {
+    const u = result.uploads;
+    const hidden = u.uploadMs - u.exposedMs;
+    lines.push(
+      '',
+      `DiT block streaming: ${u.uploads} uploads, ${fmtBytes(u.bytes)} in ${u.uploadMs.toFixed(0)} ms on the main thread (${(u.bytes / Math.max(1e-9, u.uploadMs) / 1e6).toFixed(2)} GB/s);`,
+      `  ${u.prefetched} prefetched (copied while the GPU still had the previous blocks queued): ${hidden.toFixed(0)} ms of the copying ran ahead of need, ${u.exposedMs.toFixed(0)} ms while the denoise loop waited for that block;`,
+      `  acquire() waited ${u.stallMs.toFixed(0)} ms in all (mostly the GPU finishing the previous block, not upload time); the end-to-end cost of streaming is the denoise time against level 0 (npm run bench:memory)`,
+    );
+    lines.push(`  GPU compute (sum of kernel times): ${pipe.engine.profile.totalMs().toFixed(0)} ms`);
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** `--profile` as one JSON-lines record */
+export function profileRecord(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'>): Record<string, unknown> {
+  return { event: 'profile', kernels: pipe.engine.profile.rows(), timings: result.timingsMs, uploads: result.uploads ?? null };
+}
+
+/** `--memory-snapshot PATH`: the allocator's history as PATH.json and an HTML timeline; returns the files */
+export async function writeMemorySnapshot(path: string, pipe: WanPipeline, prompt: string): Promise<string[]> {
+  const snap = takeSnapshot(pipe.engine.allocator, pipe.engine.adapterName);
+  const snapPath = resolve(path);
+  const jsonPath = snapPath.endsWith('.json') ? snapPath : `${snapPath}.json`;
+  const htmlPath = jsonPath.replace(/\.json$/, '.html');
+  await writeFileAtomic(jsonPath, JSON.stringify(snap));
+  await writeFileAtomic(htmlPath, renderSnapshotHtml(snap, { title: `GPU memory: ${prompt.slice(0, 60)} (level ${pipe.plan.level})` }));
+  return [jsonPath, htmlPath];
+}
