@@ -9,8 +9,7 @@
 // two on the 2-core lavapipe machine (the shape string names what is run; `real` what the model
 // does). FLOPs and bytes are the op registry's for the fused call (4 * B * H * Lq * Lk * Dh flops),
 // used for both paths.
-import { addBench, opWork, type BenchInstance, type PeerInstance } from './harness.ts';
-import { Rng } from '../src/util/rng.ts';
+import { addBench, opWork, randn, type BenchInstance, type PeerInstance } from './harness.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import type { Engine } from '../src/runtime/engine.ts';
 import type { DType } from '../src/tensor/dtype.ts';
@@ -43,10 +42,6 @@ const CASES: Case[] = [
   { name: 'umt5-xxl self-attn', B: 1, Lq: 512, Lk: 512, H: 64, Dh: 64, scale: 1, bias: 'relative', maskTail: 100, dtype: 'f32', real: 'L=512 (as run)' },
   { name: 'wan vae mid attn', B: 1, Lq: 1024, Lk: 1024, H: 1, Dh: 384, scale: 1 / Math.sqrt(384), dtype: 'f32', real: 'L=6240 per frame (480p), 21 frames' },
 ];
-
-function randn(n: number, seed: number, std: number): Float32Array {
-  return new Rng(seed).fillNormal(new Float32Array(n), std);
-}
 
 /** what both paths get: host data, and the T5 bias expanded to [H, Lq, Lk] for the unfused path */
 function inputs(c: Case) {

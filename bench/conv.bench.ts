@@ -8,16 +8,11 @@
 // Our result is validated against the CPU reference (first 8 output channels), the peer's against
 // ours.
 
-import { addBench, opWork, type BenchInstance, type PeerInstance, type Work } from './harness.ts';
+import { addBench, opWork, randn, type BenchInstance, type PeerInstance, type Work } from './harness.ts';
 import { tfjsOn, tfSync } from './peers/tfjs.ts';
-import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import { conv3d, conv2d, conv3dOp, conv2dOp } from '../src/ops/conv.ts';
 import type { Engine } from '../src/runtime/engine.ts';
-
-function randn(n: number, seed: number, std = 1): Float32Array {
-  return new Rng(seed).fillNormal(new Float32Array(n), std);
-}
 
 interface ConvCase {
   name: string;

@@ -1,14 +1,9 @@
 // Elementwise / modulation bandwidth on Wan 1.3B activation shapes.
-import { addBench, opWork, type Work } from './harness.ts';
-import { Rng } from '../src/util/rng.ts';
+import { addBench, opBench, opWork, randn, type Work } from './harness.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import { modulate, gatedResidual, unary, type UnaryKind } from '../src/ops/elementwise.ts';
 import type { ParamValues } from '../src/runtime/params.ts';
 import { grid1d } from '../src/ops/registry.ts';
-
-function rand(n: number, seed: number): Float32Array {
-  return new Rng(seed).fillNormal(new Float32Array(n));
-}
 
 for (const [name, L, D] of [['wan1.3b tokens', 4680, 1536]] as const) {
   addBench({
@@ -17,31 +12,10 @@ for (const [name, L, D] of [['wan1.3b tokens', 4680, 1536]] as const) {
     shape: `L${L} D${D}`,
     dtype: 'f32',
     async setup(e) {
-      const x = e.fromHost(rand(L * D, 1), [L, D], 'f32');
-      const sh = e.fromHost(rand(D, 2), [D], 'f32');
-      const sc = e.fromHost(rand(D, 3), [D], 'f32');
-      let y: Tensor | null = null;
-      return {
-        work: opWork(modulate, { x, shift: sh, scale: sc }, {}),
-        run() {
-          y?.dispose();
-          y = modulate({ x, shift: sh, scale: sc }, {});
-        },
-        async validate() {
-          const out = modulate({ x, shift: sh, scale: sc }, {});
-          const ref = modulate({ x: await x.toCpu(), shift: await sh.toCpu(), scale: await sc.toCpu() }, {});
-          const a = await out.toArray();
-          const b = ref.hostValues();
-          for (let i = 0; i < a.length; i += 97) if (Math.abs(a[i]! - b[i]!) > 1e-5) throw new Error(`modulate mismatch at ${i}`);
-          out.dispose();
-        },
-        dispose() {
-          y?.dispose();
-          x.dispose();
-          sh.dispose();
-          sc.dispose();
-        },
-      };
+      const x = Tensor.cpu(randn(L * D, 1), [L, D]);
+      const shift = Tensor.cpu(randn(D, 2), [D]);
+      const scale = Tensor.cpu(randn(D, 3), [D]);
+      return opBench(e, 'modulate', modulate, { x, shift, scale }, {}, 1e-5);
     },
   });
   addBench({
@@ -50,31 +24,10 @@ for (const [name, L, D] of [['wan1.3b tokens', 4680, 1536]] as const) {
     shape: `L${L} D${D}`,
     dtype: 'f32',
     async setup(e) {
-      const x = e.fromHost(rand(L * D, 1), [L, D], 'f32');
-      const r = e.fromHost(rand(L * D, 4), [L, D], 'f32');
-      const g = e.fromHost(rand(D, 3), [D], 'f32');
-      let y: Tensor | null = null;
-      return {
-        work: opWork(gatedResidual, { x, r, gate: g }, {}),
-        run() {
-          y?.dispose();
-          y = gatedResidual({ x, r, gate: g }, {});
-        },
-        async validate() {
-          const out = gatedResidual({ x, r, gate: g }, {});
-          const ref = gatedResidual({ x: await x.toCpu(), r: await r.toCpu(), gate: await g.toCpu() }, {});
-          const a = await out.toArray();
-          const b = ref.hostValues();
-          for (let i = 0; i < a.length; i += 97) if (Math.abs(a[i]! - b[i]!) > 1e-5) throw new Error(`gated_residual mismatch at ${i}`);
-          out.dispose();
-        },
-        dispose() {
-          y?.dispose();
-          x.dispose();
-          r.dispose();
-          g.dispose();
-        },
-      };
+      const x = Tensor.cpu(randn(L * D, 1), [L, D]);
+      const r = Tensor.cpu(randn(L * D, 4), [L, D]);
+      const gate = Tensor.cpu(randn(D, 3), [D]);
+      return opBench(e, 'gated_residual', gatedResidual, { x, r, gate }, {}, 1e-5);
     },
   });
 }
@@ -95,7 +48,7 @@ function scalarBaseline(kernel: string, entry: string, L: number, D: number, lay
     dtype: 'f32',
     async setup(e) {
       const n = L * D;
-      const bufs = layout.map((k, i) => (k === 'write' ? e.empty([L, D], 'f32') : e.fromHost(rand(i === 0 || entry === 'gated_residual' ? n : D, 20 + i), [i === 0 || entry === 'gated_residual' ? n : D], 'f32')));
+      const bufs = layout.map((k, i) => (k === 'write' ? e.empty([L, D], 'f32') : e.fromHost(randn(i === 0 || entry === 'gated_residual' ? n : D, 20 + i), [i === 0 || entry === 'gated_residual' ? n : D], 'f32')));
       const w = work(bufs);
       const run = () => {
         // a bare kernel, not an op: tell the wait predictor its work
@@ -136,27 +89,7 @@ function scalarBaseline(kernel: string, entry: string, L: number, D: number, lay
       shape: `L${L} D${D}`,
       dtype: 'f32',
       async setup(e) {
-        const x = e.fromHost(rand(n, 30), [L, D], 'f32');
-        let y: Tensor | null = null;
-        return {
-          work: opWork(unary, { x }, { kind }),
-          run() {
-            y?.dispose();
-            y = unary({ x }, { kind });
-          },
-          async validate() {
-            const out = unary({ x }, { kind });
-            const ref = unary({ x: await x.toCpu() }, { kind });
-            const a = await out.toArray();
-            const b = ref.hostValues();
-            for (let i = 0; i < a.length; i += 97) if (Math.abs(a[i]! - b[i]!) > 1e-5 * (1 + Math.abs(b[i]!))) throw new Error(`unary ${kind} mismatch at ${i}`);
-            out.dispose();
-          },
-          dispose() {
-            y?.dispose();
-            x.dispose();
-          },
-        };
+        return opBench(e, `unary ${kind}`, unary, { x: Tensor.cpu(randn(n, 30), [L, D]) }, { kind }, 1e-5);
       },
     });
   }
@@ -168,7 +101,7 @@ function scalarBaseline(kernel: string, entry: string, L: number, D: number, lay
     flops: 0,
     bytes: n * 8,
     async setup(e) {
-      const x = e.fromHost(rand(n, 31), [L, D], 'f32');
+      const x = e.fromHost(randn(n, 31), [L, D], 'f32');
       const y = e.empty([L, D], 'f32');
       return {
         run: () => e.copyBuffer(x.buffer, x.byteOffset, y.buffer, y.byteOffset, n * 4),

@@ -5,6 +5,8 @@
 
 import type { Engine } from '../src/runtime/engine.ts';
 import type { Op, OpInputs } from '../src/ops/registry.ts';
+import type { Tensor } from '../src/tensor/tensor.ts';
+import { Rng } from '../src/util/rng.ts';
 
 export interface BenchInstance {
   /** encode one run of the kernel(s) (the harness syncs after it) */
@@ -49,17 +51,53 @@ export interface Work {
   bytes: number;
 }
 
-/** One op call's flops and bytes, as the op registry counts them (summed over several calls by `sumWork`). */
+/** One op call's flops and bytes, as the op registry counts them. */
 export function opWork<I extends OpInputs, A>(op: Op<I, A>, inputs: I, attrs: A): Work {
   return { flops: op.def.flops(inputs, attrs), bytes: op.def.bytes(inputs, attrs) };
 }
 
-export function sumWork(...w: Work[]): Work {
-  return { flops: w.reduce((s, x) => s + x.flops, 0), bytes: w.reduce((s, x) => s + x.bytes, 0) };
-}
-
 export function addBench(c: BenchCase): void {
   cases.push(c);
+}
+
+/** Seeded normal values (the cases' inputs). */
+export function randn(n: number, seed: number, std = 1): Float32Array {
+  return new Rng(seed).fillNormal(new Float32Array(n), std);
+}
+
+/** Validate a sample of the GPU result against the CPU reference (every 97th element). */
+async function sampleCheck(what: string, gpu: Tensor, cpu: Tensor, tol = 1e-4): Promise<void> {
+  const a = await gpu.toArray();
+  const b = cpu.hostValues();
+  if (a.length !== b.length) throw new Error(`${what}: length ${a.length} != ${b.length}`);
+  for (let i = 0; i < a.length; i += 97) {
+    if (!(Math.abs(a[i]! - b[i]!) <= tol * (1 + Math.abs(b[i]!)))) throw new Error(`${what} mismatch at ${i}: ${a[i]} vs ${b[i]}`);
+  }
+}
+
+/**
+ * A bench instance that runs the registered `op` on GPU copies of `inputs`, validated against the
+ * same op on the CPU inputs (sampleCheck with `tol`); its flops and bytes are the registry's.
+ */
+export function opBench<I extends OpInputs, A>(e: Engine, what: string, op: Op<I, A>, inputs: I, attrs: A, tol?: number): BenchInstance {
+  const g = Object.fromEntries(Object.entries(inputs).map(([k, t]) => [k, t?.toGpu(e)])) as I;
+  let y: Tensor | null = null;
+  return {
+    work: opWork(op, g, attrs),
+    run() {
+      y?.dispose();
+      y = op(g, attrs);
+    },
+    async validate() {
+      const out = op(g, attrs);
+      await sampleCheck(what, out, op(inputs, attrs), tol);
+      out.dispose();
+    },
+    dispose() {
+      y?.dispose();
+      for (const t of Object.values(g)) t?.dispose();
+    },
+  };
 }
 
 export interface BenchRow {

@@ -6,9 +6,8 @@
 // shape string names the L used. Weights: bf16 as in the checkpoints (ours only: tfjs has no
 // bf16) and f32 (ours and the peer, same shapes). Each case is validated before timing: a few
 // output rows against the CPU reference (src/ops/matmul.ts), and the peer against the same rows.
-import { addBench, opWork, type BenchInstance, type PeerInstance } from './harness.ts';
+import { addBench, opWork, randn, type BenchInstance, type PeerInstance } from './harness.ts';
 import { tfjsOn, tfSync } from './peers/tfjs.ts';
-import { Rng } from '../src/util/rng.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import type { Engine } from '../src/runtime/engine.ts';
 import type { DType } from '../src/tensor/dtype.ts';
@@ -36,10 +35,6 @@ const SHAPES: Shape[] = [
   { name: 'umt5-xxl DenseReluDense.wi', L: 128, K: 4096, N: 10240, real: 'L=512' },
   { name: 'umt5-xxl DenseReluDense.wo', L: 128, K: 10240, N: 4096, real: 'L=512' },
 ];
-
-function randn(n: number, seed: number, std: number): Float32Array {
-  return new Rng(seed).fillNormal(new Float32Array(n), std);
-}
 
 /** rows of x checked against the CPU reference before timing */
 function sampleRows(L: number): number[] {

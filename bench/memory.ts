@@ -307,7 +307,7 @@ const f1 = (v: number | undefined) => (v ?? 0).toFixed(1);
 const levelLabel = (r: Row) => `${r.level}${r.variant === 'te-gpu-stream' ? ' (text encoder streamed)' : r.variant === 'untiled' ? ' (VAE tiling off)' : ''}`;
 
 /** docs/memory-levels.md from the measured rows (also `--from-json FILE` to re-render a run). */
-export function renderDoc(rows: Row[], adapter: string, date = new Date().toISOString(), note = ''): string {
+function renderDoc(rows: Row[], adapter: string, date = new Date().toISOString(), note = ''): string {
   const table = [
     `| model | level | peak allocated | peak reserved | GPU weights during denoise | load s | encode s | denoise s | decode s | total s | × level 0 |`,
     `|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|`,

@@ -1,53 +1,9 @@
 // Norms, RoPE and layout permutes on Wan workload shapes (GB/s; the ops are memory-bound).
-import { addBench, opWork, type BenchInstance } from './harness.ts';
-import type { Engine } from '../src/runtime/engine.ts';
-import type { Op, OpInputs } from '../src/ops/registry.ts';
-import { Rng } from '../src/util/rng.ts';
+import { addBench, opBench, randn } from './harness.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import { layerNorm, rmsNorm, channelL2NormOp, type RowImpl } from '../src/ops/norm.ts';
 import { ropeOp } from '../src/ops/rope.ts';
 import { permuteOp } from '../src/ops/layout.ts';
-
-function rand(n: number, seed: number, scale = 1): Float32Array {
-  const a = new Rng(seed).fillNormal(new Float32Array(n));
-  if (scale !== 1) for (let i = 0; i < a.length; i++) a[i]! *= scale;
-  return a;
-}
-
-/** Validate a sample of the GPU result against the CPU reference (every 97th element). */
-async function sampleCheck(what: string, gpu: Tensor, cpu: Tensor, tol = 1e-4): Promise<void> {
-  const a = await gpu.toArray();
-  const b = cpu.hostValues();
-  if (a.length !== b.length) throw new Error(`${what}: length ${a.length} != ${b.length}`);
-  for (let i = 0; i < a.length; i += 97) {
-    if (!(Math.abs(a[i]! - b[i]!) <= tol * (1 + Math.abs(b[i]!)))) throw new Error(`${what} mismatch at ${i}: ${a[i]} vs ${b[i]}`);
-  }
-}
-
-/**
- * A bench instance that runs the registered `op` on GPU copies of `inputs`, validated against the
- * same op on the CPU inputs; its flops and bytes are the registry's.
- */
-function opBench<I extends OpInputs, A>(e: Engine, what: string, op: Op<I, A>, inputs: I, attrs: A): BenchInstance {
-  const g = Object.fromEntries(Object.entries(inputs).map(([k, t]) => [k, t?.toGpu(e)])) as I;
-  let y: Tensor | null = null;
-  return {
-    work: opWork(op, g, attrs),
-    run() {
-      y?.dispose();
-      y = op(g, attrs);
-    },
-    async validate() {
-      const out = op(g, attrs);
-      await sampleCheck(what, out, op(inputs, attrs));
-      out.dispose();
-    },
-    dispose() {
-      y?.dispose();
-      for (const t of Object.values(g)) t?.dispose();
-    },
-  };
-}
 
 // ---- LayerNorm (+ Wan modulation) and RMSNorm on DiT tokens ----
 for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as const) {
@@ -58,9 +14,9 @@ for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as
       shape: `L${L} D${D}`,
       dtype: 'f32',
       async setup(e) {
-        const x = Tensor.cpu(rand(L * D, 1), [L, D]);
-        const shift = Tensor.cpu(rand(D, 2), [D]);
-        const scale = Tensor.cpu(rand(D, 3, 0.1), [D]);
+        const x = Tensor.cpu(randn(L * D, 1), [L, D]);
+        const shift = Tensor.cpu(randn(D, 2), [D]);
+        const scale = Tensor.cpu(randn(D, 3, 0.1), [D]);
         return opBench(e, 'layer_norm', layerNorm, { x, shift, scale }, { eps: 1e-6, impl });
       },
     });
@@ -71,9 +27,9 @@ for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as
     shape: `L${L} D${D}`,
     dtype: 'f32',
     async setup(e) {
-      const x = Tensor.cpu(rand(L * D, 4), [L, D]);
-      const weight = Tensor.fromValues(rand(D, 5), [D], 'bf16');
-      const bias = Tensor.fromValues(rand(D, 6), [D], 'bf16');
+      const x = Tensor.cpu(randn(L * D, 4), [L, D]);
+      const weight = Tensor.fromValues(randn(D, 5), [D], 'bf16');
+      const bias = Tensor.fromValues(randn(D, 6), [D], 'bf16');
       return opBench(e, 'layer_norm affine', layerNorm, { x, weight, bias }, { eps: 1e-6 });
     },
   });
@@ -83,8 +39,8 @@ for (const [model, L, D] of [['wan1.3b', 4680, 1536], ['wan14b', 1560, 5120]] as
     shape: `L${L} D${D}`,
     dtype: 'f32',
     async setup(e) {
-      const x = Tensor.cpu(rand(L * D, 7), [L, D]);
-      const weight = Tensor.cpu(rand(D, 8), [D]);
+      const x = Tensor.cpu(randn(L * D, 7), [L, D]);
+      const weight = Tensor.cpu(randn(D, 8), [D]);
       return opBench(e, 'rms_norm', rmsNorm, { x, weight }, { eps: 1e-6 });
     },
   });
@@ -96,8 +52,8 @@ addBench({
   shape: 'L512 D4096',
   dtype: 'f32',
   async setup(e) {
-    const x = Tensor.cpu(rand(512 * 4096, 9), [512, 4096]);
-    const weight = Tensor.fromValues(rand(4096, 10), [4096], 'bf16');
+    const x = Tensor.cpu(randn(512 * 4096, 9), [512, 4096]);
+    const weight = Tensor.fromValues(randn(4096, 10), [4096], 'bf16');
     return opBench(e, 'rms_norm t5', rmsNorm, { x, weight }, { eps: 1e-6 });
   },
 });
@@ -112,8 +68,8 @@ addBench({
     shape: `[${shape.join(',')}]`,
     dtype: 'f32',
     async setup(e) {
-      const x = Tensor.cpu(rand(n, 11), shape);
-      const gamma = Tensor.cpu(rand(384, 12), [384, 1, 1, 1]);
+      const x = Tensor.cpu(randn(n, 11), shape);
+      const gamma = Tensor.cpu(randn(384, 12), [384, 1, 1, 1]);
       return opBench(e, 'channel_l2_norm', channelL2NormOp, { x, gamma }, undefined);
     },
   });
@@ -129,8 +85,8 @@ addBench({
     shape: `[1,${L},${H},${Dh}]`,
     dtype: 'f32',
     async setup(e) {
-      const x = Tensor.cpu(rand(n, 13), [1, L, H, Dh]);
-      const ang = rand(L * (Dh / 2), 14, 3);
+      const x = Tensor.cpu(randn(n, 13), [1, L, H, Dh]);
+      const ang = randn(L * (Dh / 2), 14, 3);
       const cos = Tensor.cpu(ang.map(Math.cos), [L, Dh / 2]);
       const sin = Tensor.cpu(ang.map(Math.sin), [L, Dh / 2]);
       return opBench(e, 'rope', ropeOp, { x, cos, sin }, undefined);
@@ -153,7 +109,7 @@ for (const [name, shape, dims] of [
     shape: `[${shape.join(',')}]`,
     dtype: 'f32',
     async setup(e) {
-      const x = Tensor.cpu(rand(n, 15), shape);
+      const x = Tensor.cpu(randn(n, 15), shape);
       return opBench(e, 'permute', permuteOp, { x }, { dims });
     },
   });

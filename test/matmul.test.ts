@@ -3,7 +3,6 @@ import { getEngine, randTensor, expectClose, TOL, Rng } from './helpers/gpu.ts';
 import { linear, matmul, linearOp, type Act, type MatmulVariant } from '../src/ops/matmul.ts';
 import { Tensor } from '../src/tensor/tensor.ts';
 import type { DType } from '../src/tensor/dtype.ts';
-import type { Engine } from '../src/runtime/engine.ts';
 
 // The wait predictor would learn lavapipe's first-dispatch shader compiles (seconds) as kernel time
 // and over-sleep afterwards; tests wait on the GPU directly.
@@ -240,5 +239,3 @@ describe('matmul', () => {
     expect(() => matmul(Tensor.cpuZeros([2, 3, 4]), Tensor.cpuZeros([3, 4, 6]))).toThrow(/\[matmul\] batch sizes differ/);
   });
 });
-
-export type { Engine };

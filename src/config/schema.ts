@@ -113,8 +113,6 @@ export type Settings = { [G in Group]: ValuesOf<(typeof SCHEMA)[G]> };
 export type RequestSettings = Settings['request'];
 /** Fixed when the pipeline is built: model, precision, memory placement, device */
 export type LoadSettings = Settings['load'];
-export type OutputSettings = Settings['output'];
-export type ReportSettings = Settings['report'];
 /** Any part of the settings, by group and field (the typed form of a layer) */
 export type SettingsPatch = { [G in Group]?: Partial<Settings[G]> };
 

@@ -93,7 +93,7 @@ export function typedLayer(patch: SettingsPatch, where: string): Layer {
 }
 
 /** The fields of `group` that `obj` sets (an API object may carry other things: callbacks, an engine). */
-export function pickFields<G extends Group>(group: G, obj: object): Partial<Settings[G]> {
+function pickFields<G extends Group>(group: G, obj: object): Partial<Settings[G]> {
   const o = obj as Record<string, unknown>;
   return Object.fromEntries(KEYS.filter((k) => k.group === group && o[k.field] !== undefined).map((k) => [k.field, o[k.field]])) as Partial<Settings[G]>;
 }

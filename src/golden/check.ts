@@ -9,7 +9,7 @@ import type { Engine } from '../runtime/engine.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import { Checkpoint, readTensor } from '../io/checkpoint.ts';
 import { openModelFolder } from '../io/model-folder.ts';
-import { loadModule, type WeightDtype } from '../nn/load.ts';
+import { loadModuleFrom, type WeightDtype } from '../nn/load.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../models/wan_dit/model.ts';
 import { ropeTables, timestepSinusoid } from '../models/wan_dit/host.ts';
 import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
@@ -57,7 +57,7 @@ function setting(g: GoldenJson, prefix: string): unknown {
   return undefined;
 }
 
-export function compareArrays(actual: ArrayLike<number>, expected: ArrayLike<number>): { maxAbs: number; maxRel: number } {
+function compareArrays(actual: ArrayLike<number>, expected: ArrayLike<number>): { maxAbs: number; maxRel: number } {
   if (actual.length !== expected.length) return { maxAbs: Infinity, maxRel: Infinity };
   let maxAbs = 0;
   let maxRef = 0;
@@ -133,12 +133,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   const contexts = new Map<string, Float32Array>(); // prompt/negative -> padded context [textLen, d]
   const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config as unknown as Record<string, unknown>));
   if (want.has('t5') || want.has('sample')) {
-    const ck = await folder.textEncoder.open();
-    try {
-      await loadModule(te, ck, { engine: e, owner: 'text_encoder', weightDtype: wd, placement: (k) => (te.isDeviceKey(k) ? 'device' : 'host') });
-    } finally {
-      await ck.close();
-    }
+    await loadModuleFrom(te, folder.textEncoder, { engine: e, owner: 'text_encoder', weightDtype: wd, placement: (k) => (te.isDeviceKey(k) ? 'device' : 'host') });
     for (const which of ['prompt', 'negative']) {
       const p = `t5.${which}`;
       if (!has(`${p}.input_ids`)) continue;
@@ -171,7 +166,6 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
       const padded = new Float32Array(textLen * d);
       padded.set(last.subarray(0, Math.min(len, textLen) * d));
       contexts.set(which, padded);
-      void L;
     }
   }
   te.disposeParams();
@@ -179,15 +173,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
 
   // ---- DiT
   const needDit = want.has('dit') || want.has('sample');
-  if (needDit) {
-    const ck = await folder.transformer.open();
-    try {
-      await loadModule(dit, ck, { engine: e, owner: 'dit', weightDtype: wd });
-    } finally {
-      await ck.close();
-    }
-  }
-  const D = dit.D;
+  if (needDit) await loadModuleFrom(dit, folder.transformer, { engine: e, owner: 'dit', weightDtype: wd });
   const ctxFor = async (which: string): Promise<Float32Array> => contexts.get(which) ?? goldCtx(which);
   // the golden context, zero-padded to text_len (isolates the DiT check from the text encoder)
   const goldCtx = async (which: string): Promise<Float32Array> => {
@@ -225,14 +211,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   // ---- VAE
   const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config as unknown as Record<string, unknown>));
   const needVae = (want.has('vae') && has('vae.z')) || (want.has('sample') && has('sample.video'));
-  if (needVae) {
-    const ck = await folder.vae.open();
-    try {
-      await loadModule(vae, ck, { engine: e, owner: 'vae', weightDtype: wd });
-    } finally {
-      await ck.close();
-    }
-  }
+  if (needVae) await loadModuleFrom(vae, folder.vae, { engine: e, owner: 'vae', weightDtype: wd });
   if (want.has('vae') && has('vae.z')) {
     const z = await get('vae.z');
     const sh = z.shape as [number, number, number, number];
@@ -283,6 +262,5 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   dit.disposeParams();
   vae.disposeParams();
   await gold.close();
-  void D;
   return rows;
 }

@@ -67,7 +67,7 @@ function midRows(part: 'encoder' | 'decoder'): KeyRow[] {
  * `upsamples` list is regrouped into 4 up blocks of 3 resnets + 1 upsampler (hard-coded for
  * num_res_blocks = 2, as in diffusers); the encoder's `downsamples` keep their flat numbering.
  */
-export const VAE_KEY_TABLE: readonly KeyRow[] = (() => {
+const VAE_KEY_TABLE: readonly KeyRow[] = (() => {
   const rows: KeyRow[] = [
     ['conv1.{p}', 'quant_conv.{p}'],
     ['conv2.{p}', 'post_quant_conv.{p}'],
@@ -96,7 +96,7 @@ export const VAE_KEY_TABLE: readonly KeyRow[] = (() => {
 })();
 
 /** Wan T5Encoder (umt5-xxl) → transformers UMT5EncoderModel. No tensor has a bias. */
-export const T5_KEY_TABLE: readonly KeyRow[] = [
+const T5_KEY_TABLE: readonly KeyRow[] = [
   ['token_embedding.weight', 'shared.weight'],
   ['blocks.{n}.norm1.weight', 'encoder.block.{n}.layer.0.layer_norm.weight'],
   ['blocks.{n}.attn.q.weight', 'encoder.block.{n}.layer.0.SelfAttention.q.weight'],

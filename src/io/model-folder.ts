@@ -20,7 +20,7 @@ import { CheckpointError } from '../util/errors.ts';
 import { Checkpoint, findCheckpointIn } from './checkpoint.ts';
 import { TRANSFORMER_KEYS, VAE_KEYS, T5_KEYS, detectTransformerLayout, type KeyMap } from './key-maps.ts';
 
-export const DOWNLOAD_HINT =
+const DOWNLOAD_HINT =
   'download a diffusers-format Wan 2.1 text-to-video model, e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR` ' +
   '(or Wan-AI/Wan2.1-T2V-14B-Diffusers), and pass DIR';
 
@@ -346,7 +346,7 @@ export function parseSchedulerConfig(obj: Json, file = 'scheduler/scheduler_conf
   };
 }
 
-export function parseModelIndex(obj: Json, file = 'model_index.json'): ModelIndex {
+function parseModelIndex(obj: Json, file = 'model_index.json'): ModelIndex {
   const c = new Cfg(file, obj);
   const cls = c.str('_class_name');
   if (cls !== 'WanPipeline') {

@@ -23,7 +23,7 @@ import { withAtomicFile, writeAll } from './atomic.ts';
 export type StDType = 'BOOL' | 'U8' | 'I8' | 'F8_E5M2' | 'F8_E4M3' | 'I16' | 'U16' | 'F16' | 'BF16' | 'I32' | 'U32' | 'F32' | 'F64' | 'I64' | 'U64';
 
 /** Bytes per element of each safetensors dtype. */
-export const ST_DTYPE_SIZE: Readonly<Record<StDType, number>> = Object.freeze({
+const ST_DTYPE_SIZE: Readonly<Record<StDType, number>> = Object.freeze({
   BOOL: 1,
   U8: 1,
   I8: 1,
@@ -41,7 +41,7 @@ export const ST_DTYPE_SIZE: Readonly<Record<StDType, number>> = Object.freeze({
   U64: 8,
 });
 
-export function isStDType(s: unknown): s is StDType {
+function isStDType(s: unknown): s is StDType {
   return typeof s === 'string' && Object.prototype.hasOwnProperty.call(ST_DTYPE_SIZE, s);
 }
 
@@ -95,7 +95,7 @@ interface ParsedHeader {
  * Validate a header against the format rules and the file size. `headerLength` is N; `json` the
  * decoded header text. Pure (no I/O), exported for tests.
  */
-export function parseSafetensorsHeader(path: string, fileSize: number, headerLength: number, json: string): ParsedHeader {
+function parseSafetensorsHeader(path: string, fileSize: number, headerLength: number, json: string): ParsedHeader {
   const where = `[safetensors] ${path}`;
   if (!json.startsWith('{')) throw new CheckpointError(`${where}: the JSON header does not start with '{': not a safetensors file or corrupt`);
   let raw: unknown;

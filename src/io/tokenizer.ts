@@ -38,7 +38,7 @@ interface Normalizer {
  * extended grapheme cluster, the whole cluster (if under 6 UTF-8 bytes) is looked up first, then
  * each of its characters; a lookup takes the shortest matching prefix and replaces the whole chunk.
  */
-export class PrecompiledCharsmap implements Normalizer {
+class PrecompiledCharsmap implements Normalizer {
   private readonly units: Uint32Array;
   private readonly normalized: Uint8Array;
   private readonly cache = new Map<string, string | null>();

@@ -21,7 +21,7 @@ export class OutputError extends SmartDiffusionError {
 let ffmpegCached: string | null | undefined;
 
 /** Path of an ffmpeg binary, or null when none is available. */
-export function ffmpegPath(): string | null {
+function ffmpegPath(): string | null {
   if (ffmpegCached !== undefined) return ffmpegCached;
   const candidates: string[] = [];
   if (process.env.SD_FFMPEG) candidates.push(process.env.SD_FFMPEG);

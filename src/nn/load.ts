@@ -10,7 +10,7 @@ import type { Engine } from '../runtime/engine.ts';
 import type { Checkpoint } from '../io/checkpoint.ts';
 import { checkSpec, readTensor } from '../io/checkpoint.ts';
 import { Tensor } from '../tensor/tensor.ts';
-import { type DType, decode, encode } from '../tensor/dtype.ts';
+import { type DType, encode } from '../tensor/dtype.ts';
 
 export type WeightDtype = 'checkpoint' | 'f32' | 'f16' | 'bf16';
 
@@ -23,9 +23,6 @@ export interface LoadOptions {
   weightDtype?: WeightDtype;
   /** per key: 'device' (default) or 'host' (kept in host memory, e.g. streamed DiT blocks) */
   placement?: (key: string) => 'device' | 'host';
-  /** prefix of the module's keys inside the checkpoint */
-  prefix?: string;
-  what?: string;
   /** progress callback (bytes read so far, total bytes) */
   onProgress?: (done: number, total: number) => void;
 }
@@ -37,7 +34,7 @@ export interface LoadResult {
 }
 
 /** Convert a host tensor to `dt` (f32 <-> f16 <-> bf16), keeping raw 16-bit words for 16-bit types. */
-export function convertHost(t: Tensor, dt: DType): Tensor {
+function convertHost(t: Tensor, dt: DType): Tensor {
   if (t.dtype === dt) return t;
   const values = t.hostValues();
   if (dt === 'f32') return Tensor.cpu(values instanceof Float32Array ? values : Float32Array.from(values), t.shape, 'f32');
@@ -47,18 +44,17 @@ export function convertHost(t: Tensor, dt: DType): Tensor {
 }
 
 export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOptions): Promise<LoadResult> {
-  const prefix = opts.prefix ?? '';
   const params = module.namedParams();
   const spec = params.map(([key, p]) => ({ key, shape: p.shape }));
-  const { unused } = checkSpec(ckpt, spec, { prefix, what: opts.what ?? opts.owner });
-  const total = params.reduce((a, [key]) => a + ckpt.info(prefix + key).byteLength, 0);
+  const { unused } = checkSpec(ckpt, spec, { what: opts.owner });
+  const total = params.reduce((a, [key]) => a + ckpt.info(key).byteLength, 0);
   let done = 0;
   let deviceBytes = 0;
   let hostBytes = 0;
   let sinceSync = 0;
   for (const [key, p] of params) {
     // the CPU device (no engine) computes on worker threads: its weights go to shared memory
-    const host = await readTensor(ckpt, prefix + key, { expectShape: p.shape, what: opts.what ?? opts.owner, shared: !opts.engine });
+    const host = await readTensor(ckpt, key, { expectShape: p.shape, what: opts.owner, shared: !opts.engine });
     const dt = targetDtype(p, host.dtype, opts.weightDtype ?? 'checkpoint');
     const conv = convertHost(host, dt);
     setParam(p, conv, opts, key);
@@ -72,10 +68,20 @@ export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOpt
         sinceSync = 0;
       }
     } else hostBytes += p.value!.nbytes;
-    done += ckpt.info(prefix + key).byteLength;
+    done += ckpt.info(key).byteLength;
     opts.onProgress?.(done, total);
   }
   return { unused, deviceBytes, hostBytes };
+}
+
+/** loadModule from a checkpoint opened for it (a model folder's component) and closed after, also on failure. */
+export async function loadModuleFrom(module: Module, source: { open(): Promise<Checkpoint> }, opts: LoadOptions): Promise<LoadResult> {
+  const ck = await source.open();
+  try {
+    return await loadModule(module, ck, opts);
+  } finally {
+    await ck.close();
+  }
 }
 
 function setParam(p: Param, host: Tensor, opts: LoadOptions, key: string): void {
@@ -89,11 +95,3 @@ function setParam(p: Param, host: Tensor, opts: LoadOptions, key: string): void 
     p.value = host;
   }
 }
-
-/** Values of a host tensor as f32 (for tests). */
-export function hostF32(t: Tensor): Float32Array {
-  const v = t.hostValues();
-  return v instanceof Float32Array ? v : Float32Array.from(v);
-}
-
-export { decode };

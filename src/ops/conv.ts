@@ -219,6 +219,20 @@ function inputFrames(g: Geo, t0: number, t1: number): [number, number] {
 }
 
 /**
+ * Element strides of the contiguous operands: x [B, Ci, T, H, W] (HW a frame, xcs a channel, xbs
+ * a batch element), y [B, Co, To, Ho, Wo] (plane, ycs, ybs) and weight [Co, Ci, kt, kh, kw] (kk a
+ * channel's taps, wRow an output channel).
+ */
+function strides(g: Geo): { HW: number; plane: number; xcs: number; xbs: number; ycs: number; ybs: number; kk: number; wRow: number } {
+  const HW = g.H * g.W;
+  const plane = g.Ho * g.Wo;
+  const xcs = g.T * HW;
+  const ycs = g.To * plane;
+  const kk = g.kt * g.kh * g.kw;
+  return { HW, plane, xcs, xbs: g.Ci * xcs, ycs, ybs: g.Co * ycs, kk, wRow: g.Ci * kk };
+}
+
+/**
  * Split the call so each window (x, y, weights) fits `limit` bytes. Preference: whole batches,
  * then per batch element: all output frames if a single channel plane fits, input channels
  * chunked (accumulating into y) and output channels chunked (multiples of 8).
@@ -227,14 +241,7 @@ function plan(op: string, g: Geo, xs: number, ys: number, ws: number, limit: num
   const limX = Math.floor((limit - slack) / xs);
   const limY = Math.floor((limit - slack) / ys);
   const limW = Math.floor((limit - slack) / ws);
-  const HW = g.H * g.W;
-  const plane = g.Ho * g.Wo;
-  const xcs = g.T * HW;
-  const xbs = g.Ci * xcs;
-  const ycs = g.To * plane;
-  const ybs = g.Co * ycs;
-  const kk = g.kt * g.kh * g.kw;
-  const wRow = g.Ci * kk;
+  const { HW, plane, xcs, xbs, ycs, ybs, kk, wRow } = strides(g);
   const chunks: Chunk[] = [];
   if (g.Co * wRow <= limW && xbs <= limX && ybs <= limY) {
     const nbMax = Math.max(1, Math.min(g.B, Math.floor(limX / xbs), Math.floor(limY / ybs)));
@@ -305,14 +312,7 @@ function conv3dGpu(e: Engine, op: string, g: Geo, { x, w, b }: ConvInputs, a: Co
   const ys = dtypeSize(outDt);
   const ws = dtypeSize(w.dtype);
   const chunks = plan(op, g, xs, ys, ws, limit, windowSlack(e, 16));
-  const HW = g.H * g.W;
-  const plane = g.Ho * g.Wo;
-  const xcs = g.T * HW;
-  const xbs = g.Ci * xcs;
-  const ycs = g.To * plane;
-  const ybs = g.Co * ycs;
-  const kk = g.kt * g.kh * g.kw;
-  const wRow = g.Ci * kk;
+  const { HW, plane, xcs, xbs, ycs, ybs, kk, wRow } = strides(g);
   const aliases = { x_t: actAlias(op, x.dtype, e), y_t: actAlias(op, outDt, e) };
   // the only override: every distinct value is a pipeline variant that lavapipe compiles for
   // seconds on first use, so the bias and vec4 choices are Params fields

@@ -251,11 +251,8 @@ export const unary = defineOp<{ x: Tensor }, UnaryAttrs>({
   bytes: ({ x }, a) => x.numel * (dtypeSize(x.dtype) + dtypeSize(a.out ?? x.dtype)),
 });
 
-export const silu_ = (x: Tensor) => unary({ x }, { kind: 'silu' });
-export const gelu = (x: Tensor) => unary({ x }, { kind: 'gelu' });
 export const cast = (x: Tensor, out: DType) => unary({ x }, { kind: 'copy', out });
 export const affine = (x: Tensor, alpha: number, beta = 0) => unary({ x }, { kind: 'affine', alpha, beta });
-export const clamp = (x: Tensor, lo: number, hi: number) => unary({ x }, { kind: 'clamp', alpha: lo, beta: hi });
 
 // ---------------------------------------------------------------- binary
 
@@ -349,13 +346,7 @@ export const binary = defineOp<{ a: Tensor; b: Tensor }, BinaryAttrs>({
 });
 
 export const add = (a: Tensor, b: Tensor) => binary({ a, b }, { kind: 'add' });
-export const sub = (a: Tensor, b: Tensor) => binary({ a, b }, { kind: 'sub' });
 export const mul = (a: Tensor, b: Tensor) => binary({ a, b }, { kind: 'mul' });
-export const div = (a: Tensor, b: Tensor) => binary({ a, b }, { kind: 'div' });
-/** a + alpha*b */
-export const axpy = (a: Tensor, b: Tensor, alpha: number) => binary({ a, b }, { kind: 'axpy', alpha });
-/** a + alpha*(b - a); CFG: lerp(uncond, cond, guidance) */
-export const lerp = (a: Tensor, b: Tensor, alpha: number) => binary({ a, b }, { kind: 'lerp', alpha });
 
 // ---------------------------------------------------------------- modulate / gated residual
 
@@ -367,8 +358,52 @@ function rowBroadcast(op: string, x: Tensor, v: Tensor, what: string): { div: nu
   }
 }
 
+interface TernaryAttrs {
+  out?: DType;
+  /** tests only: plan as if the binding limit were this many bytes (vec4 kernels split rows) */
+  maxBindingBytes?: number;
+}
+
+/** Kernel entries of the two ternary ops: [scalar, vec4] (kernels/elementwise.wgsl `ternary`, `ternary4`). */
+const TERNARY_ENTRY = { modulate: ['modulate', 'modulate4'], gated_residual: ['gated_residual', 'gated4'] } as const;
+
+/**
+ * The GPU body of modulate and gated_residual: y = f(x, b, c), x and y full-shaped, b and c read
+ * through their broadcast maps (gated_residual's r is full: `{ div: 1, mod: n }`). The vec4
+ * kernels take full and col-mode operands only; a row-mode one runs the scalar kernel.
+ */
+function ternaryGpu(
+  e: Engine,
+  op: keyof typeof TERNARY_ENTRY,
+  x: Tensor,
+  [b, c]: readonly [Tensor, Tensor],
+  [bm, cm]: readonly [{ div: number; mod: number }, { div: number; mod: number }],
+  at: TernaryAttrs,
+): Tensor {
+  const outDt = at.out ?? x.dtype;
+  const y = e.empty(x.shape, outDt);
+  const n = x.numel;
+  const [entry, entry4] = TERNARY_ENTRY[op];
+  const aliases = { a_t: actAlias(op, x.dtype, e), b_t: actAlias(op, b.dtype, e), c_t: actAlias(op, c.dtype, e), y_t: actAlias(op, outDt, e) };
+  const layout: Array<'read' | 'write'> = ['read', 'read', 'read', 'write'];
+  const pl = plan4(n, [bm, cm], maxCols4(e, at.maxBindingBytes, [x, b, c, y]));
+  if (pl && !pl.modes.includes(2)) {
+    const kernel = { entry: entry4, constants: { WG: pl.wg, R, B_MODE: pl.modes[0]!, C_MODE: pl.modes[1]! }, aliases, layout };
+    dispatch4(e, op, kernel, pl, x, [b, c], y, 1, 0, 0, at.maxBindingBytes);
+    return y;
+  }
+  e.dispatch({
+    kernel: { family: 'elementwise', entry, constants: { WG }, aliases, layout },
+    name: op,
+    params: { n, b_div: bm.div, b_mod: bm.mod, c_div: cm.div, c_mod: cm.mod, alpha: 0, beta: 0, op: 0 },
+    bindings: [x, b, c, y],
+    workgroups: grid1d(Math.ceil(n / WG)),
+  });
+  return y;
+}
+
 /** y = x * (1 + scale) + shift  (Wan's adaLN modulation; shift/scale broadcast, usually [D]). */
-export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { out?: DType; maxBindingBytes?: number }>({
+export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, TernaryAttrs>({
   name: 'modulate',
   family: 'elementwise',
   check({ x, shift, scale }) {
@@ -377,36 +412,8 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
     rowBroadcast('modulate', x, scale, 'scale');
   },
   gpu(e, { x, shift, scale }, at) {
-    const outDt = at.out ?? x.dtype;
-    const b = rowBroadcast('modulate', x, shift, 'shift');
-    const c = rowBroadcast('modulate', x, scale, 'scale');
-    const y = e.empty(x.shape, outDt);
-    const n = x.numel;
-    const pl = plan4(n, [b, c], maxCols4(e, at.maxBindingBytes, [x, shift, scale, y]));
-    if (pl && !pl.modes.includes(2)) {
-      const kernel = {
-        entry: 'modulate4',
-        constants: { WG: pl.wg, R, B_MODE: pl.modes[0]!, C_MODE: pl.modes[1]! },
-        aliases: { a_t: actAlias('modulate', x.dtype, e), b_t: actAlias('modulate', shift.dtype, e), c_t: actAlias('modulate', scale.dtype, e), y_t: actAlias('modulate', outDt, e) },
-        layout: ['read', 'read', 'read', 'write'] as Array<'read' | 'write'>,
-      };
-      dispatch4(e, 'modulate', kernel, pl, x, [shift, scale], y, 1, 0, 0, at.maxBindingBytes);
-      return y;
-    }
-    e.dispatch({
-      kernel: {
-        family: 'elementwise',
-        entry: 'modulate',
-        constants: { WG },
-        aliases: { a_t: actAlias('modulate', x.dtype, e), b_t: actAlias('modulate', shift.dtype, e), c_t: actAlias('modulate', scale.dtype, e), y_t: actAlias('modulate', outDt, e) },
-        layout: ['read', 'read', 'read', 'write'],
-      },
-      name: 'modulate',
-      params: { n, b_div: b.div, b_mod: b.mod, c_div: c.div, c_mod: c.mod, alpha: 0, beta: 0, op: 0 },
-      bindings: [x, shift, scale, y],
-      workgroups: grid1d(Math.ceil(n / WG)),
-    });
-    return y;
+    const maps = [rowBroadcast('modulate', x, shift, 'shift'), rowBroadcast('modulate', x, scale, 'scale')] as const;
+    return ternaryGpu(e, 'modulate', x, [shift, scale], maps, at);
   },
   cpu({ x, shift, scale }, at) {
     const xv = f32(x);
@@ -423,7 +430,7 @@ export const modulate = defineOp<{ x: Tensor; shift: Tensor; scale: Tensor }, { 
 });
 
 /** y = x + r * gate  (gated residual; gate broadcast, usually [D]). */
-export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { out?: DType; maxBindingBytes?: number }>({
+export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, TernaryAttrs>({
   name: 'gated_residual',
   family: 'elementwise',
   check({ x, r, gate }) {
@@ -431,36 +438,9 @@ export const gatedResidual = defineOp<{ x: Tensor; r: Tensor; gate: Tensor }, { 
     if (x.numel !== r.numel) throw new ShapeError(`[gated_residual] r ${shapeStr(r.shape)} must match x ${shapeStr(x.shape)}`);
     rowBroadcast('gated_residual', x, gate, 'gate');
   },
-  gpu(e: Engine, { x, r, gate }, at) {
-    const outDt = at.out ?? x.dtype;
-    const c = rowBroadcast('gated_residual', x, gate, 'gate');
-    const y = e.empty(x.shape, outDt);
-    const n = x.numel;
-    const pl = plan4(n, [{ div: 1, mod: n }, c], maxCols4(e, at.maxBindingBytes, [x, r, gate, y]));
-    if (pl && !pl.modes.includes(2)) {
-      const kernel = {
-        entry: 'gated4',
-        constants: { WG: pl.wg, R, B_MODE: pl.modes[0]!, C_MODE: pl.modes[1]! },
-        aliases: { a_t: actAlias('gated_residual', x.dtype, e), b_t: actAlias('gated_residual', r.dtype, e), c_t: actAlias('gated_residual', gate.dtype, e), y_t: actAlias('gated_residual', outDt, e) },
-        layout: ['read', 'read', 'read', 'write'] as Array<'read' | 'write'>,
-      };
-      dispatch4(e, 'gated_residual', kernel, pl, x, [r, gate], y, 1, 0, 0, at.maxBindingBytes);
-      return y;
-    }
-    e.dispatch({
-      kernel: {
-        family: 'elementwise',
-        entry: 'gated_residual',
-        constants: { WG },
-        aliases: { a_t: actAlias('gated_residual', x.dtype, e), b_t: actAlias('gated_residual', r.dtype, e), c_t: actAlias('gated_residual', gate.dtype, e), y_t: actAlias('gated_residual', outDt, e) },
-        layout: ['read', 'read', 'read', 'write'],
-      },
-      name: 'gated_residual',
-      params: { n, b_div: 1, b_mod: 1, c_div: c.div, c_mod: c.mod, alpha: 0, beta: 0, op: 0 },
-      bindings: [x, r, gate, y],
-      workgroups: grid1d(Math.ceil(n / WG)),
-    });
-    return y;
+  gpu(e, { x, r, gate }, at) {
+    const maps = [{ div: 1, mod: x.numel }, rowBroadcast('gated_residual', x, gate, 'gate')] as const;
+    return ternaryGpu(e, 'gated_residual', x, [r, gate], maps, at);
   },
   cpu({ x, r, gate }, at) {
     const xv = f32(x);

@@ -73,10 +73,6 @@ export function expectDtype(op: string, what: string, t: Tensor, dtypes: readonl
   if (!dtypes.includes(t.dtype)) throw new ShapeError(`[${op}] ${what} must be ${dtypes.join('/')}, got ${t.dtype}`);
 }
 
-export function sameShape(a: readonly number[], b: readonly number[]): boolean {
-  return a.length === b.length && a.every((d, i) => d === b[i]);
-}
-
 /**
  * A 1-D grid of `n` workgroups folded into x/y so no dimension exceeds `maxPerDim` (65535 by
  * default). Kernels recover the linear id as `wid.x + wid.y * nwg.x`.

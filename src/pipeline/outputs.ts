@@ -9,7 +9,7 @@ import { Checkpoint, readTensor } from '../io/checkpoint.ts';
 import { toRgbFrames, writeMp4, writeGif, writePng, OutputError } from '../io/video.ts';
 import type { Latents } from './wan-pipeline.ts';
 
-export function slugify(s: string, max = 40): string {
+function slugify(s: string, max = 40): string {
   const slug = s
     .toLowerCase()
     .normalize('NFKD')

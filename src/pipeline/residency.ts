@@ -19,7 +19,6 @@
 import type { Engine } from '../runtime/engine.ts';
 import type { Module, Param } from '../nn/module.ts';
 import { Tensor } from '../tensor/tensor.ts';
-import { dtypeSize } from '../tensor/dtype.ts';
 import type { StagingBlock } from '../memory/allocator.ts';
 import type { BlockResidency } from '../nn/residency.ts';
 
@@ -307,11 +306,4 @@ export class StreamedBlocks implements BlockResidency {
     this.images.length = 0;
     this.inflight.fill(null);
   }
-}
-
-/** Total bytes of a module's params in their current dtype. */
-export function moduleBytes(m: Module): number {
-  let n = 0;
-  for (const [, p] of m.namedParams()) n += p.value ? p.value.numel * dtypeSize(p.value.dtype) : 0;
-  return n;
 }

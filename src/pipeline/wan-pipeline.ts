@@ -7,7 +7,7 @@ import { Engine } from '../runtime/engine.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import { openModelFolder, type ModelFolder } from '../io/model-folder.ts';
 import { loadTokenizer, encodePrompt, type UnigramTokenizer } from '../io/tokenizer.ts';
-import { loadModule } from '../nn/load.ts';
+import { loadModuleFrom } from '../nn/load.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../models/wan_dit/model.ts';
 import { RESIDENT, type BlockResidency } from '../nn/residency.ts';
 import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
@@ -187,18 +187,13 @@ export class WanPipeline {
     this.emit({ type: 'phase', phase: 'load' });
     // DiT: non-block weights always resident; blocks resident or host-streamed
     const streamDit = this.plan.dit === 'stream';
-    const ck = await this.folder.transformer.open();
-    try {
-      await loadModule(this.dit, ck, {
-        engine: e,
-        owner: 'dit',
-        weightDtype: wd,
-        placement: (k) => (streamDit && this.dit.isBlockKey(k) ? 'host' : 'device'),
-        onProgress: (d, t) => this.emit({ type: 'load', component: 'transformer', done: d, total: t }),
-      });
-    } finally {
-      await ck.close();
-    }
+    await loadModuleFrom(this.dit, this.folder.transformer, {
+      engine: e,
+      owner: 'dit',
+      weightDtype: wd,
+      placement: (k) => (streamDit && this.dit.isBlockKey(k) ? 'host' : 'device'),
+      onProgress: (d, t) => this.emit({ type: 'load', component: 'transformer', done: d, total: t }),
+    });
     if (streamDit) {
       this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot');
       this.streamed.ownerOf = (i) => `dit.blocks.${i}`;
@@ -216,18 +211,13 @@ export class WanPipeline {
   /** Read the VAE's weights (converted to the weight dtype) onto the GPU, or with placement 'host' into host memory. */
   private async readVae(placement?: 'host'): Promise<void> {
     const wd = this.settings.load.weightDtype;
-    const ck = await this.folder.vae.open();
-    try {
-      await loadModule(this.vae, ck, {
-        engine: this.engine,
-        owner: 'vae',
-        weightDtype: wd,
-        ...(placement ? { placement: () => placement } : {}),
-        onProgress: (d, t) => this.emit({ type: 'load', component: 'vae', done: d, total: t }),
-      });
-    } finally {
-      await ck.close();
-    }
+    await loadModuleFrom(this.vae, this.folder.vae, {
+      engine: this.engine,
+      owner: 'vae',
+      weightDtype: wd,
+      ...(placement ? { placement: () => placement } : {}),
+      onProgress: (d, t) => this.emit({ type: 'load', component: 'vae', done: d, total: t }),
+    });
   }
 
   /** level 3's VAE: weights converted once into host memory; loadVae() uploads them for a decode */
@@ -239,19 +229,14 @@ export class WanPipeline {
   /** (once, by fromPretrained) mode 'gpu': resident; 'cpu': CPU device; 'gpu-stream': host weights, blocks streamed through the GPU */
   private async loadTextEncoder(mode: 'gpu' | 'cpu' | 'gpu-stream'): Promise<void> {
     const wd = this.settings.load.weightDtype;
-    const ck = await this.folder.textEncoder.open();
     const te = this.textEncoder;
-    try {
-      await loadModule(te, ck, {
-        engine: mode === 'cpu' ? null : this.engine,
-        owner: 'text_encoder',
-        weightDtype: mode === 'cpu' ? 'checkpoint' : wd,
-        placement: (k) => (te.isDeviceKey(k) && !(mode === 'gpu-stream' && te.isBlockKey(k)) ? 'device' : 'host'),
-        onProgress: (d, t) => this.emit({ type: 'load', component: 'text_encoder', done: d, total: t }),
-      });
-    } finally {
-      await ck.close();
-    }
+    await loadModuleFrom(te, this.folder.textEncoder, {
+      engine: mode === 'cpu' ? null : this.engine,
+      owner: 'text_encoder',
+      weightDtype: mode === 'cpu' ? 'checkpoint' : wd,
+      placement: (k) => (te.isDeviceKey(k) && !(mode === 'gpu-stream' && te.isBlockKey(k)) ? 'device' : 'host'),
+      onProgress: (d, t) => this.emit({ type: 'load', component: 'text_encoder', done: d, total: t }),
+    });
     this.componentBytes.text_encoder = this.textEncoder.paramBytes();
     if (mode === 'gpu-stream') {
       // the blocks are packed into host images once; each encode borrows two GPU slots
@@ -347,12 +332,11 @@ export class WanPipeline {
     const H = r.height;
     const W = r.width;
     const T = r.numFrames;
-    const [pt, ph, pw] = this.dit.dims.patchSize;
+    const [, ph, pw] = this.dit.dims.patchSize;
     const sfS = 8;
     const sfT = 4;
     if (H % (sfS * ph) || W % (sfS * pw)) throw new ConfigError(`height and width must be multiples of ${sfS * ph}, got ${H}x${W}`);
     if ((T - 1) % sfT) throw new ConfigError(`num_frames must be 4k+1, got ${T}`);
-    void pt;
     const C = this.dit.dims.inChannels;
     const F = (T - 1) / sfT + 1;
     const lh = H / sfS;
@@ -398,7 +382,6 @@ export class WanPipeline {
       for (let i = 0; i < steps; i++) {
         check();
         e.allocator.resetPeakMemoryStats();
-        const tStep = performance.now();
         const x = new Float32Array(B * latent.length);
         for (let b = 0; b < B; b++) x.set(latent, b * latent.length);
         const xg = e.fromHost(x, [B, C, F, lh, lw], 'f32');
@@ -414,7 +397,6 @@ export class WanPipeline {
         const el = performance.now() - t0;
         this.emit({ type: 'step', step: i + 1, total: steps, elapsedMs: el, etaMs: (el / (i + 1)) * (steps - i - 1), allocated: st.allocated, peakAllocated: st.peakAllocated }, cb);
         this.emitMemory('denoise', cb, i + 1);
-        void tStep;
       }
     } finally {
       ctxEmb.dispose();

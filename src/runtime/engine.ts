@@ -13,7 +13,7 @@ import { adapterName, type AdapterCaps } from '../device/caps.ts';
 import { WaitPredictor, sleep } from '../device/wait.ts';
 import { CachingAllocator, type AllocatorOptions } from '../memory/allocator.ts';
 import { kernelSource, kernelLine, specialize, kernelKey, moduleKey, type KernelSpec } from './kernels.ts';
-import { Tensor, GpuStorage, numelOf, shapeStr, type HostArray, type Shape, type TensorDevice } from '../tensor/tensor.ts';
+import { Tensor, GpuStorage, numelOf, type HostArray, type Shape, type TensorDevice } from '../tensor/tensor.ts';
 import { type DType, dtypeSize } from '../tensor/dtype.ts';
 import { KernelProfile } from './profiler.ts';
 import { parseParamLayout, packParams, type ParamLayout, type ParamValues } from './params.ts';
@@ -229,6 +229,17 @@ export class Engine implements TensorDevice {
     if (t.byteOffset % 4 !== 0) throw new ShapeError(`[clone] ${t} starts at byte ${t.byteOffset}, not a multiple of 4`);
     this.copyBuffer(t.buffer, t.byteOffset, out.buffer, 0, Math.min(size, t.buffer.size - t.byteOffset));
     return out;
+  }
+
+  /**
+   * `v` itself when it can be bound as it is (a view whose byte offset is a multiple of
+   * storageAlign), else a copy, and `v` is disposed: rows of a table or weight as an op input.
+   */
+  bindable(v: Tensor): Tensor {
+    if (v.byteOffset % this.caps.storageAlign === 0) return v;
+    const c = this.clone(v);
+    v.dispose();
+    return c;
   }
 
   /** Storage binding for a tensor (checks alignment and the per-binding size limit). */
@@ -691,5 +702,3 @@ function collectTensors(v: unknown, out: Set<Tensor>, depth: number): void {
     for (const x of Object.values(v as Record<string, unknown>)) collectTensors(x, out, depth + 1);
   }
 }
-
-export { shapeStr };

@@ -13,9 +13,8 @@
 // reproduce that op by op with Math.fround (f(a op b) on f32 inputs is exactly the f32 op).
 // The schedule itself (linspace + shift + timesteps) is float64 numpy math.
 
-import type { FlowScheduler, StepInfo } from './types.ts';
-import { checkScheduleOptions, wanFlowSchedule, type FlowScheduleOptions } from './flow-schedule.ts';
-import { ShapeError, SmartDiffusionError } from '../util/errors.ts';
+import type { StepInfo } from './types.ts';
+import { FlowSampler, type FlowScheduleOptions, type StepResult } from './flow-schedule.ts';
 
 const f = Math.fround;
 
@@ -52,61 +51,28 @@ function solveOrder2(rk: number, b0: number, b1: number): [number, number] {
   return [x0, x1];
 }
 
-export class FlowUniPCScheduler implements FlowScheduler {
-  readonly kind = 'unipc' as const;
-  readonly timesteps: Int32Array;
-  readonly sigmas: Float32Array;
-  readonly steps: number;
-  /** the orders each step will use (same as Wan's, golden.json scheduler.steps) */
-  readonly orders: readonly StepInfo[];
-
+export class FlowUniPCScheduler extends FlowSampler<'unipc'> {
   // solver state (Wan: model_outputs[-2:], last_sample, this_order, lower_order_nums, step_index)
   private m1: Float32Array | null = null; // x0 of step k−2 (model_outputs[-2])
   private m0: Float32Array | null = null; // x0 of step k−1 (model_outputs[-1])
   private lastSampleBuf: Float32Array | null = null; // corrected sample the previous predictor started from
   private thisOrder = 0;
   private lowerOrderNums = 0;
-  private stepIndex = 0;
-  private x0: Float32Array | null = null;
-  private info: StepInfo | null = null;
 
   constructor(opts: FlowScheduleOptions) {
-    const o = checkScheduleOptions('unipc', opts);
-    const s = wanFlowSchedule(o);
-    this.timesteps = s.timesteps;
-    this.sigmas = s.sigmas;
-    this.steps = o.steps;
-    this.orders = unipcOrders(o.steps);
+    // the orders each step will use (same as Wan's, golden.json scheduler.steps)
+    super('unipc', opts, unipcOrders);
   }
 
-  reset(): void {
-    this.m1 = this.m0 = this.lastSampleBuf = this.x0 = null;
-    this.info = null;
+  override reset(): void {
+    super.reset();
+    this.m1 = this.m0 = this.lastSampleBuf = null;
     this.thisOrder = 0;
     this.lowerOrderNums = 0;
-    this.stepIndex = 0;
   }
 
-  lastX0(): Float32Array | null {
-    return this.x0;
-  }
-
-  lastStepInfo(): StepInfo | null {
-    return this.info;
-  }
-
-  step(v: Float32Array, i: number, sample: Float32Array): Float32Array {
+  protected advance(v: Float32Array, sample: Float32Array): StepResult {
     const k = this.stepIndex;
-    if (i !== k) {
-      throw new SmartDiffusionError(
-        'BAD_STEP',
-        `[unipc] step(${i}) called but the scheduler is at step ${k} of ${this.steps}; call the steps in order 0..${this.steps - 1}, or reset() to start over`,
-      );
-    }
-    if (k >= this.steps) throw new SmartDiffusionError('BAD_STEP', `[unipc] all ${this.steps} steps are done; call reset() to start over`);
-    if (v.length !== sample.length) {
-      throw new ShapeError(`[unipc] model output has ${v.length} values but the sample has ${sample.length}; pass the guided prediction for this sample`);
-    }
     const S = this.sigmas;
     const n = sample.length;
 
@@ -132,10 +98,7 @@ export class FlowUniPCScheduler implements FlowScheduler {
     this.lastSampleBuf = x;
     const out = this.predictor(x, predictorOrder);
     if (this.lowerOrderNums < 2) this.lowerOrderNums++;
-    this.stepIndex++;
-    this.x0 = x0;
-    this.info = { step: k, corrector: correctorOrder, predictor: predictorOrder };
-    return out;
+    return { next: out, x0, info: { step: k, corrector: correctorOrder, predictor: predictorOrder } };
   }
 
   /** multistep_uni_p_bh_update (predict_x0, bh2): from sample x at σ_k to σ_{k+1}. */

@@ -3,8 +3,6 @@
 
 export type DType = 'f32' | 'f16' | 'bf16' | 'i32' | 'u32';
 
-export const DTYPES: readonly DType[] = ['f32', 'f16', 'bf16', 'i32', 'u32'];
-
 /** Bytes per element. */
 export function dtypeSize(dt: DType): number {
   switch (dt) {
@@ -16,10 +14,6 @@ export function dtypeSize(dt: DType): number {
     case 'bf16':
       return 2;
   }
-}
-
-export function isFloat(dt: DType): boolean {
-  return dt === 'f32' || dt === 'f16' || dt === 'bf16';
 }
 
 /**
@@ -51,11 +45,6 @@ export function f32ToBf16Bits(x: number): number {
   if ((u & 0x7f800000) === 0x7f800000 && (u & 0x7fffff) !== 0) return ((u >>> 16) | 0x40) & 0xffff;
   const lsb = (u >>> 16) & 1;
   return ((u + 0x7fff + lsb) >>> 16) & 0xffff;
-}
-
-export function bf16BitsToF32(b: number): number {
-  u32buf[0] = (b & 0xffff) << 16;
-  return f32buf[0]!;
 }
 
 /** f32 -> IEEE half bits, round to nearest even, overflow to inf. */
@@ -98,14 +87,6 @@ export function f16BitsToF32(h: number): number {
   if (e === 0) return sign * m * 2 ** -24;
   if (e === 0x1f) return m ? NaN : sign * Infinity;
   return sign * (1 + m / 1024) * 2 ** (e - 15);
-}
-
-/** Round an f32 value through a 16-bit float type and back (what storing in that dtype does). */
-export function roundTo(dt: DType, x: number): number {
-  if (dt === 'bf16') return bf16BitsToF32(f32ToBf16Bits(x));
-  if (dt === 'f16') return f16BitsToF32(f32ToF16Bits(x));
-  if (dt === 'f32') return Math.fround(x);
-  return x;
 }
 
 /** Encode float values into the raw bytes of `dt` (f32/f16/bf16) or ints (i32/u32). */

@@ -21,7 +21,7 @@ export function numelOf(shape: Shape): number {
   return n;
 }
 
-export function checkShape(shape: Shape, what = 'tensor'): void {
+function checkShape(shape: Shape, what = 'tensor'): void {
   for (const d of shape) {
     if (!Number.isInteger(d) || d < 0) throw new ShapeError(`[${what}] invalid shape [${shape.join(', ')}]: dimensions must be integers >= 0`);
   }

@@ -13,25 +13,25 @@
 //   point along the named direction (dominant axis and sign) and be >= MIN_TRAVEL pixels.
 import { readFileSync } from 'node:fs';
 
-export const COLORS: Record<string, [number, number, number]> = {
+const COLORS: Record<string, [number, number, number]> = {
   red: [0.95, 0.1, 0.1],
   green: [0.1, 0.85, 0.15],
   blue: [0.2, 0.45, 1.0],
   yellow: [1.0, 0.9, 0.1],
   white: [1.0, 1.0, 1.0],
 };
-export const SHAPES = ['circle', 'square', 'triangle'] as const;
-export const DIRECTIONS: Record<string, [number, number]> = { left: [-1, 0], right: [1, 0], up: [0, -1], down: [0, 1] };
-export const BACKGROUNDS: Record<string, [number, number, number]> = {
+const SHAPES = ['circle', 'square', 'triangle'] as const;
+const DIRECTIONS: Record<string, [number, number]> = { left: [-1, 0], right: [1, 0], up: [0, -1], down: [0, 1] };
+const BACKGROUNDS: Record<string, [number, number, number]> = {
   black: [0, 0, 0],
   gray: [0.5, 0.5, 0.5],
   'dark blue': [0.02, 0.04, 0.35],
 };
 
-export const BG_DIST = 0.3;
-export const COLOR_DIST = 0.4;
-export const MIN_PIXELS = 12;
-export const MIN_TRAVEL = 8.0;
+const BG_DIST = 0.3;
+const COLOR_DIST = 0.4;
+const MIN_PIXELS = 12;
+const MIN_TRAVEL = 8.0;
 
 export interface DemoPrompt {
   split: 'seen' | 'heldout';
@@ -52,7 +52,7 @@ export interface Analysis {
   objectPxPerFrame: number;
 }
 
-export function caption(color: string, shape: string, direction: string, background: string): string {
+function caption(color: string, shape: string, direction: string, background: string): string {
   return `a ${color} ${shape} moving ${direction} on a ${background} background`;
 }
 

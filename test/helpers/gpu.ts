@@ -34,14 +34,14 @@ export function randTensor(rng: Rng, shape: Shape, dtype: DType = 'f32', scale =
   return Tensor.fromValues(v, shape, dtype);
 }
 
-export interface CompareResult {
+interface CompareResult {
   maxAbs: number;
   maxRel: number;
   worst: number;
   ok: boolean;
 }
 
-export function compare(actual: ArrayLike<number>, expected: ArrayLike<number>, tol: { atol: number; rtol: number }): CompareResult {
+function compare(actual: ArrayLike<number>, expected: ArrayLike<number>, tol: { atol: number; rtol: number }): CompareResult {
   if (actual.length !== expected.length) throw new Error(`length ${actual.length} != ${expected.length}`);
   let maxAbs = 0;
   let maxRel = 0;

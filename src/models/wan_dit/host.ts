@@ -41,7 +41,7 @@ export function ropeAxisDims(headDim: number): [number, number, number] {
  * order of the reference, not pos / 10000^(2j/dim).
  * @returns Float64Array [numPos, dim/2]
  */
-export function ropeAxisAngles(numPos: number, dim: number, theta = 10000): Float64Array {
+function ropeAxisAngles(numPos: number, dim: number, theta = 10000): Float64Array {
   const pairs = dim / 2;
   const inv = new Float64Array(pairs);
   for (let j = 0; j < pairs; j++) inv[j] = 1.0 / Math.pow(theta, (2 * j) / dim);

@@ -119,7 +119,7 @@ class FeedForward extends Module {
   }
 }
 
-export class WanBlock extends Module {
+class WanBlock extends Module {
   readonly scale_shift_table: Param;
   readonly attn1: WanAttention;
   readonly attn2: WanAttention;
@@ -146,7 +146,7 @@ export class WanBlock extends Module {
     const D = x.size(2);
     // m = scale_shift_table[0] + e0, chunked: shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn
     const m = add(this.scale_shift_table.t.reshape([6, D]), e0); // [6, D]
-    const row = (k: number) => alignedRow(e, m, k);
+    const row = (k: number) => e.bindable(m.select0(k));
     // 1. Self-attention: x += attn1(LN(x)·(1+scale_msa) + shift_msa) · gate_msa
     const h1 = layerNormMod(x, row(0), row(1), eps);
     const act = this.dims.activationDtype ?? 'f32';
@@ -168,15 +168,6 @@ export class WanBlock extends Module {
 
 function layerNormMod(x: Tensor, shift: Tensor, scale: Tensor, eps: number): Tensor {
   return layerNorm({ x, shift, scale }, { eps });
-}
-
-/** Row k of a [R, D] tensor as a bindable tensor (a view when aligned, else a copy). */
-function alignedRow(e: Engine, m: Tensor, k: number): Tensor {
-  const v = m.select0(k);
-  if (v.byteOffset % e.caps.storageAlign === 0) return v;
-  const c = e.clone(v);
-  v.dispose();
-  return c;
 }
 
 class TimeTextEmbedding extends Module {
@@ -314,7 +305,7 @@ export class WanTransformer3DModel extends Module {
       }
       // head: (scale_shift_table[0] + e) -> shift, scale; proj_out(LN(x)·(1+scale) + shift)
       const mh = add(this.scale_shift_table.t.reshape([2, D]), emb); // [2, D]
-      const hn = layerNormMod(hs, alignedRow(e, mh, 0), alignedRow(e, mh, 1), this.dims.eps);
+      const hn = layerNormMod(hs, e.bindable(mh.select0(0)), e.bindable(mh.select0(1)), this.dims.eps);
       const out = this.proj_out.forward(hn); // [B, L, ph·pw·C_out], c fastest
       if (trace) await trace('head_out', out);
       // unpatchify: [B, f, h, w, ph, pw, C] -> [B, C, f, h, ph, w, pw]

@@ -93,7 +93,6 @@ class CausalConv3d extends Module {
     const ph = (this.k[1] - 1) / 2;
     const pw = (this.k[2] - 1) / 2;
     if (kt === 1 || !cache) return conv3d({ x, w: this.weight.t, b: this.bias.t }, { padding: [kt - 1, 0, ph, pw] });
-    const T = x.size(2);
     const prev = cache.frames.get(this);
     // new cache: last CACHE_T frames of (prev ++ x)
     const input = prev ? concat([prev, x], 2) : x;
@@ -105,7 +104,6 @@ class CausalConv3d extends Module {
     if (e) e.keep(next);
     prev?.dispose();
     cache.frames.set(this, next);
-    void T;
     if (input !== x) input.dispose();
     return out;
   }
@@ -211,11 +209,7 @@ class AttentionBlock extends Module {
 /** rows [start, start+n) of a weight or bias, as a bindable tensor */
 function rowsOf(t: Tensor, start: number, n: number): Tensor {
   const v = t.narrow0(start, start + n);
-  const e = engineOf(t);
-  if (!e || v.byteOffset % e.caps.storageAlign === 0) return v;
-  const c = e.clone(v);
-  v.dispose();
-  return c;
+  return engineOf(t)?.bindable(v) ?? v;
 }
 
 class Upsampler extends Module {
@@ -254,11 +248,10 @@ class Upsampler extends Module {
       }
       y = head && doubled ? concat([head, doubled], 2) : (head ?? doubled!);
     }
-    const [B, C, T] = y.shape as [number, number, number, number, number];
+    const [B, , T] = y.shape as [number, number, number, number, number];
     const f = toFrames(y);
     const up = upsampleNearest2x(f);
     const c = conv2d({ x: up, w: this.convW.t, b: this.convB.t }, { padding: [1, 1] });
-    void C;
     return fromFrames(c, B, T);
   }
 }

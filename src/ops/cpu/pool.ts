@@ -10,7 +10,7 @@ import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
 
 /** y[m, n] = Σ_k x[m, k]·w[n, k] (+ bias[n]) for rows [m0,m1) and columns [n0,n1); f64 accumulation */
-export const GEMM_SOURCE = String.raw`
+const GEMM_SOURCE = String.raw`
 function gemmRange(x, w, kind, bias, y, K, N, m0, m1, n0, n1) {
   // Per group of 4 output columns and per K chunk, the 4 weight rows are widened to f32 once
   // (into scratch, which stays in L1) and then used by every row of x: 4x4 register tiles, and
@@ -92,7 +92,7 @@ type GemmFn = (
 ) => void;
 
 // eslint-disable-next-line @typescript-eslint/no-implied-eval
-export const gemmRange: GemmFn = new Function(`${GEMM_SOURCE}; return gemmRange;`)() as GemmFn;
+const gemmRange: GemmFn = new Function(`${GEMM_SOURCE}; return gemmRange;`)() as GemmFn;
 
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
