@@ -23,7 +23,7 @@ function copyTiny(): string {
 async function loadDit(dir: string) {
   const e = await getEngine();
   const f = await openModelFolder(dir);
-  const m = new WanTransformer3DModel(ditDimsFromConfig(f.transformer.config as never));
+  const m = new WanTransformer3DModel(ditDimsFromConfig(f.transformer.config));
   const ck = await f.transformer.open();
   try {
     return await loadModule(m, ck, { engine: e, owner: 'dit' });
@@ -89,7 +89,7 @@ describe('model loading', () => {
     tensors.push({ key: 'quant_conv.weight', dtype: 'F32' as const, shape: [1], data: new Uint8Array(4) });
     await writeSafetensors(p, tensors);
     const f = await openModelFolder(dir);
-    const vae = new WanVaeDecoder(vaeDimsFromConfig(f.vae.config as never));
+    const vae = new WanVaeDecoder(vaeDimsFromConfig(f.vae.config));
     const ck = await f.vae.open();
     try {
       const r = await loadModule(vae, ck, { engine: e, owner: 'vae' });

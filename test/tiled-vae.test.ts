@@ -5,6 +5,7 @@ import { getEngine, Rng } from './helpers/gpu.ts';
 import { WanVaeDecoder, vaeDimsFromConfig, CausalCache, sliceFrames } from '../src/models/wan_vae/model.ts';
 import { decodeTiled, planAutoTiles, planTiles, STEM_STAGES } from '../src/pipeline/tiled-vae.ts';
 import { randomizeModule, WAN_VAE } from '../src/tools/random-model.ts';
+import { parseVaeConfig } from '../src/io/model-folder.ts';
 
 function psnr(a: Float32Array, b: Float32Array): number {
   let se = 0;
@@ -15,7 +16,7 @@ function psnr(a: Float32Array, b: Float32Array): number {
 describe('tiled VAE decode, larger config', () => {
   it('base_dim 24, latent [16, 2, 12, 16], 8-pixel tiles with 25% overlap: PSNR >= 40 dB', { timeout: 600_000 }, async () => {
     const e = await getEngine();
-    const vae = new WanVaeDecoder(vaeDimsFromConfig({ ...WAN_VAE, base_dim: 24 }));
+    const vae = new WanVaeDecoder(vaeDimsFromConfig(parseVaeConfig({ ...WAN_VAE, base_dim: 24 })));
     randomizeModule(vae, 77, e);
     const shape: [number, number, number, number] = [16, 2, 12, 16];
     const z = new Rng(5).fillNormal(new Float32Array(shape.reduce((a, b) => a * b, 1)));
@@ -43,7 +44,7 @@ describe('tiled VAE decode, larger config', () => {
 
   it('working-set estimate vs the allocator; auto tiles: exact, within the stem\'s peak, least work', { timeout: 600_000 }, async () => {
     const e = await getEngine();
-    const vae = new WanVaeDecoder(vaeDimsFromConfig({ ...WAN_VAE, base_dim: 24 }));
+    const vae = new WanVaeDecoder(vaeDimsFromConfig(parseVaeConfig({ ...WAN_VAE, base_dim: 24 })));
     randomizeModule(vae, 78, e);
     const shape: [number, number, number, number] = [16, 3, 12, 16];
     const [C, F, H, W] = shape;
@@ -104,7 +105,7 @@ describe('tiled VAE decode, larger config', () => {
   });
 
   it('auto plan = the least work among every pair of per-axis plans whose tile fits the stem (seeded sizes)', () => {
-    const vae = new WanVaeDecoder(vaeDimsFromConfig({ ...WAN_VAE }));
+    const vae = new WanVaeDecoder(vaeDimsFromConfig(parseVaeConfig({ ...WAN_VAE })));
     const rng = new Rng(11);
     let fitted = 0;
     for (let k = 0; k < 12; k++) {

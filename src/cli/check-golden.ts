@@ -4,11 +4,26 @@
 // when all pass.
 import { resolve } from 'node:path';
 import { Engine } from '../runtime/engine.ts';
-import { checkGolden, type CheckOptions } from '../golden/check.ts';
+import { checkGolden, CHECK_GROUPS, type CheckOptions } from '../golden/check.ts';
 import { SmartDiffusionError } from '../util/errors.ts';
 
 function usage(): never {
   console.error('usage: npm run check-golden -- <case-folder> [--weights checkpoint|f32|f16|bf16] [--groups sched,host,t5,dit,vae,sample] [--activations f32|f16] [--metric abs|rel] [--tol 1e-4] [--tol-e2e 1e-3]');
+  process.exit(2);
+}
+
+/** `value` if it is one of `allowed`, else a one-line error naming the flag and its choices. */
+function oneOf<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
+  if ((allowed as readonly string[]).includes(value)) return value as T;
+  console.error(`check-golden: ${flag} must be one of ${allowed.join(', ')}; got '${value}'`);
+  process.exit(2);
+}
+
+/** `value` as a number > 0, else a one-line error naming the flag. */
+function positive(flag: string, value: string): number {
+  const v = Number(value);
+  if (Number.isFinite(v) && v > 0) return v;
+  console.error(`check-golden: ${flag} must be a number > 0 (e.g. 1e-4); got '${value}'`);
   process.exit(2);
 }
 
@@ -19,12 +34,12 @@ async function main(): Promise<number> {
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
     const next = () => args[++i] ?? usage();
-    if (a === '--weights') opts.weightDtype = next() as CheckOptions['weightDtype'];
-    else if (a === '--groups') opts.groups = next().split(',') as CheckOptions['groups'];
-    else if (a === '--activations') opts.activationDtype = next() as 'f32' | 'f16';
-    else if (a === '--metric') opts.metric = next() as 'abs' | 'rel';
-    else if (a === '--tol') opts.tolComponent = Number(next());
-    else if (a === '--tol-e2e') opts.tolEndToEnd = Number(next());
+    if (a === '--weights') opts.weightDtype = oneOf(a, next(), ['checkpoint', 'f32', 'f16', 'bf16'] as const);
+    else if (a === '--groups') opts.groups = next().split(',').map((g) => oneOf(a, g, CHECK_GROUPS));
+    else if (a === '--activations') opts.activationDtype = oneOf(a, next(), ['f32', 'f16'] as const);
+    else if (a === '--metric') opts.metric = oneOf(a, next(), ['abs', 'rel'] as const);
+    else if (a === '--tol') opts.tolComponent = positive(a, next());
+    else if (a === '--tol-e2e') opts.tolEndToEnd = positive(a, next());
     else if (a === '-h' || a === '--help') usage();
     else if (!dir) dir = resolve(a);
     else usage();

@@ -28,6 +28,10 @@ export interface CheckRow {
   note?: string;
 }
 
+/** The component groups a check can be limited to (`--groups`). */
+export const CHECK_GROUPS = ['sched', 'host', 't5', 'dit', 'vae', 'sample'] as const;
+export type CheckGroup = (typeof CHECK_GROUPS)[number];
+
 export interface CheckOptions {
   /** weight dtype for matmul/conv weights ('checkpoint' = as stored, f32 in golden cases) */
   weightDtype?: WeightDtype;
@@ -35,7 +39,7 @@ export interface CheckOptions {
   tolComponent?: number;
   tolEndToEnd?: number;
   /** only run these groups */
-  groups?: Array<'sched' | 'host' | 't5' | 'dit' | 'vae' | 'sample'>;
+  groups?: CheckGroup[];
   /** DiT activation dtype (f16 needs shader-f16) */
   activationDtype?: 'f32' | 'f16';
   /**
@@ -113,7 +117,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
 
   // ---- host math
   const xShape = has('dit.x') ? (g.tensors['dit.x']!.shape as [number, number, number, number]) : null;
-  const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config as unknown as Record<string, unknown>));
+  const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config));
   if (opts.activationDtype) dit.dims.activationDtype = opts.activationDtype;
   const [, ph, pw] = dit.dims.patchSize;
   if (want.has('host')) {
@@ -131,7 +135,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
 
   // ---- text encoder
   const contexts = new Map<string, Float32Array>(); // prompt/negative -> padded context [textLen, d]
-  const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config as unknown as Record<string, unknown>));
+  const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config));
   if (want.has('t5') || want.has('sample')) {
     await loadModuleFrom(te, folder.textEncoder, { engine: e, owner: 'text_encoder', weightDtype: wd, placement: (k) => (te.isDeviceKey(k) ? 'device' : 'host') });
     for (const which of ['prompt', 'negative']) {
@@ -209,7 +213,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   }
 
   // ---- VAE
-  const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config as unknown as Record<string, unknown>));
+  const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config));
   const needVae = (want.has('vae') && has('vae.z')) || (want.has('sample') && has('sample.video'));
   if (needVae) await loadModuleFrom(vae, folder.vae, { engine: e, owner: 'vae', weightDtype: wd });
   if (want.has('vae') && has('vae.z')) {

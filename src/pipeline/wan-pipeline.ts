@@ -133,9 +133,9 @@ export class WanPipeline {
     if (options.engine && l.memoryLimit) engine.allocator.limitBytes = l.memoryLimit;
     if (options.recordMemory) engine.allocator.startRecording();
     try {
-      const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config as unknown as Record<string, unknown>));
-      const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config as unknown as Record<string, unknown>));
-      const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config as unknown as Record<string, unknown>));
+      const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config));
+      const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config));
+      const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config));
       const tok = folder.tokenizer ? await loadTokenizer(folder.tokenizer.dir) : null;
       const p = new WanPipeline(engine, !options.engine, folder, settings, dit, te, vae, tok, options.onProgress);
       await p.load();

@@ -20,6 +20,7 @@ import { relativeBucketsByOffset, relativeBiasTable } from './buckets.ts';
 import { ShapeError } from '../../util/errors.ts';
 import { RESIDENT, type BlockResidency } from '../../nn/residency.ts';
 import type { Tracer } from '../../nn/trace.ts';
+import type { T5Config } from '../../io/model-folder.ts';
 
 export interface Umt5Dims {
   dModel: number;
@@ -33,19 +34,18 @@ export interface Umt5Dims {
   eps: number;
 }
 
-export function umt5DimsFromConfig(c: Record<string, unknown>): Umt5Dims {
-  const proj = (c.feed_forward_proj as string) ?? 'gated-gelu';
-  if (proj !== 'gated-gelu') throw new ShapeError(`[umt5] feed_forward_proj '${proj}' is not supported (UMT5 for Wan uses 'gated-gelu')`);
+/** Dims from a parsed text_encoder/config.json (io/model-folder.ts checks the keys and `feed_forward_proj`). */
+export function umt5DimsFromConfig(c: T5Config): Umt5Dims {
   return {
-    dModel: c.d_model as number,
-    dKv: c.d_kv as number,
-    dFf: c.d_ff as number,
-    numHeads: c.num_heads as number,
-    numLayers: c.num_layers as number,
-    vocabSize: c.vocab_size as number,
-    numBuckets: (c.relative_attention_num_buckets as number) ?? 32,
-    maxDistance: (c.relative_attention_max_distance as number) ?? 128,
-    eps: (c.layer_norm_epsilon as number) ?? 1e-6,
+    dModel: c.d_model,
+    dKv: c.d_kv,
+    dFf: c.d_ff,
+    numHeads: c.num_heads,
+    numLayers: c.num_layers,
+    vocabSize: c.vocab_size,
+    numBuckets: c.relative_attention_num_buckets,
+    maxDistance: c.relative_attention_max_distance,
+    eps: c.layer_norm_epsilon,
   };
 }
 

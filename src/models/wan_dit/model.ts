@@ -10,6 +10,7 @@ import { Module, ModuleList, Param, Container, ParamHolder } from '../../nn/modu
 import { Linear, LayerNorm, RMSNorm } from '../../nn/layers.ts';
 import { RESIDENT, type BlockResidency } from '../../nn/residency.ts';
 import type { Tracer } from '../../nn/trace.ts';
+import type { TransformerConfig } from '../../io/model-folder.ts';
 import { Tensor } from '../../tensor/tensor.ts';
 import { engineOf, type Engine } from '../../runtime/engine.ts';
 import { attention } from '../../ops/attention.ts';
@@ -44,21 +45,22 @@ export interface WanDitDims {
   activationDtype?: 'f32' | 'f16';
 }
 
-export function ditDimsFromConfig(c: Record<string, unknown>): WanDitDims {
-  const ps = c.patch_size as number[];
+/** Dims from a parsed transformer/config.json (io/model-folder.ts checks the keys and fills defaults). */
+export function ditDimsFromConfig(c: TransformerConfig): WanDitDims {
+  const ps = c.patch_size;
   return {
-    patchSize: [ps[0]!, ps[1]!, ps[2]!],
-    numHeads: c.num_attention_heads as number,
-    headDim: c.attention_head_dim as number,
-    inChannels: c.in_channels as number,
-    outChannels: c.out_channels as number,
-    textDim: c.text_dim as number,
-    freqDim: c.freq_dim as number,
-    ffnDim: c.ffn_dim as number,
-    numLayers: c.num_layers as number,
-    crossAttnNorm: (c.cross_attn_norm as boolean) ?? true,
-    eps: (c.eps as number) ?? 1e-6,
-    ropeMaxSeqLen: (c.rope_max_seq_len as number) ?? 1024,
+    patchSize: [ps[0], ps[1], ps[2]],
+    numHeads: c.num_attention_heads,
+    headDim: c.attention_head_dim,
+    inChannels: c.in_channels,
+    outChannels: c.out_channels,
+    textDim: c.text_dim,
+    freqDim: c.freq_dim,
+    ffnDim: c.ffn_dim,
+    numLayers: c.num_layers,
+    crossAttnNorm: c.cross_attn_norm,
+    eps: c.eps,
+    ropeMaxSeqLen: c.rope_max_seq_len,
   };
 }
 

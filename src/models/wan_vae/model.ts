@@ -16,6 +16,7 @@
 import { Module, ModuleList, Param, Container, ParamHolder } from '../../nn/module.ts';
 import { Tensor } from '../../tensor/tensor.ts';
 import { engineOf, type Engine } from '../../runtime/engine.ts';
+import type { VaeConfig } from '../../io/model-folder.ts';
 import { conv3d, conv2d, conv3dWorkColumns } from '../../ops/conv.ts';
 import { upsampleNearest2x } from '../../ops/upsample.ts';
 import { channelL2Norm } from '../../ops/norm.ts';
@@ -37,16 +38,17 @@ export interface WanVaeDims {
   latentsStd: number[];
 }
 
-export function vaeDimsFromConfig(c: Record<string, unknown>): WanVaeDims {
+/** Dims from a parsed vae/config.json (io/model-folder.ts checks the keys). */
+export function vaeDimsFromConfig(c: VaeConfig): WanVaeDims {
   return {
-    baseDim: c.base_dim as number,
-    zDim: c.z_dim as number,
-    dimMult: c.dim_mult as number[],
-    numResBlocks: c.num_res_blocks as number,
-    attnScales: (c.attn_scales as number[]) ?? [],
-    temporalDownsample: c.temperal_downsample as boolean[],
-    latentsMean: c.latents_mean as number[],
-    latentsStd: c.latents_std as number[],
+    baseDim: c.base_dim,
+    zDim: c.z_dim,
+    dimMult: c.dim_mult,
+    numResBlocks: c.num_res_blocks,
+    attnScales: c.attn_scales,
+    temporalDownsample: c.temperal_downsample,
+    latentsMean: c.latents_mean,
+    latentsStd: c.latents_std,
   };
 }
 
