@@ -40,7 +40,14 @@ export function closestKey(key: string): string {
   );
 }
 
+/** Keys that existed once and were removed: why, instead of a closest-key guess. */
+const REMOVED_KEYS: Readonly<Record<string, string>> = {
+  'infer.diffusion.cp_size': 'context parallelism (several GPUs for one video) is not implemented yet; remove the key (one GPU is what runs)',
+};
+
 export function unknownKey(key: string, where: string): ConfigError {
+  const removed = REMOVED_KEYS[key];
+  if (removed) return new ConfigError(`config key '${key}'${where} is no longer accepted: ${removed}`);
   return new ConfigError(`unknown config key '${key}'${where}; did you mean '${closestKey(key)}'? (run with --help for every key)`);
 }
 
