@@ -6,7 +6,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SafetensorsFile, writeSafetensors, encodeSafetensorsHeader, MAX_HEADER_BYTES, type StDType } from '../src/io/safetensors.ts';
 import { Checkpoint, readTensor, loadStrict, checkSpec } from '../src/io/checkpoint.ts';
-import { writeFileAtomic, withAtomicFile } from '../src/io/atomic.ts';
+import { writeFileAtomic, withAtomicFile, makeDirs } from '../src/io/atomic.ts';
+import { checkWritable } from '../src/pipeline/outputs.ts';
+import { PromptCache } from '../src/pipeline/prompt-cache.ts';
+import { OutputError } from '../src/io/video.ts';
 import { CheckpointError } from '../src/util/errors.ts';
 import { f32ToBf16Bits, f32ToF16Bits } from '../src/tensor/dtype.ts';
 import { TINY } from './helpers/golden.ts';
@@ -438,5 +441,20 @@ describe('atomic writes', () => {
     expect(readFileSync(p, 'utf8')).toBe('original');
     expect(readdirSync(dir).filter((n) => n.startsWith('.keep.txt.tmp'))).toEqual([]);
     await expect(writeFileAtomic(join(dir, 'no-such-dir', 'x.txt'), 'x')).rejects.toThrow(/ENOENT/);
+  });
+  it('makeDirs creates missing levels, and fails (instead of looping) where a parent refuses children', () => {
+    const deep = join(dir, 'a', 'b', 'c');
+    makeDirs(deep);
+    expect(existsSync(deep)).toBe(true);
+    makeDirs(deep); // exists: nothing to do
+    writeFileSync(join(dir, 'plain-file'), 'x');
+    expect(() => makeDirs(join(dir, 'plain-file', 'sub'))).toThrow(/ENOTDIR/);
+    // /proc exists but refuses new entries with ENOENT: Node's recursive mkdir loops forever there
+    if (process.platform === 'linux') {
+      expect(() => makeDirs('/proc/sd-no-such/x')).toThrow(/ENOENT/);
+      expect(() => checkWritable('/proc/sd-no-such/out.mp4')).toThrow(OutputError);
+      expect(() => checkWritable('/proc/sd-no-such/out.mp4')).toThrow(/\[output\] cannot create the output folder \/proc\/sd-no-such/);
+      expect(() => new PromptCache('/proc/sd-no-such/cache', 1 << 20, 'encoder')).toThrow(/\[prompt-cache\] cannot create the prompt embedding cache folder .*infer\.prompt_cache=false/);
+    }
   });
 });

@@ -4,7 +4,7 @@
 // fsync it, rename it over the target, then fsync the folder (best effort). On any error the
 // temporary file is removed and the target is left as it was.
 
-import { promises as fsp, constants as fsc } from 'node:fs';
+import { promises as fsp, constants as fsc, existsSync, mkdirSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -22,6 +22,28 @@ export async function writeAll(fh: FileHandle, data: Uint8Array): Promise<void> 
     const { bytesWritten } = await fh.write(data, off, n);
     if (bytesWritten <= 0) throw new Error(`[atomic] write returned ${bytesWritten}`);
     off += bytesWritten;
+  }
+}
+
+/**
+ * `mkdir -p`, one level at a time. Node's `mkdirSync(dir, { recursive: true })` loops forever when a
+ * parent exists but refuses children with ENOENT (measured: `-o /proc/x/out.mp4` hung the CLI with
+ * 145,000 mkdir calls in 15 s); here that is an ordinary error naming the level.
+ */
+export function makeDirs(dir: string): void {
+  const missing: string[] = [];
+  for (let d = resolve(dir); !existsSync(d); ) {
+    missing.push(d);
+    const up = dirname(d);
+    if (up === d) break;
+    d = up;
+  }
+  for (const d of missing.reverse()) {
+    try {
+      mkdirSync(d);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
   }
 }
 

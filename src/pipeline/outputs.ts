@@ -1,9 +1,9 @@
 // Writing a run's outputs: MP4, GIF preview, PNG frames, latents (safetensors) and a JSON sidecar.
 // Every file is written atomically (temporary name in the same folder, then rename).
 
-import { mkdirSync, accessSync, constants, existsSync, statSync, writeFileSync, unlinkSync } from 'node:fs';
+import { accessSync, constants, existsSync, statSync, writeFileSync, unlinkSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { writeFileAtomic } from '../io/atomic.ts';
+import { makeDirs, writeFileAtomic } from '../io/atomic.ts';
 import { writeSafetensors } from '../io/safetensors.ts';
 import { Checkpoint, readTensor } from '../io/checkpoint.ts';
 import { toRgbFrames, writeMp4, writeGif, writePng, OutputError } from '../io/video.ts';
@@ -58,7 +58,7 @@ export function outputPaths(videoPath: string): OutputPaths {
 export function checkWritable(path: string): void {
   const dir = dirname(path);
   try {
-    mkdirSync(dir, { recursive: true });
+    makeDirs(dir);
   } catch (e) {
     throw new OutputError(`[output] cannot create the output folder ${dir}: ${(e as Error).message}; choose another output.path (-o)`);
   }
@@ -120,7 +120,7 @@ export async function writeVideoOutputs(paths: OutputPaths, video: Float32Array,
     written.push(paths.preview);
   }
   if (opts.frames) {
-    mkdirSync(paths.framesDir, { recursive: true });
+    makeDirs(paths.framesDir);
     for (let t = 0; t < T; t++) {
       const p = join(paths.framesDir, `${String(t + 1).padStart(4, '0')}.png`);
       await writePng(p, frames[t]!, W, H);

@@ -4,10 +4,12 @@
 // are evicted (a hit touches the file's mtime).
 
 import { createHash } from 'node:crypto';
-import { mkdirSync, readdirSync, statSync, unlinkSync, utimesSync, existsSync } from 'node:fs';
+import { readdirSync, statSync, unlinkSync, utimesSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { Checkpoint, readTensor } from '../io/checkpoint.ts';
 import { writeSafetensors } from '../io/safetensors.ts';
+import { makeDirs } from '../io/atomic.ts';
+import { ConfigError } from '../util/errors.ts';
 
 export class PromptCache {
   hits = 0;
@@ -18,7 +20,11 @@ export class PromptCache {
     /** identity of the text encoder: config + weight file names/sizes/mtimes */
     readonly encoderId: string,
   ) {
-    mkdirSync(dir, { recursive: true });
+    try {
+      makeDirs(dir);
+    } catch (e) {
+      throw new ConfigError(`[prompt-cache] cannot create the prompt embedding cache folder ${dir}: ${(e as Error).message}; set infer.prompt_cache_dir to a writable folder, or infer.prompt_cache=false`);
+    }
   }
 
   key(prompt: string, textLen: number): string {
