@@ -449,6 +449,7 @@ describe('atomic writes', () => {
     makeDirs(deep); // exists: nothing to do
     writeFileSync(join(dir, 'plain-file'), 'x');
     expect(() => makeDirs(join(dir, 'plain-file', 'sub'))).toThrow(/ENOTDIR/);
+    expect(() => makeDirs(join(dir, 'plain-file'))).toThrow(/ENOTDIR/);
     // /proc exists but refuses new entries with ENOENT: Node's recursive mkdir loops forever there
     if (process.platform === 'linux') {
       expect(() => makeDirs('/proc/sd-no-such/x')).toThrow(/ENOENT/);

@@ -4,7 +4,7 @@
 // fsync it, rename it over the target, then fsync the folder (best effort). On any error the
 // temporary file is removed and the target is left as it was.
 
-import { promises as fsp, constants as fsc, existsSync, mkdirSync } from 'node:fs';
+import { promises as fsp, constants as fsc, existsSync, mkdirSync, statSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -45,6 +45,8 @@ export function makeDirs(dir: string): void {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
     }
   }
+  // `dir` itself may exist as a file: as mkdir -p, that is an error, not a folder
+  if (!statSync(dir).isDirectory()) throw Object.assign(new Error(`ENOTDIR: not a directory, mkdir '${dir}'`), { code: 'ENOTDIR' });
 }
 
 function tmpNameFor(path: string): string {
