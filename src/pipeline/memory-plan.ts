@@ -27,6 +27,14 @@ export interface MemoryPlan {
   /** overlap as a fraction of the tile */
   tileOverlap: number;
   activationOffload: boolean;
+  /** with dit 'stream': blocks 0..residentBlocks-1 stay on the GPU, the rest go through the ring */
+  residentBlocks: number;
+  /** cond and uncond one after the other inside each DiT block (one upload per block, half the activations) */
+  cfgSequential: boolean;
+  /** tokens per DiT FFN chunk; 0 = auto (ffnChunkFor) */
+  ffnChunkTokens: number;
+  /** query tokens per self-attention chunk; 0 = auto (attnChunkFor) */
+  attnChunkTokens: number;
 }
 
 const flag = (v: boolean | 'auto', auto: boolean): boolean => (v === 'auto' ? auto : v);
@@ -46,5 +54,9 @@ export function memoryPlan(s: LoadSettings): MemoryPlan {
     tileSize: s.vaeTileSize,
     tileOverlap: s.vaeTileOverlap,
     activationOffload: s.activationOffload,
+    residentBlocks: s.residentBlocks,
+    cfgSequential: flag(s.cfgSequential, level >= 1),
+    ffnChunkTokens: s.ffnChunkTokens,
+    attnChunkTokens: s.attnChunkTokens,
   };
 }

@@ -137,6 +137,19 @@ export class Tensor {
     return new Tensor({ shape, dtype, data: arr });
   }
 
+  /**
+   * A host placeholder with a shape and dtype but no data (the memory planner's stand-in for a
+   * weight in host memory: src/plan/). Its `device` is 'cpu'; reading its values throws.
+   */
+  static meta(shape: Shape, dtype: DType): Tensor {
+    return new Tensor({ shape, dtype });
+  }
+
+  /** true for a placeholder from Tensor.meta (neither GPU storage nor host data) */
+  get isMeta(): boolean {
+    return !this.storage && !this.data;
+  }
+
   static cpuZeros(shape: Shape, dtype: DType = 'f32'): Tensor {
     return new Tensor({ shape, dtype, data: hostArrayFor(dtype, numelOf(shape)) });
   }
