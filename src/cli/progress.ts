@@ -80,6 +80,10 @@ export class Progress {
           }
         } else this.out.write(`decode ${ev.unit} ${ev.done}/${ev.total}\n`);
         break;
+      case 'plan':
+        this.info(`[plan] infer.vram_budget=${fmtBytes(ev.budget)}: ${ev.placement} (predicted peak reserved ${fmtBytes(ev.predictedPeakReserved)})`);
+        for (const r of ev.reasons) this.info(`[plan]   ${r}`);
+        break;
       case 'load':
       case 'memory':
         break;

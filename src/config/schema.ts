@@ -76,6 +76,7 @@ export const SCHEMA = {
     vaeTiling: boolOrAuto({ key: 'infer.vae_tiling', default: 'auto', doc: 'spatially tiled VAE decode (auto: level >= 1)' }),
     vaeTileSize: int({ key: 'infer.vae_tile_size', min: 0, max: 1024, default: 0, doc: "largest VAE tile in latent pixels (×8 in the video), >= 4; 0 = auto: the least work whose tiles need no more memory than the decoder's whole-frame stages" }),
     vaeTileOverlap: float({ key: 'infer.vae_tile_overlap', min: 0.25, max: 0.75, default: 0.25, doc: 'tile overlap as a fraction of the tile (>= 0.25: linear blend, no seams)' }),
+    vaeStemStages: int({ key: 'infer.vae_stem_stages', min: -1, max: 16, default: -1, doc: 'tiled decode: VAE decoder stages run on whole frames before the tiles (fewer: less memory, more halo recompute); -1 = auto (5: everything below the output resolution)' }),
     textEncoderDevice: oneOf({ key: 'infer.text_encoder_device', values: ['cpu', 'gpu-stream'], default: 'cpu', doc: "where the offloaded text encoder runs: 'cpu' device, or streamed block by block through the GPU" }),
     activationOffload: bool({ key: 'infer.activation_offload', default: false, doc: 'keep the residual stream in host memory between DiT blocks (level 3, very long videos)' }),
     residentBlocks: int({ key: 'infer.diffusion.resident_blocks', min: 0, max: 10_000, default: 0, doc: 'with the DiT streamed (level 3): how many of its blocks stay resident on the GPU (no upload), the rest streamed' }),

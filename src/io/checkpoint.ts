@@ -229,7 +229,8 @@ export async function findCheckpointIn(dir: string, preferredName?: string): Pro
 // ---- engine tensors ----
 
 /** The engine dtype a safetensors dtype loads as (16-bit floats stay 16-bit; ints become i32). */
-function engineDTypeOf(dt: StDType): DType {
+/** The engine dtype a file dtype is read as (readTensor). */
+export function engineDTypeOf(dt: StDType): DType {
   switch (dt) {
     case 'F32':
     case 'F64':

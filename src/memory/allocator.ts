@@ -6,7 +6,9 @@
 // Freed blocks go back to a pool keyed by size class and are reused by later allocations of the
 // same class; `emptyCache()` destroys the cached ones. Allocations larger than `exactAbove`
 // (default 64 MiB) are not rounded to a class beyond 256 B alignment, because rounding a
-// 1 GiB weight up by 6 % would waste more than most activations need.
+// 1 GiB weight up by 6 % would waste more than most activations need; such a request takes a cached
+// block up to 25 % larger when no exact one is free (takeLarger). At the limit, cached buffers are
+// given back largest first until the new one fits (releaseCached), so `reserved` never crosses it.
 //
 // Safety of reuse: WebGPU orders all queue work, so a buffer freed after a kernel that reads it
 // was *encoded* can be handed to a later kernel in the same command stream. The only hazard is
@@ -91,6 +93,8 @@ export interface MemoryStats {
 }
 
 const ALIGN = 256;
+/** a cached large block serves a request up to this factor smaller (takeLarger) */
+const LARGE_SLACK = 1.25;
 
 /**
  * Size class of an allocation: at least 256 B, then 16 classes per power of two
@@ -141,6 +145,11 @@ export class CachingAllocator {
     return this.ownerStack[this.ownerStack.length - 1] ?? 'activation';
   }
 
+  /** true while some code has set an owner tag (withOwner / pushOwner) */
+  get hasOwner(): boolean {
+    return this.ownerStack.length > 0;
+  }
+
   /** Run `fn` with `owner` as the tag of the allocations it makes (nested: innermost wins). */
   withOwner<T>(owner: string, fn: () => T): T {
     this.ownerStack.push(owner);
@@ -161,10 +170,10 @@ export class CachingAllocator {
   alloc(bytes: number, owner: string = this.currentOwner): Block {
     if (!(bytes >= 0) || !Number.isFinite(bytes)) throw new RangeError(`[allocator] invalid size ${bytes}`);
     const cls = sizeClass(bytes, this.exactAbove);
-    let block = this.pools.get(cls)?.pop();
+    let block = this.pools.get(cls)?.pop() ?? (cls > this.exactAbove ? this.takeLarger(cls) : undefined);
     if (!block) {
       if (this.reserved + cls > this.limitBytes) {
-        this.emptyCache();
+        this.releaseCached(this.reserved + cls - this.limitBytes);
         if (this.reserved + cls > this.limitBytes) {
           throw new OutOfMemoryError(
             {
@@ -196,6 +205,38 @@ export class CachingAllocator {
     if (this.allocated > this.peakAllocated) this.peakAllocated = this.allocated;
     this.record('alloc', bytes, block.id, owner);
     return block;
+  }
+
+  /**
+   * A cached exact-size block at most LARGE_SLACK larger than `cls` (the smallest such): real-size
+   * runs allocate many near-equal large tensors (the last of a run of token chunks, a tile at the
+   * image's edge), and without this each distinct size kept its own buffers in the cache
+   * (Wan 14B 720p, level 3: 16 GiB reserved for a 8.7 GiB peak, src/plan/ walk).
+   */
+  private takeLarger(cls: number): Block | undefined {
+    let best = 0;
+    for (const [size, pool] of this.pools) if (pool.length > 0 && size > cls && size <= cls * LARGE_SLACK && (best === 0 || size < best)) best = size;
+    return best ? this.pools.get(best)!.pop() : undefined;
+  }
+
+  /**
+   * Destroy cached (free) buffers, the largest first, until at least `bytes` are given back or the
+   * cache is empty: a run held under a limit keeps the rest of its cache.
+   */
+  releaseCached(bytes: number): void {
+    const sizes = [...this.pools.keys()].filter((k) => this.pools.get(k)!.length > 0).sort((a, b) => b - a);
+    let freed = 0;
+    for (const size of sizes) {
+      const pool = this.pools.get(size)!;
+      while (pool.length > 0 && freed < bytes) {
+        const b = pool.pop()!;
+        this.factory.destroy(b.buffer);
+        this.reserved -= b.size;
+        freed += b.size;
+        this.record('segment_free', b.size, b.id, b.owner);
+      }
+      if (freed >= bytes) break;
+    }
   }
 
   free(block: Block): void {

@@ -11,7 +11,12 @@
 // |       |                              | time with the next block prefetched   | during decode                   |
 
 import type { LoadSettings } from '../config/schema.ts';
+import type { CachingAllocator } from '../memory/allocator.ts';
+import type { WeightDtype } from '../nn/load.ts';
 import { ConfigError } from '../util/errors.ts';
+import { autoFfnChunkTokens, autoAttnChunkTokens } from '../models/wan_dit/model.ts';
+import type { WanVaeDecoder } from '../models/wan_vae/model.ts';
+import { leanStemStages } from './tiled-vae.ts';
 
 export interface MemoryPlan {
   level: 0 | 1 | 2 | 3;
@@ -26,6 +31,8 @@ export interface MemoryPlan {
   tileSize: number;
   /** overlap as a fraction of the tile */
   tileOverlap: number;
+  /** decoder stages run on whole frames before tiling; -1 = auto (tiled-vae.ts STEM_STAGES) */
+  stemStages: number;
   activationOffload: boolean;
   /** with dit 'stream': blocks 0..residentBlocks-1 stay on the GPU, the rest go through the ring */
   residentBlocks: number;
@@ -53,10 +60,77 @@ export function memoryPlan(s: LoadSettings): MemoryPlan {
     vaeTiling: flag(s.vaeTiling, level >= 1),
     tileSize: s.vaeTileSize,
     tileOverlap: s.vaeTileOverlap,
+    stemStages: s.vaeStemStages,
     activationOffload: s.activationOffload,
     residentBlocks: s.residentBlocks,
     cfgSequential: flag(s.cfgSequential, level >= 1),
     ffnChunkTokens: s.ffnChunkTokens,
     attnChunkTokens: s.attnChunkTokens,
+  };
+}
+
+// The placement rules below are shared by the pipeline (wan-pipeline.ts) and the memory planner
+// (src/plan/plan.ts), so a plan and a run cannot disagree about where a weight lives.
+
+/** Where a DiT weight goes at load: blocks stay in host memory when the DiT is streamed. */
+export function ditPlacement(plan: MemoryPlan, isBlockKey: (key: string) => boolean): (key: string) => 'device' | 'host' {
+  const stream = plan.dit === 'stream';
+  return (k) => (stream && isBlockKey(k) ? 'host' : 'device');
+}
+
+/**
+ * How the text encoder loads in a mode: on the GPU at all (engine), in which dtype (the CPU device
+ * computes in the file's dtype), and where each weight goes (its block weights stay in host memory
+ * for 'gpu-stream'; the CPU device keeps everything on the host).
+ */
+export function textEncoderLoad(
+  mode: MemoryPlan['textEncoder'],
+  weightDtype: WeightDtype,
+  te: { isDeviceKey(k: string): boolean; isBlockKey(k: string): boolean },
+): { onGpu: boolean; weightDtype: WeightDtype; placement: (key: string) => 'device' | 'host' } {
+  return {
+    onGpu: mode !== 'cpu',
+    weightDtype: mode === 'cpu' ? 'checkpoint' : weightDtype,
+    placement: (k) => (mode !== 'cpu' && te.isDeviceKey(k) && !(mode === 'gpu-stream' && te.isBlockKey(k)) ? 'device' : 'host'),
+  };
+}
+
+/**
+ * The allocator at a phase boundary: low-memory levels give the previous phase's cached buffers
+ * back (as torch.cuda.empty_cache() between stages), so `reserved` follows the phase that runs now.
+ */
+export function enterPhase(allocator: CachingAllocator, plan: MemoryPlan, phase: string): void {
+  allocator.phase = phase;
+  if (plan.level >= 1 && (phase === 'denoise' || phase === 'decode')) allocator.emptyCache();
+}
+
+/** The DiT forward's activation bounds for a run of L tokens (a 0 in the settings = auto, resolved here). */
+export function ditRunOptions(plan: MemoryPlan, dims: { numHeads: number; headDim: number; ffnDim: number }, L: number): { cfgSequential: boolean; ffnChunkTokens: number; attnChunkTokens: number } {
+  const D = dims.numHeads * dims.headDim;
+  // the bounds come with the CFG passes in turn (level >= 1, or infer.cfg_sequential=true); an
+  // explicit chunk size applies at any level
+  const bounded = plan.cfgSequential;
+  const ffn = plan.ffnChunkTokens || (bounded ? autoFfnChunkTokens(L, D, dims.ffnDim) : 0);
+  return {
+    cfgSequential: plan.cfgSequential,
+    ffnChunkTokens: ffn >= L ? 0 : ffn,
+    attnChunkTokens: plan.attnChunkTokens || (bounded ? autoAttnChunkTokens(L) : 0),
+  };
+}
+
+/**
+ * Level 3's bound on a tiled decode's working set: the whole-frame stages are cut back until they fit
+ * it (leanStemStages) and auto tiles may use up to it. At 2 GiB the decode needs about what a
+ * denoise step does: Wan 1.3B 480p 1.5 GiB (3 whole-frame stages, 1.7× the default decode's flops),
+ * 14B 720p 3.2 GiB (src/plan/ walks).
+ */
+export const LEVEL3_DECODE_BYTES = 2 * 2 ** 30;
+
+/** How a tiled decode is split: whole-frame stages and the auto tiles' memory bound (undefined: the decoder's defaults). */
+export function decodeSplitFor(plan: MemoryPlan, vae: WanVaeDecoder, H: number, W: number): { stemStages?: number; tileBytes?: number } {
+  const lean = plan.level >= 3;
+  return {
+    stemStages: plan.stemStages >= 0 ? plan.stemStages : lean ? leanStemStages(vae, H, W, LEVEL3_DECODE_BYTES) : undefined,
+    tileBytes: lean ? LEVEL3_DECODE_BYTES : undefined,
   };
 }

@@ -7,6 +7,7 @@ import type { Settings } from '../config/schema.ts';
 import { takeSnapshot, renderSnapshotHtml } from '../memory/snapshot.ts';
 import { writeFileAtomic } from '../io/atomic.ts';
 import { fmtBytes } from '../util/errors.ts';
+import { placementSummary } from '../plan/plan.ts';
 import type { GenerateResult, ProgressEvent, WanPipeline } from './wan-pipeline.ts';
 
 type Memory = GenerateResult['memory'];
@@ -45,6 +46,9 @@ export function sidecar(r: SidecarInput): Record<string, unknown> {
     latents: r.latentsPath,
     adapter: pipe.engine.adapterName,
     memory_plan: pipe.plan,
+    vram_budget: pipe.budget
+      ? { budget_bytes: pipe.settings.load.vramBudget, placement: placementSummary(pipe.budget.plan), predicted_peak_bytes: pipe.budget.plan.peakBytes, predicted_peak_reserved_bytes: pipe.budget.plan.peakReservedBytes, reasons: pipe.budget.reasons }
+      : null,
     timings_ms: result.timingsMs,
     memory: {
       peak_allocated_bytes: peaks.allocated,

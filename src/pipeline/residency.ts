@@ -2,19 +2,26 @@
 //
 // Each block's parameters are packed once, at load time, into one host "block image" (an
 // ArrayBuffer in the checkpoint dtype, every tensor at an offset aligned to the device's storage
-// alignment). On the GPU there is a ring of `slots` (2 by default) buffers, each one block
-// image large, allocated once and reused for every block: nothing is allocated per block.
-// Uploading a block copies its image through a reused ring of mapped staging buffers (allocator-owned,
-// counted as staging, not device memory) into a slot (measured 2x faster than `queue.writeBuffer`
-// here: `npm run bench:upload`), after which the block's Params point at tensor views of that slot
-// (`viewBytes`); each Param's `streamHost` holds its view of the host image. The code that runs the
-// blocks says what it needs, explicitly:
+// alignment: blockImageLayout). On the GPU there is a ring of `numSlots` (2 by default) buffers,
+// each one block image large, allocated once and reused for every block: nothing is allocated per
+// block. Uploading a block copies its image through a reused ring of mapped staging buffers
+// (allocator-owned, counted as staging, not device memory) into a slot (measured 2x faster than
+// `queue.writeBuffer` here: `npm run bench:upload`), after which the block's Params point at tensor
+// views of that slot (`viewBytes`); each Param's `streamHost` holds its view of the host image. The
+// code that runs the blocks says what it needs, explicitly:
 //
 //     await res.acquire(i); res.prefetch(i + 1); run(i); res.release(i);
 //
 // prefetch(i+1) submits the work encoded so far and copies block i+1 into the other slot while
 // the GPU computes block i; acquire(i+1) then finds it there. Time spent uploading and the part
 // of it that overlapped GPU work are recorded for `--profile`.
+//
+// Partial residency (`resident: k`): a GPU with room for more than two blocks keeps blocks 0..k-1
+// for good, each in its own buffer holding its image, uploaded once when the device side is
+// allocated; only the other blocks go through the slots, so a denoising step uploads n - k blocks
+// instead of n. Meta mode (`meta: true`) is for the memory planner, which runs the model on a fake
+// device: the same layout, the same device allocations in the same order, no host image and no
+// bytes moved.
 
 import type { Engine } from '../runtime/engine.ts';
 import type { Module, Param } from '../nn/module.ts';
@@ -22,15 +29,41 @@ import { Tensor } from '../tensor/tensor.ts';
 import type { StagingBlock } from '../memory/allocator.ts';
 import type { BlockResidency } from '../nn/residency.ts';
 
+/**
+ * The layout of a block image: the tensors in order, each at an offset aligned to `align`, the
+ * image rounded up to whole 4-byte words (GPU buffers and copies are sized in words). Both modes
+ * pack with it, so the planner's meta run and the real run size every buffer alike.
+ */
+export function blockImageLayout(tensors: ReadonlyArray<{ readonly nbytes: number }>, align: number): { offsets: number[]; size: number } {
+  const offsets: number[] = [];
+  let off = 0;
+  for (const t of tensors) {
+    off = Math.ceil(off / align) * align;
+    offsets.push(off);
+    off += t.nbytes;
+  }
+  return { offsets, size: Math.ceil(off / 4) * 4 };
+}
+
 interface Entry {
   param: Param;
   offset: number;
 }
 
 interface BlockImage {
-  /** the image (the params' host copies are views of it), as bytes for the uploads */
-  bytes: Uint8Array;
+  /** the image (the params' host copies are views of it), as bytes for the uploads; null in meta mode */
+  bytes: Uint8Array | null;
+  /** bytes of the image (blockImageLayout's size), in both modes */
+  size: number;
   entries: Entry[];
+}
+
+/** One buffer of the staging ring; a ring is replaced, not reused, when the device side is allocated again. */
+interface StagingBuffer {
+  block: StagingBlock;
+  mapped: boolean;
+  /** the upload using this buffer (one at a time) */
+  busy: Promise<void> | null;
 }
 
 export interface UploadStats {
@@ -46,13 +79,45 @@ export interface UploadStats {
   exposedMs: number;
 }
 
+export interface StreamedBlocksOptions {
+  /** GPU slots the streamed blocks take turns in (2: the next block uploads while one computes) */
+  numSlots?: number;
+  /** false: allocate the device side at the first acquire()/prefetch() (see releaseDevice) */
+  allocateNow?: boolean;
+  /**
+   * Blocks 0..resident-1 stay on the GPU while the device side exists: one buffer each holding its
+   * image, uploaded once when the device side is allocated; acquire/prefetch/release do nothing for
+   * them. Clamped to [0, blocks]. The slots serve the other blocks, and are not allocated when every
+   * block is resident.
+   */
+  resident?: number;
+  /** memory tag of block i's weights (default `${owner}.${i}`): resident buffers are tagged when allocated */
+  ownerOf?: (i: number) => string;
+  /**
+   * For the memory planner's fake device: the params hold Tensor.meta placeholders, no host image
+   * is allocated and an upload moves no bytes, while every device allocation (resident buffers,
+   * slots, staging ring) and every param view is made as in the real mode, in the same order.
+   */
+  meta?: boolean;
+}
+
 export class StreamedBlocks implements BlockResidency {
+  readonly numSlots: number;
+  /** blocks 0..resident-1 stay on the GPU (clamped) */
+  readonly resident: number;
+  readonly meta: boolean;
+  private readonly ownerOf: ((i: number) => string) | null;
   private readonly images: BlockImage[] = [];
+  private readonly residentTensors: Tensor[] = []; // block i < resident -> its buffer
   private readonly slotTensors: Tensor[] = [];
   private readonly slotOf: number[] = []; // block -> slot or -1
   private readonly blockIn: number[] = []; // slot -> block or -1
+  /** per block: the buffer its params view, or will view once its upload lands (null: host) */
+  private readonly holder: Array<Tensor | null> = [];
   private readonly views: Tensor[][] = []; // per block: param views currently set
   private readonly slotBytes: number;
+  private readonly stagingBytes: number;
+  private device = false;
   readonly stats: UploadStats = { uploads: 0, bytes: 0, uploadMs: 0, stallMs: 0, prefetched: 0, exposedMs: 0 };
   private readonly waitingFor = new Set<number>();
   /** set false to measure streaming without prefetch */
@@ -63,94 +128,125 @@ export class StreamedBlocks implements BlockResidency {
    * 1.3B block (84 MiB) in 0.49x the time of writeBuffer on lavapipe (docs/memory-levels.md).
    */
   uploadPath: 'staging' | 'writeBuffer' = 'staging';
-  private readonly staging: StagingBlock[] = [];
-  private readonly stagingMapped: boolean[] = [];
-  private readonly stagingBusy: Array<Promise<void> | null> = [];
+  private staging: StagingBuffer[] = [];
   private stagingNext = 0;
   private readonly inflight: Array<Promise<void> | null> = [];
 
   /**
-   * blocks: the modules whose params are streamed (params must hold host tensors now).
-   * owner: memory tag of the slots (e.g. 'dit.blocks.slot').
+   * blocks: the modules whose params are streamed (params must hold host tensors now; in meta
+   * mode host tensors or Tensor.meta placeholders). owner: memory tag of the slots (e.g. 'dit.blocks.slot').
    */
   constructor(
     private readonly e: Engine,
     blocks: Module[],
     readonly owner: string,
-    readonly numSlots = 2,
-    /** false: allocate the slots at the first acquire()/prefetch() (see releaseDevice) */
-    allocateNow = true,
+    opts: StreamedBlocksOptions = {},
   ) {
+    this.numSlots = opts.numSlots ?? 2;
+    this.resident = Math.min(Math.max(0, Math.floor(opts.resident ?? 0)), blocks.length);
+    this.meta = opts.meta ?? false;
+    this.ownerOf = opts.ownerOf ?? null;
     const align = Math.max(e.caps.storageAlign, 256);
-    let maxBytes = 0;
     for (const b of blocks) {
-      const entries: Entry[] = [];
-      let off = 0;
-      for (const [, p] of b.namedParams()) {
-        const t = p.t;
-        if (t.device !== 'cpu') throw new Error(`[residency] ${p.fullKey} must be in host memory to be streamed`);
-        off = Math.ceil(off / align) * align;
-        entries.push({ param: p, offset: off });
-        off += t.nbytes;
+      const params = b.namedParams().map(([, p]) => p);
+      for (const p of params) {
+        if (p.t.device !== 'cpu') throw new Error(`[residency] ${p.fullKey} must be in host memory to be streamed`);
+        if (!this.meta && p.t.isMeta) throw new Error(`[residency] ${p.fullKey} is a meta placeholder: only a meta StreamedBlocks can stream it`);
       }
-      const size = Math.ceil(off / 4) * 4;
-      const words = new Uint32Array(size / 4);
-      const image = Tensor.cpu(words, [words.length], 'u32');
-      const bytes = new Uint8Array(words.buffer);
-      for (const { param, offset } of entries) {
-        const t = param.t;
-        const d = t.data!;
-        bytes.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), offset);
-        // the param now views the image: host memory holds each weight once (and a previous ring's
-        // image, which a stale streamHost would keep alive, is let go)
-        param.value = param.streamHost = image.viewBytes(offset, t.shape, t.dtype);
+      const { offsets, size } = blockImageLayout(params.map((p) => p.t), align);
+      const entries = params.map((param, k) => ({ param, offset: offsets[k]! }));
+      let bytes: Uint8Array | null = null;
+      if (this.meta) {
+        for (const { param } of entries) param.value = param.streamHost = Tensor.meta(param.t.shape, param.t.dtype);
+      } else {
+        const words = new Uint32Array(size / 4);
+        const image = Tensor.cpu(words, [words.length], 'u32');
+        bytes = new Uint8Array(words.buffer);
+        for (const { param, offset } of entries) {
+          const t = param.t;
+          const d = t.data!;
+          bytes.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), offset);
+          // the param now views the image: host memory holds each weight once (and a previous ring's
+          // image, which a stale streamHost would keep alive, is let go)
+          param.value = param.streamHost = image.viewBytes(offset, t.shape, t.dtype);
+        }
       }
-      this.images.push({ bytes, entries });
-      maxBytes = Math.max(maxBytes, size);
+      this.images.push({ bytes, size, entries });
       this.slotOf.push(-1);
+      this.holder.push(null);
       this.views.push([]);
+      this.inflight.push(null);
     }
-    this.slotBytes = maxBytes;
-    for (let i = 0; i < blocks.length; i++) this.inflight.push(null);
-    if (allocateNow) this.allocateDevice();
-  }
-
-  /** the GPU side: the slot ring and the staging ring */
-  private allocateDevice(): void {
-    const { e, owner, slotBytes } = this;
-    for (let s = 0; s < this.numSlots; s++) {
-      this.slotTensors.push(e.keep(e.empty([slotBytes / 4], 'u32', `${owner}.${s}`)));
-      this.blockIn.push(-1);
-      // host-visible, mapped at creation: counted as staging, not against the GPU budget (allocator.ts)
-      this.staging.push(e.allocator.allocStaging(slotBytes, `${owner}.staging.${s}`));
-      this.stagingMapped.push(true);
-      this.stagingBusy.push(null);
-    }
-    this.stagingNext = 0;
-  }
-
-  /** true while the slots and staging buffers exist (see releaseDevice) */
-  get onDevice(): boolean {
-    return this.slotTensors.length > 0;
+    const sizes = this.images.map((img) => img.size);
+    this.slotBytes = Math.max(0, ...sizes.slice(this.resident));
+    // the staging ring carries the resident blocks' uploads too
+    this.stagingBytes = Math.max(0, ...sizes);
+    if (opts.allocateNow ?? true) this.allocateDevice();
   }
 
   /**
-   * Give the GPU side back (slots and staging; the params point at their host images again) and
-   * keep the host images: the next acquire() or prefetch() allocates the ring again. Level 3 does
-   * this for the decode phase, so the VAE has the DiT's slots; re-packing the images instead would
-   * copy every block's weights again (2.8 GB for the 1.3B DiT) on each request.
+   * The GPU side, always in this order (the meta mode's accounting relies on it): one buffer per
+   * resident block, then the slots, each with its staging buffer; then the resident blocks' uploads
+   * start. With every block resident there are no slots, and the staging ring goes once those
+   * uploads are done (nothing else is uploaded until releaseDevice).
+   */
+  private allocateDevice(): void {
+    const { e, owner } = this;
+    this.device = true;
+    for (let i = 0; i < this.resident; i++) this.residentTensors.push(e.keep(e.empty([this.images[i]!.size / 4], 'u32', this.blockOwner(i))));
+    const slots = Math.min(this.numSlots, this.images.length - this.resident);
+    const ring: StagingBuffer[] = [];
+    for (let s = 0; s < this.numSlots; s++) {
+      if (s < slots) {
+        this.slotTensors.push(e.keep(e.empty([this.slotBytes / 4], 'u32', `${owner}.${s}`)));
+        this.blockIn.push(-1);
+      }
+      // host-visible, mapped at creation: counted as staging, not against the GPU budget (allocator.ts)
+      ring.push({ block: e.allocator.allocStaging(this.stagingBytes, `${owner}.staging.${s}`), mapped: true, busy: null });
+    }
+    this.staging = ring;
+    this.stagingNext = 0;
+    const uploads: Promise<void>[] = [];
+    for (let i = 0; i < this.resident; i++) {
+      const task = this.startUpload(i);
+      void task.catch(() => {}); // errors surface in acquire(i)
+      uploads.push(task);
+    }
+    if (slots === 0) {
+      void Promise.allSettled(uploads).then(() => {
+        if (this.staging === ring) this.freeStaging();
+      });
+    }
+  }
+
+  private freeStaging(): void {
+    for (const s of this.staging) this.e.allocator.freeStaging(s.block);
+    this.staging = [];
+  }
+
+  /** true while the device side (resident buffers, slots, staging) exists (see releaseDevice) */
+  get onDevice(): boolean {
+    return this.device;
+  }
+
+  /**
+   * Give the GPU side back (resident buffers, slots and staging; the params point at their host
+   * images again) and keep the host images: the next acquire() or prefetch() allocates it again and
+   * re-uploads the resident blocks. Level 3 does this for the decode phase, so the VAE has the DiT's
+   * memory; re-packing the images instead would copy every block's weights again (2.8 GB for the
+   * 1.3B DiT) on each request.
    */
   releaseDevice(): void {
-    if (!this.onDevice) return;
-    for (let i = 0; i < this.images.length; i++) if (this.slotOf[i]! >= 0) this.detach(i);
+    if (!this.device) return;
+    for (let i = 0; i < this.images.length; i++) if (this.holder[i]) this.detach(i);
     this.inflight.fill(null);
+    for (const t of this.residentTensors) t.dispose();
+    this.residentTensors.length = 0;
     for (const t of this.slotTensors) t.dispose();
     this.slotTensors.length = 0;
     this.blockIn.length = 0;
-    for (const b of this.staging) this.e.allocator.freeStaging(b);
-    this.staging.length = 0;
-    this.stagingMapped.length = 0;
-    this.stagingBusy.length = 0;
+    this.freeStaging();
+    this.device = false;
   }
 
   /** Zero the upload statistics (per request). */
@@ -163,38 +259,42 @@ export class StreamedBlocks implements BlockResidency {
     return this.ownerOf?.(i) ?? `${this.owner}.${i}`;
   }
 
-  /** optional naming of blocks for memory tags */
-  ownerOf: ((i: number) => string) | null = null;
-
-  /** bytes of one GPU slot */
+  /** bytes of one GPU slot (the largest streamed block's image; 0 when every block is resident) */
   get slotSize(): number {
     return this.slotBytes;
   }
 
-  /** host bytes held by the block images */
+  /** bytes of block i's image: what one upload moves, and what a resident block holds on the GPU */
+  blockBytes(i: number): number {
+    return this.images[i]!.size;
+  }
+
+  /** host bytes held by the block images (in meta mode: what the real mode would hold) */
   get hostBytes(): number {
-    return this.images.reduce((a, b) => a + b.bytes.byteLength, 0);
+    return this.images.reduce((a, b) => a + b.size, 0);
   }
 
   /**
-   * Start copying block i's image into `slot`. The bookkeeping (which block is where, memory tags,
-   * the previous occupant's params back to host) happens now; the bytes go through the staging
-   * ring: wait until staging buffer k is mappable again (its previous copy finished long ago:
-   * Dawn resolves a map at the buffer's last use, not at the end of the queue), copy the image into
-   * its mapping on the main thread, unmap, and queue `copyBufferToBuffer` behind the work encoded so
-   * far (which includes the slot's previous reader). acquire(i) awaits the returned task.
+   * Start copying block i's image into its buffer: its resident buffer, or the next slot. The
+   * bookkeeping (which block is where, memory tags, the slot's previous occupant's params back to
+   * host) happens now; acquire(i) awaits the returned task.
    */
-  private startUpload(i: number, slot: number): Promise<void> {
-    const img = this.images[i]!;
-    const prev = this.blockIn[slot]!;
-    if (prev >= 0) this.detach(prev);
-    const slotT = this.slotTensors[slot]!;
-    this.slotOf[i] = slot;
-    this.blockIn[slot] = i;
-    // the slot now holds block i: memory timelines show it under that block's name
-    const blk = slotT.storage!.block;
-    if (blk) this.e.allocator.retag(blk, `${this.blockOwner(i)}`, img.bytes.byteLength);
-    const task = this.copyIn(i, slot).finally(() => {
+  private startUpload(i: number): Promise<void> {
+    let target: Tensor;
+    if (i < this.resident) target = this.residentTensors[i]!;
+    else {
+      const slot = this.freeSlot(i);
+      const prev = this.blockIn[slot]!;
+      if (prev >= 0) this.detach(prev);
+      target = this.slotTensors[slot]!;
+      this.slotOf[i] = slot;
+      this.blockIn[slot] = i;
+      // the slot now holds block i: memory timelines show it under that block's name
+      const blk = target.storage!.block;
+      if (blk) this.e.allocator.retag(blk, this.blockOwner(i), this.images[i]!.size);
+    }
+    this.holder[i] = target;
+    const task = this.copyIn(i, target).finally(() => {
       if (this.inflight[i] === task) this.inflight[i] = null;
     });
     this.inflight[i] = task;
@@ -206,55 +306,70 @@ export class StreamedBlocks implements BlockResidency {
     if (this.waitingFor.has(i)) this.stats.exposedMs += ms;
   }
 
-  private async copyIn(i: number, slot: number): Promise<void> {
+  private async copyIn(i: number, target: Tensor): Promise<void> {
     const img = this.images[i]!;
-    const slotT = this.slotTensors[slot]!;
-    const dev = this.e.device;
-    const n = img.bytes.byteLength;
-    if (this.uploadPath === 'staging') {
-      const k = this.stagingNext;
-      this.stagingNext = (k + 1) % this.staging.length;
-      const st = this.staging[k]!.buffer;
-      // one staging buffer is used by one upload at a time
-      while (this.stagingBusy[k]) await this.stagingBusy[k];
-      let release!: () => void;
-      this.stagingBusy[k] = new Promise<void>((r) => (release = r));
-      try {
-        if (!this.stagingMapped[k]) {
-          await st.mapAsync(GPUMapMode.WRITE, 0, this.slotBytes);
-          this.stagingMapped[k] = true;
-        }
-        if (this.blockIn[slot] !== i) return; // superseded while waiting (dispose or another upload)
-        const t0 = performance.now();
-        new Uint8Array(st.getMappedRange(0, this.slotBytes)).set(img.bytes);
-        st.unmap();
-        this.stagingMapped[k] = false;
-        this.e.flush(); // the slot's previous reader goes first
-        const enc = dev.createCommandEncoder({ label: `upload ${this.blockOwner(i)}` });
-        enc.copyBufferToBuffer(st, 0, slotT.buffer, 0, n);
-        dev.queue.submit([enc.finish()]);
-        this.account(i, performance.now() - t0);
-      } finally {
-        this.stagingBusy[k] = null;
-        release();
-      }
-    } else {
-      const t0 = performance.now();
-      this.e.flush();
-      dev.queue.writeBuffer(slotT.buffer, 0, img.bytes.buffer, img.bytes.byteOffset, n);
-      this.account(i, performance.now() - t0);
-    }
-    // point the block's params at views of the slot
+    if (img.bytes) await this.write(i, img.bytes, target);
+    // superseded while waiting (releaseDevice, or another upload into its slot): the buffer is not its
+    if (this.holder[i] !== target) return;
+    // point the block's params at views of the buffer
     const views: Tensor[] = [];
     for (const { param, offset } of img.entries) {
       const host = param.streamHost!;
-      const v = this.e.keep(slotT.viewBytes(offset, host.shape, host.dtype));
+      const v = this.e.keep(target.viewBytes(offset, host.shape, host.dtype));
       views.push(v);
       param.value = v;
     }
     this.views[i] = views;
     this.stats.uploads++;
-    this.stats.bytes += n;
+    this.stats.bytes += img.size;
+  }
+
+  /**
+   * Move the image's bytes into `target`. Staging path: wait until staging buffer k is mappable
+   * again (its previous copy finished long ago: Dawn resolves a map at the buffer's last use, not at
+   * the end of the queue), copy the image into its mapping on the main thread, unmap, and queue
+   * `copyBufferToBuffer` behind the work encoded so far (which includes a slot's previous reader).
+   * Nothing is copied once the block has been moved off `target` while waiting.
+   */
+  private async write(i: number, bytes: Uint8Array, target: Tensor): Promise<void> {
+    const dev = this.e.device;
+    const n = bytes.byteLength;
+    if (this.uploadPath === 'writeBuffer') {
+      const t0 = performance.now();
+      this.e.flush();
+      dev.queue.writeBuffer(target.buffer, 0, bytes.buffer, bytes.byteOffset, n);
+      this.account(i, performance.now() - t0);
+      return;
+    }
+    const ring = this.staging;
+    const k = this.stagingNext;
+    this.stagingNext = (k + 1) % ring.length;
+    const sb = ring[k]!;
+    const st = sb.block.buffer;
+    // one staging buffer is used by one upload at a time
+    while (sb.busy) await sb.busy;
+    let release!: () => void;
+    sb.busy = new Promise<void>((r) => (release = r));
+    try {
+      if (this.holder[i] !== target) return;
+      if (!sb.mapped) {
+        await st.mapAsync(GPUMapMode.WRITE, 0, this.stagingBytes);
+        sb.mapped = true;
+      }
+      if (this.holder[i] !== target) return;
+      const t0 = performance.now();
+      new Uint8Array(st.getMappedRange(0, this.stagingBytes)).set(bytes);
+      st.unmap();
+      sb.mapped = false;
+      this.e.flush(); // the slot's previous reader goes first
+      const enc = dev.createCommandEncoder({ label: `upload ${this.blockOwner(i)}` });
+      enc.copyBufferToBuffer(st, 0, target.buffer, 0, n);
+      dev.queue.submit([enc.finish()]);
+      this.account(i, performance.now() - t0);
+    } finally {
+      sb.busy = null;
+      release();
+    }
   }
 
   /** params of block i back to their host tensors; views dropped */
@@ -266,16 +381,17 @@ export class StreamedBlocks implements BlockResidency {
     const s = this.slotOf[i]!;
     if (s >= 0 && this.blockIn[s] === i) this.blockIn[s] = -1;
     this.slotOf[i] = -1;
+    this.holder[i] = null;
   }
 
   async acquire(i: number): Promise<void> {
-    if (!this.onDevice) this.allocateDevice();
+    if (!this.device) this.allocateDevice();
     const pending = this.inflight[i];
-    if (!pending && this.slotOf[i]! >= 0) return;
+    if (!pending && this.holder[i]) return;
     const t0 = performance.now();
     this.waitingFor.add(i);
     try {
-      await (pending ?? this.startUpload(i, this.freeSlot(i)));
+      await (pending ?? this.startUpload(i));
     } finally {
       this.waitingFor.delete(i);
     }
@@ -283,9 +399,10 @@ export class StreamedBlocks implements BlockResidency {
   }
 
   prefetch(i: number): void {
-    if (!this.prefetchEnabled || i >= this.images.length || this.slotOf[i]! >= 0) return;
-    if (!this.onDevice) this.allocateDevice();
-    void this.startUpload(i, this.freeSlot(i)).catch(() => {}); // errors surface in acquire(i)
+    if (!this.prefetchEnabled || i >= this.images.length) return;
+    if (!this.device) this.allocateDevice();
+    if (this.holder[i]) return; // resident, or in its slot (or on its way) already
+    void this.startUpload(i).catch(() => {}); // errors surface in acquire(i)
     this.stats.prefetched++;
   }
 
@@ -294,11 +411,11 @@ export class StreamedBlocks implements BlockResidency {
   }
 
   private freeSlot(i: number): number {
-    // the slot not holding the block in use: ring order by block index
-    return i % this.numSlots;
+    // the slot not holding the block in use: ring order by streamed-block index
+    return (i - this.resident) % this.slotTensors.length;
   }
 
-  /** Give the slots back and restore host params. */
+  /** Give the GPU side back and restore host params. */
   dispose(): void {
     this.releaseDevice();
     // the params own their host tensors (views of the images) again; nothing else here keeps them

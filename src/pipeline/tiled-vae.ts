@@ -7,6 +7,7 @@
 // the least work whose largest tile needs no more memory than the whole-frame stages (planAutoTiles).
 
 import type { Engine } from '../runtime/engine.ts';
+import type { Tensor } from '../tensor/tensor.ts';
 import { WanVaeDecoder, CausalCache, sliceFrames, concatTime } from '../models/wan_vae/model.ts';
 
 /** Tiles along one axis: tile i covers latent pixels [starts[i], starts[i] + lens[i]). */
@@ -119,7 +120,7 @@ export function planAutoTiles(
   H: number,
   W: number,
   F: number,
-  opts: { stemStages: number; halo: number; overlap: number; quantumX: number; framesPerChunk: number },
+  opts: { stemStages: number; halo: number; overlap: number; quantumX: number; framesPerChunk: number; tileBytes?: number },
 ): AutoTilePlan {
   const kinds = new Map<string, [number, boolean]>();
   for (const [f0, f1] of WanVaeDecoder.chunks(Math.max(1, F), Math.max(1, opts.framesPerChunk))) kinds.set(`${f1 - f0},${f0 === 0}`, [f1 - f0, f0 === 0]);
@@ -148,7 +149,7 @@ export function planAutoTiles(
   for (const y of ys)
     for (const x of xs) {
       const bytes = perPx * y.region * x.region;
-      const fits = bytes <= stemBytes;
+      const fits = bytes <= Math.max(stemBytes, opts.tileBytes ?? 0);
       const cost = y.cost * x.cost;
       const n = y.plan.starts.length * x.plan.starts.length;
       const better = !best || (fits && !best.fits) || (fits === best.fits && (fits ? cost < best.cost || (cost === best.cost && n < best.n) : bytes < best.bytes));
@@ -213,6 +214,18 @@ function axisWeights(start: number, end: number, prevEnd: number | null, nextSta
  */
 export const STEM_STAGES = 5;
 
+/**
+ * The most whole-frame stages (≤ STEM_STAGES) whose working set stays within `capBytes` — the
+ * low-memory choice: at 1.3B 480p the 5-stage stem alone needs 4.3 GiB (its causal caches hold two
+ * 384-channel frames at a quarter of the video's resolution per conv), 3 stages 1.5 GiB for 1.7× the
+ * decode's flops (planner walk, src/plan/). At least 1 (the mid block's global attention is per frame).
+ */
+export function leanStemStages(vae: WanVaeDecoder, H: number, W: number, capBytes: number): number {
+  const top = Math.min(STEM_STAGES, vae.numStages - 1);
+  for (let s = top; s > 1; s--) if (vae.workingSetBytes('stem', H, W, s, 1, false) <= capBytes) return s;
+  return 1;
+}
+
 export interface TiledDecodeOptions {
   /** the largest tile in latent pixels; 0: auto (planAutoTiles) */
   tile: number;
@@ -227,6 +240,8 @@ export interface TiledDecodeOptions {
   framesPerChunk?: number;
   /** up-block stages run on whole frames before tiling (WanVaeDecoder.runStages); default STEM_STAGES */
   stemStages?: number;
+  /** auto tiles may use this many bytes even when the whole-frame stages need less (a lean stem: leanStemStages) */
+  tileBytes?: number;
   onTile?: (done: number, total: number) => void;
 }
 
@@ -244,7 +259,7 @@ export async function decodeTiled(
   z: Float32Array,
   shape: [number, number, number, number],
   opts: TiledDecodeOptions,
-): Promise<{ video: Float32Array; shape: [number, number, number, number]; tiles: number }> {
+): Promise<{ video: Float32Array; shape: [number, number, number, number]; tiles: number; hostBytes: number; stemBytes: number[] }> {
   const [C, F, H, W] = shape;
   // 1. stem on whole frames, kept in host memory: [Cm, Tc, H·su, W·su] per chunk. The stem includes the
   // up-block stages below the output resolution (STEM_STAGES): tiling them would recompute a wide halo
@@ -253,7 +268,7 @@ export async function decodeTiled(
   const halo = Math.max(0, opts.halo ?? Math.ceil(vae.headRadius(stemStages) - 1e-9));
   // rows cost what they hold; columns cost whole workgroups of the output-resolution convs
   const quantumX = vae.columnQuantum;
-  const auto = opts.tile > 0 ? null : planAutoTiles(vae, H, W, F, { stemStages, halo, overlap: opts.overlap, quantumX, framesPerChunk: opts.framesPerChunk ?? 1 });
+  const auto = opts.tile > 0 ? null : planAutoTiles(vae, H, W, F, { stemStages, halo, overlap: opts.overlap, quantumX, framesPerChunk: opts.framesPerChunk ?? 1, tileBytes: opts.tileBytes });
   const py = auto ? auto.py : planTiles(H, opts.tile, opts.overlap, halo, 1);
   const px = auto ? auto.px : planTiles(W, opts.tile, opts.overlap, halo, quantumX);
   const ys = py.starts;
@@ -265,17 +280,28 @@ export async function decodeTiled(
   const zr = vae.denormalize(z, C);
   const stemCache = new CausalCache();
   const stems: Array<{ data: Float32Array; Cm: number; Tc: number }> = [];
+  // the memory planner's meta engine (src/plan/) moves no data: the host-side crops, reads and
+  // blending are skipped there and their host bytes counted from the shapes
+  const meta = e.isMeta;
+  const stemBytes: number[] = [];
   try {
     for (const [f0, f1] of chunks) {
       const x = e.fromHost(sliceFrames(zr, C, F, H, W, f0, f1), [1, C, f1 - f0, H, W], 'f32', 'activation');
       const h = await vae.stem(x, stemCache, undefined, { stages: stemStages, first: f0 === 0 });
       x.dispose();
-      stems.push({ data: (await h.toArray()) as Float32Array, Cm: h.size(1), Tc: h.size(2) });
+      stems.push({ data: meta ? new Float32Array(0) : ((await h.toArray()) as Float32Array), Cm: h.size(1), Tc: h.size(2) });
+      stemBytes.push(h.nbytes);
       h.dispose();
     }
   } finally {
     stemCache.dispose();
   }
+  // Cached buffers of one shape serve no other: the tiles' regions differ in size (edge tiles, the
+  // planner's uneven lengths), so without this each new region size would add its whole working
+  // set to `reserved` (1.3B 480p, auto tiles: 17 GiB reserved for a 4.3 GiB peak). The cache is given
+  // back after the stem and whenever the next region's size differs from the last one's.
+  e.allocator.emptyCache();
+  let lastRegion = '';
   // 2. head per tile (with halo), blended
   let out: Float64Array | null = null;
   let wsum: Float64Array | null = null;
@@ -297,8 +323,11 @@ export async function decodeTiled(
       const rx1 = Math.min(W, x0 + tw + halo);
       const rh = ry1 - ry0;
       const rw = rx1 - rx0;
+      if (`${rh}x${rw}` !== lastRegion) e.allocator.emptyCache();
+      lastRegion = `${rh}x${rw}`;
       const cache = new CausalCache();
       const parts: Float32Array[] = [];
+      let tileT = 0;
       let outC = 3;
       let hh = 0;
       let ww = 0;
@@ -307,23 +336,36 @@ export async function decodeTiled(
           const { data, Cm, Tc } = stems[k]!;
           const ch = rh * su;
           const cw = rw * su;
-          const crop = new Float32Array(Cm * Tc * ch * cw);
-          for (let c = 0; c < Cm * Tc; c++)
-            for (let y = 0; y < ch; y++) {
-              const src = (c * Hs + ry0 * su + y) * Ws + rx0 * su;
-              crop.set(data.subarray(src, src + cw), (c * ch + y) * cw);
-            }
-          const hc = e.fromHost(crop, [1, Cm, Tc, ch, cw], 'f32', 'activation');
+          let hc: Tensor;
+          if (meta) hc = e.empty([1, Cm, Tc, ch, cw], 'f32', 'activation');
+          else {
+            const crop = new Float32Array(Cm * Tc * ch * cw);
+            for (let c = 0; c < Cm * Tc; c++)
+              for (let y = 0; y < ch; y++) {
+                const src = (c * Hs + ry0 * su + y) * Ws + rx0 * su;
+                crop.set(data.subarray(src, src + cw), (c * ch + y) * cw);
+              }
+            hc = e.fromHost(crop, [1, Cm, Tc, ch, cw], 'f32', 'activation');
+          }
           const o = await vae.head(hc, cache, k === 0, undefined, stemStages);
           hc.dispose();
           outC = o.size(1);
           hh = o.size(3);
           ww = o.size(4);
-          parts.push((await o.toArray()) as Float32Array);
+          if (meta) tileT += o.size(2);
+          else parts.push((await o.toArray()) as Float32Array);
           o.dispose();
         }
       } finally {
         cache.dispose();
+      }
+      if (meta) {
+        T = tileT;
+        sf = hh / rh;
+        Ho = H * sf;
+        Wo = W * sf;
+        done++;
+        continue;
       }
       const Tt = parts.reduce((a, p) => a + p.length / (outC * hh * ww), 0);
       const raw = concatTime(parts, outC, Tt, hh * ww);
@@ -353,8 +395,16 @@ export async function decodeTiled(
       opts.onTile?.(done, total);
     }
   }
+  // host memory at the blend's end: the stems, the f64 accumulators and the video (the planner's count)
+  const hostBytes = tiledDecodeHostBytes(stemBytes, T, Ho, Wo);
+  if (meta) return { video: new Float32Array(0), shape: [3, T, Ho, Wo], tiles: total, hostBytes, stemBytes };
   const video = new Float32Array(out!.length);
   const hw = Ho * Wo;
   for (let i = 0; i < video.length; i++) video[i] = Math.min(1, Math.max(-1, out![i]! / wsum![i % hw]!));
-  return { video, shape: [3, T, Ho, Wo], tiles: total };
+  return { video, shape: [3, T, Ho, Wo], tiles: total, hostBytes, stemBytes };
+}
+
+/** Host bytes at the end of a tiled decode: the stems kept per chunk, the f64 accumulators and the f32 video. */
+export function tiledDecodeHostBytes(stemBytes: readonly number[], T: number, Ho: number, Wo: number): number {
+  return stemBytes.reduce((a, b) => a + b, 0) + 3 * T * Ho * Wo * (8 + 4) + Ho * Wo * 8;
 }

@@ -13,13 +13,17 @@ import { RESIDENT, type BlockResidency } from '../nn/residency.ts';
 import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
 import { WanVaeDecoder, vaeDimsFromConfig } from '../models/wan_vae/model.ts';
 import { createScheduler, cfgCombine } from '../schedulers/index.ts';
-import { memoryPlan, type MemoryPlan } from './memory-plan.ts';
+import { memoryPlan, ditPlacement, textEncoderLoad, enterPhase, ditRunOptions, decodeSplitFor, type MemoryPlan } from './memory-plan.ts';
 import { StreamedBlocks } from './residency.ts';
 import { decodeTiled } from './tiled-vae.ts';
 import { PromptCache, weightsIdentity } from './prompt-cache.ts';
 import { settingsForModel, requestSettings, type SettingsOptions } from '../config/settings.ts';
 import type { RequestSettings, Settings } from '../config/schema.ts';
 import { Rng } from '../util/rng.ts';
+import { choosePlacement, type BudgetChoice } from '../plan/budget.ts';
+import { shapesOfFolder } from '../plan/shapes.ts';
+import { specFromCaps } from '../plan/meta-gpu.ts';
+import { placementSummary } from '../plan/plan.ts';
 import { ConfigError, InterruptedError, ShapeError, fmtBytes } from '../util/errors.ts';
 
 export type Phase = 'load' | 'encode' | 'denoise' | 'decode';
@@ -29,6 +33,7 @@ export type ProgressEvent =
   | { type: 'step'; step: number; total: number; elapsedMs: number; etaMs: number; allocated: number; peakAllocated: number }
   | { type: 'decode'; done: number; total: number; unit: 'tile' | 'frame' }
   | { type: 'load'; component: string; done: number; total: number }
+  | { type: 'plan'; placement: string; reasons: string[]; predictedPeakReserved: number; budget: number }
   | { type: 'memory'; phase: string; step?: number; allocated: number; reserved: number; peakAllocated: number; peakReserved: number };
 
 /** What a pipeline needs besides its settings. */
@@ -90,6 +95,8 @@ export class WanPipeline {
   private teRing: StreamedBlocks | null = null;
   private readonly promptCache: PromptCache | null;
   readonly componentBytes: Record<string, number> = {};
+  /** with infer.vram_budget: the placement the budget chose, its predicted peaks and why */
+  budget: BudgetChoice | null = null;
 
   private constructor(
     readonly engine: Engine,
@@ -119,18 +126,34 @@ export class WanPipeline {
   }
 
   /** The same from settings already resolved (the CLI builds them from its arguments; src/config/settings.ts). */
-  static async fromSettings(settings: Settings, options: PipelineRuntime = {}): Promise<WanPipeline> {
+  static async fromSettings(settingsIn: Settings, options: PipelineRuntime = {}): Promise<WanPipeline> {
+    let settings = settingsIn;
     const l = settings.load;
     const folder = await openModelFolder(l.model);
+    // infer.vram_budget bounds what the device holds (reserved bytes), infer.memory_limit too: the smaller wins
+    const limit = Math.min(l.memoryLimit || Infinity, l.vramBudget || Infinity);
     const engine =
       options.engine ??
       (await Engine.create({
         backend: l.backend || undefined,
         adapter: l.adapter || undefined,
         profile: l.profile,
-        limitBytes: l.memoryLimit || undefined,
+        limitBytes: Number.isFinite(limit) ? limit : undefined,
       }));
-    if (options.engine && l.memoryLimit) engine.allocator.limitBytes = l.memoryLimit;
+    if (options.engine && Number.isFinite(limit)) engine.allocator.limitBytes = limit;
+    let budget: BudgetChoice | null = null;
+    try {
+      if (l.vramBudget > 0) {
+        // the placement is chosen before anything is loaded: the planner walks this run's code on a
+        // device that holds no memory (src/plan/), with this adapter's limits, at the pipeline's request size
+        budget = await choosePlacement(await shapesOfFolder(folder), settings, l.vramBudget, { device: specFromCaps(engine.caps, engine.limits) });
+        settings = budget.settings;
+        options.onProgress?.({ type: 'plan', placement: placementSummary(budget.plan), reasons: budget.reasons, predictedPeakReserved: budget.plan.peakReservedBytes, budget: l.vramBudget });
+      }
+    } catch (e) {
+      if (!options.engine) engine.destroy();
+      throw e;
+    }
     if (options.recordMemory) engine.allocator.startRecording();
     try {
       const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config));
@@ -138,6 +161,7 @@ export class WanPipeline {
       const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config));
       const tok = folder.tokenizer ? await loadTokenizer(folder.tokenizer.dir) : null;
       const p = new WanPipeline(engine, !options.engine, folder, settings, dit, te, vae, tok, options.onProgress);
+      p.budget = budget;
       await p.load();
       return p;
     } catch (e) {
@@ -152,10 +176,7 @@ export class WanPipeline {
   }
 
   private setPhase(phase: string): void {
-    this.engine.allocator.phase = phase;
-    // low-memory levels give the previous phase's cached buffers back at each phase boundary (as
-    // torch.cuda.empty_cache() between stages), so `reserved` follows the phase that runs now
-    if (this.plan.level >= 1 && (phase === 'denoise' || phase === 'decode')) this.engine.allocator.emptyCache();
+    enterPhase(this.engine.allocator, this.plan, phase);
   }
 
   private oomAdvice(phase: string): (requested: number) => string {
@@ -191,12 +212,11 @@ export class WanPipeline {
       engine: e,
       owner: 'dit',
       weightDtype: wd,
-      placement: (k) => (streamDit && this.dit.isBlockKey(k) ? 'host' : 'device'),
+      placement: ditPlacement(this.plan, (k) => this.dit.isBlockKey(k)),
       onProgress: (d, t) => this.emit({ type: 'load', component: 'transformer', done: d, total: t }),
     });
     if (streamDit) {
-      this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot');
-      this.streamed.ownerOf = (i) => `dit.blocks.${i}`;
+      this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot', { resident: this.plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
     }
     this.componentBytes.dit = this.dit.paramBytes();
     // Text encoder: resident on the GPU, or its host copy for the CPU device / the GPU stream. Every
@@ -229,19 +249,18 @@ export class WanPipeline {
   /** (once, by fromPretrained) mode 'gpu': resident; 'cpu': CPU device; 'gpu-stream': host weights, blocks streamed through the GPU */
   private async loadTextEncoder(mode: 'gpu' | 'cpu' | 'gpu-stream'): Promise<void> {
     const wd = this.settings.load.weightDtype;
-    const te = this.textEncoder;
-    await loadModuleFrom(te, this.folder.textEncoder, {
-      engine: mode === 'cpu' ? null : this.engine,
+    const how = textEncoderLoad(mode, wd, this.textEncoder);
+    await loadModuleFrom(this.textEncoder, this.folder.textEncoder, {
+      engine: how.onGpu ? this.engine : null,
       owner: 'text_encoder',
-      weightDtype: mode === 'cpu' ? 'checkpoint' : wd,
-      placement: (k) => (te.isDeviceKey(k) && !(mode === 'gpu-stream' && te.isBlockKey(k)) ? 'device' : 'host'),
+      weightDtype: how.weightDtype,
+      placement: how.placement,
       onProgress: (d, t) => this.emit({ type: 'load', component: 'text_encoder', done: d, total: t }),
     });
     this.componentBytes.text_encoder = this.textEncoder.paramBytes();
     if (mode === 'gpu-stream') {
       // the blocks are packed into host images once; each encode borrows two GPU slots
-      this.teRing = new StreamedBlocks(this.engine, this.textEncoder.blocks.items, 'text_encoder.block.slot', 2, false);
-      this.teRing.ownerOf = (i) => `text_encoder.encoder.block.${i}`;
+      this.teRing = new StreamedBlocks(this.engine, this.textEncoder.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, ownerOf: (i) => `text_encoder.encoder.block.${i}` });
     }
   }
 
@@ -378,6 +397,8 @@ export class WanPipeline {
     const residency: BlockResidency = this.streamed ?? RESIDENT;
     const ctxEmb = e.keep(e.scope(() => this.dit.embedText(e.fromHost(ctxHost, [B, textLen, textDim], 'f32'))));
     const perStep = result.memory.perStep;
+    // activation bounds (CFG passes in turn, FFN / attention chunks) for this many tokens
+    const bounds = ditRunOptions(this.plan, this.dit.dims, F * (lh / ph) * (lw / pw));
     try {
       for (let i = 0; i < steps; i++) {
         check();
@@ -385,7 +406,7 @@ export class WanPipeline {
         const x = new Float32Array(B * latent.length);
         for (let b = 0; b < B; b++) x.set(latent, b * latent.length);
         const xg = e.fromHost(x, [B, C, F, lh, lw], 'f32');
-        const out = await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload });
+        const out = await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds });
         xg.dispose();
         const pred = (await out.toArray()) as Float32Array;
         out.dispose();
@@ -442,6 +463,7 @@ export class WanPipeline {
         res = await decodeTiled(e, this.vae, latents.data, latents.shape, {
           tile: this.plan.tileSize,
           overlap: this.plan.tileOverlap,
+          ...decodeSplitFor(this.plan, this.vae, latents.shape[2], latents.shape[3]),
           onTile: (d, t) => this.emit({ type: 'decode', done: d, total: t, unit: 'tile' }, cb),
         });
       } else {

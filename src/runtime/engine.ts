@@ -110,6 +110,21 @@ export class Engine implements TensorDevice {
     return new Engine(gpu, opts);
   }
 
+  /**
+   * An engine over a device that holds no memory and runs nothing (the memory planner's: see
+   * src/plan/meta-gpu.ts): the allocator counts exactly as on a real device, reads give zeros.
+   */
+  static meta(gpu: GpuContext, opts: AllocatorOptions = {}): Engine {
+    const e = new Engine(gpu, { ...opts, waitMode: 'await', profile: false });
+    e.isMeta = true;
+    return e;
+  }
+
+  /** true for Engine.meta (uploads may skip their data) */
+  isMeta = false;
+  /** called with every outermost op's registry work (the planner's cost model listens here) */
+  onOpWork: ((op: string, flops: number, bytes: number) => void) | null = null;
+
   private constructor(gpu: GpuContext, opts: EngineOptions) {
     this.gpu = gpu;
     this.device = gpu.device;
@@ -418,11 +433,17 @@ export class Engine implements TensorDevice {
   runOp<T>(op: string, flops: number, bytes: number, encode: () => T): T {
     if (this.currentOp !== null) return encode();
     this.pendingWork += flops + bytes;
+    this.onOpWork?.(op, flops, bytes);
     if (this.profiling) this.profile.addOp(op, flops, bytes);
     this.currentOp = op;
+    // an op's outputs and workspaces, unless the caller tagged them, are `activation.<op>`: memory
+    // snapshots and the planner's per-owner breakdown (src/plan/) show which op holds what
+    const tag = !this.allocator.hasOwner;
+    if (tag) this.allocator.pushOwner(`activation.${op}`);
     try {
       return encode();
     } finally {
+      if (tag) this.allocator.popOwner();
       this.currentOp = null;
     }
   }
@@ -581,6 +602,7 @@ export class Engine implements TensorDevice {
   async read(t: Tensor): Promise<Uint8Array> {
     t.assertLive();
     const n = t.nbytes;
+    if (this.isMeta) return new Uint8Array(n); // no data on the meta device: zeros
     if (n === 0) {
       await this.checkErrors();
       return new Uint8Array(0);

@@ -21,7 +21,7 @@ import { layerNorm } from '../../ops/norm.ts';
 import { add, gatedResidual, unary } from '../../ops/elementwise.ts';
 import { timestepSinusoid, ropeTables } from './host.ts';
 import { ShapeError } from '../../util/errors.ts';
-import type { DType } from '../../tensor/dtype.ts';
+import { type DType, dtypeSize } from '../../tensor/dtype.ts';
 import { rmsNorm } from '../../ops/norm.ts';
 
 export interface WanDitDims {
@@ -85,25 +85,56 @@ class WanAttention extends Module {
     this.norm_k = this.child('norm_k', new RMSNorm(dim, eps));
   }
 
-  /** x [B, Lq, D]; ctx [B, Lk, D] (cross) or x itself (self, with RoPE tables [Lq, Dh/2]) */
-  /** act: dtype of the projections' outputs and the attention (the residual stream stays f32) */
-  forward(x: Tensor, ctx: Tensor | null, ropeCs: { cos: Tensor; sin: Tensor } | null, act: DType = 'f32'): Tensor {
-    const B = x.size(0);
-    const Lq = x.size(1);
-    const src = ctx ?? x;
-    const Lk = src.size(1);
-    const dh = this.dim / this.heads;
-    // q/k RMSNorm across the full D (f32 statistics), before the head split and RoPE
-    let q = rmsNorm({ x: this.to_q.forward(x, 'none', act), weight: this.norm_q.weight.t }, { eps: this.norm_q.eps, out: act }).reshape([B, Lq, this.heads, dh]); // [B, Lq, H, Dh]
-    let k = rmsNorm({ x: this.to_k.forward(src, 'none', act), weight: this.norm_k.weight.t }, { eps: this.norm_k.eps, out: act }).reshape([B, Lk, this.heads, dh]); // [B, Lk, H, Dh]
-    const v = this.to_v.forward(src, 'none', act).reshape([B, Lk, this.heads, dh]);
-    if (ropeCs) {
-      q = rope({ x: q, cos: ropeCs.cos, sin: ropeCs.sin });
-      k = rope({ x: k, cos: ropeCs.cos, sin: ropeCs.sin });
-    }
-    const o = attention({ q, k, v }, { scale: 1 / Math.sqrt(dh) }).reshape([B, Lq, this.dim]);
-    return this.to_out.at(0).forward(o, 'none', 'f32');
+  // The pieces of attention, so that a block can run them on row chunks. Every piece works per
+  // token row (the q/k RMSNorm spans the full D of one token), so rows computed in chunks equal the
+  // rows of the whole. act: dtype of the projections' outputs and of the attention.
+
+  /** q [B, L, H, Dh] of x [B, L, D]: projection, RMSNorm across the full D (f32 statistics), RoPE with tables [L, Dh/2] */
+  query(x: Tensor, ropeCs: RopeRows | null, act: DType): Tensor {
+    return this.normed(this.to_q, this.norm_q, x, ropeCs, act);
   }
+  /** k [B, L, H, Dh] of x (or of the text context, without RoPE) */
+  key(x: Tensor, ropeCs: RopeRows | null, act: DType): Tensor {
+    return this.normed(this.to_k, this.norm_k, x, ropeCs, act);
+  }
+  /** v [B, L, H, Dh] */
+  value(x: Tensor, act: DType): Tensor {
+    const [B, L] = x.shape as [number, number];
+    const p = this.to_v.forward(x, 'none', act);
+    const v = p.reshape([B, L, this.heads, this.dim / this.heads]);
+    p.dispose();
+    return v;
+  }
+  /** attention of q [B, Lq, H, Dh] over k, v [B, Lk, H, Dh], then the output projection: [B, Lq, D] f32; q is freed */
+  attend(q: Tensor, k: Tensor, v: Tensor): Tensor {
+    const [B, Lq] = q.shape as [number, number];
+    const o = attention({ q, k, v }, { scale: 1 / Math.sqrt(this.dim / this.heads) });
+    q.dispose();
+    const flat = o.reshape([B, Lq, this.dim]);
+    o.dispose();
+    const y = this.to_out.at(0).forward(flat, 'none', 'f32');
+    flat.dispose();
+    return y;
+  }
+
+  private normed(lin: Linear, norm: RMSNorm, x: Tensor, ropeCs: RopeRows | null, act: DType): Tensor {
+    const [B, L] = x.shape as [number, number];
+    const p = lin.forward(x, 'none', act);
+    const n = rmsNorm({ x: p, weight: norm.weight.t }, { eps: norm.eps, out: act });
+    p.dispose();
+    const h = n.reshape([B, L, this.heads, this.dim / this.heads]);
+    n.dispose();
+    if (!ropeCs) return h;
+    const r = rope({ x: h, cos: ropeCs.cos, sin: ropeCs.sin });
+    h.dispose();
+    return r;
+  }
+}
+
+/** RoPE tables for a run of token rows: [rows, Dh/2] each */
+interface RopeRows {
+  cos: Tensor;
+  sin: Tensor;
 }
 
 class FeedForward extends Module {
@@ -116,9 +147,68 @@ class FeedForward extends Module {
     this.proj = net.add('0', new Container()).add('proj', new Linear(dim, ffn));
     this.down = net.add('2', new Linear(ffn, dim));
   }
+  /** x [..., D] → [..., D] f32; x is freed once the [..., ffn] intermediate is encoded */
   forward(x: Tensor, act: DType = 'f32'): Tensor {
-    return this.down.forward(this.proj.forward(x, 'gelu', act), 'none', 'f32');
+    const mid = this.proj.forward(x, 'gelu', act);
+    x.dispose();
+    const y = this.down.forward(mid, 'none', 'f32');
+    mid.dispose();
+    return y;
   }
+}
+
+/**
+ * How a block bounds its working set (DitForwardOptions, resolved by WanTransformer3DModel.forward).
+ * Chunks are token rows; 0 = whole.
+ */
+interface BlockBounds {
+  sequential: boolean;
+  ffnChunk: number;
+  attnChunk: number;
+}
+
+function layerNormMod(x: Tensor, shift: Tensor, scale: Tensor, eps: number): Tensor {
+  return layerNorm({ x, shift, scale }, { eps });
+}
+
+const UNBOUNDED: BlockBounds = { sequential: false, ffnChunk: 0, attnChunk: 0 };
+
+/**
+ * The fewest token rows a bounded matmul call gets. The matmul picks its kernel by row count
+ * (ops/matmul.ts UBO_MIN_M: on llvmpipe the 'ubo' kernel from 32 rows, the tiled one below), and
+ * the two sum over K in different orders. Chunks and per-batch-element calls of at least 32 rows
+ * therefore run the kernel of the whole-stream call (which has at least as many rows), and the
+ * bounded forward stays bit-identical; smaller chunks are raised to this, a shorter last chunk joins
+ * the one before it, and a stream of fewer tokens runs unbounded.
+ */
+const MIN_CALL_ROWS = 32;
+
+/** Row ranges [r0, r1) covering `rows` in chunks of `chunk` rows (0: one range), none below MIN_CALL_ROWS unless it is all. */
+function rowRanges(rows: number, chunk: number): Array<[number, number]> {
+  const c = chunk > 0 ? Math.max(chunk, MIN_CALL_ROWS) : rows;
+  const out: Array<[number, number]> = [];
+  for (let r = 0; r < rows; r += c) out.push([r, Math.min(rows, r + c)]);
+  const last = out[out.length - 1];
+  if (out.length > 1 && last && last[1] - last[0] < MIN_CALL_ROWS) {
+    out.pop();
+    out[out.length - 1]![1] = rows;
+  }
+  return out;
+}
+
+/**
+ * Copy `src` into `dst` starting `byteOffset` bytes into it, and free `src`: how a chunk's result
+ * lands in the residual stream (x += ... in place) or in a whole-sequence k / v. Safe right after
+ * encoding: the queue orders the copy after the kernels that wrote src and before later readers.
+ */
+function putBytes(e: Engine, dst: Tensor, byteOffset: number, src: Tensor): void {
+  e.copyBuffer(src.buffer, src.byteOffset, dst.buffer, dst.byteOffset + byteOffset, src.nbytes);
+  src.dispose();
+}
+
+/** Batch elements [b0, b0 + n) of t as a tensor attention can bind (a view when aligned, else a copy). */
+function batchRows(e: Engine, t: Tensor, b0: number, n: number): Tensor {
+  return e.bindable(t.narrow0(b0, b0 + n));
 }
 
 class WanBlock extends Module {
@@ -139,39 +229,133 @@ class WanBlock extends Module {
   }
 
   /**
-   * x [B, L, D] residual stream; e0 [6, D] time projection; ctx [B, Lt, D] embedded text.
-   * Returns the new residual stream (the input is not modified).
+   * x [B, L, D] residual stream, updated in place; e0 [6, D] time projection; ctx [B, Lt, D]
+   * embedded text; RoPE tables [L, Dh/2]. With `bounds`, batch elements run one after the other
+   * and the attentions and the FFN over row chunks; every intermediate is freed once its last
+   * reader is encoded. A trace sees whole-stream intermediates, so traced runs pass UNBOUNDED.
    */
-  async forward(x: Tensor, e0: Tensor, ctx: Tensor, ropeCs: { cos: Tensor; sin: Tensor }, trace?: Tracer, tag = ''): Promise<Tensor> {
+  async forward(x: Tensor, e0: Tensor, ctx: Tensor, ropeCs: RopeRows, bounds: BlockBounds, trace?: Tracer, tag = ''): Promise<void> {
     const e = engineOf(x)!;
-    const eps = this.dims.eps;
-    const D = x.size(2);
+    const [B, L, D] = x.shape as [number, number, number];
+    const act = this.dims.activationDtype ?? 'f32';
     // m = scale_shift_table[0] + e0, chunked: shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn
     const m = add(this.scale_shift_table.t.reshape([6, D]), e0); // [6, D]
-    const row = (k: number) => e.bindable(m.select0(k));
-    // 1. Self-attention: x += attn1(LN(x)·(1+scale_msa) + shift_msa) · gate_msa
-    const h1 = layerNormMod(x, row(0), row(1), eps);
-    const act = this.dims.activationDtype ?? 'f32';
-    const y1 = this.attn1.forward(h1, null, ropeCs, act);
-    if (trace) await trace(`${tag}self_attn_out`, y1);
-    const x1 = gatedResidual({ x, r: y1, gate: row(2) }, {});
-    // 2. Cross-attention over all text rows, no gate: x += attn2(LN_affine(x), ctx)
-    const h2 = this.norm2.forward(x1);
-    const y2 = this.attn2.forward(h2, ctx, null, act);
-    if (trace) await trace(`${tag}cross_attn_out`, y2);
-    const x2 = add(x1, y2);
-    // 3. FFN: x += ffn(LN(x)·(1+scale_ffn) + shift_ffn) · gate_ffn
-    const h3 = layerNormMod(x2, row(3), row(4), eps);
-    const y3 = this.ffn.forward(h3, act);
-    if (trace) await trace(`${tag}ffn_out`, y3);
-    return gatedResidual({ x: x2, r: y3, gate: row(5) }, {});
+    const mod = Array.from({ length: 6 }, (_, k) => e.bindable(m.select0(k)));
+    // cross-attention k / v of all batch elements in one call each, whatever the grouping below:
+    // their matmuls then have the unbounded run's rows (B·Lt: with a short text, one element's
+    // Lt rows alone could fall under the row count that changes the kernel, see MIN_CALL_ROWS)
+    const k2 = this.attn2.key(ctx, null, act);
+    const v2 = this.attn2.value(ctx, act);
+    const groups: Array<[number, number]> = bounds.sequential ? Array.from({ length: B }, (_, b) => [b, 1]) : [[0, B]];
+    for (const [b0, nb] of groups) {
+      const xs = x.narrow0(b0, b0 + nb); // [nb, L, D], a view: updates land in x
+      // 1. Self-attention: x += attn1(LN(x)·(1+scale_msa) + shift_msa) · gate_msa
+      if (bounds.attnChunk > 0 && bounds.attnChunk < L) {
+        for (let b = b0; b < b0 + nb; b++) this.selfAttnChunked(e, x.select0(b), mod, ropeCs, bounds.attnChunk, act);
+      } else {
+        const h1 = layerNormMod(xs, mod[0]!, mod[1]!, this.dims.eps);
+        const q = this.attn1.query(h1, ropeCs, act);
+        const k = this.attn1.key(h1, ropeCs, act);
+        const v = this.attn1.value(h1, act);
+        h1.dispose();
+        const y1 = this.attn1.attend(q, k, v);
+        k.dispose();
+        v.dispose();
+        if (trace) await trace(`${tag}self_attn_out`, y1);
+        putBytes(e, xs, 0, gatedResidual({ x: xs, r: y1, gate: mod[2]! }, {}));
+        y1.dispose();
+      }
+      // 2. Cross-attention over all text rows, no gate: x += attn2(LN_affine(x), ctx)
+      if (bounds.attnChunk > 0 && bounds.attnChunk < L) {
+        for (let b = b0; b < b0 + nb; b++) {
+          const kb = batchRows(e, k2, b, 1);
+          const vb = batchRows(e, v2, b, 1);
+          const xb = x.select0(b);
+          for (const [i0, i1] of rowRanges(L, bounds.attnChunk)) {
+            const xr = xb.narrow0(i0, i1).reshape([1, i1 - i0, D]);
+            const h2 = this.norm2.forward(xr);
+            const y2 = this.attn2.attend(this.attn2.query(h2, null, act), kb, vb);
+            h2.dispose();
+            putBytes(e, xr, 0, add(xr, y2));
+            y2.dispose();
+            xr.dispose();
+          }
+          xb.dispose();
+          kb.dispose();
+          vb.dispose();
+        }
+      } else {
+        const kg = batchRows(e, k2, b0, nb);
+        const vg = batchRows(e, v2, b0, nb);
+        const h2 = this.norm2.forward(xs);
+        const y2 = this.attn2.attend(this.attn2.query(h2, null, act), kg, vg);
+        h2.dispose();
+        kg.dispose();
+        vg.dispose();
+        if (trace) await trace(`${tag}cross_attn_out`, y2);
+        putBytes(e, xs, 0, add(xs, y2));
+        y2.dispose();
+      }
+      // 3. FFN: x += ffn(LN(x)·(1+scale_ffn) + shift_ffn) · gate_ffn, per token: chunks run over
+      // the group's rows of all its batch elements
+      const rows = xs.reshape([nb * L, D]);
+      for (const [r0, r1] of rowRanges(nb * L, bounds.ffnChunk)) {
+        const xr = rows.narrow0(r0, r1);
+        const y3 = this.ffn.forward(layerNormMod(xr, mod[3]!, mod[4]!, this.dims.eps), act);
+        if (trace) await trace(`${tag}ffn_out`, y3);
+        putBytes(e, xr, 0, gatedResidual({ x: xr, r: y3, gate: mod[5]! }, {}));
+        y3.dispose();
+        xr.dispose();
+      }
+      rows.dispose();
+      xs.dispose();
+    }
+    k2.dispose();
+    v2.dispose();
+    for (const t of mod) t.dispose();
+    m.dispose();
+  }
+
+  /**
+   * Self-attention of one batch element xb [L, D] (a view of the stream, updated in place) over
+   * query chunks: k and v of all tokens first, computed chunk by chunk into whole-sequence tensors
+   * (so LN(x) never exists for all tokens at once), then per query chunk: LN-mod again, q with the
+   * chunk's RoPE rows, attention against all keys, output projection and the gated residual of
+   * those rows. A chunk's rows are read for the last time right before they are overwritten.
+   */
+  private selfAttnChunked(e: Engine, xb: Tensor, mod: Tensor[], ropeCs: RopeRows, chunk: number, act: DType): void {
+    const [L, D] = xb.shape as [number, number];
+    const H = this.dims.numHeads;
+    const es = dtypeSize(act);
+    const ranges = rowRanges(L, chunk);
+    const chunkIn = (i0: number, i1: number) => {
+      const xr = xb.narrow0(i0, i1).reshape([1, i1 - i0, D]);
+      const cs = { cos: ropeCs.cos.narrow0(i0, i1), sin: ropeCs.sin.narrow0(i0, i1) };
+      const h = layerNormMod(xr, mod[0]!, mod[1]!, this.dims.eps);
+      return { xr, cs, h, free: () => (xr.dispose(), cs.cos.dispose(), cs.sin.dispose()) };
+    };
+    const k = e.empty([1, L, H, D / H], act);
+    const v = e.empty([1, L, H, D / H], act);
+    for (const [i0, i1] of ranges) {
+      const c = chunkIn(i0, i1);
+      putBytes(e, k, i0 * D * es, this.attn1.key(c.h, c.cs, act));
+      putBytes(e, v, i0 * D * es, this.attn1.value(c.h, act));
+      c.h.dispose();
+      c.free();
+    }
+    for (const [i0, i1] of ranges) {
+      const c = chunkIn(i0, i1);
+      const y = this.attn1.attend(this.attn1.query(c.h, c.cs, act), k, v);
+      c.h.dispose();
+      putBytes(e, c.xr, 0, gatedResidual({ x: c.xr, r: y, gate: mod[2]! }, {}));
+      y.dispose();
+      c.free();
+    }
+    k.dispose();
+    v.dispose();
+    xb.dispose();
   }
 }
-
-function layerNormMod(x: Tensor, shift: Tensor, scale: Tensor, eps: number): Tensor {
-  return layerNorm({ x, shift, scale }, { eps });
-}
-
 class TimeTextEmbedding extends Module {
   readonly time_embedder: TwoLinear;
   readonly time_proj: Linear;
@@ -202,6 +386,49 @@ export interface DitForwardOptions {
    * each block reads it in and writes it back out, so the GPU holds one block's working set.
    */
   activationOffload?: boolean;
+  // Activation bounds. Each gives the same floats as the unbounded forward (bit-identical: every
+  // piece is per token row or per batch element, and no matmul call gets so few rows that its
+  // kernel changes, see MIN_CALL_ROWS). A traced forward ignores them: the trace reports
+  // whole-stream intermediates.
+  /**
+   * Inside each block, run batch element 0, then 1, ... (CFG: cond, then uncond, each with its own
+   * text row of ctxEmb), so the block's working set is that of batch 1. The block's weights are
+   * acquired once per block either way.
+   */
+  cfgSequential?: boolean;
+  /** The FFN over chunks of this many tokens, so one [chunk, ffn_dim] intermediate exists at a time (0 = whole; autoFfnChunkTokens) */
+  ffnChunkTokens?: number;
+  /**
+   * Both attentions over chunks of this many query tokens: self-attention k / v for all tokens
+   * first, then q, attention against all keys, output projection and residual per chunk; the
+   * cross-attention's queries likewise (0 = whole; autoAttnChunkTokens).
+   */
+  attnChunkTokens?: number;
+}
+
+/**
+ * Tokens per FFN chunk that keep the [chunk, ffn_dim] intermediate no larger than one residual
+ * stream [L, D]: the largest multiple of 64 with chunk·ffnDim <= L·D, at least 64, at most L.
+ */
+export function autoFfnChunkTokens(L: number, D: number, ffnDim: number): number {
+  return Math.min(L, Math.max(64, Math.floor((L * D) / ffnDim / 64) * 64));
+}
+
+/**
+ * Query tokens per attention chunk: whole up to 8192 tokens (q, the attention output and the
+ * projection's output are then a few residual-sized tensors), else the largest multiple of 64 up
+ * to L/4, so those three are a quarter of the stream each. The attention op splits anything above
+ * the binding limit itself, so no binding check is needed here.
+ */
+export function autoAttnChunkTokens(L: number): number {
+  return L <= 8192 ? 0 : Math.floor(L / 4 / 64) * 64;
+}
+
+/** Chunk option `what` checked: a whole number >= 0 (0 / absent = whole). */
+function chunkTokens(what: string, v: number | undefined): number {
+  if (v === undefined) return 0;
+  if (!Number.isInteger(v) || v < 0) throw new ShapeError(`[wan_dit] ${what} must be an integer >= 0 (0 = whole), got ${v}`);
+  return v;
 }
 
 export class WanTransformer3DModel extends Module {
@@ -271,10 +498,15 @@ export class WanTransformer3DModel extends Module {
     const D = this.D;
     return e.scopeAsync(async () => {
       // patchify: [B, C, F, h, ph, w, pw] -> [B, F, h, w, C, ph, pw] -> tokens [B, L, C·ph·pw]
-      const patches = permute(x.reshape([B * C, F, h, ph, w, pw]), [0, 1, 2, 4, 3, 5]); // [B·C, F, h, w, ph, pw]
-      const tok = permute(patches.reshape([B, C, L, ph * pw]), [0, 2, 1, 3]).reshape([B, L, C * ph * pw]);
+      // (each handle is dropped once the next one is encoded: views keep their storage alive)
+      const xv = x.reshape([B * C, F, h, ph, w, pw]);
+      const patches = permute(xv, [0, 1, 2, 4, 3, 5]); // [B·C, F, h, w, ph, pw]
+      const pv = patches.reshape([B, C, L, ph * pw]);
+      const tokT = permute(pv, [0, 2, 1, 3]);
+      const tok = tokT.reshape([B, L, C * ph * pw]);
       const wFlat = this.patchWeight.t.reshape([D, C * pt * ph * pw]);
       let hs = linear(tok, wFlat, { bias: this.patchBias.t }); // [B, L, D]
+      for (const t of [xv, patches, pv, tokT, tok, wFlat]) t.dispose();
       if (trace) await trace('patch_tokens', hs);
       const { e: emb, e0 } = this.embedTime(e, t);
       if (trace) {
@@ -284,6 +516,12 @@ export class WanTransformer3DModel extends Module {
       const tabs = ropeTables(f, h, w, this.dims.headDim, this.dims.ropeMaxSeqLen);
       const cos = e.fromHost(tabs.cos, [L, this.dims.headDim / 2], 'f32');
       const sin = e.fromHost(tabs.sin, [L, this.dims.headDim / 2], 'f32');
+      // a traced run reports whole-stream intermediates; a stream below MIN_CALL_ROWS tokens per
+      // batch element is too small to bound (a per-element matmul could change kernel)
+      const bounds: BlockBounds =
+        trace || L < MIN_CALL_ROWS
+          ? UNBOUNDED
+          : { sequential: opts.cfgSequential ?? false, ffnChunk: chunkTokens('ffnChunkTokens', opts.ffnChunkTokens), attnChunk: chunkTokens('attnChunkTokens', opts.attnChunkTokens) };
       const n = this.blocks.length;
       await residency.acquire(0);
       let hostStream: Float32Array | null = null;
@@ -291,12 +529,11 @@ export class WanTransformer3DModel extends Module {
       for (let i = 0; i < n; i++) {
         if (hostStream) hs = e.fromHost(hostStream, streamShape, 'f32', 'activation.residual');
         if (i + 1 < n) residency.prefetch(i + 1);
-        const prev = hs;
-        // each block in its own scope: its intermediates (norms, q/k/v, attention and FFN outputs)
-        // are freed when it returns, so the activation working set is one block's, not all blocks'
+        // each block in its own scope (a safety net: it frees its intermediates as it goes), and
+        // the stream is updated in place, so old and new streams never coexist
         const blk = this.blocks.at(i);
-        hs = await e.scopeAsync(() => blk.forward(prev, e0, ctxEmb, { cos, sin }, trace, `block${i}_`));
-        prev.dispose();
+        const cur = hs;
+        await e.scopeAsync(() => blk.forward(cur, e0, ctxEmb, { cos, sin }, bounds, trace, `block${i}_`));
         if (trace) await trace(`block${i}_out`, hs);
         residency.release(i);
         if (opts.activationOffload && i + 1 < n) {

@@ -1,0 +1,426 @@
+// The memory planner: what a run needs, predicted by running the run's own code on the meta device.
+//
+// `planRun` walks the pipeline's phases exactly as WanPipeline does (load, encode, denoise,
+// decode; the same placement rules from memory-plan.ts, the same phase boundaries, the same model
+// forwards, the same StreamedBlocks ring), but on an Engine over src/plan/meta-gpu.ts: the caching
+// allocator then counts the allocated and reserved bytes a real run of the same code would, owner
+// tag by owner tag (`dit.blocks.7.attn1.to_q.weight`, `dit.blocks.slot.0`, `activation.linear`,
+// `vae.*`), without a GPU and without reading a weight. Shortcuts that keep it under a second at
+// 14B 720p, each exact for the peaks (test/plan.test.ts checks them against the full walk):
+//   - denoise runs 2 steps: every step allocates the same tensors (the second one sees the cache
+//     the first one left, as every later step does);
+//   - decode runs the first `decodeFrames` latent frames: the decoder works chunk by chunk with a
+//     causal cache whose size is fixed after the first chunks, so later chunks repeat the peak;
+//     host-side decode buffers (which grow with the frame count) are scaled to the full length.
+// Host memory is counted from the same walk: weights placed on the host, the staging ring, the
+// decode's host buffers, latents and the video (see hostBytes).
+
+import { Engine } from '../runtime/engine.ts';
+import { Tensor } from '../tensor/tensor.ts';
+import type { DType } from '../tensor/dtype.ts';
+import { targetDtype, type Module } from '../nn/module.ts';
+import type { WeightDtype } from '../nn/load.ts';
+import { RESIDENT, type BlockResidency } from '../nn/residency.ts';
+import { WanTransformer3DModel, ditDimsFromConfig } from '../models/wan_dit/model.ts';
+import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
+import { WanVaeDecoder, vaeDimsFromConfig } from '../models/wan_vae/model.ts';
+import { memoryPlan, ditPlacement, textEncoderLoad, enterPhase, ditRunOptions, decodeSplitFor, type MemoryPlan } from '../pipeline/memory-plan.ts';
+import { StreamedBlocks } from '../pipeline/residency.ts';
+import { decodeTiled, tiledDecodeHostBytes, STEM_STAGES } from '../pipeline/tiled-vae.ts';
+import type { Settings } from '../config/schema.ts';
+import type { MemoryEvent } from '../memory/allocator.ts';
+import { ConfigError } from '../util/errors.ts';
+import { createMetaGpu, GENERIC_GPU, type MetaDeviceSpec } from './meta-gpu.ts';
+import type { ModelShapes } from './shapes.ts';
+
+export type PlanPhase = 'load' | 'encode' | 'denoise' | 'decode';
+export const PLAN_PHASES: readonly PlanPhase[] = ['load', 'encode', 'denoise', 'decode'];
+
+export interface PhasePlan {
+  /** peak allocated GPU bytes in the phase (what live tensors hold, weights included) */
+  peakBytes: number;
+  /** peak reserved GPU bytes (buffers the caching allocator holds: what the device gives) */
+  peakReservedBytes: number;
+  /** live bytes by owner at the phase's allocated peak (owner tags grouped: see ownerGroup) */
+  byOwner: Record<string, number>;
+}
+
+/** Registry work of a phase (flops and bytes of every op, plus host → GPU uploads): the cost model's input. */
+export interface PhaseWork {
+  flops: number;
+  bytes: number;
+  dispatchOps: number;
+  uploadBytes: number;
+  /** per op name: flops and bytes */
+  byOp: Record<string, { flops: number; bytes: number; calls: number }>;
+}
+
+export interface RunPlan {
+  model: string;
+  size: { width: number; height: number; frames: number; tokens: number; latent: [number, number, number, number] };
+  steps: number;
+  cfg: boolean;
+  placement: Placement;
+  /** the run's peak allocated GPU bytes (max over phases) */
+  peakBytes: number;
+  /** the run's peak reserved GPU bytes: what a VRAM budget has to hold */
+  peakReservedBytes: number;
+  phases: Record<PlanPhase, PhasePlan>;
+  /** host RAM the run holds at its peak (weights on the host, staging, video buffers), bytes */
+  hostBytes: number;
+  hostByPart: Record<string, number>;
+  /** per phase; denoise is ONE step (one DiT forward for cond + uncond) */
+  work: Record<PlanPhase, PhaseWork>;
+  /** streamed DiT bytes uploaded per step */
+  streamBytesPerStep: number;
+}
+
+/** What the run places where (memory-plan.ts resolved, chunks resolved for this size). */
+export interface Placement {
+  level: 0 | 1 | 2 | 3;
+  textEncoder: MemoryPlan['textEncoder'];
+  dit: MemoryPlan['dit'];
+  residentBlocks: number;
+  numBlocks: number;
+  vae: MemoryPlan['vae'];
+  vaeTiling: boolean;
+  tileSize: number;
+  /** decoder stages run on whole frames before the tiles */
+  stemStages: number;
+  cfgSequential: boolean;
+  ffnChunkTokens: number;
+  attnChunkTokens: number;
+  weightDtype: WeightDtype;
+  activationDtype: 'f32' | 'f16';
+}
+
+export interface PlanOptions {
+  /** the device class (default: a generic discrete GPU; bench:plan passes the real adapter's) */
+  device?: MetaDeviceSpec;
+  /** prompt token counts [cond, uncond] (default: text_len, the longest a prompt can be) */
+  promptTokens?: [number, number];
+  /** latent frames the decode walk runs (default 4; the rest repeat its peak) */
+  decodeFrames?: number;
+  /** denoise steps the walk runs (default 2) */
+  denoiseSteps?: number;
+  /**
+   * the run's allocator limit (infer.vram_budget / memory_limit): the walk's allocator then gives
+   * cached buffers back before crossing it, as the run's does, and throws OutOfMemoryError where the
+   * run would
+   */
+  limitBytes?: number;
+}
+
+/** Owner tags grouped for reports: `dit.blocks.7.attn1.to_q.weight` → `dit.blocks`, `activation.linear` stays. */
+export function ownerGroup(owner: string): string {
+  const p = owner.split('.');
+  // a slot takes the tag of the block it holds (`dit.blocks.7`), as a resident block's buffer has it
+  if (p[0] === 'dit' && p[1] === 'blocks') return 'dit.blocks';
+  if (p[0] === 'dit') return 'dit.other';
+  if (p[0] === 'text_encoder') return p.includes('slot') ? 'text_encoder.slot' : 'text_encoder';
+  if (p[0] === 'vae') return 'vae';
+  if (p[0] === 'activation') return p.length > 1 ? `activation.${p[1]}` : 'activation.input';
+  return p[0]!;
+}
+
+/** The phase peaks and the owners at each peak, from an allocator event history. */
+function phasePeaks(events: readonly MemoryEvent[], resets: Map<PlanPhase, number>): Record<PlanPhase, PhasePlan> {
+  const out = {} as Record<PlanPhase, PhasePlan>;
+  const starts = PLAN_PHASES.map((p) => resets.get(p) ?? events.length);
+  // pass 1: each phase's peaks and the event index of its allocated peak (-1: the phase's start)
+  const peakAt: number[] = [];
+  for (let k = 0; k < PLAN_PHASES.length; k++) {
+    const a = starts[k]!;
+    const b = k + 1 < starts.length ? Math.max(a, starts[k + 1]!) : events.length;
+    const before = a > 0 ? events[a - 1] : undefined;
+    let peak = before?.allocated ?? 0;
+    let peakRes = before?.reserved ?? 0;
+    let at = a - 1;
+    for (let i = a; i < b; i++) {
+      const ev = events[i]!;
+      if (ev.reserved > peakRes) peakRes = ev.reserved;
+      if (ev.allocated > peak) {
+        peak = ev.allocated;
+        at = i;
+      }
+    }
+    out[PLAN_PHASES[k]!] = { peakBytes: peak, peakReservedBytes: peakRes, byOwner: {} };
+    peakAt.push(at);
+  }
+  // pass 2: replay the live set to each peak and group it by owner
+  const live = new Map<number, { bytes: number; owner: string }>();
+  const want = PLAN_PHASES.map((p, k) => [p, peakAt[k]!] as const).sort((x, y) => x[1] - y[1]);
+  let w = 0;
+  const snapshot = () => {
+    const by: Record<string, number> = {};
+    for (const { bytes, owner } of live.values()) {
+      const g = ownerGroup(owner);
+      by[g] = (by[g] ?? 0) + bytes;
+    }
+    return by;
+  };
+  while (w < want.length && want[w]![1] < 0) out[want[w++]![0]].byOwner = snapshot();
+  for (let i = 0; i < events.length && w < want.length; i++) {
+    const ev = events[i]!;
+    if (ev.action === 'alloc') live.set(ev.id, { bytes: ev.bytes, owner: ev.owner });
+    else if (ev.action === 'free') live.delete(ev.id);
+    while (w < want.length && want[w]![1] === i) out[want[w++]![0]].byOwner = snapshot();
+  }
+  return out;
+}
+
+/** Allocate a module's weights by shape on the meta engine (as loadModule does: same order, dtypes, owners). */
+function placeModule(e: Engine, m: Module, owner: string, fileDtype: (key: string) => DType, wd: WeightDtype, placement: (key: string) => 'device' | 'host'): { deviceBytes: number; hostBytes: number } {
+  let deviceBytes = 0;
+  let hostBytes = 0;
+  for (const [key, p] of m.namedParams()) {
+    const dt = targetDtype(p, fileDtype(key), wd);
+    if (placement(key) === 'device') {
+      p.value = e.keep(e.empty(p.shape, dt, `${owner}.${key}`));
+      deviceBytes += p.value.nbytes;
+    } else {
+      p.value = Tensor.meta(p.shape, dt);
+      hostBytes += p.value.nbytes;
+    }
+  }
+  return { deviceBytes, hostBytes };
+}
+
+function emptyWork(): PhaseWork {
+  return { flops: 0, bytes: 0, dispatchOps: 0, uploadBytes: 0, byOp: {} };
+}
+
+/**
+ * Predict a run of `settings.request` at `settings.load`'s placement for a model given by its shapes.
+ * Needs no GPU and reads no weight (model shapes come from configs and file headers: shapes.ts).
+ */
+export async function planRun(model: ModelShapes, settings: Settings, opts: PlanOptions = {}): Promise<RunPlan> {
+  const r = settings.request;
+  const l = settings.load;
+  const plan = memoryPlan(l);
+  const dit = new WanTransformer3DModel(ditDimsFromConfig(model.transformer));
+  const te = new UMT5EncoderModel(umt5DimsFromConfig(model.textEncoder));
+  const vae = new WanVaeDecoder(vaeDimsFromConfig(model.vae));
+  dit.dims.activationDtype = l.activationDtype;
+  const [, ph, pw] = dit.dims.patchSize;
+  const H = r.height;
+  const W = r.width;
+  const T = r.numFrames;
+  if (H % (8 * ph) || W % (8 * pw)) throw new ConfigError(`height and width must be multiples of ${8 * ph}, got ${H}x${W}`);
+  if ((T - 1) % 4) throw new ConfigError(`num_frames must be 4k+1, got ${T}`);
+  const C = dit.dims.inChannels;
+  const F = (T - 1) / 4 + 1;
+  const lh = H / 8;
+  const lw = W / 8;
+  const L = F * (lh / ph) * (lw / pw);
+  const cfg = r.guidanceScale !== 1;
+  const B = cfg ? 2 : 1;
+  const wd = l.weightDtype;
+  const device = opts.device ?? GENERIC_GPU;
+  if (plan.textEncoder === 'gpu' && l.activationDtype === 'f16' && !device.shaderF16) throw new ConfigError('infer.activation_dtype=f16 needs shader-f16, which this plan device does not have');
+  const e = Engine.meta(createMetaGpu(device), opts.limitBytes ? { limitBytes: opts.limitBytes } : {});
+  const a = e.allocator;
+  const work: Record<PlanPhase, PhaseWork> = { load: emptyWork(), encode: emptyWork(), denoise: emptyWork(), decode: emptyWork() };
+  let phase: PlanPhase = 'load';
+  e.onOpWork = (op, flops, bytes) => {
+    const w = work[phase];
+    w.flops += flops;
+    w.bytes += bytes;
+    w.dispatchOps++;
+    const o = (w.byOp[op] ??= { flops: 0, bytes: 0, calls: 0 });
+    o.flops += flops;
+    o.bytes += bytes;
+    o.calls++;
+  };
+  a.startRecording(50_000_000);
+  const resets = new Map<PlanPhase, number>();
+  // work is counted per phase from the phase's start; peaks from where the pipeline resets them
+  const mark = (p: PlanPhase) => {
+    phase = p;
+  };
+  const resetPeaks = (p: PlanPhase) => {
+    a.resetPeakMemoryStats();
+    resets.set(p, a.events().length);
+  };
+  const host: Record<string, number> = {};
+  let streamBytesPerStep = 0;
+  let events: MemoryEvent[] = [];
+  const forwardOpts = ditRunOptions(plan, dit.dims, L);
+  try {
+    // ---- load (WanPipeline.load)
+    mark('load');
+    resets.set('load', 0);
+    enterPhase(a, plan, 'load');
+    const ditHost = placeModule(e, dit, 'dit', model.fileDtype.transformer, wd, ditPlacement(plan, (k) => dit.isBlockKey(k)));
+    let ring: StreamedBlocks | null = null;
+    if (plan.dit === 'stream') ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
+    host['dit weights'] = ditHost.hostBytes;
+    if (model.experts > 1) {
+      // Wan 2.2: the other expert (same shapes) is placed by the same rule; one expert runs per
+      // step, so the ring and the activations are shared and only its weights add up
+      const other = new WanTransformer3DModel(ditDimsFromConfig(model.transformer));
+      host['dit weights'] += placeModule(e, other, 'dit_2', model.fileDtype.transformer, wd, ditPlacement(plan, (k) => other.isBlockKey(k))).hostBytes;
+    }
+    const teHow = textEncoderLoad(plan.textEncoder, wd, te);
+    const teFile = model.fileDtype.textEncoder;
+    const tePlaced = placeModule(e, te, 'text_encoder', teFile, teHow.weightDtype, teHow.placement);
+    host['text encoder weights'] = tePlaced.hostBytes;
+    let teRing: StreamedBlocks | null = null;
+    if (plan.textEncoder === 'gpu-stream') teRing = new StreamedBlocks(e, te.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, meta: true, ownerOf: (i) => `text_encoder.encoder.block.${i}` });
+    // the encoder reads two host weights itself: its relative-bias embeddings (small; real zeros here)
+    // and the token table, of which a prompt gathers its own rows (one zero row stands for it: the
+    // gather's GPU output is what counts)
+    for (const [key, p] of te.namedParams()) {
+      if (!key.endsWith('relative_attention_bias.weight')) continue;
+      p.value = Tensor.cpuZeros(p.shape, 'f32');
+      // streamed blocks (gpu-stream) put their host copy back after each use
+      if (p.streamHost) p.streamHost = p.value;
+    }
+    te.shared.value = Tensor.cpuZeros([1, te.dims.dModel], 'f32');
+    const vaeOnGpu = plan.vae === 'resident';
+    const vaePlaced = placeModule(e, vae, 'vae', model.fileDtype.vae, wd, () => (vaeOnGpu ? 'device' : 'host'));
+    host['vae weights'] = vaePlaced.hostBytes;
+
+    // ---- encode (WanPipeline.encodePrompt, a prompt-cache miss)
+    mark('encode');
+    enterPhase(a, plan, 'encode');
+    resetPeaks(phase);
+    const tokens = opts.promptTokens ?? [l.textLen, l.textLen];
+    if (plan.textEncoder !== 'cpu') {
+      for (const n of cfg ? tokens : tokens.slice(0, 1)) {
+        const len = Math.max(1, Math.min(n, l.textLen));
+        const ids = Tensor.cpu(new Int32Array(len), [1, len], 'i32');
+        const mask = Tensor.cpu(new Int32Array(len).fill(1), [1, len], 'i32');
+        if (teRing) {
+          try {
+            const out = await te.forward(e, ids, mask, undefined, teRing);
+            await e.sync();
+            out.dispose();
+          } finally {
+            teRing.releaseDevice();
+          }
+        } else {
+          const out = await te.forward(e, ids, mask);
+          out.dispose();
+        }
+      }
+    }
+
+    // ---- denoise (WanPipeline.sample)
+    mark('denoise');
+    enterPhase(a, plan, 'denoise');
+    resetPeaks(phase);
+    const textLen = l.textLen;
+    const ctxEmb = e.keep(e.scope(() => dit.embedText(e.fromHost(new Float32Array(B * textLen * dit.dims.textDim), [B, textLen, dit.dims.textDim], 'f32'))));
+    const residency: BlockResidency = ring ?? RESIDENT;
+    const steps = Math.min(r.numInferenceSteps, opts.denoiseSteps ?? 2);
+    try {
+      for (let i = 0; i < steps; i++) {
+        if (i === 1) {
+          // the second step's work is not counted again: `work.denoise` is one step
+          e.onOpWork = null;
+          ring?.resetStats();
+        }
+        const xg = e.fromHost(new Float32Array(B * C * F * lh * lw), [B, C, F, lh, lw], 'f32');
+        const out = await dit.forward(xg, 999, ctxEmb, { residency, activationOffload: plan.activationOffload, ...forwardOpts });
+        xg.dispose();
+        // (the run reads the prediction back here: no allocation, nothing to read on the meta device)
+        out.dispose();
+        if (i === 0 && ring) streamBytesPerStep = ring.stats.bytes;
+      }
+    } finally {
+      ctxEmb.dispose();
+    }
+    work.denoise.uploadBytes = streamBytesPerStep;
+
+    // ---- decode (WanPipeline.decode)
+    mark('decode');
+    phase = 'decode';
+    e.onOpWork = (op, flops, bytes) => {
+      const w = work.decode;
+      w.flops += flops * decodeScale;
+      w.bytes += bytes * decodeScale;
+      w.dispatchOps++;
+      const o = (w.byOp[op] ??= { flops: 0, bytes: 0, calls: 0 });
+      o.flops += flops * decodeScale;
+      o.bytes += bytes * decodeScale;
+      o.calls++;
+    };
+    enterPhase(a, plan, 'decode');
+    if (plan.vae === 'on-demand') {
+      ring?.releaseDevice();
+      a.emptyCache();
+    }
+    resetPeaks(phase);
+    if (!vaeOnGpu) for (const [k, p] of vae.namedParams()) p.value = e.keep(e.empty(p.value!.shape, p.value!.dtype, `vae.${k}`));
+    const Fd = Math.min(F, Math.max(1, opts.decodeFrames ?? 4));
+    const decodeScale = F / Fd;
+    const z = new Float32Array(C * Fd * lh * lw);
+    let decodeHost: number;
+    if (plan.vaeTiling) {
+      const res = await decodeTiled(e, vae, z, [C, Fd, lh, lw], { tile: plan.tileSize, overlap: plan.tileOverlap, ...decodeSplitFor(plan, vae, lh, lw) });
+      // the stems of the chunks not walked are the size of the last one walked (one latent frame each)
+      const stems = [...res.stemBytes];
+      while (stems.length < F) stems.push(stems[stems.length - 1]!);
+      decodeHost = tiledDecodeHostBytes(stems, T, res.shape[2], res.shape[3]);
+    } else {
+      const res = await vae.decode(e, z, [C, Fd, lh, lw]);
+      // the decoded chunks, their concatenation and the clamped video: three f32 copies of the frames
+      decodeHost = 3 * 4 * 3 * T * res.shape[2] * res.shape[3];
+    }
+    await e.sync();
+    host['decode buffers'] = decodeHost;
+    // latents, the CFG input and the prediction (f32), and the 8-bit frames written to the video file
+    host['latents'] = 3 * B * C * F * lh * lw * 4;
+    host['video frames (8-bit)'] = 3 * T * H * W;
+    host['staging ring'] = a.stats().peakStagingBytes;
+  } finally {
+    events = a.stopRecording();
+    e.destroy();
+  }
+  const phases = phasePeaks(events, resets);
+  const peakBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakBytes));
+  const peakReservedBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakReservedBytes));
+  const hostBytes = Object.values(host).reduce((x, y) => x + y, 0);
+  return {
+    model: model.name,
+    size: { width: W, height: H, frames: T, tokens: L, latent: [C, F, lh, lw] },
+    steps: r.numInferenceSteps,
+    cfg,
+    placement: {
+      level: plan.level,
+      textEncoder: plan.textEncoder,
+      dit: plan.dit,
+      residentBlocks: plan.dit === 'stream' ? Math.min(plan.residentBlocks, dit.blocks.length) : dit.blocks.length,
+      numBlocks: dit.blocks.length,
+      vae: plan.vae,
+      vaeTiling: plan.vaeTiling,
+      tileSize: plan.tileSize,
+      stemStages: decodeSplitFor(plan, vae, lh, lw).stemStages ?? STEM_STAGES,
+      ...forwardOpts,
+      weightDtype: wd,
+      activationDtype: l.activationDtype,
+    },
+    peakBytes,
+    peakReservedBytes,
+    phases,
+    hostBytes,
+    hostByPart: host,
+    work,
+    streamBytesPerStep,
+  };
+}
+
+/** One line: where everything goes (the pipeline's plan event, the CLI, the sidecar). */
+export function placementSummary(plan: RunPlan): string {
+  const p = plan.placement;
+  const parts = [`level ${p.level}`];
+  parts.push(p.dit === 'stream' ? `DiT streamed (${p.residentBlocks} of ${p.numBlocks} blocks resident)` : 'DiT resident');
+  parts.push(p.textEncoder === 'gpu' ? 'text encoder on the GPU' : p.textEncoder === 'cpu' ? 'text encoder on the CPU device' : 'text encoder streamed through the GPU');
+  parts.push(`VAE ${p.vae === 'resident' ? 'resident' : 'on the GPU for the decode only'}, ${p.vaeTiling ? `tiled (${p.tileSize ? `tiles of ${p.tileSize}` : 'auto tiles'}, ${p.stemStages} whole-frame stages)` : 'whole frames'}`);
+  if (p.cfgSequential) parts.push('CFG passes one after the other per block');
+  if (p.ffnChunkTokens) parts.push(`FFN in chunks of ${p.ffnChunkTokens} tokens`);
+  if (p.attnChunkTokens) parts.push(`attention in query chunks of ${p.attnChunkTokens}`);
+  parts.push(`weights ${p.weightDtype}, activations ${p.activationDtype}`);
+  return parts.join('; ');
+}

@@ -1,0 +1,178 @@
+// The memory planner (src/plan/): its predictions against real runs of the same settings (the fast
+// part of `npm run bench:plan`'s grid), the shortcuts it takes (decode frames, denoise steps), the
+// budget that places, and the `npm run plan` command.
+import { describe, it, expect } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { getEngine } from './helpers/gpu.ts';
+import { tinyModelWithTokenizer } from './helpers/models.ts';
+import { WanPipeline, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
+import { settingsForModel } from '../src/config/settings.ts';
+import type { Settings } from '../src/config/schema.ts';
+import { planRun, PLAN_PHASES, type PlanPhase, type RunPlan } from '../src/plan/plan.ts';
+import { shapesFromFolder, PRESETS, type ModelShapes } from '../src/plan/shapes.ts';
+import { specFromCaps } from '../src/plan/meta-gpu.ts';
+import { choosePlacement } from '../src/plan/budget.ts';
+import { releaseMatmulWorkspace } from '../src/ops/matmul.ts';
+import { encodePrompt, loadTokenizer } from '../src/io/tokenizer.ts';
+import { ConfigError } from '../src/util/errors.ts';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const DEMO = join(ROOT, 'weights', 'demo');
+const TINY = tinyModelWithTokenizer();
+const PROMPT = 'a red circle moving right';
+
+interface Measured {
+  phases: Record<PlanPhase, { allocated: number; reserved: number }>;
+  settings: Settings;
+}
+
+/** A real run (2 steps) on this machine's engine: each phase's peak allocated and reserved bytes. */
+async function measure(model: string, opts: WanPipelineOptions): Promise<Measured> {
+  const e = await getEngine();
+  releaseMatmulWorkspace(e);
+  e.allocator.emptyCache();
+  e.allocator.resetPeakMemoryStats();
+  const pipe = await WanPipeline.fromPretrained(model, { ...opts, engine: e, promptCache: false });
+  const load = e.allocator.stats();
+  try {
+    const r = await pipe.generate({ prompt: PROMPT });
+    const pp = r.memory.perPhase;
+    const ph = (p: PlanPhase) => ({ allocated: pp[p]!.peakAllocated, reserved: pp[p]!.peakReserved });
+    return { phases: { load: { allocated: load.peakAllocated, reserved: load.peakReserved }, encode: ph('encode'), denoise: ph('denoise'), decode: ph('decode') }, settings: { ...pipe.settings, request: { ...pipe.settings.request, prompt: PROMPT } } };
+  } finally {
+    pipe.dispose();
+    e.allocator.limitBytes = Infinity;
+  }
+}
+
+async function predict(model: string, settings: Settings, extra: Partial<Parameters<typeof planRun>[2]> = {}): Promise<RunPlan> {
+  const e = await getEngine();
+  const shapes = await shapesFromFolder(model);
+  const tok = await loadTokenizer(shapes.tokenizerDir!);
+  const n = (t: string) => encodePrompt(tok, t, settings.load.textLen).length;
+  return planRun(shapes, settings, { device: specFromCaps(e.caps, e.limits), promptTokens: [n(settings.request.prompt), n(settings.request.negativePrompt)], ...extra });
+}
+
+function expectClose(plan: RunPlan, real: Measured, tol: number): void {
+  for (const p of PLAN_PHASES) {
+    const pr = plan.phases[p];
+    const m = real.phases[p];
+    expect(Math.abs(pr.peakBytes / m.allocated - 1), `${p} allocated: predicted ${pr.peakBytes}, measured ${m.allocated}`).toBeLessThanOrEqual(tol);
+    expect(Math.abs(pr.peakReservedBytes / m.reserved - 1), `${p} reserved: predicted ${pr.peakReservedBytes}, measured ${m.reserved}`).toBeLessThanOrEqual(tol);
+  }
+}
+
+describe('memory planner vs real runs', () => {
+  const cases: Array<[string, string, WanPipelineOptions]> = [
+    ['demo', DEMO, { lowMemLevel: 0, defaults: { numInferenceSteps: 2 } }],
+    ['demo', DEMO, { lowMemLevel: 1, defaults: { numInferenceSteps: 2 } }],
+    ['demo', DEMO, { lowMemLevel: 2, defaults: { numInferenceSteps: 2 } }],
+    ['demo', DEMO, { lowMemLevel: 3, defaults: { numInferenceSteps: 2 } }],
+    ['demo', DEMO, { lowMemLevel: 3, residentBlocks: 1, vaeTiling: false, defaults: { numInferenceSteps: 2 } }],
+    ['tiny', TINY, { lowMemLevel: 1, textLen: 16, vaeTileSize: 8, defaults: { height: 128, width: 128, numFrames: 17, numInferenceSteps: 2 } }],
+    ['tiny', TINY, { lowMemLevel: 3, textLen: 16, textEncoderDevice: 'gpu-stream', defaults: { height: 128, width: 96, numFrames: 9, numInferenceSteps: 2 } }],
+  ];
+  for (const [name, model, opts] of cases) {
+    it(`${name} ${JSON.stringify({ ...opts, defaults: undefined })}: every phase's peak allocated and reserved within 1 %`, async () => {
+      const real = await measure(model, opts);
+      const plan = await predict(model, real.settings);
+      expectClose(plan, real, 0.01);
+    });
+  }
+});
+
+describe('the planner\'s shortcuts are exact', () => {
+  it('decoding 4 latent frames gives the peaks of decoding all of them (tiled and whole-frame)', async () => {
+    for (const tiling of [true, false]) {
+      const s = settingsForModel(DEMO, { lowMemLevel: 1, vaeTiling: tiling, defaults: { numFrames: 37, numInferenceSteps: 1 } });
+      const short = await predict(DEMO, s, { decodeFrames: 4 });
+      const full = await predict(DEMO, s, { decodeFrames: 1000 });
+      expect(short.phases.decode).toEqual(full.phases.decode);
+      expect(short.hostByPart['decode buffers']).toBeCloseTo(full.hostByPart['decode buffers']!, -4);
+    }
+  });
+  it('walking 2 denoise steps gives the peaks of walking 6', async () => {
+    const s = settingsForModel(DEMO, { lowMemLevel: 3, defaults: { numInferenceSteps: 6 } });
+    const two = await predict(DEMO, s, { denoiseSteps: 2 });
+    const six = await predict(DEMO, s, { denoiseSteps: 6 });
+    expect(two.phases.denoise).toEqual(six.phases.denoise);
+  });
+});
+
+describe('presets', () => {
+  const s480 = (level: number): Settings => {
+    const s = settingsForModel(DEMO, { lowMemLevel: level, weightDtype: 'bf16', promptCache: false, defaults: { width: 832, height: 480, numFrames: 81, numInferenceSteps: 50 } });
+    return s;
+  };
+  it('each preset plans at 480p, 81 frames; level 3 needs less than level 2, level 2 less than level 0', async () => {
+    for (const [name, make] of Object.entries(PRESETS)) {
+      const m: ModelShapes = make();
+      const l0 = await planRun(m, s480(0));
+      const l2 = await planRun(m, s480(2));
+      const l3 = await planRun(m, s480(3));
+      expect(l0.size.tokens, name).toBe(32760);
+      expect(l3.peakBytes, name).toBeLessThan(l2.peakBytes);
+      expect(l2.peakBytes, name).toBeLessThan(l0.peakBytes);
+      expect(l3.hostByPart['dit weights'], name).toBeGreaterThan(0);
+      expect(l2.hostByPart['dit weights'], name).toBe(0);
+      for (const p of PLAN_PHASES) expect(l3.phases[p].peakBytes, `${name} ${p}`).toBeGreaterThan(0);
+    }
+  });
+});
+
+describe('a VRAM budget that places', () => {
+  it('chooses a placement whose predicted peak reserved fits, the fastest first, and a run under it stays under the budget', async () => {
+    const base = settingsForModel(DEMO, { promptCache: false, defaults: { numInferenceSteps: 2 } });
+    const e = await getEngine();
+    const device = specFromCaps(e.caps, e.limits);
+    const shapes = await shapesFromFolder(DEMO);
+    const l0 = await planRun(shapes, base, { device });
+    const l3 = await planRun(shapes, { ...base, load: { ...base.load, lowMemLevel: 3 } }, { device });
+    // a budget above level 0's needs keeps level 0; below level 0's live tensors, it must move down
+    const big = await choosePlacement(shapes, base, l0.peakReservedBytes + 2 ** 20, { device });
+    expect(big.plan.placement.level).toBe(0);
+    for (const budget of [Math.round((l0.peakBytes + l3.peakBytes) / 2), Math.round(l3.peakReservedBytes * 1.02)]) {
+      const c = await choosePlacement(shapes, base, budget, { device });
+      expect(c.plan.peakReservedBytes).toBeLessThanOrEqual(budget);
+      expect(c.plan.placement.level).toBeGreaterThan(0);
+      const real = await measure(DEMO, { vramBudget: budget, defaults: { numInferenceSteps: 2 } });
+      for (const p of PLAN_PHASES) expect(real.phases[p].reserved, `${p} at budget ${budget}`).toBeLessThanOrEqual(budget);
+      expect(real.settings.load.lowMemLevel).toBe(c.plan.placement.level);
+      expect(real.settings.load.residentBlocks).toBe(c.settings.load.residentBlocks);
+    }
+  });
+  it('refuses a budget that cannot be met, naming the smallest budget and the largest size', async () => {
+    const base = settingsForModel(DEMO, { promptCache: false });
+    const shapes = await shapesFromFolder(DEMO);
+    const err = await choosePlacement(shapes, base, 2 ** 20).catch((x: unknown) => x);
+    expect(err).toBeInstanceOf(ConfigError);
+    expect((err as Error).message).toMatch(/needs a budget of at least [\d.]+ MiB/);
+    expect((err as Error).message).toMatch(/No size fits|largest 16:9 size/);
+  });
+});
+
+describe('npm run plan', () => {
+  const plan = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'plan.ts'), ...args], { cwd: ROOT, encoding: 'utf8', timeout: 120_000 });
+  it('--json prints one object with the run peak, the phase peaks, host bytes and the placement', () => {
+    const r = plan('--model', 'wan2.1-t2v-1.3b', '--size', '832x480', '--frames', '81', '--level', '3', '--json');
+    expect(r.status, r.stderr).toBe(0);
+    const j = JSON.parse(r.stdout) as Record<string, any>;
+    expect(j.peak_bytes).toBeGreaterThan(0);
+    for (const p of PLAN_PHASES) expect(j.phases[p].peak_bytes).toBeGreaterThan(0);
+    expect(j.peak_bytes).toBe(Math.max(...PLAN_PHASES.map((p) => j.phases[p].peak_bytes)));
+    expect(j.host_bytes).toBeGreaterThan(0);
+    expect(j.placement.level).toBe(3);
+    expect(j.size.tokens).toBe(32760);
+  });
+  it('defaults to the demo model and refuses an impossible budget with exit 2 and one line', () => {
+    const ok = plan('--steps', '3');
+    expect(ok.status, ok.stderr).toBe(0);
+    expect(ok.stdout).toMatch(/weights\/demo/);
+    const bad = plan('--budget', '1MiB');
+    expect(bad.status).toBe(2);
+    expect(bad.stderr.trim().split('\n')).toHaveLength(1);
+    expect(bad.stderr).toMatch(/infer\.vram_budget=1\.0 MiB cannot hold/);
+  });
+});
