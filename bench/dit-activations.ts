@@ -1,13 +1,20 @@
-// `npx tsx bench/dit-activations.ts [--tokens 4096,8192] [--rounds 5]` — the DiT's activation
-// bounds at real Wan 2.1 1.3B block shapes (D 1536, 12 heads, ffn 8960, random bf16 weights, f32
+// `npx tsx bench/dit-activations.ts [--tokens 4096] [--rounds 5]` — the DiT's activation bounds
+// at real Wan 2.1 1.3B block shapes (D 1536, 12 heads, ffn 8960, random bf16 weights, f32
 // activations, a 512-row text context, B = 2 as classifier-free guidance runs it): one DiT forward
 // with a single block, unbounded vs bounded (cfgSequential + autoFfnChunkTokens +
-// autoAttnChunkTokens, as the pipeline's `0 = auto` resolves them), in one process. Per round both
-// run once, in alternating order (slow drifts of a shared machine hit both alike), each starting
-// without the matmul's packing workspace; the peak is the allocator's peak allocated above what
-// was live before the forward (weights and inputs excluded), the time is to the output read back.
-// A warm-up pair first (lavapipe compiles each pipeline on its first dispatch). Both outputs must
-// be bit-identical, every round. Prints a markdown table: peak and median time per variant.
+// autoAttnChunkTokens, as the pipeline's `0 = auto` resolves them) and, where the auto attention
+// chunk is whole (L <= 8192), bounded with the attention in chunks of L/4 as well (what the auto
+// choice does above 8192 tokens), all in one process. Per round each runs once, in rotating order
+// (slow drifts of a shared machine hit all alike), each starting without the matmul's packing
+// workspace; the peak is the allocator's peak allocated above what was live before the forward
+// (weights and inputs excluded), the time is to the output read back. A warm-up round first
+// (lavapipe compiles each pipeline on its first dispatch). Every output must be bit-identical to
+// the unbounded one, every round. Prints a markdown table: peak and median time per variant.
+//
+// On lavapipe keep L at or below ~6000 tokens: the process's memory mappings grow with the
+// dispatches submitted before the read-back, and a forward of more than ~64k dispatches (L 8192
+// at these shapes: 85k, with or without the bounds) reaches vm.max_map_count (65530) and dies in
+// lavapipe with SIGSEGV.
 import { Engine } from '../src/runtime/engine.ts';
 import { WanTransformer3DModel, ditDimsFromConfig, autoFfnChunkTokens, autoAttnChunkTokens, type DitForwardOptions } from '../src/models/wan_dit/model.ts';
 import { parseTransformerConfig } from '../src/io/model-folder.ts';
@@ -55,10 +62,12 @@ for (const L of tokenList) {
   const ctxEmb = e.keep(e.fromHost(rng.fillNormal(new Float32Array(2 * TEXT_LEN * D)), [2, TEXT_LEN, D], 'f32'));
   const ffnChunkTokens = autoFfnChunkTokens(L, D, ffnDim);
   const attnChunkTokens = autoAttnChunkTokens(L);
-  const variants: Record<'unbounded' | 'bounded', DitForwardOptions> = {
+  const variants: Record<string, DitForwardOptions> = {
     unbounded: {},
-    bounded: { cfgSequential: true, ffnChunkTokens, attnChunkTokens },
+    [`bounded (ffn ${ffnChunkTokens}, attn ${attnChunkTokens || 'whole'})`]: { cfgSequential: true, ffnChunkTokens, attnChunkTokens },
   };
+  if (!attnChunkTokens) variants[`bounded (ffn ${ffnChunkTokens}, attn ${Math.floor(L / 4 / 64) * 64})`] = { cfgSequential: true, ffnChunkTokens, attnChunkTokens: Math.floor(L / 4 / 64) * 64 };
+  const names = Object.keys(variants);
   const run = async (opts: DitForwardOptions): Promise<Result> => {
     releaseMatmulWorkspace(e);
     e.allocator.resetPeakMemoryStats();
@@ -69,34 +78,35 @@ for (const L of tokenList) {
     return { seconds, peak: e.allocator.stats().peakAllocated - before, out };
   };
   const check = (a: Result, b: Result) => {
-    const ua = new Uint32Array(a.out.buffer);
-    const ub = new Uint32Array(b.out.buffer);
+    const ua = new Uint32Array(a.out.buffer, a.out.byteOffset, a.out.length);
+    const ub = new Uint32Array(b.out.buffer, b.out.byteOffset, b.out.length);
     for (let i = 0; i < ua.length; i++) if (ua[i] !== ub[i]) throw new Error(`L ${L}: bounded output differs from unbounded at element ${i} (${b.out[i]} vs ${a.out[i]})`);
   };
-  console.log(`L ${L}: ffn chunk ${ffnChunkTokens}, attention chunk ${attnChunkTokens || 'whole'}; warm-up`);
-  check(await run(variants.unbounded), await run(variants.bounded));
-  const times = { unbounded: [] as number[], bounded: [] as number[] };
-  const peaks = { unbounded: 0, bounded: 0 };
+  console.log(`L ${L}: ${names.join(', ')}; warm-up`);
+  const base = await run(variants.unbounded!);
+  for (const k of names.slice(1)) check(base, await run(variants[k]!));
+  const times: Record<string, number[]> = Object.fromEntries(names.map((k) => [k, []]));
+  const peaks: Record<string, number> = Object.fromEntries(names.map((k) => [k, 0]));
   for (let r = 0; r < rounds; r++) {
-    const order = r % 2 ? (['bounded', 'unbounded'] as const) : (['unbounded', 'bounded'] as const);
-    const res = {} as Record<'unbounded' | 'bounded', Result>;
+    const order = names.map((_, i) => names[(i + r) % names.length]!);
+    const res: Record<string, Result> = {};
     for (const k of order) {
-      res[k] = await run(variants[k]);
-      times[k].push(res[k].seconds);
-      peaks[k] = Math.max(peaks[k], res[k].peak);
+      res[k] = await run(variants[k]!);
+      times[k]!.push(res[k].seconds);
+      peaks[k] = Math.max(peaks[k]!, res[k].peak);
     }
-    check(res.unbounded, res.bounded);
-    console.log(`  round ${r + 1}: unbounded ${res.unbounded.seconds.toFixed(2)} s, bounded ${res.bounded.seconds.toFixed(2)} s`);
+    for (const k of names.slice(1)) check(res.unbounded!, res[k]!);
+    console.log(`  round ${r + 1}: ${names.map((k) => `${k} ${res[k]!.seconds.toFixed(2)} s`).join(', ')}`);
   }
-  const mu = median(times.unbounded);
-  const mb = median(times.bounded);
-  const ratios = times.bounded.map((t, i) => t / times.unbounded[i]!);
-  lines.push(`| ${L} | unbounded | ${MiB(peaks.unbounded)} | 1.00 | ${mu.toFixed(2)} | ${times.unbounded.map((t) => t.toFixed(2)).join(' / ')} | 1.00 |`);
-  lines.push(
-    `| ${L} | bounded (ffn ${ffnChunkTokens}, attn ${attnChunkTokens || 'whole'}) | ${MiB(peaks.bounded)} | ${(peaks.bounded / peaks.unbounded).toFixed(2)} | ${mb.toFixed(2)} | ${times.bounded.map((t) => t.toFixed(2)).join(' / ')} | ${(mb / mu).toFixed(3)} (per round median ${median(ratios).toFixed(3)}) |`,
-  );
+  const mu = median(times.unbounded!);
+  for (const k of names) {
+    const ratios = times[k]!.map((t, i) => t / times.unbounded![i]!);
+    lines.push(
+      `| ${L} | ${k} | ${MiB(peaks[k]!)} | ${(peaks[k]! / peaks.unbounded!).toFixed(2)} | ${median(times[k]!).toFixed(2)} | ${times[k]!.map((t) => t.toFixed(2)).join(' / ')} | ${(median(times[k]!) / mu).toFixed(3)} | ${median(ratios).toFixed(3)} |`,
+    );
+  }
   x.dispose();
   ctxEmb.dispose();
 }
-console.log(`\n| tokens L | forward | peak allocated MiB | × unbounded | median s | rounds s | time × unbounded |\n|---:|---|---:|---:|---:|---|---|\n${lines.join('\n')}`);
+console.log(`\n| tokens L | forward | peak allocated MiB | × unbounded | median s | rounds s | median × unbounded | median of per-round ratios |\n|---:|---|---:|---:|---:|---|---:|---:|\n${lines.join('\n')}`);
 e.destroy();

@@ -91,7 +91,9 @@ async function main(): Promise<void> {
   }
   const rows: Row[] = [];
   let adapter = '';
-  for (const c of cases) {
+  // --only TEXT: the rows whose model or label contains TEXT
+  const only = arg('--only');
+  for (const c of cases.filter((x) => !only || `${x.model} ${x.label}`.includes(only))) {
     const dir = await c.dir();
     const e = await Engine.create();
     adapter = e.adapterName;

@@ -217,3 +217,33 @@ describe('allocator on the real device', () => {
     expect(e.allocator.memoryAllocated()).toBe(base);
   });
 });
+
+describe('large blocks and the limit', () => {
+  const MiB = 2 ** 20;
+  it('a large request takes a cached block up to 25 % larger, never a smaller one or one far larger', () => {
+    const f = fakeFactory();
+    const a = new CachingAllocator(f);
+    a.free(a.alloc(100 * MiB));
+    const b = a.alloc(90 * MiB); // 100 <= 1.25 × 90: reused
+    expect(f.created()).toBe(1);
+    expect(b.size).toBe(100 * MiB);
+    expect(a.stats().allocated).toBe(90 * MiB);
+    a.free(b);
+    a.alloc(70 * MiB); // 100 > 1.25 × 70: a new buffer
+    expect(f.created()).toBe(2);
+    a.alloc(110 * MiB); // nothing cached fits
+    expect(f.created()).toBe(3);
+  });
+  it('at the limit, gives cached buffers back largest first, only as many as the new one needs', () => {
+    const f = fakeFactory();
+    const a = new CachingAllocator(f, { limitBytes: 400 * MiB });
+    const x = [a.alloc(200 * MiB), a.alloc(100 * MiB), a.alloc(80 * MiB)];
+    for (const b of x) a.free(b);
+    expect(a.stats().reserved).toBe(380 * MiB);
+    a.alloc(150 * MiB); // needs 130 MiB back: the 200 MiB buffer goes, the other two stay cached
+    expect(a.stats().reserved).toBe(330 * MiB);
+    expect(a.stats().cachedBytes).toBe(180 * MiB);
+    expect(() => a.alloc(300 * MiB)).toThrow(OutOfMemoryError);
+    expect(a.stats().reserved).toBeLessThanOrEqual(400 * MiB);
+  });
+});

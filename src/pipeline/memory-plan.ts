@@ -16,7 +16,7 @@ import type { WeightDtype } from '../nn/load.ts';
 import { ConfigError } from '../util/errors.ts';
 import { autoFfnChunkTokens, autoAttnChunkTokens } from '../models/wan_dit/model.ts';
 import type { WanVaeDecoder } from '../models/wan_vae/model.ts';
-import { leanStemStages } from './tiled-vae.ts';
+import { leanStemStages, STEM_STAGES } from './tiled-vae.ts';
 
 export interface MemoryPlan {
   level: 0 | 1 | 2 | 3;
@@ -104,13 +104,19 @@ export function enterPhase(allocator: CachingAllocator, plan: MemoryPlan, phase:
   if (plan.level >= 1 && (phase === 'denoise' || phase === 'decode')) allocator.emptyCache();
 }
 
+/** an FFN intermediate below this is not chunked by the auto rule */
+const MIN_CHUNKED_BYTES = 64 * 2 ** 20;
+
 /** The DiT forward's activation bounds for a run of L tokens (a 0 in the settings = auto, resolved here). */
 export function ditRunOptions(plan: MemoryPlan, dims: { numHeads: number; headDim: number; ffnDim: number }, L: number): { cfgSequential: boolean; ffnChunkTokens: number; attnChunkTokens: number } {
   const D = dims.numHeads * dims.headDim;
   // the bounds come with the CFG passes in turn (level >= 1, or infer.cfg_sequential=true); an
   // explicit chunk size applies at any level
   const bounded = plan.cfgSequential;
-  const ffn = plan.ffnChunkTokens || (bounded ? autoFfnChunkTokens(L, D, dims.ffnDim) : 0);
+  // (auto chunks only where the FFN intermediate is worth bounding: below 64 MiB chunking buys
+  // nothing, and on lavapipe a 1.3B-shaped 128-token step chunked to 64 tokens died in Dawn's
+  // descriptor-pool allocation (SIGSEGV, 44,000+ memory maps) where the whole FFN ran)
+  const ffn = plan.ffnChunkTokens || (bounded && L * dims.ffnDim * 4 > MIN_CHUNKED_BYTES ? autoFfnChunkTokens(L, D, dims.ffnDim) : 0);
   return {
     cfgSequential: plan.cfgSequential,
     ffnChunkTokens: ffn >= L ? 0 : ffn,
@@ -128,9 +134,11 @@ export const LEVEL3_DECODE_BYTES = 2 * 2 ** 30;
 
 /** How a tiled decode is split: whole-frame stages and the auto tiles' memory bound (undefined: the decoder's defaults). */
 export function decodeSplitFor(plan: MemoryPlan, vae: WanVaeDecoder, H: number, W: number): { stemStages?: number; tileBytes?: number } {
-  const lean = plan.level >= 3;
-  return {
-    stemStages: plan.stemStages >= 0 ? plan.stemStages : lean ? leanStemStages(vae, H, W, LEVEL3_DECODE_BYTES) : undefined,
-    tileBytes: lean ? LEVEL3_DECODE_BYTES : undefined,
-  };
+  const explicit = plan.stemStages >= 0 ? plan.stemStages : undefined;
+  if (plan.level < 3) return { stemStages: explicit };
+  // level 3: as level 1 while the default whole-frame stages fit the bound; beyond it, fewer
+  // whole-frame stages and tiles up to the bound (never more memory than level 1 would use)
+  const lean = leanStemStages(vae, H, W, LEVEL3_DECODE_BYTES);
+  if (lean >= Math.min(STEM_STAGES, vae.numStages - 1)) return { stemStages: explicit };
+  return { stemStages: explicit ?? lean, tileBytes: LEVEL3_DECODE_BYTES };
 }

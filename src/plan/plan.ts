@@ -326,7 +326,8 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
         xg.dispose();
         // (the run reads the prediction back here: no allocation, nothing to read on the meta device)
         out.dispose();
-        if (i === 0 && ring) streamBytesPerStep = ring.stats.bytes;
+        // a step's streamed bytes: the second step's (the first one also uploads the resident blocks)
+        if (ring && (i === 1 || steps === 1)) streamBytesPerStep = i === 1 ? ring.stats.bytes : ring.stats.bytes - residentImageBytes(ring);
       }
     } finally {
       ctxEmb.dispose();
@@ -423,4 +424,11 @@ export function placementSummary(plan: RunPlan): string {
   if (p.attnChunkTokens) parts.push(`attention in query chunks of ${p.attnChunkTokens}`);
   parts.push(`weights ${p.weightDtype}, activations ${p.activationDtype}`);
   return parts.join('; ');
+}
+
+/** Bytes of the resident blocks' images in a ring (uploaded once, at its allocation). */
+function residentImageBytes(ring: StreamedBlocks): number {
+  let n = 0;
+  for (let i = 0; i < ring.resident; i++) n += ring.blockBytes(i);
+  return n;
 }

@@ -167,19 +167,16 @@ interface BlockBounds {
   attnChunk: number;
 }
 
-function layerNormMod(x: Tensor, shift: Tensor, scale: Tensor, eps: number): Tensor {
-  return layerNorm({ x, shift, scale }, { eps });
-}
-
 const UNBOUNDED: BlockBounds = { sequential: false, ffnChunk: 0, attnChunk: 0 };
 
 /**
  * The fewest token rows a bounded matmul call gets. The matmul picks its kernel by row count
  * (ops/matmul.ts UBO_MIN_M: on llvmpipe the 'ubo' kernel from 32 rows, the tiled one below), and
- * the two sum over K in different orders. Chunks and per-batch-element calls of at least 32 rows
- * therefore run the kernel of the whole-stream call (which has at least as many rows), and the
- * bounded forward stays bit-identical; smaller chunks are raised to this, a shorter last chunk joins
- * the one before it, and a stream of fewer tokens runs unbounded.
+ * the two sum over K in different orders (elsewhere every call runs the tiled kernel, whose sums do
+ * not depend on the row count). Chunks and per-batch-element calls of at least 32 rows therefore
+ * run the kernel of the whole-stream call (which has at least as many rows), and the bounded
+ * forward stays bit-identical; smaller chunks are raised to this, a shorter last chunk joins the
+ * one before it, and a stream of fewer tokens runs unbounded.
  */
 const MIN_CALL_ROWS = 32;
 
@@ -209,6 +206,10 @@ function putBytes(e: Engine, dst: Tensor, byteOffset: number, src: Tensor): void
 /** Batch elements [b0, b0 + n) of t as a tensor attention can bind (a view when aligned, else a copy). */
 function batchRows(e: Engine, t: Tensor, b0: number, n: number): Tensor {
   return e.bindable(t.narrow0(b0, b0 + n));
+}
+
+function layerNormMod(x: Tensor, shift: Tensor, scale: Tensor, eps: number): Tensor {
+  return layerNorm({ x, shift, scale }, { eps });
 }
 
 class WanBlock extends Module {
@@ -274,8 +275,9 @@ class WanBlock extends Module {
           for (const [i0, i1] of rowRanges(L, bounds.attnChunk)) {
             const xr = xb.narrow0(i0, i1).reshape([1, i1 - i0, D]);
             const h2 = this.norm2.forward(xr);
-            const y2 = this.attn2.attend(this.attn2.query(h2, null, act), kb, vb);
+            const q = this.attn2.query(h2, null, act);
             h2.dispose();
+            const y2 = this.attn2.attend(q, kb, vb);
             putBytes(e, xr, 0, add(xr, y2));
             y2.dispose();
             xr.dispose();
@@ -288,8 +290,9 @@ class WanBlock extends Module {
         const kg = batchRows(e, k2, b0, nb);
         const vg = batchRows(e, v2, b0, nb);
         const h2 = this.norm2.forward(xs);
-        const y2 = this.attn2.attend(this.attn2.query(h2, null, act), kg, vg);
+        const q = this.attn2.query(h2, null, act);
         h2.dispose();
+        const y2 = this.attn2.attend(q, kg, vg);
         kg.dispose();
         vg.dispose();
         if (trace) await trace(`${tag}cross_attn_out`, y2);
@@ -345,8 +348,9 @@ class WanBlock extends Module {
     }
     for (const [i0, i1] of ranges) {
       const c = chunkIn(i0, i1);
-      const y = this.attn1.attend(this.attn1.query(c.h, c.cs, act), k, v);
+      const q = this.attn1.query(c.h, c.cs, act);
       c.h.dispose();
+      const y = this.attn1.attend(q, k, v);
       putBytes(e, c.xr, 0, gatedResidual({ x: c.xr, r: y, gate: mod[2]! }, {}));
       y.dispose();
       c.free();
@@ -356,6 +360,7 @@ class WanBlock extends Module {
     xb.dispose();
   }
 }
+
 class TimeTextEmbedding extends Module {
   readonly time_embedder: TwoLinear;
   readonly time_proj: Linear;
