@@ -125,12 +125,13 @@ export function ditRunOptions(plan: MemoryPlan, dims: { numHeads: number; headDi
 }
 
 /**
- * Level 3's bound on a tiled decode's working set: the whole-frame stages are cut back until they fit
- * it (leanStemStages) and auto tiles may use up to it. At 2 GiB the decode needs about what a
- * denoise step does: Wan 1.3B 480p 1.5 GiB (3 whole-frame stages, 1.7× the default decode's flops),
- * 14B 720p 3.2 GiB (src/plan/ walks).
+ * Level 3's bound on a tiled decode's working set: where the default whole-frame stages would need
+ * more, fewer stages run on whole frames (leanStemStages) and auto tiles may use up to the bound.
+ * At 1.5 GiB the decode stays below what the denoise needs at real sizes: Wan 1.3B 480p, 81 frames
+ * 1.5 GiB with 3 whole-frame stages (1.7× the default decode's flops; the default split needs
+ * 4.3 GiB), 14B 720p 2.5 GiB (src/plan/ walks).
  */
-export const LEVEL3_DECODE_BYTES = 2 * 2 ** 30;
+export const LEVEL3_DECODE_BYTES = 1.5 * 2 ** 30;
 
 /** How a tiled decode is split: whole-frame stages and the auto tiles' memory bound (undefined: the decoder's defaults). */
 export function decodeSplitFor(plan: MemoryPlan, vae: WanVaeDecoder, H: number, W: number): { stemStages?: number; tileBytes?: number } {
