@@ -114,8 +114,7 @@ export function ditRunOptions(plan: MemoryPlan, dims: { numHeads: number; headDi
   // explicit chunk size applies at any level
   const bounded = plan.cfgSequential;
   // (auto chunks only where the FFN intermediate is worth bounding: below 64 MiB chunking buys
-  // nothing, and on lavapipe a 1.3B-shaped 128-token step chunked to 64 tokens died in Dawn's
-  // descriptor-pool allocation (SIGSEGV, 44,000+ memory maps) where the whole FFN ran)
+  // nothing but more dispatches)
   const ffn = plan.ffnChunkTokens || (bounded && L * dims.ffnDim * 4 > MIN_CHUNKED_BYTES ? autoFfnChunkTokens(L, D, dims.ffnDim) : 0);
   return {
     cfgSequential: plan.cfgSequential,

@@ -53,6 +53,8 @@ interface PipelineEntry {
 const PARAM_SLOT = 256;
 const ARENA_SLOTS = 4096;
 const QUERY_PAIRS = 1024;
+/** dispatches the engine lets queue before throttle() waits (see throttle) */
+const MAX_IN_FLIGHT = 20_000;
 
 export class Engine implements TensorDevice {
   readonly gpu: GpuContext;
@@ -446,6 +448,17 @@ export class Engine implements TensorDevice {
       if (tag) this.allocator.popOwner();
       this.currentOp = null;
     }
+  }
+
+  /**
+   * Wait for the GPU when more than MAX_IN_FLIGHT dispatches were submitted since the last wait.
+   * Long loops (the DiT's blocks) call it between iterations: lavapipe keeps memory mappings for the
+   * work it has queued, and a 1.3B-shaped step at 8,192 tokens or more (85,000 dispatches before
+   * the read-back) crossed the kernel's 65,530-mapping limit and died with SIGSEGV in Dawn's
+   * descriptor-pool allocation. On a GPU the wait costs one idle gap per 20,000 dispatches.
+   */
+  async throttle(): Promise<void> {
+    if (this.pendingDispatches + this.dispatchesInEncoder > MAX_IN_FLIGHT) await this.sync();
   }
 
   /** Add work (flops + bytes) not encoded through an op, e.g. a benchmark's bare kernel. */

@@ -546,6 +546,7 @@ export class WanTransformer3DModel extends Module {
           hs.dispose();
         }
         if (i + 1 < n) await residency.acquire(i + 1);
+        await e.throttle();
       }
       // head: (scale_shift_table[0] + e) -> shift, scale; proj_out(LN(x)·(1+scale) + shift)
       const mh = add(this.scale_shift_table.t.reshape([2, D]), emb); // [2, D]
