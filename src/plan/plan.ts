@@ -33,6 +33,9 @@ import { ConfigError } from '../util/errors.ts';
 import { createMetaGpu, GENERIC_GPU, type MetaDeviceSpec } from './meta-gpu.ts';
 import type { ModelShapes } from './shapes.ts';
 
+/** elements one Float32Array may hold in Node 20 (2^32) */
+const MAX_HOST_ARRAY = 2 ** 32;
+
 export type PlanPhase = 'load' | 'encode' | 'denoise' | 'decode';
 export const PLAN_PHASES: readonly PlanPhase[] = ['load', 'encode', 'denoise', 'decode'];
 
@@ -215,6 +218,11 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
   const L = F * (lh / ph) * (lw / pw);
   const cfg = r.guidanceScale !== 1;
   const B = cfg ? 2 : 1;
+  // the run holds the decoded video (and the CFG latents) in single host arrays
+  const hostElems = Math.max(3 * T * H * W, B * C * F * lh * lw);
+  if (hostElems > MAX_HOST_ARRAY) {
+    throw new ConfigError(`${W}x${H}, ${T} frames needs host arrays of ${hostElems.toLocaleString('en-US')} values (the f32 video), above the ${MAX_HOST_ARRAY.toLocaleString('en-US')} one array can hold; lower the size or the frame count`);
+  }
   const wd = l.weightDtype;
   const device = opts.device ?? GENERIC_GPU;
   if (plan.textEncoder === 'gpu' && l.activationDtype === 'f16' && !device.shaderF16) throw new ConfigError('infer.activation_dtype=f16 needs shader-f16, which this plan device does not have');
