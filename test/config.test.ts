@@ -199,3 +199,66 @@ describe('settings', () => {
     expect(settingsOf(dottedLayer(d, ''))).toEqual(s);
   });
 });
+
+describe('config: hostile input is a one-line ConfigError in bounded time', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sd-cfg-bad-'));
+  /** the ConfigError `fn` throws (one line), within `ms` */
+  const cfgErr = (fn: () => unknown, ms = 2000): string => {
+    const t0 = performance.now();
+    let err: unknown;
+    try {
+      fn();
+    } catch (e) {
+      err = e;
+    }
+    expect(performance.now() - t0).toBeLessThan(ms);
+    expect(err).toBeInstanceOf(ConfigError);
+    const m = (err as Error).message;
+    expect(m.split('\n')).toHaveLength(1);
+    return m;
+  };
+  const yamlFile = (name: string, text: string | Buffer) => {
+    const p = join(dir, name);
+    writeFileSync(p, text);
+    return p;
+  };
+  it('YAML syntax errors keep to one line (no code frame)', () => {
+    expect(cfgErr(() => readConfigFile(yamlFile('a.yaml', 'infer: [1, 2\n  x: y\n')))).toMatch(/not valid YAML: .*line/);
+    expect(cfgErr(() => readConfigFile(yamlFile('dup.yaml', 'infer:\n  seed: 1\n  seed: 2\n')))).toMatch(/Map keys must be unique/);
+    expect(cfgErr(() => readConfigFile(yamlFile('alias.yaml', 'infer: *nope\n')))).toMatch(/not valid YAML: Unresolved alias/);
+  });
+  it('alias bombs ("billion laughs") stop at maxAliasCount', () => {
+    let y = 'a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n';
+    for (let i = 1; i < 10; i++) y += `a${i}: &a${i} [${Array(10).fill(`*a${i - 1}`).join(', ')}]\n`;
+    expect(cfgErr(() => readConfigFile(yamlFile('bomb.yaml', y)))).toMatch(/not valid YAML: .*(alias|Excessive)/i);
+  });
+  it('deeply nested and cyclic YAML', () => {
+    expect(cfgErr(() => readConfigFile(yamlFile('deep.yaml', '['.repeat(30000))))).toMatch(/not valid YAML: .* nested more than 64 deep/);
+    expect(cfgErr(() => readConfigFile(yamlFile('deepmap.yaml', 'a: '.repeat(1) + '{a: '.repeat(2000) + '1' + '}'.repeat(2000))))).toMatch(/not valid YAML|unknown config key/);
+    expect(cfgErr(() => readConfigFile(yamlFile('cycle.yaml', 'infer: &x {diffusion: *x}\n')))).toMatch(/unknown config key 'infer\.diffusion\.diffusion/);
+    expect(cfgErr(() => readConfigFile(yamlFile('cyclev.yaml', 'infer:\n  seed: &x [*x]\n')))).toMatch(/infer.seed must be an integer, got \[a cyclic list\]/);
+  });
+  it('non-mapping documents, binary, huge numbers, odd keys', () => {
+    expect(cfgErr(() => readConfigFile(yamlFile('list.yaml', '- 1\n- 2\n')))).toMatch(/must be a mapping of keys/);
+    expect(cfgErr(() => readConfigFile(yamlFile('bin.yaml', '!!binary aGVsbG8=\n')))).toMatch(/must be a mapping of keys/);
+    expect(cfgErr(() => readConfigFile(yamlFile('rand.bin', Buffer.from(Array.from({ length: 4096 }, (_, i) => (i * 7919 + 13) % 256)))))).toMatch(/c|./);
+    expect(cfgErr(() => readConfigFile(yamlFile('big.yaml', 'infer:\n  seed: 1e999\n')))).toMatch(/infer.seed must be an integer, got Infinity/);
+    expect(cfgErr(() => readConfigFile(yamlFile('nl.yaml', '"a\\nb": 1\n')))).toMatch(/unknown config key "a\\nb" in/);
+    expect(cfgErr(() => readConfigFile(yamlFile('proto.yaml', '__proto__: {infer: 1}\n')))).toMatch(/unknown config key '__proto__\.infer'/);
+    expect(cfgErr(() => readConfigFile(join(dir, 'missing.yaml')))).toMatch(/does not exist/);
+    expect(cfgErr(() => readConfigFile(dir))).toMatch(/is a folder/);
+    expect(cfgErr(() => readConfigFile(yamlFile('huge.yaml', Buffer.alloc(2 * 1024 * 1024, 0x20))))).toMatch(/more than the 32768 accepted/);
+  });
+  it('key=value overrides: huge numbers, odd unicode, NUL, huge keys', () => {
+    expect(cfgErr(() => applyOverrides(['infer.seed=' + '9'.repeat(400)]))).toMatch(/infer.seed must be/);
+    expect(cfgErr(() => applyOverrides(['infer.memory_limit=' + '9'.repeat(400) + 'GiB']))).toMatch(/memory_limit must be a byte size/);
+    expect(cfgErr(() => applyOverrides(['infer.memory_limit=99999999TiB']))).toMatch(/below 8 PiB/);
+    expect(cfgErr(() => applyOverrides(['infer.see\u202ed=1']))).toMatch(/unknown config key "infer.see\\u202ed"/);
+    expect(cfgErr(() => applyOverrides(['\ud800=1']))).toMatch(/unknown config key/);
+    expect(cfgErr(() => applyOverrides(['model=a\0b']))).toMatch(/must not contain a NUL character/);
+    const m = cfgErr(() => applyOverrides(['x'.repeat(1_000_000) + '=1']));
+    expect(m.length).toBeLessThan(400);
+    expect(cfgErr(() => applyOverrides(['=1']))).toMatch(/must look like key=value/);
+    expect(cfgErr(() => applyOverrides(['a\nb']))).toMatch(/override "a\\nb" must look like/);
+  });
+});

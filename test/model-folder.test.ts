@@ -1,8 +1,9 @@
 // Model folders (diffusers layout), typed configs, the original-Wan key maps.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { mkdtempSync, rmSync, cpSync, readFileSync, writeFileSync, mkdirSync, renameSync } from 'node:fs';
+import { mkdtempSync, rmSync, cpSync, readFileSync, writeFileSync, mkdirSync, renameSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { openModelFolder, parseTransformerConfig, parseT5Config, parseVaeConfig, parseSchedulerConfig, type ModelFolder } from '../src/io/model-folder.ts';
 import { TRANSFORMER_KEYS, VAE_KEYS, T5_KEYS, TRANSFORMER_KEY_TABLE, detectTransformerLayout } from '../src/io/key-maps.ts';
 import { Checkpoint, loadStrict } from '../src/io/checkpoint.ts';
@@ -164,10 +165,10 @@ describe('model folder: errors for missing or bad parts', () => {
   it('config keys: missing, mistyped, i2v, wrong model type — each names the file and key', async () => {
     let d = copyTiny();
     editJson(join(d, 'transformer', 'config.json'), (j) => delete j.num_layers);
-    expect(await folderError(d)).toMatch(/transformer\/config.json: key 'num_layers' must be an integer >= 1, it is missing/);
+    expect(await folderError(d)).toMatch(/transformer\/config.json: key 'num_layers' must be an integer in 1..1000, it is missing/);
     d = copyTiny();
     editJson(join(d, 'transformer', 'config.json'), (j) => (j.ffn_dim = '256'));
-    expect(await folderError(d)).toMatch(/key 'ffn_dim' must be an integer >= 1, got "256"/);
+    expect(await folderError(d)).toMatch(/key 'ffn_dim' must be an integer in 1..262144, got "256"/);
     d = copyTiny();
     editJson(join(d, 'transformer', 'config.json'), (j) => (j.image_dim = 1280));
     expect(await folderError(d)).toMatch(/image-to-video transformer .* only text-to-video \(T2V\) models are supported yet/);
@@ -186,6 +187,92 @@ describe('model folder: errors for missing or bad parts', () => {
     d = copyTiny();
     editJson(join(d, 'text_encoder', 'config.json'), (j) => (j.d_model = 32));
     expect(await folderError(d)).toMatch(/transformer text_dim \(64\) != text_encoder d_model \(32\)/);
+  });
+  it('absurd config values are refused at parse time, in milliseconds, naming file, key, value and range', () => {
+    const base = JSON.parse(readFileSync(join(TINY, 'transformer', 'config.json'), 'utf8'));
+    const cases: Array<[Record<string, unknown>, RegExp]> = [
+      [{ num_layers: 1e9 }, /key 'num_layers' must be an integer in 1\.\.1000, got 1000000000$/],
+      [{ num_layers: -3 }, /key 'num_layers' must be an integer in 1\.\.1000, got -3/],
+      [{ num_layers: 2.5 }, /key 'num_layers' must be an integer in 1\.\.1000, got 2\.5/],
+      [{ num_layers: 'NaN' }, /key 'num_layers' must be an integer in 1\.\.1000, got "NaN"/],
+      [{ num_layers: 1e400 }, /got Infinity/],
+      [{ ffn_dim: 1e12 }, /key 'ffn_dim' must be an integer in 1\.\.262144, got 1000000000000/],
+      [{ text_dim: 0 }, /key 'text_dim' must be an integer in 1\.\.65536, got 0/],
+      [{ num_attention_heads: 1024, attention_head_dim: 128 }, /num_attention_heads × attention_head_dim \(1024 × 128 = 131072, the model width\) is at most 65536/],
+      [{ patch_size: [1, 2, 1e6] }, /key 'patch_size' must be an array of 3 integers in 1\.\.64/],
+      [{ eps: 5 }, /key 'eps' must be a number > 0 and <= 1, got 5/],
+      [{ freq_dim: 255 }, /key 'freq_dim' must be an even integer/],
+      [{ rope_max_seq_len: 2 ** 40 }, /rope_max_seq_len' must be an integer in 1\.\.1048576/],
+    ];
+    for (const [edit, re] of cases) {
+      const t0 = performance.now();
+      let err: unknown;
+      try {
+        parseTransformerConfig({ ...base, ...edit }, '/m/transformer/config.json');
+      } catch (e) {
+        err = e;
+      }
+      expect(performance.now() - t0).toBeLessThan(50);
+      expect(err, String(re)).toBeInstanceOf(CheckpointError);
+      expect((err as Error).message).toMatch(re);
+      expect((err as Error).message).toMatch(/^\[model-folder\] \/m\/transformer\/config.json: key '/);
+    }
+    expect(() => parseTransformerConfig({ _class_name: 'WanModel', dim: 1e9, num_heads: 12, model_type: 't2v', in_dim: 16, out_dim: 16, ffn_dim: 8960, num_layers: 30 })).toThrow(/key 'dim' must be an integer in 1\.\.65536/);
+    expect(() => parseTransformerConfig({ _class_name: 'WanModel', dim: 1536, num_heads: 12, model_type: 't2v', in_dim: 16, out_dim: 16, ffn_dim: 8960, num_layers: 1e9 })).toThrow(/num_layers' must be an integer in 1\.\.1000/);
+    const vae = JSON.parse(readFileSync(join(TINY, 'vae', 'config.json'), 'utf8'));
+    expect(() => parseVaeConfig({ ...vae, base_dim: 1e12 })).toThrow(/key 'base_dim' must be an integer in 1\.\.4096, got 1000000000000/);
+    expect(() => parseVaeConfig({ ...vae, base_dim: 4096, dim_mult: [1, 2, 64, 4] })).toThrow(/base_dim × dim_mult \(4096 × 64 = 262144, the widest VAE stage\) is at most 65536/);
+    expect(() => parseVaeConfig({ ...vae, dim_mult: Array(100).fill(1) })).toThrow(/dim_mult' must be an array of 2 to 8 integers/);
+    expect(() => parseVaeConfig({ ...vae, z_dim: 1e9 })).toThrow(/z_dim' must be an integer in 1\.\.1024/);
+    expect(() => parseVaeConfig({ ...vae, num_res_blocks: 1e9 })).toThrow(/num_res_blocks' must be an integer in 1\.\.64/);
+    const t5 = JSON.parse(readFileSync(join(TINY, 'text_encoder', 'config.json'), 'utf8'));
+    expect(() => parseT5Config({ ...t5, num_layers: 1e9 })).toThrow(/text_encoder\/config.json: key 'num_layers' must be an integer in 1\.\.1000, got 1000000000/);
+    expect(() => parseT5Config({ ...t5, vocab_size: 1e12 })).toThrow(/vocab_size' must be an integer in 1\.\.16777216/);
+    expect(() => parseT5Config({ ...t5, d_kv: 4096, num_heads: 64 })).toThrow(/num_heads × d_kv .* is at most 65536/);
+    expect(() => parseT5Config({ ...t5, eos_token_id: t5.vocab_size })).toThrow(/eos_token_id' must be a token id below vocab_size/);
+    expect(() => parseSchedulerConfig({ _class_name: 'X', flow_shift: 3, num_train_timesteps: 1e12 })).toThrow(/num_train_timesteps' must be an integer in 1\.\.1048576/);
+  });
+  it('num_layers 1e9 in a model folder fails at open, in milliseconds', async () => {
+    const d = copyTiny();
+    editJson(join(d, 'transformer', 'config.json'), (j) => (j.num_layers = 1e9));
+    const t0 = performance.now();
+    expect(await folderError(d)).toMatch(/transformer\/config.json: key 'num_layers' must be an integer in 1\.\.1000, got 1000000000/);
+    expect(performance.now() - t0).toBeLessThan(1000);
+  });
+  it('symlink loops, dangling links, folders where files belong: named, not "no such file"', async () => {
+    // a weights file that is a symlink loop
+    let d = copyTiny();
+    const w = join(d, 'vae', 'diffusion_pytorch_model.safetensors');
+    rmSync(w);
+    symlinkSync(join(d, 'vae', 'loop-b'), w);
+    symlinkSync(w, join(d, 'vae', 'loop-b'));
+    let m = await folderError(d);
+    expect(m).toMatch(/diffusion_pytorch_model.safetensors: symlink loop \(ELOOP\)/);
+    expect(m.split('\n')).toHaveLength(1);
+    await expect(SafetensorsFile.open(w)).rejects.toThrow(/symlink loop \(ELOOP\)/);
+    // a component folder that is a symlink loop
+    d = copyTiny();
+    rmSync(join(d, 'text_encoder'), { recursive: true });
+    symlinkSync(join(d, 'te-b'), join(d, 'text_encoder'));
+    symlinkSync(join(d, 'text_encoder'), join(d, 'te-b'));
+    expect(await folderError(d)).toMatch(/text_encoder: symlink loop \(ELOOP\)/);
+    // a config.json that is a symlink loop; the model folder itself
+    d = copyTiny();
+    rmSync(join(d, 'scheduler', 'scheduler_config.json'));
+    symlinkSync(join(d, 'scheduler', 'scheduler_config.json'), join(d, 'scheduler', 'scheduler_config.json'));
+    expect(await folderError(d)).toMatch(/scheduler_config.json: symlink loop \(ELOOP\)/);
+    const self = join(tmp, 'self-loop');
+    symlinkSync(self, self);
+    expect(await folderError(self)).toMatch(/self-loop: symlink loop \(ELOOP\)/);
+    // a dangling link, a folder where config.json belongs
+    d = copyTiny();
+    rmSync(join(d, 'vae', 'config.json'));
+    symlinkSync(join(d, 'nowhere.json'), join(d, 'vae', 'config.json'));
+    expect(await folderError(d)).toMatch(/vae\/config.json: a symlink to '.*nowhere.json', which does not exist \(a dangling link\)/);
+    d = copyTiny();
+    rmSync(join(d, 'vae', 'config.json'));
+    mkdirSync(join(d, 'vae', 'config.json'));
+    expect(await folderError(d)).toMatch(/vae\/config.json: is a folder, not a JSON file/);
   });
   it('config parsers ignore extra keys and apply documented defaults', () => {
     const t = parseTransformerConfig({
@@ -357,5 +444,49 @@ describe('key maps (original Wan ↔ diffusers)', () => {
     }
     await ck.close();
     await ref.close();
+  });
+});
+
+describe('check-golden: a malformed case folder is one line and exit 5 (checked before the GPU starts)', () => {
+  const ROOT = join(TINY, '..', '..', '..', '..');
+  const run = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'check-golden.ts'), ...args], { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });
+  let k = 0;
+  /** a copy of the tiny golden case with golden.json replaced by `json` (a string is written as is) */
+  const caseWith = (json: unknown, edit?: (d: string) => void): string => {
+    const d = join(tmp, `case${k++}`);
+    cpSync(TINY, d, { recursive: true });
+    if (json !== undefined) writeFileSync(join(d, 'golden.json'), typeof json === 'string' ? json : JSON.stringify(json));
+    edit?.(d);
+    return d;
+  };
+  const good = () => JSON.parse(readFileSync(join(TINY, 'golden.json'), 'utf8'));
+  const expectOneLine = (r: ReturnType<typeof run>, status: number, re: RegExp) => {
+    expect(r.status, r.stderr).toBe(status);
+    const lines = r.stderr.split('\n').filter((l) => l.trim() !== '');
+    expect(lines, r.stderr).toHaveLength(1);
+    expect(lines[0]).toMatch(re);
+    expect(r.stderr).not.toMatch(/\n\s+at /); // no stack
+  };
+  it('bad JSON, wrong types, missing fields, missing files, disagreeing shapes', () => {
+    const g = good();
+    const cases: Array<[string, RegExp]> = [
+      [caseWith('{"tensors": '), /^error: \[check-golden\] .*golden.json: malformed JSON .*regenerate the case/],
+      [caseWith('[1, 2]'), /golden.json: the top level must be a JSON object, got \[1,2\]/],
+      [caseWith({ ...g, tensors: null }), /golden.json: tensors must be an object of \{shape, dtype\}, got null/],
+      [caseWith({ ...g, tensors: undefined }), /golden.json: tensors must be an object .*got nothing/],
+      [caseWith({ ...g, tensors: { ...g.tensors, 'dit.x': { shape: 'big', dtype: 'F32' } } }), /tensors\["dit.x"\].shape must be an array of at most 8 integers >= 0, got "big"/],
+      [caseWith({ ...g, tensors: { ...g.tensors, 'dit.x': null } }), /tensors\["dit.x"\] must be an object \{shape, dtype\}, got null/],
+      [caseWith({ ...g, settings: [] }), /golden.json: settings must be an object, got \[\]/],
+      [caseWith({ ...g, settings: { ...g.settings, 'text_len (max_sequence_length)': 'NaN' } }), /settings\["text_len"\] must be an integer in 1\.\.4096, got "NaN"/],
+      [caseWith({ ...g, settings: { ...g.settings, sampling_steps: 1e9 } }), /settings\["sampling_steps"\] must be an integer in 0\.\.1000, got 1000000000/],
+      [caseWith({ ...g, tensors: { ...g.tensors, 'dit.x': { shape: [1, 2, 3], dtype: 'F32' } } }), /tensors\["dit.x"\].shape is \[1, 2, 3\] but golden.safetensors holds \[16, 3, 8, 8\]/],
+      [caseWith(undefined, (d) => rmSync(join(d, 'golden.safetensors'))), /golden.safetensors: no such file/],
+      [caseWith(undefined, (d) => rmSync(join(d, 'golden.json'))), /has no golden.json: pass a case folder/],
+      [caseWith(undefined, (d) => editJson(join(d, 'transformer', 'config.json'), (j) => (j.num_layers = 1e9))), /key 'num_layers' must be an integer in 1\.\.1000/],
+    ];
+    for (const [d, re] of cases) expectOneLine(run([d]), 5, re);
+  });
+  it('bad usage exits 2', () => {
+    expectOneLine(run([TINY, '--weights', 'f64']), 2, /--weights must be one of/);
   });
 });

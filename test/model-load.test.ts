@@ -13,6 +13,7 @@ import { WanVaeDecoder, vaeDimsFromConfig } from '../src/models/wan_vae/model.ts
 import { CheckpointError } from '../src/util/errors.ts';
 import { Checkpoint } from '../src/io/checkpoint.ts';
 import { writeSafetensors } from '../src/io/safetensors.ts';
+import { f32ToBf16Bits } from '../src/tensor/dtype.ts';
 
 function copyTiny(): string {
   const dir = mkdtempSync(join(tmpdir(), 'sd-tiny-'));
@@ -98,5 +99,47 @@ describe('model loading', () => {
       await ck.close();
       vae.disposeParams();
     }
+  });
+
+  it('a BF16 weight holding NaN/-Inf is refused with the key, the file and the count; checkFinite: false loads it', async () => {
+    const e = await getEngine();
+    const dir = copyTiny();
+    const p = join(dir, 'transformer', 'diffusion_pytorch_model.safetensors');
+    const src = await Checkpoint.open(p);
+    const tensors = [];
+    for (const k of src.keys()) {
+      const info = src.info(k);
+      let data = await src.read(k);
+      let dtype = info.dtype;
+      if (k === 'blocks.1.attn1.to_q.weight') {
+        // stored as BF16 (a real checkpoint's dtype) with 3 NaN and one -Inf at odd and even positions
+        const v = new Float32Array(data.slice().buffer);
+        v[1] = NaN;
+        v[2] = NaN;
+        v[1001] = -Infinity;
+        v[v.length - 1] = NaN;
+        data = new Uint8Array(Uint16Array.from(v, f32ToBf16Bits).buffer);
+        dtype = 'BF16';
+      }
+      tensors.push({ key: k, dtype, shape: info.shape, data });
+    }
+    await src.close();
+    await writeSafetensors(p, tensors);
+    const f = await openModelFolder(dir);
+    const load = async (checkFinite?: boolean) => {
+      const m = new WanTransformer3DModel(ditDimsFromConfig(f.transformer.config));
+      const ck = await f.transformer.open();
+      try {
+        return await loadModule(m, ck, { engine: e, owner: 'dit', checkFinite });
+      } finally {
+        await ck.close();
+        m.disposeParams();
+      }
+    };
+    await expect(load()).rejects.toThrow(CheckpointError);
+    await expect(load()).rejects.toThrow(
+      /\[checkpoint\] \S*transformer\/diffusion_pytorch_model\.safetensors: tensor 'blocks\.1\.attn1\.to_q\.weight' \[128, 128\] BF16 has 4 non-finite values \(NaN\/Inf; the first at flat index 1: NaN\); the file is corrupt: re-download it/,
+    );
+    await expect(load(false)).resolves.toMatchObject({ unused: [] });
   });
 });

@@ -15,6 +15,7 @@ import '../src/ops/layout.ts';
 import '../src/ops/matmul.ts';
 import '../src/ops/attention.ts';
 import '../src/ops/conv.ts';
+import '../src/ops/finite.ts';
 import { Tensor, numelOf, type Shape } from '../src/tensor/tensor.ts';
 import type { DType } from '../src/tensor/dtype.ts';
 
@@ -62,6 +63,14 @@ const wdt = (m: Mode): DType => m;
 
 /** Per op: its samples for a sweep dtype ([] where that dtype means nothing for the op). */
 const SAMPLES: Record<string, (r: Rng, m: Mode) => Sample[]> = {
+  count_nonfinite(r, m) {
+    const shapes: Shape[] = m === 'f32' ? [[1], [33], [65, 3], [1025], [0, 5]] : [[33], [65, 3]];
+    return shapes.map((s) => {
+      const v = new Float32Array(numelOf(s)).map(() => r.normal() * 1e3);
+      for (let i = 3; i < v.length; i += 7) v[i] = i % 2 ? NaN : -Infinity;
+      return { what: `[${s}]`, inputs: { x: Tensor.fromValues(v, s, m) }, attrs: undefined };
+    });
+  },
   unary(r, m) {
     if (m === 'bf16') return [];
     const a = act(m);

@@ -77,6 +77,43 @@ describe('safetensors: bad files', () => {
     const p = rawFile('array.safetensors', null, 0, { headerText: '[1,2]' });
     expect((await openError(p)).message).toMatch(/does not start with '\{'/);
   });
+  it('header starting with whitespace or empty (the spec: it must begin with {)', async () => {
+    const p = rawFile('lead-ws.safetensors', null, 0, { headerText: ' {}' });
+    expect((await openError(p)).message).toMatch(/does not start with '\{'/);
+    const q = rawFile('empty-hdr.safetensors', null, 0, { headerText: '' });
+    expect((await openError(q)).message).toMatch(/does not start with '\{'/);
+  });
+  it('trailing space padding after the header is accepted', async () => {
+    const p = rawFile('pad.safetensors', null, 8, { headerText: '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}      ' });
+    const f = await SafetensorsFile.open(p);
+    expect(f.keys()).toEqual(['a']);
+    await f.close();
+  });
+  it('duplicate tensor key in the header (JSON.parse would keep the last one)', async () => {
+    const t = '{"dtype":"F32","shape":[2],"data_offsets":[0,8]}';
+    const p = rawFile('dup.safetensors', null, 8, { headerText: `{"a":${t},"a":${t}}` });
+    const m = (await openError(p)).message;
+    expect(m).toMatch(/has the key 'a' twice/);
+    expect(m.split('\n')).toHaveLength(1);
+    // the same key spelled with an escape is the same key
+    const q = rawFile('dup-esc.safetensors', null, 8, { headerText: `{"ab":${t},"a\\u0062":${t}}` });
+    expect((await openError(q)).message).toMatch(/has the key 'ab' twice/);
+    const r = rawFile('dup-meta.safetensors', null, 8, { headerText: `{"__metadata__":{"x":"1"},"a":${t},"__metadata__":{}}` });
+    expect((await openError(r)).message).toMatch(/key '__metadata__' twice/);
+  });
+  it('duplicate field inside a tensor entry', async () => {
+    const p = rawFile('dupfield.safetensors', null, 8, { headerText: '{"a":{"dtype":"F16","shape":[2],"dtype":"F32","data_offsets":[0,8]}}' });
+    expect((await openError(p)).message).toMatch(/tensor 'a': the JSON header has the field 'dtype' twice/);
+    const q = rawFile('dupmeta.safetensors', null, 8, { headerText: '{"__metadata__":{"format":"pt","format":"np"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}' });
+    expect((await openError(q)).message).toMatch(/__metadata__: the JSON header has the field 'format' twice/);
+  });
+  it('same key names in different objects are not duplicates', async () => {
+    const t = (b: number) => `{"dtype":"F32","shape":[2],"data_offsets":[${b},${b + 8}]}`;
+    const p = rawFile('nodup.safetensors', null, 16, { headerText: `{"__metadata__":{"dtype":"x","a":"y"},"a":${t(0)},"b":${t(8)}}` });
+    const f = await SafetensorsFile.open(p);
+    expect(f.keys().sort()).toEqual(['a', 'b']);
+    await f.close();
+  });
   it('header not UTF-8', async () => {
     const p = join(dir, 'utf8.safetensors');
     const b = new Uint8Array(8 + 4);

@@ -199,6 +199,64 @@ describe('tokenizer: loading and errors', () => {
       /precompiled_charsmap is corrupt/,
     );
   });
+  it('malformed shapes (null / wrong type where a part belongs) are one-line CheckpointErrors naming the JSON path', () => {
+    const good = JSON.parse(readFileSync(join(FIX, 'legacy', 'tokenizer.json'), 'utf8'));
+    const vocab = [...good.model.vocab];
+    vocab[17] = null;
+    const cases: Array<[unknown, RegExp]> = [
+      [{ ...good, model: { ...good.model, vocab } }, /model\.vocab\[17\] must be \[piece: string, score: finite number\], got null/],
+      [{ ...good, model: { ...good.model, vocab: good.model.vocab.map((e: unknown, i: number) => (i === 3 ? ['x', 1e400] : e)) } }, /model\.vocab\[3\]/],
+      [{ ...good, model: null }, /model must be an object, got null/],
+      [{ ...good, model: { ...good.model, vocab: null } }, /model\.vocab must be a non-empty list/],
+      [{ ...good, added_tokens: [null] }, /added_tokens\[0\] must be an object/],
+      [{ ...good, added_tokens: { a: 1 } }, /added_tokens must be a list/],
+      [{ ...good, added_tokens: [{ id: -1, content: 'x' }] }, /added_tokens\[0\]\.id must be an integer/],
+      [{ ...good, added_tokens: [{ id: 5, content: 'x', lstrip: 'yes' }] }, /added_tokens\[0\]\.lstrip must be true or false/],
+      [{ ...good, normalizer: 7 }, /normalizer must be an object/],
+      [{ ...good, normalizer: { type: 'Sequence', normalizers: [null] } }, /normalizer\.normalizers\[0\] must be a normalizer object, got null/],
+      [{ ...good, normalizer: { type: 'Sequence', normalizers: null } }, /normalizer\.normalizers must be a list/],
+      [{ ...good, normalizer: { type: 'Replace', pattern: null, content: 'x' } }, /normalizer\.pattern must be an object/],
+      [{ ...good, pre_tokenizer: [] }, /pre_tokenizer must be an object/],
+      [{ ...good, pre_tokenizer: { type: 'Sequence', pretokenizers: [null] } }, /pre_tokenizer\.pretokenizers\[0\] must be a pre-tokenizer object/],
+      [{ ...good, pre_tokenizer: { type: 'Metaspace', replacement: '' } }, /pre_tokenizer\.replacement must be a string of one character/],
+      [{ ...good, pre_tokenizer: { type: 'Metaspace', replacement: null } }, /pre_tokenizer\.replacement/],
+      [{ ...good, post_processor: { ...good.post_processor, single: [null] } }, /post_processor\.single\[0\] must be an object/],
+      [{ ...good, post_processor: { ...good.post_processor, special_tokens: 5 } }, /post_processor\.special_tokens must be an object/],
+      [{ ...good, post_processor: { ...good.post_processor, special_tokens: { '</s>': null } } }, /post_processor\.special_tokens\["<\/s>"\]\.ids must be a list/],
+      [{ ...good, post_processor: { ...good.post_processor, single: [{ SpecialToken: { id: 'constructor' } }] } }, /special_tokens\["constructor"\]\.ids/],
+      [null, /the top level must be a JSON object/],
+      [{ ...good, post_processor: { ...good.post_processor, single: [{ Sequence: { id: 'A' } }, { Sequence: { id: 'A' } }] } }, /post_processor\.single must be a template with exactly one \{Sequence\} item \(\$A\), not 2/],
+      [{ ...good, model: { ...good.model, vocab: good.model.vocab.map((e: unknown, i: number) => (i === 9 ? ['x'.repeat(100_000), -1] : e)) } }, /model\.vocab\[9\]\[0\] must be a piece of at most 512 characters/],
+    ];
+    for (const [json, re] of cases) {
+      let err: unknown;
+      try {
+        UnigramTokenizer.fromJson(json, '/m/tokenizer/tokenizer.json');
+      } catch (e) {
+        err = e;
+      }
+      expect(err, String(re)).toBeInstanceOf(CheckpointError);
+      const m = (err as Error).message;
+      expect(m).toMatch(re);
+      expect(m).toContain('/m/tokenizer/tokenizer.json');
+      expect(m.split('\n')).toHaveLength(1);
+    }
+    // the shape errors name the fix
+    expect(() => UnigramTokenizer.fromJson({ ...good, model: { ...good.model, vocab } })).toThrow(/download tokenizer\/tokenizer\.json of the model again/);
+  });
+  it('deeply nested Sequence normalizers are refused, not a stack overflow', () => {
+    const good = JSON.parse(readFileSync(join(FIX, 'legacy', 'tokenizer.json'), 'utf8'));
+    let n: unknown = { type: 'Lowercase' };
+    for (let i = 0; i < 5000; i++) n = { type: 'Sequence', normalizers: [n] };
+    expect(() => UnigramTokenizer.fromJson({ ...good, normalizer: n })).toThrow(/nested more than 16 deep/);
+  });
+  it('token ids beyond the text encoder vocabulary name the fix', () => {
+    const good = JSON.parse(readFileSync(join(FIX, 'legacy', 'tokenizer.json'), 'utf8'));
+    const t = UnigramTokenizer.fromJson(good, 'x/tokenizer.json');
+    expect(t.maxId).toBe(71);
+    expect(() => t.checkVocabSize(72)).not.toThrow();
+    expect(() => t.checkVocabSize(50, 'm/text_encoder/config.json')).toThrow(/produces token id 71, but the text encoder's embedding has only 50 rows \(vocab_size in m\/text_encoder\/config.json\).*download tokenizer\/ and text_encoder\/ of the same model again/);
+  });
   it('older files: Metaspace add_prefix_space instead of prepend_scheme; no post-processor', () => {
     const good = JSON.parse(readFileSync(join(FIX, 'legacy', 'tokenizer.json'), 'utf8'));
     const old = UnigramTokenizer.fromJson({ ...good, pre_tokenizer: { type: 'Metaspace', replacement: '▁', add_prefix_space: true } });

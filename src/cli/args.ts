@@ -23,7 +23,7 @@ export interface Switch {
   /** a switch that sets several keys: `key=value`s from its argument */
   expand?: (v: string) => string[];
   /** a switch of the command, not a setting */
-  command?: 'help' | 'config' | 'decodeLatents' | 'printConfig';
+  command?: 'help' | 'config' | 'decodeLatents' | 'printConfig' | 'debug';
 }
 
 function size(v: string): string[] {
@@ -58,6 +58,7 @@ export const SWITCHES: readonly Switch[] = [
   { names: ['--print-config'], command: 'printConfig', doc: 'print the effective config and exit' },
   { names: ['--backend'], arg: 'NAME', key: 'device.backend', doc: 'WebGPU backend' },
   { names: ['--adapter'], arg: 'NAME', key: 'device.adapter', doc: 'WebGPU adapter (name substring)' },
+  { names: ['--debug'], command: 'debug', doc: 'on an unexpected error, print its stack trace (for bug reports)' },
   { names: ['-h', '--help'], command: 'help', doc: 'this help, with every config key' },
 ];
 
@@ -92,6 +93,8 @@ export interface CliArgs {
   printConfig: boolean;
   /** a latents file to decode instead of generating */
   decodeLatents: string | null;
+  /** --debug: stack traces of unexpected errors */
+  debug: boolean;
 }
 
 /** A relative model path is looked up in the working folder, then in the project folder. */
@@ -109,6 +112,7 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
   let configFile: string | null = null;
   let printConfig = false;
   let decodeLatents: string | null = null;
+  let debug = false;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const s = BY_NAME.get(a);
@@ -122,12 +126,15 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
     if (s.arg) {
       const next = argv[++i];
       if (next === undefined) throw new ConfigError(`option ${a} needs a value (see --help)`);
+      // `--seed -o x.mp4`: the value is missing, not '-o' (negative numbers stay values)
+      if (BY_NAME.has(next) && !/^-\d/.test(next)) throw new ConfigError(`option ${a} needs a value before ${next} (e.g. ${a} ${s.arg ?? 'VALUE'})`);
       v = next;
     }
     if (s.command === 'help') return null;
     else if (s.command === 'config') configFile = v;
     else if (s.command === 'decodeLatents') decodeLatents = v;
     else if (s.command === 'printConfig') printConfig = true;
+    else if (s.command === 'debug') debug = true;
     else if (s.expand) options.push(...s.expand(v));
     else options.push(`${s.key}=${s.value ?? v}`);
   }
@@ -138,5 +145,5 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
   const defaultFile = join(ROOT, 'configs', 'wan.yaml');
   const settings = resolveSettings({ configFile: configFile ?? (existsSync(defaultFile) ? defaultFile : null), layers, resolveModel: resolveModelDir });
   const explicit = new Set(layers.flatMap((l) => [...l.values.keys()]));
-  return { settings, explicit, printConfig, decodeLatents };
+  return { settings, explicit, printConfig, decodeLatents, debug };
 }

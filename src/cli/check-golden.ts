@@ -1,15 +1,40 @@
 // `npm run check-golden -- <case-folder> [--weights f32|f16|bf16] [--groups t5,dit,...] [--tol 1e-4] [--tol-e2e 1e-3]`
 // Runs every engine component on a golden case folder and prints one line per tensor:
 // name, max abs error, max rel error, PASS/FAIL; then `N passed, M failed`. Exit status 0 only
-// when all pass.
+// when all pass. Errors are one line: exit 2 for bad usage or config, 5 for a bad case folder
+// (golden.json, golden.safetensors, the model folder: checked before the GPU starts), 1 otherwise;
+// an unexpected error (a bug) prints its stack only with --debug.
 import { resolve } from 'node:path';
 import { Engine } from '../runtime/engine.ts';
-import { checkGolden, CHECK_GROUPS, type CheckOptions } from '../golden/check.ts';
+import { checkGolden, openGoldenCase, CHECK_GROUPS, type CheckOptions, type GoldenCase } from '../golden/check.ts';
 import { SmartDiffusionError } from '../util/errors.ts';
 
 function usage(): never {
-  console.error('usage: npm run check-golden -- <case-folder> [--weights checkpoint|f32|f16|bf16] [--groups sched,host,t5,dit,vae,sample] [--activations f32|f16] [--metric abs|rel] [--tol 1e-4] [--tol-e2e 1e-3]');
+  console.error(
+    'usage: npm run check-golden -- <case-folder> [--weights checkpoint|f32|f16|bf16] [--groups sched,host,t5,dit,vae,sample] [--activations f32|f16] [--metric abs|rel] [--tol 1e-4] [--tol-e2e 1e-3] [--debug]',
+  );
   process.exit(2);
+}
+
+const debug = process.argv.includes('--debug');
+
+/** Exit status of an error (as `generate`: 2 bad config, 3 no adapter, 4 out of memory, 5 bad checkpoint / case, 1 other). */
+function exitCodeOf(err: unknown): number {
+  if (!(err instanceof SmartDiffusionError)) return 1;
+  return ({ BAD_CONFIG: 2, NO_ADAPTER: 3, OUT_OF_MEMORY: 4, BAD_CHECKPOINT: 5 } as Record<string, number>)[err.code] ?? 1;
+}
+
+/** One line for the error; the stack only with --debug (and for a bug, a request to report it). */
+function report(err: unknown): void {
+  if (err instanceof SmartDiffusionError) {
+    console.error(`error: ${err.message}`);
+    if (debug && err.stack) console.error(err.stack);
+    return;
+  }
+  const e = err instanceof Error ? err : new Error(String(err));
+  const first = (e.message.split('\n')[0] ?? '').slice(0, 300);
+  console.error(`error: unexpected ${e.name}: ${first} (this is a bug: please report it with --debug output)`);
+  if (debug) console.error(e.stack ?? String(err));
 }
 
 /** `value` if it is one of `allowed`, else a one-line error naming the flag and its choices. */
@@ -41,6 +66,7 @@ async function main(): Promise<number> {
     else if (a === '--tol') opts.tolComponent = positive(a, next());
     else if (a === '--tol-e2e') opts.tolEndToEnd = positive(a, next());
     else if (a === '-h' || a === '--help') usage();
+    else if (a === '--debug') continue;
     else if (!dir) dir = resolve(a);
     else usage();
   }
@@ -52,7 +78,15 @@ async function main(): Promise<number> {
     opts.tolComponent ??= 3e-2;
     opts.tolEndToEnd ??= 5e-2;
   }
-  const e = await Engine.create();
+  // the case folder first: a malformed golden.json or missing file fails in milliseconds, before the GPU starts
+  const gc: GoldenCase = await openGoldenCase(dir);
+  let e: Engine;
+  try {
+    e = await Engine.create();
+  } catch (err) {
+    await gc.gold.close();
+    throw err;
+  }
   const t0 = performance.now();
   let pass = 0;
   let fail = 0;
@@ -60,7 +94,7 @@ async function main(): Promise<number> {
     const w = 40;
     console.log(`case ${dir} on ${e.adapterName}${opts.weightDtype ? `, weights ${opts.weightDtype}` : ''}${opts.activationDtype ? `, activations ${opts.activationDtype}` : ''}; metric ${opts.metric ?? 'abs'}`);
     console.log(`${'tensor'.padEnd(w)} ${'max abs'.padStart(11)} ${'max rel'.padStart(11)} ${'tol'.padStart(8)}  result`);
-    await checkGolden(e, dir, {
+    await checkGolden(e, gc, {
       ...opts,
       onRow: (r) => {
         if (r.pass) pass++;
@@ -80,7 +114,7 @@ main().then(
     process.exitCode = code;
   },
   (err) => {
-    console.error(err instanceof SmartDiffusionError ? `error: ${err.message}` : err);
-    process.exitCode = 1;
+    report(err);
+    process.exitCode = exitCodeOf(err);
   },
 );

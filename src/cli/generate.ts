@@ -1,43 +1,38 @@
 // `npm run generate -- [options] ["prompt"] [key=value ...]`  — see `--help` (src/cli/args.ts).
-// Exit status: 0 done, 1 runtime error, 2 bad usage/config, 3 no WebGPU adapter, 4 out of GPU
-// memory, 5 bad model/checkpoint, 6 output error, 130 interrupted.
+// Exit status (src/cli/fail.ts, docs/reliability.md): 0 done, 1 unexpected error (a bug), 2 bad usage/config,
+// 3 no WebGPU adapter, 4 out of memory (GPU, host, or refused by the preflight), 5 bad model/checkpoint/latents,
+// 6 output error, 7 non-finite numbers (NaN/Inf), 130 interrupted.
 
 import { resolve } from 'node:path';
 import { parseArgs, usage, type CliArgs } from './args.ts';
 import { helpText, settingsToYaml, toDotted } from '../config/settings.ts';
-import { WanPipeline, type GenerateResult, type ProgressEvent, type Latents } from '../pipeline/wan-pipeline.ts';
+import { WanPipeline, type GenerateResult, type ProgressEvent, type Latents, type PipelineNonFiniteError } from '../pipeline/wan-pipeline.ts';
+import { NonFiniteError } from '../util/non-finite.ts';
 import { resolveOutputPath, outputPaths, checkWritable, saveLatents, loadLatents, writeVideoOutputs, writeSidecar } from '../pipeline/outputs.ts';
-import { sidecar, memoryLine, loadedLine, doneLine, profileText, profileRecord, writeMemorySnapshot, runPeaks } from '../pipeline/report.ts';
+import { sidecar, memoryLine, loadedLine, doneLine, profileText, profileRecord, writeMemorySnapshot, runPeaks, checkMemorySnapshotWritable } from '../pipeline/report.ts';
 import { Progress } from './progress.ts';
-import { SmartDiffusionError, ConfigError } from '../util/errors.ts';
+import { ConfigError, InterruptedError } from '../util/errors.ts';
+import { cleanupOnExit } from '../io/cleanup.ts';
+import { EXIT, report, installLastResort } from './fail.ts';
 
-function exitCodeOf(err: unknown): number {
-  if (!(err instanceof SmartDiffusionError)) return 1;
-  switch (err.code) {
-    case 'BAD_CONFIG':
-      return 2;
-    case 'NO_ADAPTER':
-      return 3;
-    case 'OUT_OF_MEMORY':
-      return 4;
-    case 'BAD_CHECKPOINT':
-      return 5;
-    case 'OUTPUT_ERROR':
-      return 6;
-    case 'INTERRUPTED':
-      return 130;
-    default:
-      return 1;
-  }
-}
+const DEBUG = process.argv.includes('--debug');
+
+/** stdout closed by its reader (`--json | head`): stop writing there, keep the run going */
+let stdoutClosed = false;
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code !== 'EPIPE') throw err;
+  if (!stdoutClosed) process.stderr.write('warning: stdout was closed by its reader (EPIPE); progress records are dropped, the run goes on\n');
+  stdoutClosed = true;
+});
+const stdoutWrite = process.stdout.write.bind(process.stdout) as (s: string) => boolean;
+(process.stdout as unknown as { write: (s: string) => boolean }).write = (s: string) => (stdoutClosed ? true : stdoutWrite(s));
 
 async function main(): Promise<number> {
   let cli: CliArgs | null;
   try {
     cli = parseArgs(process.argv.slice(2));
   } catch (e) {
-    console.error(`error: ${(e as Error).message}`);
-    return exitCodeOf(e);
+    return report(e, DEBUG);
   }
   if (!cli) {
     process.stdout.write(usage() + helpText() + '\n');
@@ -56,8 +51,9 @@ async function main(): Promise<number> {
   const onSignal = (sig: string) => {
     interrupts++;
     if (interrupts > 1) {
-      console.error(`\n${sig} again: exiting now (no partial output was written)`);
-      process.exit(130);
+      console.error(`\n${sig} again: exiting now (temporary files removed, no partial output under a final name)`);
+      cleanupOnExit();
+      process.exit(EXIT.interrupted);
     }
     console.error(`\n${sig}: stopping after the current step (Ctrl-C again to quit at once)...`);
     abort.abort();
@@ -66,6 +62,7 @@ async function main(): Promise<number> {
   process.on('SIGTERM', () => onSignal('SIGTERM'));
 
   let pipe: WanPipeline | null = null;
+  let paths: ReturnType<typeof outputPaths> | null = null;
   try {
     let latents: Latents | null = null;
     if (cli.decodeLatents) {
@@ -83,8 +80,9 @@ async function main(): Promise<number> {
     const videoPath = cli.decodeLatents
       ? resolve(out.path.includes('{') ? cli.decodeLatents.replace(/\.latents\.safetensors$/, '') + '.mp4' : out.path)
       : resolveOutputPath(out.path, req.prompt, req.seed);
-    const paths = outputPaths(videoPath);
+    paths = outputPaths(videoPath);
     checkWritable(paths.video);
+    if (settings.report.memorySnapshot) checkMemorySnapshotWritable(settings.report.memorySnapshot);
     const onProgress = (ev: ProgressEvent) => {
       progress.event(ev);
       if (settings.report.memoryStats && ev.type === 'memory' && mode !== 'jsonl') progress.info(memoryLine(ev));
@@ -103,12 +101,14 @@ async function main(): Promise<number> {
       }
     }
     const dec = await pipe.decode(latents, { onProgress, signal: abort.signal, result });
+    if (abort.signal.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
     progress.event({ type: 'phase', phase: 'write', detail: paths.video });
     const tw = performance.now();
-    const written = await writeVideoOutputs(paths, dec.video, dec.shape, { mp4: out.mp4, preview: out.preview, frames: out.frames, fps: out.fps });
+    const written = await writeVideoOutputs(paths, dec.video, dec.shape, { mp4: out.mp4, preview: out.preview, frames: out.frames, fps: out.fps, signal: abort.signal });
     const timingsMs = result.timingsMs!;
     timingsMs.write = performance.now() - tw;
     const run = { timingsMs, memory: result.memory!, uploads: result.uploads };
+    if (abort.signal.aborted) throw new InterruptedError(`[write] interrupted after writing ${written.join(', ')}`);
     if (out.sidecar) {
       const latentsPath = out.saveLatents && !cli.decodeLatents ? paths.latents : cli.decodeLatents;
       await writeSidecar(paths.sidecar, sidecar({ settings, pipe, videoPath: written.includes(paths.video) ? paths.video : null, videoShape: dec.shape, latentsPath, result: run }));
@@ -123,16 +123,31 @@ async function main(): Promise<number> {
     progress.record({ event: 'done', files: written, timings_ms: timingsMs, peak_allocated_bytes: runPeaks(run.memory).allocated }, doneLine(written, timingsMs, run.memory));
     return 0;
   } catch (e) {
-    const code = exitCodeOf(e);
-    if (mode === 'jsonl') process.stdout.write(JSON.stringify({ event: 'error', code: (e as SmartDiffusionError).code ?? 'ERROR', message: (e as Error).message }) + '\n');
-    if (e instanceof SmartDiffusionError) console.error(`\nerror: ${e.message}`);
-    else console.error(e);
+    progress.info('');
+    // NaN/Inf: the last finite latents are kept for inspection (and --decode-latents), when the run had any
+    const nf = e as PipelineNonFiniteError;
+    if (nf instanceof NonFiniteError && nf.latents && paths && !cli.decodeLatents) {
+      try {
+        await saveLatents(paths.latents, nf.latents, { model: settings.load.model, prompt: req.prompt, seed: req.seed, config: toDotted(settings), non_finite: { phase: nf.phase, step: nf.step ?? null, latents_step: nf.latentsStep ?? null } });
+        nf.message += `; saved to ${paths.latents}`;
+      } catch {
+        /* the error itself is what matters */
+      }
+    }
+    const code = report(e, cli.debug);
+    if (mode === 'jsonl') process.stdout.write(JSON.stringify({ event: 'error', code: (e as { code?: string }).code ?? 'ERROR', exit: code, message: (e as Error).message }) + '\n');
     return code;
   } finally {
     pipe?.dispose();
   }
 }
 
-main().then((code) => {
-  process.exitCode = code;
-});
+installLastResort(DEBUG, cleanupOnExit);
+main().then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e) => {
+    process.exitCode = report(e, DEBUG);
+  },
+);

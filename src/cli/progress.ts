@@ -84,6 +84,22 @@ export class Progress {
         this.info(`[plan] infer.vram_budget=${fmtBytes(ev.budget)}: ${ev.placement} (predicted peak reserved ${fmtBytes(ev.predictedPeakReserved)})`);
         for (const r of ev.reasons) this.info(`[plan]   ${r}`);
         break;
+      case 'block': {
+        // inside a slow step: which block of the DiT forward, so a long step is never silent
+        const line = `denoise step ${ev.step}/${ev.total}: block ${ev.block}/${ev.blocks}  ${fmtMs(ev.elapsedMs)} into the step`;
+        if (this.tty) {
+          this.out.write('\r' + line.padEnd(this.lastLen));
+          this.lastLen = line.length;
+        } else this.out.write(line + '\n');
+        break;
+      }
+      case 'preflight':
+        for (const n of ev.notes) this.info(`[preflight] ${n}`);
+        break;
+      case 'warning':
+        this.clear();
+        this.out.write(`warning: ${ev.message}\n`);
+        break;
       case 'load':
       case 'memory':
         break;

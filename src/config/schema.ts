@@ -86,6 +86,8 @@ export const SCHEMA = {
     vramBudget: bytes({ key: 'infer.vram_budget', default: 0, doc: "GPU memory budget (e.g. '8GiB'): pick the fastest placement whose predicted peak reserved fits, and hold the run under it; 0 = off" }),
     memoryLimit: bytes({ key: 'infer.memory_limit', default: 0, doc: "GPU memory budget (e.g. '8GiB'); 0 = unlimited (the device's own limit)" }),
     promptCache: bool({ key: 'infer.prompt_cache', default: true, doc: 'cache prompt embeddings on disk (keyed by text encoder and prompt)' }),
+    checkFinite: bool({ key: 'infer.check_finite', default: true, doc: 'scan weights for NaN/Inf at load (~5 GB/s on one core) and check the text context, every denoising step and the decoded video; false skips all of it' }),
+    preflight: bool({ key: 'infer.preflight', default: true, doc: "before loading, check the run's predicted memory (npm run plan) against this machine's RAM, the device's buffer limit and, on lavapipe, its mapping limit; refuse with what would fit" }),
     promptCacheDir: path({ key: 'infer.prompt_cache_dir', default: '.cache/prompt-embeddings', doc: 'prompt embedding cache folder' }),
     promptCacheMaxMb: int({ key: 'infer.prompt_cache_max_mb', min: 1, max: 1_000_000, default: 512, doc: 'prompt embedding cache size bound (oldest entries evicted)' }),
     // ---- device

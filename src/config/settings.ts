@@ -6,11 +6,11 @@
 // (coerce.ts); below this folder code reads typed fields only. The dotted keys come back out for
 // the sidecar and the YAML that `--print-config` prints (toDotted, settingsToYaml).
 
-import { readFileSync, existsSync } from 'node:fs';
+import { readFileSync, existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { KEYS, SPEC_BY_KEY, SCHEMA, typeName, type Group, type KeySpec, type LoadSettings, type RequestSettings, type Settings, type SettingsPatch } from './schema.ts';
-import { closestName, coerce, unknownKey } from './coerce.ts';
+import { closestName, coerce, show, showKey, unknownKey } from './coerce.ts';
 import { ConfigError } from '../util/errors.ts';
 
 /** Checked values from one source, by dotted key; `where` names the source in errors. */
@@ -40,22 +40,28 @@ export function applyLayers(base: Settings, layers: readonly Layer[]): Settings 
   return s;
 }
 
+/** The deepest nesting of dotted keys (the schema's deepest key has 3 parts; YAML can nest without end, or in a cycle). */
+const MAX_KEY_DEPTH = 8;
+
 /** Flatten a nested object to dotted keys (a key of the schema is a leaf even when its value is an object). */
-function flatten(obj: unknown, prefix = '', out: Record<string, unknown> = {}): Record<string, unknown> {
+function flatten(obj: unknown, where: string, prefix = '', out: Map<string, unknown> = new Map(), depth = 0): Map<string, unknown> {
   if (obj && typeof obj === 'object' && !Array.isArray(obj)) {
     for (const [k, v] of Object.entries(obj as Record<string, unknown>)) {
       const key = prefix ? `${prefix}.${k}` : k;
-      if (v && typeof v === 'object' && !Array.isArray(v) && !SPEC_BY_KEY.has(key)) flatten(v, key, out);
-      else out[key] = v;
+      if (v && typeof v === 'object' && !Array.isArray(v) && !ArrayBuffer.isView(v) && !SPEC_BY_KEY.has(key)) {
+        // no schema key is this deep: the first unknown prefix is the error (also ends YAML alias cycles)
+        if (depth + 1 >= MAX_KEY_DEPTH) throw unknownKey(key, where);
+        flatten(v, where, key, out, depth + 1);
+      } else out.set(key, v);
     }
-  } else if (prefix) out[prefix] = obj;
+  } else if (prefix) out.set(prefix, obj);
   return out;
 }
 
 /** Dotted keys, flat (`{ 'infer.seed': 7 }`) or nested (`{ infer: { seed: 7 } }`), as in YAML or the API's `config`. */
 export function dottedLayer(obj: Record<string, unknown>, where: string): Layer {
   const values = new Map<string, unknown>();
-  for (const [k, v] of Object.entries(flatten(obj))) {
+  for (const [k, v] of flatten(obj, where)) {
     const spec = SPEC_BY_KEY.get(k);
     if (!spec) throw unknownKey(k, where);
     values.set(k, coerce(spec, v, false));
@@ -68,7 +74,7 @@ export function overridesLayer(overrides: readonly string[], where = ' in the ov
   const values = new Map<string, unknown>();
   for (const o of overrides) {
     const eq = o.indexOf('=');
-    if (eq <= 0) throw new ConfigError(`override '${o}' must look like key=value (e.g. infer.diffusion.low_mem_level=2)`);
+    if (eq <= 0) throw new ConfigError(`override ${show(o)} must look like key=value (e.g. infer.diffusion.low_mem_level=2)`);
     const k = o.slice(0, eq).trim().replace(/^\+\+?/, '');
     const spec = SPEC_BY_KEY.get(k);
     if (!spec) throw unknownKey(k, where);
@@ -86,7 +92,7 @@ export function typedLayer(patch: SettingsPatch, where: string): Layer {
     for (const [field, v] of Object.entries((fields ?? {}) as Record<string, unknown>)) {
       if (v === undefined) continue;
       const spec = BY_FIELD.get(`${group}.${field}`);
-      if (!spec) throw new ConfigError(`unknown setting '${group}.${field}'${where}; did you mean '${closestName(`${group}.${field}`, [...BY_FIELD.keys()])}'?`);
+      if (!spec) throw new ConfigError(`unknown setting ${showKey(`${group}.${field}`)}${where}; did you mean '${closestName(`${group}.${field}`, [...BY_FIELD.keys()])}'?`);
       values.set(spec.key, coerce(spec, v, false));
     }
   return { where, values };
@@ -98,18 +104,81 @@ function pickFields<G extends Group>(group: G, obj: object): Partial<Settings[G]
   return Object.fromEntries(KEYS.filter((k) => k.group === group && o[k.field] !== undefined).map((k) => [k.field, o[k.field]])) as Partial<Settings[G]>;
 }
 
+/** Largest config file read (configs/wan.yaml, listing every key, is 4 KB; the yaml package takes
+ * seconds on some hostile inputs of a few hundred KB, e.g. 20,000 keys or `a: a: a: ...`, ~0.25 s at 32 KB). */
+export const MAX_CONFIG_BYTES = 32 * 1024;
+
+/** The text of a small config file, or a one-line ConfigError (missing, a folder, unreadable, a symlink loop, too big). */
+function readSmallFile(path: string, what: string): string {
+  try {
+    const st = statSync(path);
+    if (st.isDirectory()) throw new ConfigError(`${what} ${path} is a folder; pass a file`);
+    if (st.size > MAX_CONFIG_BYTES) throw new ConfigError(`${what} ${path} has ${st.size} bytes, more than the ${MAX_CONFIG_BYTES} accepted: is it the right file?`);
+    return readFileSync(path, 'utf8');
+  } catch (e) {
+    if (e instanceof ConfigError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    const why =
+      code === 'ENOENT' ? 'does not exist'
+      : code === 'ELOOP' ? 'is a symlink loop (ELOOP); fix the link'
+      : code === 'EACCES' || code === 'EPERM' ? 'is not readable (permission denied); fix its permissions'
+      : code === 'ENOTDIR' ? 'does not exist (a part of the path is a file, not a folder)'
+      : `cannot be read (${code ?? firstLine(e)})`;
+    throw new ConfigError(`${what} ${path} ${why}`);
+  }
+}
+
+/** A yaml / JSON parser message on one line (the yaml package adds a code frame on the next lines). */
+function firstLine(e: unknown): string {
+  const m = e instanceof Error ? e.message : String(e);
+  if (e instanceof RangeError || /Maximum call stack/.test(m)) return 'nested too deeply';
+  // the yaml package appends a code frame after the first line; JSON.parse quotes its input (newlines too)
+  const l = (e instanceof SyntaxError ? m : m.split('\n')[0]!.replace(/:$/, '')).replace(/[\x00-\x1f\x7f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  return l.length > 200 ? `${l.slice(0, 197)}...` : l;
+}
+
+/** The deepest flow nesting (`[`, `{`) accepted in a YAML config (the schema needs 3; the yaml package needs seconds and gigabytes for 10^5). */
+const MAX_YAML_FLOW_DEPTH = 64;
+
+/**
+ * The deepest `[`/`{` nesting of YAML text, outside quotes and comments (an upper bound is enough:
+ * this only stops hostile input before the parser sees it).
+ */
+function flowDepth(text: string): number {
+  let depth = 0;
+  let max = 0;
+  let quote = '';
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i]!;
+    if (quote) {
+      if (c === '\\' && quote === '"') i++;
+      else if (c === quote) quote = '';
+      else if (c === '\n' && quote === "'") quote = ''; // a broken single-quoted scalar: resync at the line end
+    } else if (c === '"' || c === "'") quote = c;
+    else if (c === '#') {
+      const nl = text.indexOf('\n', i);
+      i = nl < 0 ? text.length : nl;
+    } else if (c === '[' || c === '{') {
+      if (++depth > max) max = depth;
+    } else if ((c === ']' || c === '}') && depth > 0) depth--;
+  }
+  return max;
+}
+
 /** Every key a YAML config file sets, checked. */
 export function readConfigFile(path: string): Layer {
   const where = ` in ${path}`;
-  if (!existsSync(path)) throw new ConfigError(`config file ${path} does not exist`);
+  const text = readSmallFile(path, 'config file');
+  if (flowDepth(text) > MAX_YAML_FLOW_DEPTH) throw new ConfigError(`config file ${path} is not valid YAML: [ ] / { } nested more than ${MAX_YAML_FLOW_DEPTH} deep`);
   let doc: unknown;
   try {
-    doc = parseYaml(readFileSync(path, 'utf8'));
+    // maxAliasCount bounds alias expansion ("billion laughs"); duplicate keys are errors (uniqueKeys)
+    doc = parseYaml(text, { maxAliasCount: 100, uniqueKeys: true, logLevel: 'error' });
   } catch (e) {
-    throw new ConfigError(`config file ${path} is not valid YAML: ${(e as Error).message}`);
+    throw new ConfigError(`config file ${path} is not valid YAML: ${firstLine(e)}`);
   }
   if (doc === null || doc === undefined) return { where, values: new Map() };
-  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`config file ${path} must be a mapping of keys`);
+  if (typeof doc !== 'object' || Array.isArray(doc) || ArrayBuffer.isView(doc)) throw new ConfigError(`config file ${path} must be a mapping of keys, got ${show(doc, 40)}`);
   return dottedLayer(doc as Record<string, unknown>, where);
 }
 
@@ -122,16 +191,18 @@ export function modelDefaults(dir: string): Layer {
   const p = join(dir, 'smart_diffusion.json');
   const where = ` in ${p}`;
   if (!existsSync(p)) return { where, values: new Map() };
+  const text = readSmallFile(p, "the model's recommended settings");
   let j: Record<string, unknown>;
   try {
-    j = JSON.parse(readFileSync(p, 'utf8')) as Record<string, unknown>;
+    j = JSON.parse(text) as Record<string, unknown>;
   } catch (e) {
-    throw new ConfigError(`${p} is not valid JSON: ${(e as Error).message}`);
+    throw new ConfigError(`${p} is not valid JSON: ${firstLine(e)}`);
   }
+  if (j === null || typeof j !== 'object' || Array.isArray(j)) throw new ConfigError(`${p} must be a JSON object of settings, got ${show(j, 40)}`);
   const values = new Map<string, unknown>();
   for (const k of KEYS) {
     const name = k.key.split('.').pop()!;
-    if (k.fromModel && j[name] !== undefined) values.set(k.key, coerce(k, j[name], false));
+    if (k.fromModel && Object.prototype.hasOwnProperty.call(j, name) && j[name] !== undefined) values.set(k.key, coerce(k, j[name], false));
   }
   return { where, values };
 }

@@ -4,11 +4,12 @@
 // (other dims, head counts, odd lengths, non-square latents): everything is read from the case.
 
 import { join } from 'node:path';
-import { readFileSync, existsSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import type { Engine } from '../runtime/engine.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import { Checkpoint, readTensor } from '../io/checkpoint.ts';
-import { openModelFolder } from '../io/model-folder.ts';
+import { oneLine } from '../io/safetensors.ts';
+import { openModelFolder, fsReason, type ModelFolder } from '../io/model-folder.ts';
 import { loadModuleFrom, type WeightDtype } from '../nn/load.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../models/wan_dit/model.ts';
 import { ropeTables, timestepSinusoid } from '../models/wan_dit/host.ts';
@@ -61,6 +62,118 @@ function setting(g: GoldenJson, prefix: string): unknown {
   return undefined;
 }
 
+/** A golden case folder, opened and checked before any GPU work: golden.json, golden.safetensors, the model folder. */
+export interface GoldenCase {
+  dir: string;
+  json: GoldenJson;
+  gold: Checkpoint;
+  folder: ModelFolder;
+  /** the settings the check uses, validated */
+  textLen: number;
+  guide: number;
+  shift: number;
+  steps: number;
+}
+
+const isObj = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v);
+const brief = (v: unknown): string => {
+  const t = JSON.stringify(v) ?? 'nothing';
+  return t.length > 60 ? `${t.slice(0, 57)}...` : t;
+};
+
+/**
+ * Read and validate `golden.json` (its shape: `settings` and `tensors` objects, every tensor
+ * `{shape: int[], dtype: string}`), open `golden.safetensors` (header only) and the model folder,
+ * and check that what both files say agrees. Every problem is one CheckpointError line naming the
+ * file, the JSON path and the fix.
+ */
+export async function openGoldenCase(caseDir: string): Promise<GoldenCase> {
+  const gpath = join(caseDir, 'golden.json');
+  const fix = 'regenerate the case with the golden script (or copy it again)';
+  let text: string;
+  try {
+    const st = await fsp.stat(gpath);
+    if (st.isDirectory()) throw new CheckpointError(`[check-golden] ${gpath}: is a folder, not golden.json; pass a case folder (model folder + golden.json + golden.safetensors)`);
+    if (st.size > 256 * 1024 * 1024) throw new CheckpointError(`[check-golden] ${gpath}: ${st.size} bytes is too large for a golden.json; ${fix}`);
+    text = await fsp.readFile(gpath, 'utf8');
+  } catch (err) {
+    if (err instanceof CheckpointError) throw err;
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      throw new CheckpointError(`[check-golden] ${caseDir} has no golden.json: pass a case folder (model folder + golden.json + golden.safetensors)`, { cause: err });
+    }
+    throw new CheckpointError(`[check-golden] ${gpath}: ${fsReason(err)}`, { cause: err });
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new CheckpointError(`[check-golden] ${gpath}: malformed JSON (${oneLine((err as Error).message)}); ${fix}`, { cause: err });
+  }
+  const bad = (path: string, want: string, got: unknown): never => {
+    throw new CheckpointError(`[check-golden] ${gpath}: ${path} must be ${want}, got ${brief(got)}; ${fix}`);
+  };
+  if (!isObj(raw)) bad('the top level', 'a JSON object', raw);
+  const j = raw as Record<string, unknown>;
+  const settings = j.settings ?? {};
+  if (!isObj(settings)) bad('settings', 'an object', settings);
+  if (!isObj(j.tensors)) bad('tensors', 'an object of {shape, dtype}', j.tensors);
+  for (const [name, t] of Object.entries(j.tensors as Record<string, unknown>)) {
+    const at = `tensors[${JSON.stringify(name)}]`;
+    if (!isObj(t)) bad(at, 'an object {shape, dtype}', t);
+    const sh = (t as Record<string, unknown>).shape;
+    if (!Array.isArray(sh) || sh.length > 8 || !sh.every((d) => typeof d === 'number' && Number.isSafeInteger(d) && d >= 0)) bad(`${at}.shape`, 'an array of at most 8 integers >= 0', sh);
+    if (typeof (t as Record<string, unknown>).dtype !== 'string') bad(`${at}.dtype`, 'a string', (t as Record<string, unknown>).dtype);
+  }
+  const g = { ...j, settings, tensors: j.tensors } as GoldenJson;
+  // the settings the check uses: plausible numbers or absent
+  const num = (name: string, dflt: number, ok: (v: number) => boolean, want: string): number => {
+    const v = setting(g, name);
+    if (v === undefined || v === null) return dflt;
+    if (typeof v !== 'number' || !ok(v)) bad(`settings["${name}"]`, want, v);
+    return v as number;
+  };
+  const textLen = num('text_len', 512, (v) => Number.isInteger(v) && v >= 1 && v <= 4096, 'an integer in 1..4096');
+  const guide = num('guide_scale', 5, (v) => Number.isFinite(v) && v >= 0 && v <= 100, 'a number in 0..100');
+  const steps = num('sampling_steps', 0, (v) => Number.isInteger(v) && v >= 0 && v <= 1000, 'an integer in 0..1000');
+  const shiftSetting = num('shift', NaN, (v) => Number.isFinite(v) && v > 0 && v <= 1000, 'a number in (0, 1000]');
+
+  const gold = await Checkpoint.open(join(caseDir, 'golden.safetensors'));
+  try {
+    // the shapes golden.json lists must be the file's (the check reads shapes from the file)
+    for (const [name, t] of Object.entries(g.tensors)) {
+      if (!gold.has(name)) continue;
+      const fileShape = gold.info(name).shape;
+      if (JSON.stringify(fileShape) !== JSON.stringify(t.shape)) {
+        throw new CheckpointError(`[check-golden] ${gpath}: tensors["${name}"].shape is [${t.shape.join(', ')}] but golden.safetensors holds [${fileShape.join(', ')}]: the two files are from different cases; ${fix}`);
+      }
+    }
+    const rank = (name: string, r: number) => {
+      if (gold.has(name) && gold.info(name).shape.length !== r) {
+        throw new CheckpointError(`[check-golden] ${gold.describe()}: tensor '${name}' must have ${r} dimensions, got [${gold.info(name).shape.join(', ')}]; ${fix}`);
+      }
+    };
+    rank('dit.x', 4);
+    rank('t5.relative_buckets', 2);
+    rank('vae.z', 4);
+    rank('sample.noise', 4);
+    const folder = await openModelFolder(caseDir);
+    const shift = Number.isNaN(shiftSetting) ? folder.scheduler.config.flow_shift : shiftSetting;
+    const [, ph, pw] = folder.transformer.config.patch_size;
+    for (const name of ['dit.x', 'sample.noise']) {
+      if (!gold.has(name)) continue;
+      const sh = gold.info(name).shape;
+      if (sh[2]! % ph !== 0 || sh[3]! % pw !== 0) {
+        throw new CheckpointError(`[check-golden] ${gold.describe()}: tensor '${name}' [${sh.join(', ')}]: H and W must be multiples of the patch size ${ph}x${pw}; ${fix}`);
+      }
+    }
+    return { dir: caseDir, json: g, gold, folder, textLen, guide, shift, steps };
+  } catch (err) {
+    await gold.close();
+    throw err;
+  }
+}
+
 function compareArrays(actual: ArrayLike<number>, expected: ArrayLike<number>): { maxAbs: number; maxRel: number } {
   if (actual.length !== expected.length) return { maxAbs: Infinity, maxRel: Infinity };
   let maxAbs = 0;
@@ -80,11 +193,18 @@ function compareArrays(actual: ArrayLike<number>, expected: ArrayLike<number>): 
   return { maxAbs, maxRel: maxRef > 0 ? maxAbs / maxRef : maxAbs };
 }
 
-export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions = {}): Promise<CheckRow[]> {
-  const gpath = join(caseDir, 'golden.json');
-  if (!existsSync(gpath)) throw new CheckpointError(`[check-golden] ${caseDir} has no golden.json: pass a case folder (model folder + golden.json + golden.safetensors)`);
-  const g = JSON.parse(readFileSync(gpath, 'utf8')) as GoldenJson;
-  const gold = await Checkpoint.open(join(caseDir, 'golden.safetensors'));
+/** Run the check on a case folder (or a case opened with openGoldenCase, which this closes). */
+export async function checkGolden(e: Engine, caseIn: string | GoldenCase, opts: CheckOptions = {}): Promise<CheckRow[]> {
+  const c = typeof caseIn === 'string' ? await openGoldenCase(caseIn) : caseIn;
+  try {
+    return await runCheck(e, c, opts);
+  } finally {
+    await c.gold.close();
+  }
+}
+
+async function runCheck(e: Engine, c: GoldenCase, opts: CheckOptions): Promise<CheckRow[]> {
+  const { json: g, gold, folder, textLen, guide, shift, steps } = c;
   const has = (n: string) => gold.has(n);
   const get = async (n: string): Promise<Tensor> => readTensor(gold, n);
   const tolC = opts.tolComponent ?? 1e-4;
@@ -101,11 +221,6 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   };
   const vals = async (n: string) => (await get(n)).hostValues();
 
-  const folder = await openModelFolder(caseDir);
-  const textLen = Number(setting(g, 'text_len') ?? 512);
-  const guide = Number(setting(g, 'guide_scale') ?? 5);
-  const shift = Number(setting(g, 'shift') ?? folder.scheduler.config.flow_shift ?? 5);
-  const steps = Number(setting(g, 'sampling_steps') ?? 0);
   const wd = opts.weightDtype ?? 'checkpoint';
 
   // ---- scheduler
@@ -116,7 +231,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   }
 
   // ---- host math
-  const xShape = has('dit.x') ? (g.tensors['dit.x']!.shape as [number, number, number, number]) : null;
+  const xShape = has('dit.x') ? (gold.info('dit.x').shape as [number, number, number, number]) : null;
   const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config));
   if (opts.activationDtype) dit.dims.activationDtype = opts.activationDtype;
   const [, ph, pw] = dit.dims.patchSize;
@@ -127,7 +242,7 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
       report('dit.rope_sin', 'host', r.sin, await vals('dit.rope_sin'), 1e-6);
     }
     if (has('t5.relative_buckets')) {
-      const sh = g.tensors['t5.relative_buckets']!.shape;
+      const sh = gold.info('t5.relative_buckets').shape;
       const tcfg = folder.textEncoder.config;
       report('t5.relative_buckets', 'host', t5RelativeBuckets(sh[0]!, sh[1]!, { numBuckets: tcfg.relative_attention_num_buckets, maxDistance: tcfg.relative_attention_max_distance }), await vals('t5.relative_buckets'), 0);
     }
@@ -143,6 +258,14 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
       if (!has(`${p}.input_ids`)) continue;
       const ids = await get(`${p}.input_ids`);
       const mask = await get(`${p}.attention_mask`);
+      // ids beyond the embedding table would read zeros on the GPU (a silently wrong result)
+      const vocab = folder.textEncoder.config.vocab_size;
+      const badId = Array.from(ids.hostValues() as ArrayLike<number>).find((x) => !(x >= 0 && x < vocab));
+      if (badId !== undefined) {
+        throw new CheckpointError(
+          `[check-golden] ${gold.describe()}: ${p}.input_ids holds token id ${badId}, outside the text encoder's vocab_size ${vocab} (${folder.textEncoder.configPath}): the case and its model folder do not match; regenerate the case`,
+        );
+      }
       const traced = new Map<string, Float32Array>();
       const out = await te.forward(e, ids, mask, async (n, t) => {
         traced.set(n, (await t.toArray()) as Float32Array);
@@ -265,6 +388,5 @@ export async function checkGolden(e: Engine, caseDir: string, opts: CheckOptions
   }
   dit.disposeParams();
   vae.disposeParams();
-  await gold.close();
   return rows;
 }

@@ -18,6 +18,7 @@ import { promises as fsp } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { CheckpointError } from '../util/errors.ts';
 import { Checkpoint, findCheckpointIn } from './checkpoint.ts';
+import { oneLine } from './safetensors.ts';
 import { TRANSFORMER_KEYS, VAE_KEYS, T5_KEYS, detectTransformerLayout, type KeyMap } from './key-maps.ts';
 
 const DOWNLOAD_HINT =
@@ -132,6 +133,48 @@ export interface ModelFolder {
 
 type Json = Record<string, unknown>;
 
+// Plausible ranges of the config values. A config is refused at parse time when a value is outside
+// them: the models are built from these numbers, so an absurd one (`num_layers: 1e9`, a dim of 1e12)
+// would otherwise allocate until V8 runs out of heap. The bounds are generous: every released Wan 2.1
+// model (1.3B: dim 1536, 30 layers, 12 heads; 14B: dim 5120, 40 layers, 40 heads, ffn 13824), its
+// UMT5-XXL text encoder (d_model 4096, d_ff 10240, 64 heads, 24 layers, vocab 256384) and VAE
+// (base_dim 96, dim_mult [1,2,4,4]) sit far inside; so does anything a few times bigger.
+/** layer / block counts */
+const LAYERS: Range = [1, 1000];
+/** model widths, channels, embedding sizes */
+const DIM: Range = [1, 65536];
+/** feed-forward widths (4× a model width at most) */
+const FFN: Range = [1, 262144];
+/** attention heads */
+const HEADS: Range = [1, 1024];
+/** per-head widths */
+const HEAD_DIM: Range = [1, 4096];
+/** patch sizes, VAE channel multipliers */
+const SMALL: Range = [1, 64];
+/** token vocabularies (2^24: UMT5 has 256384) */
+const VOCAB: Range = [1, 2 ** 24];
+/** positions, timesteps, relative distances */
+const POSITIONS: Range = [1, 2 ** 20];
+
+type Range = readonly [min: number, max: number];
+
+/** A config value for a message: JSON, cut to one short line. */
+function brief(v: unknown): string {
+  let t: string;
+  try {
+    t = typeof v === 'number' ? String(v) : (JSON.stringify(v) ?? String(v));
+  } catch {
+    t = String(v);
+  }
+  t = t.replace(/[\p{C}\u2028\u2029]/gu, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  return t.length > 60 ? `${t.slice(0, 57)}...` : t;
+}
+
+/** A string from a config for a message: 'text' when short and printable, else JSON-escaped and cut. */
+function qs(v: string): string {
+  return v.length <= 60 && /^[\x20-\x26\x28-\x7e]*$/.test(v) ? `'${v}'` : brief(v);
+}
+
 class Cfg {
   constructor(
     readonly file: string,
@@ -140,20 +183,24 @@ class Cfg {
 
   fail(key: string, want: string): never {
     const v = this.obj[key];
-    const got = v === undefined ? 'it is missing' : `got ${JSON.stringify(v)}`;
+    const got = v === undefined ? 'it is missing' : `got ${brief(v)}`;
     throw new CheckpointError(`[model-folder] ${this.file}: key '${key}' must be ${want}, ${got}`);
   }
   has(key: string): boolean {
     return this.obj[key] !== undefined;
   }
-  int(key: string, min = 1, dflt?: number): number {
+  /** An integer in `range` (plausible values; see the ranges above). */
+  int(key: string, range: Range, dflt?: number): number {
     const v = this.obj[key] ?? dflt;
-    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) this.fail(key, `an integer >= ${min}`);
+    const [min, max] = range;
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) this.fail(key, `an integer in ${min}..${max}`);
     return v;
   }
-  num(key: string, dflt?: number, positive = true): number {
+  num(key: string, dflt?: number, positive = true, max = Infinity): number {
     const v = this.obj[key] ?? dflt;
-    if (typeof v !== 'number' || !Number.isFinite(v) || (positive && !(v > 0))) this.fail(key, positive ? 'a number > 0' : 'a number');
+    if (typeof v !== 'number' || !Number.isFinite(v) || (positive && !(v > 0)) || v > max) {
+      this.fail(key, positive ? (max < Infinity ? `a number > 0 and <= ${max}` : 'a number > 0') : 'a number');
+    }
     return v;
   }
   bool(key: string, dflt?: boolean): boolean {
@@ -166,10 +213,13 @@ class Cfg {
     if (typeof v !== 'string') this.fail(key, 'a string');
     return v;
   }
-  ints(key: string, len?: number, min = 0, dflt?: number[]): number[] {
+  /** An array of integers in `range`, of length `len` (or `len` = [min, max] lengths). */
+  ints(key: string, len: number | Range, range: Range, dflt?: number[]): number[] {
     const v = this.obj[key] ?? dflt;
-    if (!Array.isArray(v) || (len !== undefined && v.length !== len) || !v.every((x) => typeof x === 'number' && Number.isSafeInteger(x) && x >= min)) {
-      this.fail(key, `an array of ${len ?? 'any number of'} integers >= ${min}`);
+    const [lo, hi] = typeof len === 'number' ? [len, len] : len;
+    const [min, max] = range;
+    if (!Array.isArray(v) || v.length < lo || v.length > hi || !v.every((x) => typeof x === 'number' && Number.isSafeInteger(x) && x >= min && x <= max)) {
+      this.fail(key, `an array of ${lo === hi ? lo : `${lo} to ${hi}`} integers in ${min}..${max}`);
     }
     return [...(v as number[])];
   }
@@ -178,6 +228,10 @@ class Cfg {
     if (!Array.isArray(v) || v.length !== len || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) this.fail(key, `an array of ${len} numbers`);
     return [...(v as number[])];
   }
+  /** `a` * `b` (e.g. heads × head_dim) within `range`, else an error naming both keys. */
+  product(keyA: string, a: number, keyB: string, b: number, range: Range, what: string): void {
+    if (a * b > range[1]) this.fail(keyA, `such that ${keyA} × ${keyB} (${a} × ${b} = ${a * b}, the ${what}) is at most ${range[1]}`);
+  }
   bools(key: string, len: number): boolean[] {
     const v = this.obj[key];
     if (!Array.isArray(v) || v.length !== len || !v.every((x) => typeof x === 'boolean')) this.fail(key, `an array of ${len} booleans`);
@@ -185,19 +239,74 @@ class Cfg {
   }
 }
 
+/** Largest config JSON read (a Wan config.json is ~1 KB; a model_index.json too). */
+const MAX_CONFIG_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Why `path` cannot be used, as message words, for the fs error codes a broken download or a
+ * bad link gives: 'symlink loop (ELOOP)', 'not readable (permission denied)', ... .
+ */
+export function fsReason(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException).code;
+  switch (code) {
+    case 'ENOENT':
+      return 'missing';
+    case 'ELOOP':
+      return 'symlink loop (ELOOP): a link points (through others) back to itself; fix or remove the link';
+    case 'EACCES':
+    case 'EPERM':
+      return 'not readable (permission denied); fix its permissions (chmod / chown)';
+    case 'EISDIR':
+      return 'is a folder, not a file';
+    case 'ENOTDIR':
+      return 'missing (a part of its path is a file, not a folder)';
+    case 'ENAMETOOLONG':
+      return 'path too long (ENAMETOOLONG)';
+    case 'EIO':
+      return 'I/O error (EIO): the disk or network file system failed; check it and download again';
+    default:
+      return `cannot read (${code ?? oneLine((err as Error).message)})`;
+  }
+}
+
+/** Kind of `p` ('file', 'dir', 'other' or 'missing'); a symlink loop or unreadable path is an error naming it. */
+async function pathKind(p: string): Promise<'file' | 'dir' | 'other' | 'missing'> {
+  try {
+    const st = await fsp.stat(p);
+    return st.isDirectory() ? 'dir' : st.isFile() ? 'file' : 'other';
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      // a dangling symlink says so (stat follows links; lstat sees the link itself)
+      const link = await fsp.lstat(p).then((st) => st.isSymbolicLink(), () => false);
+      if (link) {
+        const target = await fsp.readlink(p).catch(() => '?');
+        throw new CheckpointError(`[model-folder] ${p}: a symlink to '${target}', which does not exist (a dangling link); fix the link or download the file again`, { cause: err });
+      }
+      return 'missing';
+    }
+    throw new CheckpointError(`[model-folder] ${p}: ${fsReason(err)}`, { cause: err });
+  }
+}
+
 async function readJson(file: string, what: string): Promise<Json> {
   let text: string;
   try {
+    const kind = await pathKind(file);
+    if (kind === 'dir') throw new CheckpointError(`[model-folder] ${file}: is a folder, not a JSON file${what ? `: ${what}` : ''}`);
+    if (kind === 'file' && (await fsp.stat(file)).size > MAX_CONFIG_BYTES) {
+      throw new CheckpointError(`[model-folder] ${file}: larger than ${MAX_CONFIG_BYTES} bytes: not a config file${what ? `: ${what}` : ''}`);
+    }
     text = await fsp.readFile(file, 'utf8');
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new CheckpointError(`[model-folder] ${file}: ${code === 'ENOENT' ? 'missing' : `cannot read (${code})`}: ${what}`, { cause: err });
+    if (err instanceof CheckpointError) throw err;
+    throw new CheckpointError(`[model-folder] ${file}: ${fsReason(err)}${what ? `: ${what}` : ''}`, { cause: err });
   }
   let v: unknown;
   try {
     v = JSON.parse(text);
   } catch (err) {
-    throw new CheckpointError(`[model-folder] ${file}: malformed JSON (${(err as Error).message})`, { cause: err });
+    throw new CheckpointError(`[model-folder] ${file}: malformed JSON (${oneLine((err as Error).message)}); download it again`, { cause: err });
   }
   if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new CheckpointError(`[model-folder] ${file}: must be a JSON object`);
   return v as Json;
@@ -210,31 +319,31 @@ export function parseTransformerConfig(obj: Json, file = 'transformer/config.jso
   const cls = c.str('_class_name', 'WanTransformer3DModel');
   if (cls === 'WanModel') return parseWanModelConfig(c);
   if (cls !== 'WanTransformer3DModel') {
-    throw new CheckpointError(`[model-folder] ${file}: _class_name is '${cls}', expected 'WanTransformer3DModel' (Wan 2.1 text-to-video); ${DOWNLOAD_HINT}`);
+    throw new CheckpointError(`[model-folder] ${file}: _class_name is ${qs(cls)}, expected 'WanTransformer3DModel' (Wan 2.1 text-to-video); ${DOWNLOAD_HINT}`);
   }
   if ((obj.image_dim ?? null) !== null || (obj.added_kv_proj_dim ?? null) !== null) {
     throw new CheckpointError(
       `[model-folder] ${file}: this is an image-to-video transformer (image_dim / added_kv_proj_dim set); only text-to-video (T2V) models are supported yet`,
     );
   }
-  const ps = c.ints('patch_size', 3, 1);
+  const ps = c.ints('patch_size', 3, SMALL);
   const qk = obj.qk_norm ?? null;
   if (qk !== null && qk !== 'rms_norm_across_heads') c.fail('qk_norm', "'rms_norm_across_heads' or null");
   const cfg: TransformerConfig = {
     _class_name: cls,
     patch_size: [ps[0]!, ps[1]!, ps[2]!],
-    num_attention_heads: c.int('num_attention_heads'),
-    attention_head_dim: c.int('attention_head_dim'),
-    in_channels: c.int('in_channels'),
-    out_channels: c.int('out_channels'),
-    text_dim: c.int('text_dim'),
-    freq_dim: c.int('freq_dim'),
-    ffn_dim: c.int('ffn_dim'),
-    num_layers: c.int('num_layers'),
+    num_attention_heads: c.int('num_attention_heads', HEADS),
+    attention_head_dim: c.int('attention_head_dim', HEAD_DIM),
+    in_channels: c.int('in_channels', DIM),
+    out_channels: c.int('out_channels', DIM),
+    text_dim: c.int('text_dim', DIM),
+    freq_dim: c.int('freq_dim', DIM),
+    ffn_dim: c.int('ffn_dim', FFN),
+    num_layers: c.int('num_layers', LAYERS),
     cross_attn_norm: c.bool('cross_attn_norm'),
     qk_norm: qk as string | null,
-    eps: c.num('eps'),
-    rope_max_seq_len: c.int('rope_max_seq_len', 1, 1024),
+    eps: c.num('eps', undefined, true, 1),
+    rope_max_seq_len: c.int('rope_max_seq_len', POSITIONS, 1024),
     image_dim: null,
   };
   checkTransformer(c, cfg);
@@ -244,25 +353,25 @@ export function parseTransformerConfig(obj: Json, file = 'transformer/config.jso
 /** The original Wan release's config.json (`WanModel`: dim, num_heads, in_dim, out_dim, model_type, ...). */
 function parseWanModelConfig(c: Cfg): TransformerConfig {
   const type = c.str('model_type', 't2v');
-  if (type !== 't2v') throw new CheckpointError(`[model-folder] ${c.file}: model_type '${type}' (image-to-video / first-last-frame) is not supported yet; only 't2v' models are`);
-  const dim = c.int('dim');
-  const heads = c.int('num_heads');
+  if (type !== 't2v') throw new CheckpointError(`[model-folder] ${c.file}: model_type ${qs(type)} (image-to-video / first-last-frame) is not supported yet; only 't2v' models are`);
+  const dim = c.int('dim', DIM);
+  const heads = c.int('num_heads', HEADS);
   if (dim % heads !== 0) c.fail('dim', `divisible by num_heads (${heads})`);
-  const ps = c.ints('patch_size', 3, 1, [1, 2, 2]);
+  const ps = c.ints('patch_size', 3, SMALL, [1, 2, 2]);
   const cfg: TransformerConfig = {
     _class_name: 'WanModel',
     patch_size: [ps[0]!, ps[1]!, ps[2]!],
     num_attention_heads: heads,
     attention_head_dim: dim / heads,
-    in_channels: c.int('in_dim'),
-    out_channels: c.int('out_dim'),
-    text_dim: c.int('text_dim', 1, 4096),
-    freq_dim: c.int('freq_dim', 1, 256),
-    ffn_dim: c.int('ffn_dim'),
-    num_layers: c.int('num_layers'),
+    in_channels: c.int('in_dim', DIM),
+    out_channels: c.int('out_dim', DIM),
+    text_dim: c.int('text_dim', DIM, 4096),
+    freq_dim: c.int('freq_dim', DIM, 256),
+    ffn_dim: c.int('ffn_dim', FFN),
+    num_layers: c.int('num_layers', LAYERS),
     cross_attn_norm: c.bool('cross_attn_norm', true),
     qk_norm: c.bool('qk_norm', true) ? 'rms_norm_across_heads' : null,
-    eps: c.num('eps', 1e-6),
+    eps: c.num('eps', 1e-6, true, 1),
     rope_max_seq_len: 1024, // Wan builds its RoPE tables with rope_params(1024, ...)
     image_dim: null,
   };
@@ -273,25 +382,31 @@ function parseWanModelConfig(c: Cfg): TransformerConfig {
 function checkTransformer(c: Cfg, cfg: TransformerConfig): void {
   const d = cfg.attention_head_dim;
   // RoPE splits head_dim into t/h/w angle dims d - 4(d//6), 2(d//6), 2(d//6): all must be even.
-  if (d % 2 !== 0 || d < 6) c.fail('attention_head_dim', 'an even number >= 6 (RoPE pairs)');
+  if (d % 2 !== 0 || d < 6) c.fail(cfg._class_name === 'WanModel' ? 'dim' : 'attention_head_dim', cfg._class_name === 'WanModel' ? `dim / num_heads = ${d}: an even number >= 6 (RoPE pairs)` : 'an even number >= 6 (RoPE pairs)');
+  // the model width (heads × head_dim) is a dim too
+  if (cfg._class_name !== 'WanModel') c.product('num_attention_heads', cfg.num_attention_heads, 'attention_head_dim', d, DIM, 'model width');
+  // the sinusoidal time embedding takes cos and sin halves of freq_dim
+  if (cfg.freq_dim % 2 !== 0) c.fail('freq_dim', 'an even integer (cos and sin halves)');
 }
 
 export function parseVaeConfig(obj: Json, file = 'vae/config.json'): VaeConfig {
   const c = new Cfg(file, obj);
   const cls = c.str('_class_name', 'AutoencoderKLWan');
-  if (cls !== 'AutoencoderKLWan') throw new CheckpointError(`[model-folder] ${file}: _class_name is '${cls}', expected 'AutoencoderKLWan' (the Wan 2.1 VAE)`);
-  const zDim = c.int('z_dim');
-  const dimMult = c.ints('dim_mult', undefined, 1);
-  if (dimMult.length < 2) c.fail('dim_mult', 'an array of at least 2 integers >= 1');
+  if (cls !== 'AutoencoderKLWan') throw new CheckpointError(`[model-folder] ${file}: _class_name is ${qs(cls)}, expected 'AutoencoderKLWan' (the Wan 2.1 VAE)`);
+  const zDim = c.int('z_dim', [1, 1024]);
+  // Wan's VAE: 4 stages ([1, 2, 4, 4]); up to 8 stages (a 2^7 downsampling) is plausible
+  const dimMult = c.ints('dim_mult', [2, 8], SMALL);
+  const baseDim = c.int('base_dim', [1, 4096]);
+  c.product('base_dim', baseDim, 'dim_mult', Math.max(...dimMult), DIM, 'widest VAE stage');
   const cfg: VaeConfig = {
     _class_name: cls,
-    base_dim: c.int('base_dim'),
+    base_dim: baseDim,
     z_dim: zDim,
     dim_mult: dimMult,
-    num_res_blocks: c.int('num_res_blocks'),
+    num_res_blocks: c.int('num_res_blocks', SMALL),
     attn_scales: (() => {
       const v = obj.attn_scales ?? [];
-      if (!Array.isArray(v) || !v.every((x) => typeof x === 'number')) c.fail('attn_scales', 'an array of numbers');
+      if (!Array.isArray(v) || v.length > 64 || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) c.fail('attn_scales', 'an array of at most 64 numbers');
       return [...(v as number[])];
     })(),
     temperal_downsample: c.bools('temperal_downsample', dimMult.length - 1),
@@ -306,25 +421,29 @@ export function parseT5Config(obj: Json, file = 'text_encoder/config.json'): T5C
   const c = new Cfg(file, obj);
   const mt = c.str('model_type');
   if (mt !== 'umt5') {
-    throw new CheckpointError(`[model-folder] ${file}: model_type is '${mt}', expected 'umt5' (Wan's text encoder is UMT5-XXL: one relative-position bias per layer, unlike T5)`);
+    throw new CheckpointError(`[model-folder] ${file}: model_type is ${qs(mt)}, expected 'umt5' (Wan's text encoder is UMT5-XXL: one relative-position bias per layer, unlike T5)`);
   }
   const ff = c.str('feed_forward_proj');
   if (ff !== 'gated-gelu') c.fail('feed_forward_proj', "'gated-gelu' (Wan's UMT5 uses a gated GELU FFN)");
-  return {
+  const cfg: T5Config = {
     model_type: 'umt5',
-    d_model: c.int('d_model'),
-    d_kv: c.int('d_kv'),
-    d_ff: c.int('d_ff'),
-    num_heads: c.int('num_heads'),
-    num_layers: c.int('num_layers'),
-    vocab_size: c.int('vocab_size'),
-    relative_attention_num_buckets: c.int('relative_attention_num_buckets', 2),
-    relative_attention_max_distance: c.int('relative_attention_max_distance', 2),
-    layer_norm_epsilon: c.num('layer_norm_epsilon'),
+    d_model: c.int('d_model', DIM),
+    d_kv: c.int('d_kv', HEAD_DIM),
+    d_ff: c.int('d_ff', FFN),
+    num_heads: c.int('num_heads', HEADS),
+    num_layers: c.int('num_layers', LAYERS),
+    vocab_size: c.int('vocab_size', VOCAB),
+    relative_attention_num_buckets: c.int('relative_attention_num_buckets', [2, 4096]),
+    relative_attention_max_distance: c.int('relative_attention_max_distance', [2, POSITIONS[1]]),
+    layer_norm_epsilon: c.num('layer_norm_epsilon', undefined, true, 1),
     feed_forward_proj: 'gated-gelu',
-    pad_token_id: c.int('pad_token_id', 0, 0),
-    eos_token_id: c.int('eos_token_id', 0, 1),
+    pad_token_id: c.int('pad_token_id', [0, VOCAB[1]], 0),
+    eos_token_id: c.int('eos_token_id', [0, VOCAB[1]], 1),
   };
+  c.product('num_heads', cfg.num_heads, 'd_kv', cfg.d_kv, DIM, 'attention width');
+  if (cfg.pad_token_id >= cfg.vocab_size) c.fail('pad_token_id', `a token id below vocab_size (${cfg.vocab_size})`);
+  if (cfg.eos_token_id >= cfg.vocab_size) c.fail('eos_token_id', `a token id below vocab_size (${cfg.vocab_size})`);
+  return cfg;
 }
 
 export function parseSchedulerConfig(obj: Json, file = 'scheduler/scheduler_config.json'): SchedulerConfig {
@@ -335,9 +454,9 @@ export function parseSchedulerConfig(obj: Json, file = 'scheduler/scheduler_conf
   if (pt !== 'flow_prediction') c.fail('prediction_type', "'flow_prediction' (Wan is a flow-matching model)");
   return {
     _class_name: cls,
-    flow_shift: c.num(shiftKey),
-    num_train_timesteps: c.int('num_train_timesteps'),
-    solver_order: c.int('solver_order', 1, 2),
+    flow_shift: c.num(shiftKey, undefined, true, 1000),
+    num_train_timesteps: c.int('num_train_timesteps', POSITIONS),
+    solver_order: c.int('solver_order', [1, 3], 2),
     prediction_type: 'flow_prediction',
     use_flow_sigmas: c.bool('use_flow_sigmas', true),
     solver_type: c.str('solver_type', 'bh2'),
@@ -352,7 +471,7 @@ function parseModelIndex(obj: Json, file = 'model_index.json'): ModelIndex {
   if (cls !== 'WanPipeline') {
     const i2v = /ImageToVideo|I2V|VACE|Video2Video/i.test(cls);
     throw new CheckpointError(
-      `[model-folder] ${file}: _class_name is '${cls}', expected 'WanPipeline'` + (i2v ? ': only text-to-video models are supported yet' : `; ${DOWNLOAD_HINT}`),
+      `[model-folder] ${file}: _class_name is ${qs(cls)}, expected 'WanPipeline'` + (i2v ? ': only text-to-video models are supported yet' : `; ${DOWNLOAD_HINT}`),
     );
   }
   const components: Record<string, [string | null, string | null]> = {};
@@ -366,18 +485,10 @@ function parseModelIndex(obj: Json, file = 'model_index.json'): ModelIndex {
 // ---- folder opening ----
 
 async function isDir(p: string): Promise<boolean> {
-  try {
-    return (await fsp.stat(p)).isDirectory();
-  } catch {
-    return false;
-  }
+  return (await pathKind(p)) === 'dir';
 }
 async function isFile(p: string): Promise<boolean> {
-  try {
-    return (await fsp.stat(p)).isFile();
-  } catch {
-    return false;
-  }
+  return (await pathKind(p)) === 'file';
 }
 
 async function findWeights(dir: string, base: string, comp: string): Promise<WeightsRef> {
@@ -392,6 +503,9 @@ async function findWeights(dir: string, base: string, comp: string): Promise<Wei
     }
     throw err;
   }
+  // the name is listed; the file itself may be a symlink loop, a dangling link or unreadable
+  const kind = await pathKind(path);
+  if (kind !== 'file') throw new CheckpointError(`[model-folder] ${path}: ${kind === 'dir' ? 'is a folder' : kind === 'missing' ? 'missing' : 'not a regular file'}: the ${comp} weights must be a file`);
   return { path, sharded: path.endsWith('.index.json') };
 }
 
@@ -435,7 +549,9 @@ function wanView(map: KeyMap): (ck: Checkpoint) => Checkpoint {
  */
 export async function openModelFolder(dirIn: string): Promise<ModelFolder> {
   const dir = resolve(dirIn);
-  if (!(await isDir(dir))) throw new CheckpointError(`[model-folder] ${dir}: no such folder; ${DOWNLOAD_HINT}`);
+  const rootKind = await pathKind(dir);
+  if (rootKind === 'file' && /\.safetensors(\.index\.json)?$/.test(dir)) throw new CheckpointError(`[model-folder] ${dir}: is a checkpoint file, not a model folder; pass the folder holding model_index.json`);
+  if (rootKind !== 'dir') throw new CheckpointError(`[model-folder] ${dir}: ${rootKind === 'missing' ? 'no such folder' : 'not a folder'}; ${DOWNLOAD_HINT}`);
   const indexPath = join(dir, 'model_index.json');
   if (!(await isFile(indexPath))) {
     const cfgPath = join(dir, 'config.json');

@@ -85,6 +85,36 @@ function hintForMagic(first: Uint8Array): string {
   return '';
 }
 
+/**
+ * A key for a one-line message: 'key' when it is short printable text, else JSON-escaped (newlines,
+ * controls, bidi overrides) and cut: a header is untrusted, and its keys and values may be anything.
+ */
+function q(key: string, quote = true): string {
+  if (key.length <= 200 && /^[\x20-\x26\x28-\x7e]*$/.test(key)) return quote ? `'${key}'` : key;
+  return brief(key);
+}
+
+/** A header value for a one-line message: JSON, non-ASCII escaped, cut to 100 characters. */
+function brief(v: unknown): string {
+  let t: string;
+  try {
+    t = JSON.stringify(v) ?? String(v);
+  } catch {
+    t = String(v);
+  }
+  t = t.replace(/[^\x20-\x7e]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  return t.length > 100 ? `${t.slice(0, 97)}...` : t;
+}
+
+/**
+ * A message from elsewhere (JSON.parse quotes a piece of its input, newlines included) on one line:
+ * control and line-separator characters escaped, cut to `max` characters.
+ */
+export function oneLine(msg: string, max = 200): string {
+  const t = msg.replace(/[\x00-\x1f\x7f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  return t.length > max ? `${t.slice(0, max - 3)}...` : t;
+}
+
 interface ParsedHeader {
   infos: Map<string, TensorInfo>;
   metadata: Record<string, string>;
@@ -102,9 +132,20 @@ function parseSafetensorsHeader(path: string, fileSize: number, headerLength: nu
   try {
     raw = JSON.parse(json);
   } catch (err) {
-    throw new CheckpointError(`${where}: malformed JSON header (${(err as Error).message}): the file is corrupt or not a safetensors file`, { cause: err });
+    throw new CheckpointError(`${where}: malformed JSON header (${oneLine((err as Error).message)}): the file is corrupt or not a safetensors file`, { cause: err });
   }
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new CheckpointError(`${where}: the JSON header must be an object`);
+  // JSON.parse keeps the last of duplicated keys silently; the reference reader refuses them (a file
+  // whose two entries for one tensor disagree is corrupt or crafted, and which one wins is arbitrary)
+  const dup = findDuplicateKey(json);
+  if (dup) {
+    const [key, ...inner] = dup;
+    throw new CheckpointError(
+      inner.length === 0
+        ? `${where}: the JSON header has the key ${q(key)} twice: the file is corrupt; download it again`
+        : `${where}: ${key === '__metadata__' ? key : `tensor ${q(key)}`}: the JSON header has the field ${q(inner.join('.'))} twice: the file is corrupt; download it again`,
+    );
+  }
   const dataStart = 8 + headerLength;
   const metadata: Record<string, string> = {};
   const entries: Array<{ key: string; begin: number; end: number; info: TensorInfo }> = [];
@@ -112,22 +153,22 @@ function parseSafetensorsHeader(path: string, fileSize: number, headerLength: nu
     if (key === '__metadata__') {
       if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new CheckpointError(`${where}: __metadata__ must be an object of strings`);
       for (const [mk, mv] of Object.entries(v as Record<string, unknown>)) {
-        if (typeof mv !== 'string') throw new CheckpointError(`${where}: __metadata__.${mk} must be a string, got ${JSON.stringify(mv)}`);
+        if (typeof mv !== 'string') throw new CheckpointError(`${where}: __metadata__.${q(mk, false)} must be a string, got ${brief(mv)}`);
         metadata[mk] = mv;
       }
       continue;
     }
-    const t = `${where}: tensor '${key}'`;
+    const t = `${where}: tensor ${q(key)}`;
     if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new CheckpointError(`${t}: entry must be an object with dtype, shape and data_offsets`);
     const e = v as Record<string, unknown>;
     if (!isStDType(e.dtype)) {
-      throw new CheckpointError(`${t}: unknown dtype ${JSON.stringify(e.dtype)} (supported: ${Object.keys(ST_DTYPE_SIZE).join(', ')})`);
+      throw new CheckpointError(`${t}: unknown dtype ${brief(e.dtype)} (supported: ${Object.keys(ST_DTYPE_SIZE).join(', ')})`);
     }
-    if (!Array.isArray(e.shape)) throw new CheckpointError(`${t}: shape must be an array of integers, got ${JSON.stringify(e.shape)}`);
+    if (!Array.isArray(e.shape)) throw new CheckpointError(`${t}: shape must be an array of integers, got ${brief(e.shape)}`);
     const shape: number[] = [];
     let numel = 1;
     for (const d of e.shape) {
-      if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) throw new CheckpointError(`${t}: invalid shape ${JSON.stringify(e.shape)}: dimensions must be integers >= 0`);
+      if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) throw new CheckpointError(`${t}: invalid shape ${brief(e.shape)}: dimensions must be integers >= 0`);
       shape.push(d);
       numel *= d;
     }
@@ -135,7 +176,7 @@ function parseSafetensorsHeader(path: string, fileSize: number, headerLength: nu
     if (!Number.isSafeInteger(byteLength)) throw new CheckpointError(`${t}: shape [${shape.join(', ')}] is too large`);
     const off = e.data_offsets;
     if (!Array.isArray(off) || off.length !== 2 || !off.every((x) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0)) {
-      throw new CheckpointError(`${t}: data_offsets must be two integers [begin, end] >= 0, got ${JSON.stringify(off)}`);
+      throw new CheckpointError(`${t}: data_offsets must be two integers [begin, end] >= 0, got ${brief(off)}`);
     }
     const [begin, end] = off as [number, number];
     if (end < begin) throw new CheckpointError(`${t}: data_offsets [${begin}, ${end}] end before they begin`);
@@ -152,13 +193,13 @@ function parseSafetensorsHeader(path: string, fileSize: number, headerLength: nu
   let prev: (typeof entries)[number] | null = null;
   for (const en of entries) {
     if (en.begin < pos) {
-      throw new CheckpointError(`${where}: tensor '${en.key}' [${en.begin}, ${en.end}) overlaps tensor '${prev!.key}' [${prev!.begin}, ${prev!.end}): the header is corrupt`);
+      throw new CheckpointError(`${where}: tensor ${q(en.key)} [${en.begin}, ${en.end}) overlaps tensor ${q(prev!.key)} [${prev!.begin}, ${prev!.end}): the header is corrupt`);
     }
     if (en.begin > pos) {
       throw new CheckpointError(
         prev
-          ? `${where}: gap of ${en.begin - pos} bytes between tensor '${prev.key}' (ends at ${pos}) and tensor '${en.key}' (begins at ${en.begin}): the header is corrupt`
-          : `${where}: the data region must start with a tensor at offset 0, but the first tensor '${en.key}' begins at ${en.begin}: the header is corrupt`,
+          ? `${where}: gap of ${en.begin - pos} bytes between tensor ${q(prev.key)} (ends at ${pos}) and tensor ${q(en.key)} (begins at ${en.begin}): the header is corrupt`
+          : `${where}: the data region must start with a tensor at offset 0, but the first tensor ${q(en.key)} begins at ${en.begin}: the header is corrupt`,
       );
     }
     pos = en.end;
@@ -176,6 +217,55 @@ function parseSafetensorsHeader(path: string, fileSize: number, headerLength: nu
   const infos = new Map<string, TensorInfo>();
   for (const en of entries) infos.set(en.key, en.info);
   return { infos, metadata, dataEnd: pos };
+}
+
+/**
+ * The path (top-level key first) of the first key that occurs twice in one object of `json`, or
+ * null. `json` must be valid JSON (JSON.parse accepted it), so a flat scan suffices: a string is a
+ * key when it follows '{' or ',' inside an object. Linear time; keys with escapes are decoded.
+ */
+export function findDuplicateKey(json: string): string[] | null {
+  const stack: Array<{ keys: Set<string> | null; name: string }> = [];
+  let expectKey = false;
+  let lastKey = '';
+  const n = json.length;
+  for (let i = 0; i < n; i++) {
+    const c = json.charCodeAt(i);
+    if (c === 0x22 /* " */) {
+      let j = i + 1;
+      let escaped = false;
+      for (;;) {
+        const d = json.charCodeAt(j);
+        if (d === 0x5c /* \ */) {
+          escaped = true;
+          j += 2;
+        } else if (d === 0x22 || j >= n) break;
+        else j++;
+      }
+      const top = stack[stack.length - 1];
+      if (expectKey && top?.keys) {
+        const key = escaped ? (JSON.parse(json.slice(i, j + 1)) as string) : json.slice(i + 1, j);
+        if (top.keys.has(key)) return [...stack.slice(1).map((s) => s.name), key];
+        top.keys.add(key);
+        lastKey = key;
+      }
+      expectKey = false;
+      i = j;
+    } else if (c === 0x7b /* { */) {
+      stack.push({ keys: new Set(), name: lastKey });
+      expectKey = true;
+    } else if (c === 0x5b /* [ */) {
+      stack.push({ keys: null, name: lastKey });
+      lastKey = '[]';
+      expectKey = false;
+    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+      stack.pop();
+      expectKey = false;
+    } else if (c === 0x2c /* , */) {
+      expectKey = stack[stack.length - 1]?.keys != null;
+    }
+  }
+  return null;
 }
 
 /** One .safetensors file, opened lazily: the header on open, tensors on demand. */
@@ -206,7 +296,10 @@ export class SafetensorsFile {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') throw new CheckpointError(`[safetensors] ${abs}: no such file`, { cause: err });
       if (code === 'EISDIR') throw new CheckpointError(`[safetensors] ${abs}: is a folder, not a .safetensors file (use Checkpoint.open for folders)`, { cause: err });
-      throw new CheckpointError(`[safetensors] ${abs}: cannot open (${code ?? (err as Error).message})`, { cause: err });
+      if (code === 'ELOOP') throw new CheckpointError(`[safetensors] ${abs}: symlink loop (ELOOP): a link points (through others) back to itself; fix or remove the link`, { cause: err });
+      if (code === 'EACCES' || code === 'EPERM') throw new CheckpointError(`[safetensors] ${abs}: not readable (permission denied); fix its permissions (chmod / chown)`, { cause: err });
+      if (code === 'ENOTDIR') throw new CheckpointError(`[safetensors] ${abs}: no such file (a part of its path is a file, not a folder)`, { cause: err });
+      throw new CheckpointError(`[safetensors] ${abs}: cannot open (${code ?? oneLine((err as Error).message)})`, { cause: err });
     }
     try {
       const st = await fh.stat();
@@ -255,7 +348,7 @@ export class SafetensorsFile {
   }
   info(key: string): TensorInfo {
     const i = this.infos.get(key);
-    if (!i) throw new CheckpointError(`[safetensors] ${this.path}: no tensor '${key}'${suggest(key, this.infos.keys())}`);
+    if (!i) throw new CheckpointError(`[safetensors] ${this.path}: no tensor ${q(key)}${suggest(key, this.infos.keys())}`);
     return i;
   }
   /** The `__metadata__` strings (e.g. {format: 'pt'}). */
@@ -275,7 +368,7 @@ export class SafetensorsFile {
   async readInto(key: string, target: Uint8Array): Promise<void> {
     const info = this.info(key);
     if (target.byteLength !== info.byteLength) {
-      throw new CheckpointError(`[safetensors] ${this.path}: tensor '${key}' has ${info.byteLength} bytes but the target buffer has ${target.byteLength}`);
+      throw new CheckpointError(`[safetensors] ${this.path}: tensor ${q(key)} has ${info.byteLength} bytes but the target buffer has ${target.byteLength}`);
     }
     await this.readRange(key, 0, info.byteLength, target);
   }
@@ -284,12 +377,12 @@ export class SafetensorsFile {
   async readRange(key: string, start: number, length: number, target?: Uint8Array): Promise<Uint8Array> {
     const info = this.info(key);
     if (!Number.isSafeInteger(start) || !Number.isSafeInteger(length) || start < 0 || length < 0 || start + length > info.byteLength) {
-      throw new CheckpointError(`[safetensors] ${this.path}: tensor '${key}': byte range [${start}, ${start + length}) is outside its ${info.byteLength} bytes`);
+      throw new CheckpointError(`[safetensors] ${this.path}: tensor ${q(key)}: byte range [${start}, ${start + length}) is outside its ${info.byteLength} bytes`);
     }
     const out = target ?? new Uint8Array(new ArrayBuffer(length));
-    if (out.byteLength !== length) throw new CheckpointError(`[safetensors] ${this.path}: tensor '${key}': target has ${out.byteLength} bytes, ${length} requested`);
+    if (out.byteLength !== length) throw new CheckpointError(`[safetensors] ${this.path}: tensor ${q(key)}: target has ${out.byteLength} bytes, ${length} requested`);
     const fh = this.handle();
-    await readFully(fh, out, info.offset + start, this.path, `tensor '${key}'`);
+    await readFully(fh, out, info.offset + start, this.path, `tensor ${q(key)}`);
     this.bytesRead += length;
     return out;
   }
@@ -336,7 +429,7 @@ export function suggest(key: string, keys: Iterable<string>): string {
       best = k;
     }
   }
-  return bestD <= limit ? ` (did you mean '${best}'?)` : '';
+  return bestD <= limit ? ` (did you mean ${q(best)}?)` : '';
 }
 
 /** Levenshtein distance (transposition counts 2), giving up early once above `cap`. */
@@ -394,7 +487,7 @@ export function encodeSafetensorsHeader(tensors: ReadonlyArray<Omit<TensorToWrit
 export async function writeSafetensors(path: string, tensors: readonly TensorToWrite[], metadata?: Record<string, string>): Promise<void> {
   const seen = new Set<string>();
   for (const t of tensors) {
-    const where = `[safetensors] writing ${path}: tensor '${t.key}'`;
+    const where = `[safetensors] writing ${path}: tensor ${q(t.key)}`;
     if (t.key === '__metadata__' || t.key === '') throw new CheckpointError(`${where}: invalid key`);
     if (seen.has(t.key)) throw new CheckpointError(`${where}: duplicate key`);
     seen.add(t.key);

@@ -16,6 +16,7 @@
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { CheckpointError } from '../util/errors.ts';
+import { oneLine } from './safetensors.ts';
 // a generated table, kept as data: esbuild inlines the JSON into a bundle, so no path lookup is needed
 import htmlEntities from './html-entities.json' with { type: 'json' };
 
@@ -24,6 +25,46 @@ type Json = Record<string, unknown>;
 function fail(source: string, msg: string): never {
   throw new CheckpointError(`[tokenizer] ${source}: ${msg}`);
 }
+
+/** What to do about a tokenizer.json of the wrong shape (appended to every shape error). */
+const REDOWNLOAD = 'the file is corrupt or not a Hugging Face UMT5 tokenizer.json: download tokenizer/tokenizer.json of the model again';
+
+/** A short, one-line rendering of a JSON value for messages. */
+function brief(v: unknown): string {
+  if (v === undefined) return 'nothing (missing)';
+  let t: string;
+  try {
+    t = JSON.stringify(v) ?? String(v);
+  } catch {
+    t = String(v);
+  }
+  t = t.replace(/[\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  return t.length > 60 ? `${t.slice(0, 57)}...` : t;
+}
+
+/** A shape error at JSON path `path` ('model.vocab[17]'): one line with the value found and the fix. */
+function bad(source: string, path: string, want: string, got: unknown): never {
+  return fail(source, `${path} must be ${want}, got ${brief(got)}; ${REDOWNLOAD}`);
+}
+
+function isObj(v: unknown): v is Json {
+  return v !== null && typeof v === 'object' && !Array.isArray(v);
+}
+
+/** `v` as an object (a normalizer, a pre-tokenizer, a template item...), or a shape error. */
+function obj(source: string, path: string, v: unknown, want = 'an object'): Json {
+  if (!isObj(v)) bad(source, path, want, v);
+  return v;
+}
+
+/** Longest vocab piece accepted, in UTF-16 units (SentencePiece's trainer accepts at most 512 characters; its default is 16). */
+const MAX_PIECE_LENGTH = 512;
+/** Nesting limit of Sequence normalizers / pre-tokenizers (real files nest 1 level; recursion is bounded). */
+const MAX_NESTING = 16;
+/** Largest tokenizer.json read (UMT5's is 16 MB); a bigger file is not a tokenizer. */
+export const MAX_TOKENIZER_BYTES = 512 * 1024 * 1024;
+/** Largest token id accepted anywhere in the file (UMT5: 256384 ids; 2^24 is generous and exact in f32). */
+const MAX_TOKEN_ID = 2 ** 24;
 
 // ---------------------------------------------------------------------------------------------
 // Normalizers
@@ -119,39 +160,44 @@ function utf8Length(s: string): number {
 /** Unicode White_Space (what Rust's char::is_whitespace tests). */
 const RUST_WS = '\\t\\n\\v\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000';
 
-function buildNormalizer(cfg: unknown, source: string): Normalizer | null {
+function buildNormalizer(cfg: unknown, source: string, path = 'normalizer', depth = 0): Normalizer | null {
   if (cfg === null || cfg === undefined) return null;
-  const c = cfg as Json;
+  const c = obj(source, path, cfg, 'an object with a "type" (or null)');
+  if (depth > MAX_NESTING) fail(source, `${path}: Sequence normalizers nested more than ${MAX_NESTING} deep; ${REDOWNLOAD}`);
   switch (c.type) {
     case 'Sequence': {
-      const parts = (Array.isArray(c.normalizers) ? c.normalizers : fail(source, 'Sequence normalizer without a normalizers list')).map((n) => buildNormalizer(n, source)).filter((n): n is Normalizer => n !== null);
+      if (!Array.isArray(c.normalizers)) bad(source, `${path}.normalizers`, 'a list of normalizers', c.normalizers);
+      const parts = c.normalizers
+        .map((n, i) => buildNormalizer(obj(source, `${path}.normalizers[${i}]`, n, 'a normalizer object'), source, `${path}.normalizers[${i}]`, depth + 1))
+        .filter((n): n is Normalizer => n !== null);
       return { normalize: (s: string) => parts.reduce<string>((acc, n) => n.normalize(acc), s) };
     }
     case 'Precompiled': {
       const b64 = c.precompiled_charsmap;
       if (b64 === null || b64 === undefined || b64 === '') return null; // an empty charsmap is the identity
-      if (typeof b64 !== 'string') fail(source, 'precompiled_charsmap must be a base64 string');
+      if (typeof b64 !== 'string') bad(source, `${path}.precompiled_charsmap`, 'a base64 string', b64);
       return new PrecompiledCharsmap(new Uint8Array(Buffer.from(b64, 'base64')), source);
     }
     case 'Replace': {
-      const p = c.pattern as Json | undefined;
-      const content = typeof c.content === 'string' ? c.content : fail(source, 'Replace normalizer without content');
-      if (p && typeof p.String === 'string') {
+      const p = obj(source, `${path}.pattern`, c.pattern, 'an object {String} or {Regex}');
+      const content = typeof c.content === 'string' ? c.content : bad(source, `${path}.content`, 'a string', c.content);
+      if (typeof p.String === 'string') {
         const from = p.String;
         return { normalize: (s) => (from === '' ? s : s.split(from).join(content)) };
       }
-      if (p && typeof p.Regex === 'string') {
+      if (typeof p.Regex === 'string') {
         let re: RegExp;
         try {
           re = new RegExp(p.Regex, 'gu');
         } catch (err) {
-          fail(source, `Replace normalizer regex ${JSON.stringify(p.Regex)} is not supported (${(err as Error).message})`);
+          fail(source, `Replace normalizer regex ${brief(p.Regex)} is not supported (${oneLine((err as Error).message)})`);
         }
         return { normalize: (s) => s.replace(re, () => content) };
       }
-      return fail(source, 'Replace normalizer needs a pattern {String} or {Regex}');
+      return bad(source, `${path}.pattern`, 'an object {String} or {Regex}', p);
     }
     case 'Strip': {
+      for (const k of ['strip_left', 'strip_right']) if (c[k] !== undefined && typeof c[k] !== 'boolean') bad(source, `${path}.${k}`, 'true or false', c[k]);
       const left = c.strip_left !== false;
       const right = c.strip_right !== false;
       const l = new RegExp(`^[${RUST_WS}]+`, 'u');
@@ -168,11 +214,11 @@ function buildNormalizer(cfg: unknown, source: string): Normalizer | null {
     case 'Lowercase':
       return { normalize: (s) => s.toLowerCase() };
     case 'Prepend': {
-      const pre = typeof c.prepend === 'string' ? c.prepend : fail(source, 'Prepend normalizer without prepend');
+      const pre = typeof c.prepend === 'string' ? c.prepend : bad(source, `${path}.prepend`, 'a string', c.prepend);
       return { normalize: (s) => (s === '' ? s : pre + s) };
     }
     default:
-      return fail(source, `unsupported normalizer type ${JSON.stringify(c.type)} (supported: Sequence, Precompiled, Replace, Strip, NFC, NFD, NFKC, NFKD, Lowercase, Prepend)`);
+      return fail(source, `${path}: unsupported normalizer type ${brief(c.type)} (supported: Sequence, Precompiled, Replace, Strip, NFC, NFD, NFKC, NFKD, Lowercase, Prepend)`);
   }
 }
 
@@ -182,12 +228,14 @@ function buildNormalizer(cfg: unknown, source: string): Normalizer | null {
 
 type PreTokenizer = (s: string, first: boolean) => string[];
 
-function buildPreTokenizer(cfg: unknown, source: string): PreTokenizer {
+function buildPreTokenizer(cfg: unknown, source: string, path = 'pre_tokenizer', depth = 0): PreTokenizer {
   if (cfg === null || cfg === undefined) return (s) => (s === '' ? [] : [s]);
-  const c = cfg as Json;
+  const c = obj(source, path, cfg, 'an object with a "type" (or null)');
+  if (depth > MAX_NESTING) fail(source, `${path}: Sequence pre-tokenizers nested more than ${MAX_NESTING} deep; ${REDOWNLOAD}`);
   switch (c.type) {
     case 'Sequence': {
-      const parts = (Array.isArray(c.pretokenizers) ? c.pretokenizers : fail(source, 'Sequence pre-tokenizer without pretokenizers')).map((p) => buildPreTokenizer(p, source));
+      if (!Array.isArray(c.pretokenizers)) bad(source, `${path}.pretokenizers`, 'a list of pre-tokenizers', c.pretokenizers);
+      const parts = c.pretokenizers.map((p, i) => buildPreTokenizer(obj(source, `${path}.pretokenizers[${i}]`, p, 'a pre-tokenizer object'), source, `${path}.pretokenizers[${i}]`, depth + 1));
       return (s, first) => {
         let words = [s];
         for (const p of parts) words = words.flatMap((w, i) => p(w, first && i === 0));
@@ -195,10 +243,13 @@ function buildPreTokenizer(cfg: unknown, source: string): PreTokenizer {
       };
     }
     case 'Metaspace': {
-      const rep = typeof c.replacement === 'string' ? c.replacement : '\u2581';
+      // one character, as the Rust library's `char` (an empty one would never advance the split below)
+      const rep = c.replacement === undefined ? '\u2581' : c.replacement;
+      if (typeof rep !== 'string' || [...rep].length !== 1) bad(source, `${path}.replacement`, 'a string of one character (▁)', rep);
       let scheme = c.prepend_scheme;
       if (scheme === undefined) scheme = c.add_prefix_space === false ? 'never' : 'always'; // tokenizers < 0.15 files
-      if (scheme !== 'always' && scheme !== 'first' && scheme !== 'never') fail(source, `Metaspace prepend_scheme ${JSON.stringify(scheme)} is not always/first/never`);
+      if (scheme !== 'always' && scheme !== 'first' && scheme !== 'never') fail(source, `${path}: Metaspace prepend_scheme ${brief(scheme)} is not always/first/never`);
+      if (c.split !== undefined && typeof c.split !== 'boolean') bad(source, `${path}.split`, 'true or false', c.split);
       const split = c.split !== false;
       return (s, first) => {
         let t = s.split(' ').join(rep);
@@ -218,7 +269,7 @@ function buildPreTokenizer(cfg: unknown, source: string): PreTokenizer {
     case 'WhitespaceSplit':
       return (s) => s.split(new RegExp(`[${RUST_WS}]+`, 'u')).filter((w) => w !== '');
     default:
-      return fail(source, `unsupported pre_tokenizer type ${JSON.stringify(c.type)} (supported: Metaspace, WhitespaceSplit, Sequence)`);
+      return fail(source, `${path}: unsupported pre_tokenizer type ${brief(c.type)} (supported: Metaspace, WhitespaceSplit, Sequence)`);
   }
 }
 
@@ -288,7 +339,8 @@ export class UnigramTokenizer {
   private readonly pieceToId = new Map<string, number>();
   private readonly pieces: string[];
   private readonly scores: Float64Array;
-  private readonly maxPieceLen: number;
+  /** the distinct lengths (UTF-16 units) of the vocab pieces, ascending: the only spans Viterbi looks up */
+  private readonly pieceLengths: Int32Array;
   private readonly unkScore: number;
   private readonly byteIds: Int32Array | null;
   private readonly added: AddedToken[];
@@ -301,27 +353,34 @@ export class UnigramTokenizer {
   readonly byteFallback: boolean;
 
   private constructor(json: Json, readonly source: string) {
-    const m = json.model as Json | undefined;
-    if (!m || m.type !== 'Unigram') fail(source, `model type is ${JSON.stringify(m?.type)}; only the Unigram (SentencePiece) model of the UMT5 tokenizer is supported`);
-    if (!Array.isArray(m.vocab) || m.vocab.length === 0) fail(source, 'Unigram model without a vocab list');
+    const m = obj(source, 'model', json.model);
+    if (m.type !== 'Unigram') fail(source, `model type is ${brief(m.type)}; only the Unigram (SentencePiece) model of the UMT5 tokenizer is supported`);
+    if (!Array.isArray(m.vocab) || m.vocab.length === 0) bad(source, 'model.vocab', 'a non-empty list of [piece, score]', Array.isArray(m.vocab) ? [] : m.vocab);
+    if (m.vocab.length > MAX_TOKEN_ID) fail(source, `model.vocab has ${m.vocab.length} entries, more than the ${MAX_TOKEN_ID} accepted; ${REDOWNLOAD}`);
     const n = m.vocab.length;
     this.pieces = new Array<string>(n);
     this.scores = new Float64Array(n);
     let minScore = Infinity;
-    let maxLen = 0;
+    const lengths = new Set<number>();
     for (let i = 0; i < n; i++) {
       const e = m.vocab[i] as unknown;
-      if (!Array.isArray(e) || typeof e[0] !== 'string' || typeof e[1] !== 'number') fail(source, `vocab entry ${i} must be [piece, score]`);
+      if (!Array.isArray(e) || e.length !== 2 || typeof e[0] !== 'string' || typeof e[1] !== 'number' || !Number.isFinite(e[1])) {
+        bad(source, `model.vocab[${i}]`, '[piece: string, score: finite number]', e);
+      }
       const [piece, score] = e as [string, number];
+      // SentencePiece's trainer caps pieces at 512 (max_sentencepiece_length, default 16); a longer
+      // one is corrupt, and would make every long word cost (word length × piece length)
+      if (piece.length > MAX_PIECE_LENGTH) bad(source, `model.vocab[${i}][0]`, `a piece of at most ${MAX_PIECE_LENGTH} characters`, piece);
       this.pieces[i] = piece;
       this.scores[i] = score;
       if (!this.pieceToId.has(piece)) this.pieceToId.set(piece, i);
       if (score < minScore) minScore = score;
-      if (piece.length > maxLen) maxLen = piece.length;
+      if (piece.length > 0) lengths.add(piece.length);
     }
-    this.maxPieceLen = maxLen;
+    this.pieceLengths = Int32Array.from([...lengths].sort((a, b) => a - b));
     this.unkScore = minScore - 10; // kUnkPenalty, as SentencePiece and tokenizers
-    if (typeof m.unk_id !== 'number' || !Number.isInteger(m.unk_id) || m.unk_id < 0 || m.unk_id >= n) fail(source, `unk_id ${JSON.stringify(m.unk_id)} is not a vocab index`);
+    if (typeof m.unk_id !== 'number' || !Number.isInteger(m.unk_id) || m.unk_id < 0 || m.unk_id >= n) fail(source, `unk_id ${brief(m.unk_id)} is not a vocab index (0..${n - 1}); ${REDOWNLOAD}`);
+    if (m.byte_fallback !== undefined && m.byte_fallback !== null && typeof m.byte_fallback !== 'boolean') bad(source, 'model.byte_fallback', 'true or false', m.byte_fallback);
     this.unkId = m.unk_id;
     this.byteFallback = m.byte_fallback === true;
     if (this.byteFallback) {
@@ -332,9 +391,15 @@ export class UnigramTokenizer {
     }
 
     this.added = [];
-    for (const a of Array.isArray(json.added_tokens) ? json.added_tokens : []) {
-      const t = a as Json;
-      if (typeof t.id !== 'number' || typeof t.content !== 'string' || t.content === '') fail(source, `bad added token ${JSON.stringify(a)}`);
+    const addedList = json.added_tokens ?? [];
+    if (!Array.isArray(addedList)) bad(source, 'added_tokens', 'a list of token objects', addedList);
+    for (let i = 0; i < addedList.length; i++) {
+      const t = obj(source, `added_tokens[${i}]`, addedList[i], 'an object {id, content, ...}');
+      if (!isTokenId(t.id)) bad(source, `added_tokens[${i}].id`, `an integer in 0..${MAX_TOKEN_ID - 1}`, t.id);
+      if (typeof t.content !== 'string' || t.content === '') bad(source, `added_tokens[${i}].content`, 'a non-empty string', t.content);
+      for (const k of ['special', 'normalized', 'lstrip', 'rstrip', 'single_word']) {
+        if (t[k] !== undefined && t[k] !== null && typeof t[k] !== 'boolean') bad(source, `added_tokens[${i}].${k}`, 'true or false', t[k]);
+      }
       const tok: AddedToken = {
         id: t.id,
         content: t.content,
@@ -352,14 +417,35 @@ export class UnigramTokenizer {
     this.template = buildTemplate(json.post_processor, source);
   }
 
-  /** Parse a tokenizer.json object. */
+  /** Parse a tokenizer.json object. Every malformed part is a one-line CheckpointError naming its JSON path. */
   static fromJson(json: unknown, source = 'tokenizer.json'): UnigramTokenizer {
-    if (json === null || typeof json !== 'object' || Array.isArray(json)) fail(source, 'must be a JSON object');
-    return new UnigramTokenizer(json as Json, source);
+    if (!isObj(json)) bad(source, 'the top level', 'a JSON object', Array.isArray(json) ? '[...]' : json);
+    return new UnigramTokenizer(json, source);
   }
 
   get vocabSize(): number {
     return this.pieces.length;
+  }
+  /** The largest token id this tokenizer can produce (vocab pieces, added tokens, template ids). */
+  get maxId(): number {
+    let m = this.pieces.length - 1;
+    for (const t of this.added) m = Math.max(m, t.id);
+    for (const t of this.template) if (t !== 'A') for (const id of t) m = Math.max(m, id);
+    return m;
+  }
+  /**
+   * Check that every id this tokenizer can produce has a row in the text encoder's embedding table
+   * (`vocab_size` of text_encoder/config.json, read from `configFile`). Out-of-range ids would read
+   * past the table (the GPU gather writes zeros: a silently wrong prompt), so they are refused here.
+   */
+  checkVocabSize(vocabSize: number, configFile = 'text_encoder/config.json'): void {
+    const max = this.maxId;
+    if (max >= vocabSize) {
+      throw new CheckpointError(
+        `[tokenizer] ${this.source}: produces token id ${max}, but the text encoder's embedding has only ${vocabSize} rows (vocab_size in ${configFile}): ` +
+          'the tokenizer and the text encoder come from different models; download tokenizer/ and text_encoder/ of the same model again',
+      );
+    }
   }
   /** The number of special tokens the template adds to one sequence (1 for UMT5: `</s>`). */
   get numSpecialTokens(): number {
@@ -432,8 +518,9 @@ export class UnigramTokenizer {
       const cp = w.codePointAt(s)!;
       const mblen = cp > 0xffff ? 2 : 1;
       let single = false;
-      const lim = Math.min(n, s + this.maxPieceLen);
-      for (let e = s + 1; e <= lim; e++) {
+      for (const len of this.pieceLengths) {
+        const e = s + len;
+        if (e > n) break;
         // skip ends inside a surrogate pair
         if (e < n) {
           const c = w.charCodeAt(e);
@@ -534,23 +621,36 @@ export class UnigramTokenizer {
   }
 }
 
+function isTokenId(v: unknown): v is number {
+  return typeof v === 'number' && Number.isInteger(v) && v >= 0 && v < MAX_TOKEN_ID;
+}
+
 function buildTemplate(cfg: unknown, source: string): Array<'A' | number[]> {
   if (cfg === null || cfg === undefined) return ['A'];
-  const c = cfg as Json;
-  if (c.type !== 'TemplateProcessing') fail(source, `unsupported post_processor type ${JSON.stringify(c.type)} (supported: TemplateProcessing)`);
-  const specials = (c.special_tokens ?? {}) as Record<string, { ids?: unknown }>;
-  if (!Array.isArray(c.single)) fail(source, 'TemplateProcessing without a single template');
-  return c.single.map((item) => {
-    const it = item as Json;
-    if (it.Sequence) return 'A' as const;
-    const st = it.SpecialToken as { id?: unknown } | undefined;
-    if (st && typeof st.id === 'string') {
-      const ids = specials[st.id]?.ids;
-      if (!Array.isArray(ids) || !ids.every((x) => typeof x === 'number')) fail(source, `post_processor special token '${st.id}' has no ids`);
+  const c = obj(source, 'post_processor', cfg, 'an object with a "type" (or null)');
+  if (c.type !== 'TemplateProcessing') fail(source, `unsupported post_processor type ${brief(c.type)} (supported: TemplateProcessing)`);
+  const specials = obj(source, 'post_processor.special_tokens', c.special_tokens ?? {});
+  if (!Array.isArray(c.single)) bad(source, 'post_processor.single', 'a template list', c.single);
+  const items = c.single.map((item, i) => {
+    const path = `post_processor.single[${i}]`;
+    const it = obj(source, path, item, 'an object {Sequence} or {SpecialToken}');
+    if (isObj(it.Sequence)) return 'A' as const;
+    const st = it.SpecialToken;
+    if (isObj(st) && typeof st.id === 'string') {
+      // an own property only: a name such as 'constructor' must not find Object.prototype's
+      const sp = Object.prototype.hasOwnProperty.call(specials, st.id) ? specials[st.id] : undefined;
+      const ids = isObj(sp) ? sp.ids : undefined;
+      if (!Array.isArray(ids) || ids.length === 0 || !ids.every(isTokenId)) {
+        bad(source, `post_processor.special_tokens[${brief(st.id)}].ids`, `a list of integers in 0..${MAX_TOKEN_ID - 1}`, ids);
+      }
       return ids as number[];
     }
-    return fail(source, `bad template item ${JSON.stringify(item)}`);
+    return bad(source, path, 'an object {Sequence} or {SpecialToken: {id}}', item);
   });
+  // exactly one $A: encodePrompt truncates the text to text_len minus the special tokens
+  const seqs = items.filter((t) => t === 'A').length;
+  if (seqs !== 1) bad(source, 'post_processor.single', `a template with exactly one {Sequence} item ($A), not ${seqs}`, c.single);
+  return items;
 }
 
 /** Load `dir/tokenizer.json` (a model folder's tokenizer/). */
@@ -558,17 +658,22 @@ export async function loadTokenizer(dir: string): Promise<UnigramTokenizer> {
   const p = join(dir, 'tokenizer.json');
   let text: string;
   try {
+    const st = await fsp.stat(p);
+    if (st.isFile() && st.size > MAX_TOKENIZER_BYTES) {
+      throw new CheckpointError(`[tokenizer] ${p}: ${st.size} bytes, more than the ${MAX_TOKENIZER_BYTES} accepted (UMT5's is 16 MB); ${REDOWNLOAD}`);
+    }
     text = await fsp.readFile(p, 'utf8');
   } catch (err) {
-    throw new CheckpointError(`[tokenizer] ${p}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : 'cannot read'}: the model folder needs tokenizer/tokenizer.json (the UMT5 tokenizer)`, {
-      cause: err,
-    });
+    if (err instanceof CheckpointError) throw err;
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'missing' : code === 'ELOOP' ? 'symlink loop (ELOOP)' : code === 'EACCES' || code === 'EPERM' ? 'not readable (permission denied)' : code === 'EISDIR' ? 'is a folder' : `cannot read (${code ?? oneLine((err as Error).message)})`;
+    throw new CheckpointError(`[tokenizer] ${p}: ${why}: the model folder needs tokenizer/tokenizer.json (the UMT5 tokenizer)`, { cause: err });
   }
   let json: unknown;
   try {
     json = JSON.parse(text);
   } catch (err) {
-    throw new CheckpointError(`[tokenizer] ${p}: malformed JSON (${(err as Error).message})`, { cause: err });
+    throw new CheckpointError(`[tokenizer] ${p}: malformed JSON (${oneLine((err as Error).message)}); ${REDOWNLOAD}`, { cause: err });
   }
   return UnigramTokenizer.fromJson(json, p);
 }

@@ -4,27 +4,32 @@
 // an interrupted run never leaves a half-written output.
 
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { rename, unlink } from 'node:fs/promises';
-import { dirname, basename, join } from 'node:path';
+import { existsSync, statSync } from 'node:fs';
+import { rename, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { deflateSync } from 'node:zlib';
-import { writeFileAtomic } from './atomic.ts';
-import { SmartDiffusionError } from '../util/errors.ts';
+import { writeFileAtomic, incompleteError } from './atomic.ts';
+import { tempPathFor, registerTemp, unregisterTemp, registerChild } from './cleanup.ts';
+import { OutputError, outputErrorFor, outputIoError, errnoFromText, oneLine } from './output-error.ts';
+import { verifyOutputFile } from './verify.ts';
+import { InterruptedError } from '../util/errors.ts';
 
-export class OutputError extends SmartDiffusionError {
-  constructor(message: string) {
-    super('OUTPUT_ERROR', message);
-  }
+// OutputError lives in output-error.ts (atomic.ts needs it too); re-exported here where callers import it
+export { OutputError };
+
+let ffmpegCached: { env: string | undefined; path: string | null } | undefined;
+
+/** Forget the ffmpeg found so far (tests that change $SD_FFMPEG; a change of $SD_FFMPEG also does this). */
+export function resetFfmpegCache(): void {
+  ffmpegCached = undefined;
 }
 
-let ffmpegCached: string | null | undefined;
-
-/** Path of an ffmpeg binary, or null when none is available. */
-function ffmpegPath(): string | null {
-  if (ffmpegCached !== undefined) return ffmpegCached;
+/** Path of an ffmpeg binary, or null when none is available. Cached per value of $SD_FFMPEG. */
+export function ffmpegPath(): string | null {
+  const env = process.env.SD_FFMPEG || undefined;
+  if (ffmpegCached && ffmpegCached.env === env) return ffmpegCached.path;
   const candidates: string[] = [];
-  if (process.env.SD_FFMPEG) candidates.push(process.env.SD_FFMPEG);
+  if (env) candidates.push(env);
   try {
     const req = createRequire(import.meta.url);
     const inst = req('@ffmpeg-installer/ffmpeg') as { path: string };
@@ -33,12 +38,17 @@ function ffmpegPath(): string | null {
     /* not installed for this platform */
   }
   candidates.push('ffmpeg');
+  let found: string | null = null;
   for (const c of candidates) {
     if (c !== 'ffmpeg' && !existsSync(c)) continue;
     const r = spawnSync(c, ['-hide_banner', '-version'], { encoding: 'utf8', timeout: 10_000 });
-    if (r.status === 0) return (ffmpegCached = c);
+    if (r.status === 0) {
+      found = c;
+      break;
+    }
   }
-  return (ffmpegCached = null);
+  ffmpegCached = { env, path: found };
+  return found;
 }
 
 /** Video [3, T, H, W] float in [-1, 1] -> T frames of packed RGB8 (Wan: (x.clamp(-1,1)+1)/2·255). */
@@ -59,53 +69,111 @@ export function toRgbFrames(video: Float32Array, T: number, H: number, W: number
   return frames;
 }
 
-function tmpName(path: string): string {
-  return join(dirname(path), `.${basename(path)}.${process.pid}.${Date.now()}.tmp`);
+function sizeOf(p: string): number | undefined {
+  try {
+    return statSync(p).size;
+  } catch {
+    return undefined;
+  }
 }
 
-async function runFfmpeg(args: string[], frames: Uint8Array[], outPath: string, what: string): Promise<void> {
+export function interrupted(path: string): InterruptedError {
+  return new InterruptedError(`[output] interrupted while writing ${path}; nothing was left under that name`);
+}
+
+/**
+ * Run ffmpeg with `args` + a temporary output name, feed it `frames` on stdin, then check the
+ * result before renaming it to `outPath`: ffmpeg runs with `-loglevel error`, so anything on its
+ * stderr is an error even when it exits 0 (it does after "Error writing trailer ...: No space left on
+ * device"), and the file must pass `verifyOutputFile`. ffmpeg runs in its own process group, so a
+ * terminal Ctrl-C reaches only us; `signal` kills it (-> InterruptedError). The temp file is removed
+ * on every failure and registered for `cleanupOnExit` meanwhile.
+ */
+async function runFfmpeg(args: string[], frames: Uint8Array[], outPath: string, what: 'mp4' | 'gif', signal?: AbortSignal): Promise<void> {
+  if (signal?.aborted) throw interrupted(outPath);
   const bin = ffmpegPath();
   if (!bin) throw new OutputError(`[${what}] no ffmpeg found: run 'npm ci' (installs @ffmpeg-installer/ffmpeg), install ffmpeg on PATH, or set SD_FFMPEG; or set output.mp4=false / output.preview=false`);
-  const tmp = tmpName(outPath);
-  // the temporary name has no video extension: tell ffmpeg the container
-  const full = [...args, tmp];
-  await new Promise<void>((resolve, reject) => {
-    const p = spawn(bin, full, { stdio: ['pipe', 'ignore', 'pipe'] });
-    let err = '';
-    p.stderr.on('data', (d) => {
-      err += String(d);
-      if (err.length > 20_000) err = err.slice(-10_000);
-    });
-    p.on('error', (e) => reject(new OutputError(`[${what}] could not start ffmpeg (${bin}): ${e.message}`)));
-    p.on('close', (code) => (code === 0 ? resolve() : reject(new OutputError(`[${what}] ffmpeg failed (exit ${code}): ${err.trim().split('\n').slice(-3).join(' | ')}`))));
-    p.stdin.on('error', () => {
-      /* reported by close */
-    });
-    (async () => {
-      for (const f of frames) {
-        if (!p.stdin.write(f)) await new Promise((r) => p.stdin.once('drain', r));
+  const tmp = tempPathFor(outPath);
+  registerTemp(tmp);
+  let placed = false;
+  try {
+    // the temporary name has no video extension: the args tell ffmpeg the container (-f)
+    await new Promise<void>((resolvePromise, reject) => {
+      let p;
+      try {
+        p = spawn(bin, [...args, tmp], { stdio: ['pipe', 'ignore', 'pipe'], detached: process.platform !== 'win32' });
+      } catch (e) {
+        reject(new OutputError(`[${what}] could not start ffmpeg (${bin}): ${oneLine((e as Error).message)}`));
+        return;
       }
-      p.stdin.end();
-    })();
-  }).catch(async (e) => {
-    await unlink(tmp).catch(() => {});
-    throw e;
-  });
-  await rename(tmp, outPath);
+      const child = p;
+      registerChild(child);
+      let err = '';
+      child.stderr!.on('data', (d) => {
+        err += String(d);
+        if (err.length > 20_000) err = err.slice(-10_000);
+      });
+      const onAbort = () => {
+        try {
+          child.kill('SIGKILL');
+        } catch {
+          /* gone */
+        }
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      child.on('error', (e) => {
+        signal?.removeEventListener('abort', onAbort);
+        reject(new OutputError(`[${what}] could not start ffmpeg (${bin}): ${oneLine(e.message)}; install ffmpeg or set SD_FFMPEG`));
+      });
+      child.on('close', (code, sig) => {
+        signal?.removeEventListener('abort', onAbort);
+        if (signal?.aborted) return reject(interrupted(outPath));
+        const text = err.trim();
+        if (code === 0 && !sig && !text) return resolvePromise();
+        const errno = errnoFromText(text);
+        const last = oneLine(text.split('\n').slice(-3).join('\n'));
+        if (errno) return reject(outputErrorFor(errno, outPath, last, { writtenBytes: sizeOf(tmp) }));
+        const how = sig ? `killed by ${sig}` : `exit ${code}`;
+        reject(new OutputError(`[${what}] ffmpeg failed writing ${outPath} (${how})${last ? `: ${last}` : ''}; check the message, the output folder and the ffmpeg binary (SD_FFMPEG)`));
+      });
+      child.stdin!.on('error', () => {
+        /* EPIPE when ffmpeg exits early: reported by 'close' with its stderr */
+      });
+      const closed = new Promise<void>((r) => child.once('close', () => r()));
+      (async () => {
+        for (const f of frames) {
+          if (signal?.aborted || child.exitCode !== null || child.signalCode !== null) break;
+          // wait for the pipe to drain, or for ffmpeg to exit (then 'close' reports why)
+          if (!child.stdin!.write(f)) await Promise.race([new Promise((r) => child.stdin!.once('drain', r)), closed]);
+        }
+        child.stdin!.end();
+      })().catch(() => undefined);
+    });
+    const problem = await verifyOutputFile(tmp, what);
+    if (problem) throw incompleteError(outPath, problem);
+    if (signal?.aborted) throw interrupted(outPath);
+    await rename(tmp, outPath).catch((e) => {
+      throw outputIoError(e, outPath);
+    });
+    placed = true;
+  } finally {
+    if (!placed) await rm(tmp, { force: true }).catch(() => undefined);
+    unregisterTemp(tmp);
+  }
 }
 
 const rawInput = (W: number, H: number, fps: number) => ['-hide_banner', '-loglevel', 'error', '-y', '-f', 'rawvideo', '-pix_fmt', 'rgb24', '-s', `${W}x${H}`, '-r', String(fps), '-i', '-'];
 
 /** H.264 MP4 (yuv420p, CRF 17; odd sizes are padded to even as H.264 requires). */
-export async function writeMp4(path: string, frames: Uint8Array[], W: number, H: number, fps: number): Promise<void> {
+export async function writeMp4(path: string, frames: Uint8Array[], W: number, H: number, fps: number, signal?: AbortSignal): Promise<void> {
   const pad = W % 2 || H % 2 ? ['-vf', 'pad=ceil(iw/2)*2:ceil(ih/2)*2'] : [];
-  await runFfmpeg([...rawInput(W, H, fps), ...pad, '-c:v', 'libx264', '-pix_fmt', 'yuv420p', '-crf', '17', '-movflags', '+faststart', '-f', 'mp4'], frames, path, 'mp4');
+  await runFfmpeg([...rawInput(W, H, fps), ...pad, '-c:v', 'libx264', '-pix_fmt', 'yuv420p', '-crf', '17', '-movflags', '+faststart', '-f', 'mp4'], frames, path, 'mp4', signal);
 }
 
 /** Animated GIF with a per-video palette (ffmpeg palettegen/paletteuse), looping. `scale` enlarges small videos. */
-export async function writeGif(path: string, frames: Uint8Array[], W: number, H: number, fps: number, scale = 1): Promise<void> {
+export async function writeGif(path: string, frames: Uint8Array[], W: number, H: number, fps: number, scale = 1, signal?: AbortSignal): Promise<void> {
   const s = scale !== 1 ? `scale=${W * scale}:${H * scale}:flags=neighbor,` : '';
-  await runFfmpeg([...rawInput(W, H, fps), '-vf', `${s}split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=bayer`, '-loop', '0', '-f', 'gif'], frames, path, 'gif');
+  await runFfmpeg([...rawInput(W, H, fps), '-vf', `${s}split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=bayer`, '-loop', '0', '-f', 'gif'], frames, path, 'gif', signal);
 }
 
 // ---- PNG (own encoder: 8-bit RGB, filter 0, zlib) ----

@@ -22,7 +22,7 @@
 // plans, which budget device memory, stay what they are. It is neither pooled nor in the history:
 // its users keep it for long (a streaming ring) and free it explicitly.
 
-import { OutOfMemoryError } from '../util/errors.ts';
+import { OutOfMemoryError, fmtBytes } from '../util/errors.ts';
 
 export interface BufferFactory {
   create(size: number, label: string): GPUBuffer;
@@ -127,6 +127,8 @@ export class CachingAllocator {
   private ownerStack: string[] = [];
   phase = 'idle';
   limitBytes: number;
+  /** the device's largest buffer (maxBufferSize): a larger request is refused before the driver sees it */
+  maxBufferBytes = Infinity;
   exactAbove: number;
   oomAdvice: (requested: number) => string;
   private recording: { t0: number; events: MemoryEvent[]; max: number; dropped: number } | null = null;
@@ -172,6 +174,12 @@ export class CachingAllocator {
     const cls = sizeClass(bytes, this.exactAbove);
     let block = this.pools.get(cls)?.pop() ?? (cls > this.exactAbove ? this.takeLarger(cls) : undefined);
     if (!block) {
+      if (cls > this.maxBufferBytes) {
+        throw new OutOfMemoryError(
+          { phase: this.phase, owner, requestedBytes: bytes, allocatedBytes: this.allocated, reservedBytes: this.reserved, limitBytes: this.limitBytes },
+          `One tensor of ${fmtBytes(bytes)} is larger than the device's largest buffer (maxBufferSize ${fmtBytes(this.maxBufferBytes)}): lower the resolution or frame count, or raise infer.diffusion.low_mem_level (tiled decode, chunked attention and FFN).`,
+        );
+      }
       if (this.reserved + cls > this.limitBytes) {
         this.releaseCached(this.reserved + cls - this.limitBytes);
         if (this.reserved + cls > this.limitBytes) {

@@ -1,16 +1,19 @@
 // Loading a module tree from a checkpoint: the spec is the tree walk (key + shape of every Param),
 // checked strictly against the file headers before any data is read (missing / mis-shaped keys
 // throw with the full key; unused keys are returned: a real VAE file also holds the encoder).
-// Tensors are then read one at a time, converted per the precision policy, and either uploaded
-// (owner tag `<owner>.<key>`, so memory snapshots show them) or kept in host memory.
+// Tensors are then read one at a time, scanned for NaN/±Inf as read (a CheckpointError naming the
+// key and the file), converted per the precision policy, and either uploaded (owner tag
+// `<owner>.<key>`, so memory snapshots show them) or kept in host memory.
 
 import type { Module, Param } from './module.ts';
 import { targetDtype } from './module.ts';
 import type { Engine } from '../runtime/engine.ts';
 import type { Checkpoint } from '../io/checkpoint.ts';
-import { checkSpec, readTensor } from '../io/checkpoint.ts';
+import { assertFinite, checkSpec, readTensor } from '../io/checkpoint.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import { type DType, encode } from '../tensor/dtype.ts';
+import { CheckpointError, ConfigError } from '../util/errors.ts';
+import { scanNonFinite } from '../ops/cpu/finite.ts';
 
 export type WeightDtype = 'checkpoint' | 'f32' | 'f16' | 'bf16';
 
@@ -25,7 +28,15 @@ export interface LoadOptions {
   placement?: (key: string) => 'device' | 'host';
   /** progress callback (bytes read so far, total bytes) */
   onProgress?: (done: number, total: number) => void;
+  /**
+   * scan every float weight for NaN/±Inf as it is read (default true): ~4-5 GB/s on one core, i.e.
+   * ~0.55 s for the 1.3B DiT's 2.65 GiB (a host load of it from the page cache took ~1.5 s here)
+   */
+  checkFinite?: boolean;
 }
+
+/** File dtypes a (float) parameter may be loaded from. */
+const FLOAT_FILE_DTYPES = new Set(['F32', 'F16', 'BF16', 'F64']);
 
 export interface LoadResult {
   unused: string[];
@@ -47,16 +58,38 @@ export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOpt
   const params = module.namedParams();
   const spec = params.map(([key, p]) => ({ key, shape: p.shape }));
   const { unused } = checkSpec(ckpt, spec, { what: opts.owner });
+  // every Param of the models is a float (policy 'checkpoint' or 'f32'): an integer tensor under a
+  // weight's name is a wrong or damaged file, refused on the headers before any data is read
+  for (const [key, p] of params) {
+    const info = ckpt.info(key);
+    if (!FLOAT_FILE_DTYPES.has(info.dtype)) {
+      throw new CheckpointError(
+        `[checkpoint] ${opts.owner}: tensor '${key}' in ${info.file} is ${info.dtype}, expected a float tensor (F32, F16 or BF16${p.policy === 'f32' ? '; used as f32' : ''}); the file does not match the model: re-download it or re-export it with float weights`,
+      );
+    }
+  }
   const total = params.reduce((a, [key]) => a + ckpt.info(key).byteLength, 0);
   let done = 0;
   let deviceBytes = 0;
   let hostBytes = 0;
   let sinceSync = 0;
+  const check = opts.checkFinite ?? true;
   for (const [key, p] of params) {
     // the CPU device (no engine) computes on worker threads: its weights go to shared memory
     const host = await readTensor(ckpt, key, { expectShape: p.shape, what: opts.owner, shared: !opts.engine });
+    // NaN/±Inf in a weight: a CheckpointError naming the key and the file (~4-5 GB/s on one core)
+    if (check && (host.dtype === 'f32' || host.dtype === 'f16' || host.dtype === 'bf16')) assertFinite(ckpt.info(key), host.data!, host.dtype);
     const dt = targetDtype(p, host.dtype, opts.weightDtype ?? 'checkpoint');
     const conv = convertHost(host, dt);
+    // f16 is the one conversion that can overflow (|x| > 65504 becomes ±Inf); the file was finite
+    if (check && dt === 'f16' && host.dtype !== 'f16') {
+      const { count } = scanNonFinite(conv.data!, 'f16');
+      if (count > 0) {
+        throw new ConfigError(
+          `[load] ${opts.owner}: tensor '${key}' in ${ckpt.fileOf(key)} has ${count.toLocaleString('en-US')} value${count === 1 ? '' : 's'} beyond f16's range (±65504) that become Inf as f16; use infer.weight_dtype=checkpoint or bf16`,
+        );
+      }
+    }
     setParam(p, conv, opts, key);
     if (p.value!.device === 'gpu') {
       deviceBytes += p.value!.nbytes;

@@ -74,7 +74,7 @@ export const embeddingOp = defineOp<{ ids: Tensor; table: Tensor }, EmbeddingAtt
     const out = new Float32Array(ids.numel * D);
     for (let n = 0; n < iv.length; n++) {
       const id = iv[n]!;
-      if (!(id >= 0 && id < V)) throw new ShapeError(`[embedding] id ${id} at position ${n} is out of range for a table of ${V} rows`);
+      if (!(id >= 0 && id < V)) throw new ShapeError(`[embedding] id ${id} at position ${n} is out of range for a table of ${V} rows: the tokenizer and the text encoder come from different models; download tokenizer/ and text_encoder/ of the same model`);
       // only the gathered row is widened (UMT5-XXL's bf16 table is 2.1 GB: widening all of it per
       // prompt cost seconds)
       out.set(table.select0(id).hostValues(), n * D);

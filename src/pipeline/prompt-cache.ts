@@ -66,12 +66,20 @@ export class PromptCache {
 
   async put(prompt: string, textLen: number, context: Float32Array, length: number, dim: number): Promise<void> {
     const p = this.path(this.key(prompt, textLen));
-    await writeSafetensors(p, [{ key: 'context', dtype: 'F32', shape: [length, dim], data: new Uint8Array(context.buffer, context.byteOffset, length * dim * 4) }], {
-      prompt: prompt.slice(0, 200),
-      text_len: String(textLen),
-    });
-    this.evict();
+    try {
+      await writeSafetensors(p, [{ key: 'context', dtype: 'F32', shape: [length, dim], data: new Uint8Array(context.buffer, context.byteOffset, length * dim * 4) }], {
+        prompt: prompt.slice(0, 200),
+        text_len: String(textLen),
+      });
+      this.evict();
+    } catch (e) {
+      // a cache that cannot be written (disk full, read-only) costs the next run an encode, not this run
+      this.writeError ??= `[prompt-cache] could not save the prompt embedding in ${this.dir} (${(e as Error).message.split('\n')[0]}); this run goes on without caching it`;
+    }
   }
+
+  /** the first failure to write an entry (the run goes on; the CLI prints it as a warning) */
+  writeError: string | null = null;
 
   /** Remove least recently used entries until the folder is within maxBytes. */
   evict(): void {

@@ -1,12 +1,14 @@
 // What a run reports about itself: the JSON sidecar, the memory snapshot files, and the text of
 // `--memory-stats`, `--profile` and the loaded/done lines. Used by the CLI; nothing here runs the model.
 
-import { resolve } from 'node:path';
+import { dirname, resolve } from 'node:path';
 import { toDotted } from '../config/settings.ts';
 import type { Settings } from '../config/schema.ts';
 import { takeSnapshot, renderSnapshotHtml } from '../memory/snapshot.ts';
-import { writeFileAtomic } from '../io/atomic.ts';
-import { fmtBytes } from '../util/errors.ts';
+import { makeDirs, writeFileAtomic } from '../io/atomic.ts';
+import { OutputError, oneLine } from '../io/output-error.ts';
+import { fmtBytes, SmartDiffusionError } from '../util/errors.ts';
+import { checkWritableFile } from './outputs.ts';
 import { placementSummary } from '../plan/plan.ts';
 import type { GenerateResult, ProgressEvent, WanPipeline } from './wan-pipeline.ts';
 
@@ -102,13 +104,41 @@ export function profileRecord(pipe: WanPipeline, result: Pick<GenerateResult, 't
   return { event: 'profile', kernels: pipe.engine.profile.rows(), timings: result.timingsMs, uploads: result.uploads ?? null };
 }
 
-/** `--memory-snapshot PATH`: the allocator's history as PATH.json and an HTML timeline; returns the files */
-export async function writeMemorySnapshot(path: string, pipe: WanPipeline, prompt: string): Promise<string[]> {
-  const snap = takeSnapshot(pipe.engine.allocator, pipe.engine.adapterName);
+const SNAPSHOT_OPTION = 'report.memory_snapshot (--memory-snapshot)';
+
+/** The two files `--memory-snapshot PATH` writes: PATH.json (PATH itself when it ends in .json) and the .html beside it. */
+export function memorySnapshotPaths(path: string): { json: string; html: string } {
   const snapPath = resolve(path);
-  const jsonPath = snapPath.endsWith('.json') ? snapPath : `${snapPath}.json`;
-  const htmlPath = jsonPath.replace(/\.json$/, '.html');
-  await writeFileAtomic(jsonPath, JSON.stringify(snap));
-  await writeFileAtomic(htmlPath, renderSnapshotHtml(snap, { title: `GPU memory: ${prompt.slice(0, 60)} (level ${pipe.plan.level})` }));
+  const json = snapPath.endsWith('.json') ? snapPath : `${snapPath}.json`;
+  return { json, html: json.replace(/\.json$/, '.html') };
+}
+
+/** Fail early (before any GPU work) when the memory snapshot files cannot be written: one-line OutputError. */
+export function checkMemorySnapshotWritable(path: string): void {
+  const p = memorySnapshotPaths(path);
+  checkWritableFile(p.json, SNAPSHOT_OPTION);
+  checkWritableFile(p.html, SNAPSHOT_OPTION);
+}
+
+/** `--memory-snapshot PATH`: the allocator's history as PATH.json and an HTML timeline; returns the files. Errors are one-line OutputErrors. */
+export async function writeMemorySnapshot(path: string, pipe: WanPipeline, prompt: string): Promise<string[]> {
+  const { json: jsonPath, html: htmlPath } = memorySnapshotPaths(path);
+  let json: string;
+  let html: string;
+  try {
+    const snap = takeSnapshot(pipe.engine.allocator, pipe.engine.adapterName);
+    json = JSON.stringify(snap);
+    html = renderSnapshotHtml(snap, { title: `GPU memory: ${prompt.slice(0, 60)} (level ${pipe.plan.level})` });
+  } catch (e) {
+    if (e instanceof SmartDiffusionError) throw e;
+    throw new OutputError(`[output] could not build the memory snapshot for ${jsonPath} (${oneLine((e as Error).message ?? String(e))}); run without ${SNAPSHOT_OPTION} or with fewer steps`);
+  }
+  try {
+    makeDirs(dirname(jsonPath));
+  } catch (e) {
+    throw new OutputError(`[output] cannot create the folder ${dirname(jsonPath)} for ${jsonPath} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); choose another ${SNAPSHOT_OPTION}`);
+  }
+  await writeFileAtomic(jsonPath, json, { option: SNAPSHOT_OPTION });
+  await writeFileAtomic(htmlPath, html, { option: SNAPSHOT_OPTION });
   return [jsonPath, htmlPath];
 }

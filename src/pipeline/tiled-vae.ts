@@ -9,6 +9,7 @@
 import type { Engine } from '../runtime/engine.ts';
 import type { Tensor } from '../tensor/tensor.ts';
 import { WanVaeDecoder, CausalCache, sliceFrames, concatTime } from '../models/wan_vae/model.ts';
+import { countNonFinite } from '../ops/finite.ts';
 
 /** Tiles along one axis: tile i covers latent pixels [starts[i], starts[i] + lens[i]). */
 export interface AxisPlan {
@@ -243,6 +244,11 @@ export interface TiledDecodeOptions {
   /** auto tiles may use this many bytes even when the whole-frame stages need less (a lean stem: leanStemStages) */
   tileBytes?: number;
   onTile?: (done: number, total: number) => void;
+  /**
+   * count NaN/±Inf in every tile's decoder output on the GPU, before its readback (one dispatch per
+   * tile and chunk, the counts chained on the GPU and read once at the end): `nonFinite` in the result
+   */
+  checkFinite?: boolean;
 }
 
 /**
@@ -259,7 +265,7 @@ export async function decodeTiled(
   z: Float32Array,
   shape: [number, number, number, number],
   opts: TiledDecodeOptions,
-): Promise<{ video: Float32Array; shape: [number, number, number, number]; tiles: number; hostBytes: number; stemBytes: number[] }> {
+): Promise<{ video: Float32Array; shape: [number, number, number, number]; tiles: number; hostBytes: number; stemBytes: number[]; nonFinite: number; checked: number }> {
   const [C, F, H, W] = shape;
   // 1. stem on whole frames, kept in host memory: [Cm, Tc, H·su, W·su] per chunk. The stem includes the
   // up-block stages below the output resolution (STEM_STAGES): tiling them would recompute a wide halo
@@ -311,6 +317,9 @@ export async function decodeTiled(
   let Wo = 0;
   const total = ys.length * xs.length;
   let done = 0;
+  // the running non-finite count (u32 [1] on the GPU) and the elements it covers
+  let bad: Tensor | null = null;
+  let checked = 0;
   for (let yi = 0; yi < ys.length; yi++) {
     for (let xi = 0; xi < xs.length; xi++) {
       const y0 = ys[yi]!;
@@ -352,6 +361,12 @@ export async function decodeTiled(
           outC = o.size(1);
           hh = o.size(3);
           ww = o.size(4);
+          if (opts.checkFinite && !meta) {
+            const next = countNonFinite(o, bad ?? undefined);
+            bad?.dispose();
+            bad = next;
+            checked += o.numel;
+          }
           if (meta) tileT += o.size(2);
           else parts.push((await o.toArray()) as Float32Array);
           o.dispose();
@@ -397,11 +412,17 @@ export async function decodeTiled(
   }
   // host memory at the blend's end: the stems, the f64 accumulators and the video (the planner's count)
   const hostBytes = tiledDecodeHostBytes(stemBytes, T, Ho, Wo);
-  if (meta) return { video: new Float32Array(0), shape: [3, T, Ho, Wo], tiles: total, hostBytes, stemBytes };
+  if (meta) return { video: new Float32Array(0), shape: [3, T, Ho, Wo], tiles: total, hostBytes, stemBytes, nonFinite: 0, checked: 0 };
+  let nonFinite = 0;
+  if (bad) {
+    const b: Tensor = bad;
+    nonFinite = (await b.toArray())[0]!;
+    b.dispose();
+  }
   const video = new Float32Array(out!.length);
   const hw = Ho * Wo;
   for (let i = 0; i < video.length; i++) video[i] = Math.min(1, Math.max(-1, out![i]! / wsum![i % hw]!));
-  return { video, shape: [3, T, Ho, Wo], tiles: total, hostBytes, stemBytes };
+  return { video, shape: [3, T, Ho, Wo], tiles: total, hostBytes, stemBytes, nonFinite, checked };
 }
 
 /** Host bytes at the end of a tiled decode: the stems kept per chunk, the f64 accumulators and the f32 video. */

@@ -20,17 +20,28 @@ import { PromptCache, weightsIdentity } from './prompt-cache.ts';
 import { settingsForModel, requestSettings, type SettingsOptions } from '../config/settings.ts';
 import type { RequestSettings, Settings } from '../config/schema.ts';
 import { Rng } from '../util/rng.ts';
+import { preflight } from '../plan/preflight.ts';
+import { releaseMatmulWorkspace } from '../ops/matmul.ts';
 import { choosePlacement, type BudgetChoice } from '../plan/budget.ts';
 import { shapesOfFolder } from '../plan/shapes.ts';
 import { specFromCaps } from '../plan/meta-gpu.ts';
 import { placementSummary } from '../plan/plan.ts';
 import { ConfigError, InterruptedError, ShapeError, fmtBytes } from '../util/errors.ts';
+import { NonFiniteError } from '../util/non-finite.ts';
+import { countNonFinite } from '../ops/finite.ts';
+import { scanNonFinite } from '../ops/cpu/finite.ts';
 
 export type Phase = 'load' | 'encode' | 'denoise' | 'decode';
 
 export type ProgressEvent =
   | { type: 'phase'; phase: Phase | 'write'; detail?: string }
   | { type: 'step'; step: number; total: number; elapsedMs: number; etaMs: number; allocated: number; peakAllocated: number }
+  /** inside a slow step (> 2 s), at most once a second: blocks of the DiT forward done so far */
+  | { type: 'block'; step: number; total: number; block: number; blocks: number; elapsedMs: number }
+  /** the preflight's check of this run against the machine (src/plan/preflight.ts), before loading */
+  | { type: 'preflight'; ms: number; peakReserved: number; hostBytes: number; notes: string[] }
+  /** something that did not stop the run but the user should know */
+  | { type: 'warning'; message: string }
   | { type: 'decode'; done: number; total: number; unit: 'tile' | 'frame' }
   | { type: 'load'; component: string; done: number; total: number }
   | { type: 'plan'; placement: string; reasons: string[]; predictedPeakReserved: number; budget: number }
@@ -85,6 +96,38 @@ export interface GenerateResult {
   uploads?: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number; exposedMs: number };
 }
 
+/**
+ * What a NonFiniteError thrown by the pipeline carries besides its message (fields on the error
+ * object): where the numbers went bad and, for the denoise, the last finite latents.
+ */
+export interface NonFiniteDetails {
+  phase: 'encode' | 'denoise' | 'decode';
+  /** denoise: the step (1-based) whose DiT output or scheduler update was non-finite */
+  step?: number;
+  totalSteps?: number;
+  /** 'dit' (the DiT forward's output), 'scheduler' (the latents after the update), 'text_encoder', 'vae' */
+  where: 'dit' | 'scheduler' | 'text_encoder' | 'vae';
+  /** non-finite values found, of `total` */
+  count: number;
+  total: number;
+  /** denoise: the last finite latents (the failing step's input; the initial noise at step 1); decode: its input latents */
+  latents?: Latents;
+  /** denoise: steps completed on `latents` (step - 1) */
+  latentsStep?: number;
+}
+
+export type PipelineNonFiniteError = NonFiniteError & NonFiniteDetails;
+
+function nonFiniteError(message: string, details: NonFiniteDetails): PipelineNonFiniteError {
+  return Object.assign(new NonFiniteError(message), details);
+}
+
+/**
+ * Test hooks (tests only; empty in normal runs): `afterDitForward` may replace the DiT output
+ * of a step before the pipeline checks it (e.g. to plant a NaN).
+ */
+export const pipelineTestHooks: { afterDitForward?: (out: Tensor, step: number) => Tensor } = {};
+
 export class WanPipeline {
   readonly plan: MemoryPlan;
   private streamed: StreamedBlocks | null = null;
@@ -94,6 +137,7 @@ export class WanPipeline {
   /** text_encoder_device=gpu-stream: the encoder blocks' host images and their slot ring */
   private teRing: StreamedBlocks | null = null;
   private readonly promptCache: PromptCache | null;
+  private warnedCache = false;
   readonly componentBytes: Record<string, number> = {};
   /** with infer.vram_budget: the placement the budget chose, its predicted peaks and why */
   budget: BudgetChoice | null = null;
@@ -150,6 +194,12 @@ export class WanPipeline {
         settings = budget.settings;
         options.onProgress?.({ type: 'plan', placement: placementSummary(budget.plan), reasons: budget.reasons, predictedPeakReserved: budget.plan.peakReservedBytes, budget: l.vramBudget });
       }
+      if (l.preflight) {
+        // before anything is loaded: this run against this machine (RAM, buffer limit, lavapipe's mappings)
+        const pf = await preflight(folder, settings, engine);
+        settings = pf.settings;
+        options.onProgress?.({ type: 'preflight', ms: pf.ms, peakReserved: pf.plan.peakReservedBytes, hostBytes: pf.plan.hostBytes, notes: pf.notes });
+      }
     } catch (e) {
       if (!options.engine) engine.destroy();
       throw e;
@@ -160,6 +210,7 @@ export class WanPipeline {
       const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config));
       const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config));
       const tok = folder.tokenizer ? await loadTokenizer(folder.tokenizer.dir) : null;
+      tok?.checkVocabSize(folder.textEncoder.config.vocab_size, folder.textEncoder.configPath);
       const p = new WanPipeline(engine, !options.engine, folder, settings, dit, te, vae, tok, options.onProgress);
       p.budget = budget;
       await p.load();
@@ -212,6 +263,7 @@ export class WanPipeline {
       engine: e,
       owner: 'dit',
       weightDtype: wd,
+      checkFinite: this.checkFinite,
       placement: ditPlacement(this.plan, (k) => this.dit.isBlockKey(k)),
       onProgress: (d, t) => this.emit({ type: 'load', component: 'transformer', done: d, total: t }),
     });
@@ -235,6 +287,7 @@ export class WanPipeline {
       engine: this.engine,
       owner: 'vae',
       weightDtype: wd,
+      checkFinite: this.checkFinite,
       ...(placement ? { placement: () => placement } : {}),
       onProgress: (d, t) => this.emit({ type: 'load', component: 'vae', done: d, total: t }),
     });
@@ -254,6 +307,7 @@ export class WanPipeline {
       engine: how.onGpu ? this.engine : null,
       owner: 'text_encoder',
       weightDtype: how.weightDtype,
+      checkFinite: this.checkFinite,
       placement: how.placement,
       onProgress: (d, t) => this.emit({ type: 'load', component: 'text_encoder', done: d, total: t }),
     });
@@ -299,7 +353,10 @@ export class WanPipeline {
     const textLen = this.settings.load.textLen;
     const d = this.textEncoder.dims.dModel;
     const cached = await this.promptCache?.get(text, textLen);
-    if (cached && cached.dim === d) return pad(cached.context, cached.length, textLen, d);
+    if (cached && cached.dim === d) {
+      this.checkContext(cached.context, text);
+      return pad(cached.context, cached.length, textLen, d);
+    }
     if (!this.tokenizer) throw new ShapeError(`[pipeline] the model folder ${this.folder.dir} has no tokenizer/ folder: prompts cannot be encoded (add tokenizer/tokenizer.json)`);
     const enc = encodePrompt(this.tokenizer, text, textLen);
     const mode = this.plan.textEncoder; // its weights were loaded by fromPretrained
@@ -326,8 +383,45 @@ export class WanPipeline {
     const all = (await out.toArray()) as Float32Array;
     if (out.device === 'gpu') out.dispose();
     const ctx = all.slice(0, enc.length * d);
+    // before the cache keeps it: a bad context must not outlive the run
+    this.checkContext(ctx, text);
     await this.promptCache?.put(text, textLen, ctx, enc.length, d);
+    if (this.promptCache?.writeError && !this.warnedCache) {
+      this.warnedCache = true;
+      this.emit({ type: 'warning', message: this.promptCache.writeError });
+    }
     return pad(ctx, enc.length, textLen, d);
+  }
+
+  /**
+   * infer.check_finite (default true): weights scanned for NaN/±Inf at load, the text context, every
+   * step's DiT output and latents and the decoded video checked at run time
+   */
+  private get checkFinite(): boolean {
+    return (this.settings.load as { checkFinite?: boolean }).checkFinite ?? true;
+  }
+
+  /** What to try when a phase's numbers overflow, from this pipeline's precision settings. */
+  private overflowAdvice(component: 'dit' | 'text_encoder' | 'vae'): string {
+    const l = this.settings.load;
+    const tips: string[] = [];
+    if (component === 'dit' && l.activationDtype === 'f16') tips.push('infer.activation_dtype=f32');
+    if (l.weightDtype === 'f16') tips.push('infer.weight_dtype=checkpoint');
+    const what = component === 'dit' ? 'transformer' : component;
+    tips.push(`check the ${what} weights (NaN/Inf in a file is refused at load; finite but huge values are not)`);
+    return `try ${tips.join(', or ')}`;
+  }
+
+  /** [encode] the text encoder's output (host, after its readback: a scan of a few KB) */
+  private checkContext(ctx: Float32Array, prompt: string): void {
+    if (!this.checkFinite) return;
+    const { count } = scanNonFinite(ctx, 'f32');
+    if (count === 0) return;
+    const shown = prompt.length > 40 ? `${prompt.slice(0, 40)}...` : prompt;
+    throw nonFiniteError(
+      `[encode] the text encoder's output (context) for the prompt ${JSON.stringify(shown)} has ${fmtCount(count)} non-finite values (NaN/Inf) of ${fmtCount(ctx.length)}; the text encoder's weights or settings overflow: ${this.overflowAdvice('text_encoder')}`,
+      { phase: 'encode', where: 'text_encoder', count, total: ctx.length },
+    );
   }
 
   // ------------------------------------------------------------------ sample
@@ -399,6 +493,7 @@ export class WanPipeline {
     const perStep = result.memory.perStep;
     // activation bounds (CFG passes in turn, FFN / attention chunks) for this many tokens
     const bounds = ditRunOptions(this.plan, this.dit.dims, F * (lh / ph) * (lw / pw));
+    const checkFinite = this.checkFinite;
     try {
       for (let i = 0; i < steps; i++) {
         check();
@@ -406,13 +501,47 @@ export class WanPipeline {
         const x = new Float32Array(B * latent.length);
         for (let b = 0; b < B; b++) x.set(latent, b * latent.length);
         const xg = e.fromHost(x, [B, C, F, lh, lw], 'f32');
-        const out = await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds });
-        xg.dispose();
+        // between blocks: Ctrl-C stops a long step, and a step slower than 2 s reports its blocks
+        const tStep = performance.now();
+        let tBlock = tStep;
+        const onBlock = (b: number, nb: number) => {
+          check();
+          const now = performance.now();
+          if (now - tStep > 2000 && now - tBlock > 1000) {
+            tBlock = now;
+            this.emit({ type: 'block', step: i + 1, total: steps, block: b + 1, blocks: nb, elapsedMs: now - tStep }, cb);
+          }
+        };
+        let out: Tensor;
+        try {
+          out = await e.scopeAsync(async () => e.keep(await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock })));
+        } catch (err) {
+          // an interrupted forward gives its streamed blocks' slots back (the next run allocates them again)
+          if (err instanceof InterruptedError) this.streamed?.releaseDevice();
+          throw err;
+        } finally {
+          xg.dispose();
+        }
+        if (pipelineTestHooks.afterDitForward) out = pipelineTestHooks.afterDitForward(out, i + 1);
+        // the non-finite count is encoded before the readback, so it runs in the same submit; its
+        // 4 bytes are read right after the prediction (the GPU is done by then: no extra wait)
+        const bad = checkFinite ? countNonFinite(out) : null;
         const pred = (await out.toArray()) as Float32Array;
         out.dispose();
         const n = latent.length;
+        if (bad) {
+          const count = (await bad.toArray())[0]!;
+          bad.dispose();
+          if (count > 0) throw this.denoiseError('dit', count, pred.length, i, steps, latent, [C, F, lh, lw]);
+        }
         const v = useCfg ? cfgCombine(pred.subarray(n, 2 * n), pred.subarray(0, n), guidance) : pred;
-        latent = sched.step(v, i, latent);
+        const next = sched.step(v, i, latent);
+        // the update itself (finite prediction, huge values): a host scan of the new latents
+        if (checkFinite) {
+          const { count } = scanNonFinite(next, 'f32');
+          if (count > 0) throw this.denoiseError('scheduler', count, next.length, i, steps, latent, [C, F, lh, lw]);
+        }
+        latent = next;
         const st = e.allocator.stats();
         perStep.push({ step: i + 1, peakAllocated: st.peakAllocated, peakReserved: st.peakReserved });
         const el = performance.now() - t0;
@@ -432,6 +561,15 @@ export class WanPipeline {
     result.seed = seed;
     result.settings = settings;
     return { data: latent, shape: [C, F, lh, lw] };
+  }
+
+  private denoiseError(where: 'dit' | 'scheduler', count: number, total: number, i: number, steps: number, latent: Float32Array, shape: Latents['shape']): PipelineNonFiniteError {
+    const what = where === 'dit' ? 'the DiT output (the predicted flow, both CFG passes)' : 'the latents after the scheduler update';
+    return nonFiniteError(
+      `[denoise] step ${i + 1}/${steps}: ${what} has ${fmtCount(count)} non-finite values (NaN/Inf) of ${fmtCount(total)}; the model's weights or settings overflow: ` +
+        `${this.overflowAdvice('dit')}. The last finite latents (after step ${i} of ${steps}) are kept with the error`,
+      { phase: 'denoise', where, step: i + 1, totalSteps: steps, count, total, latents: { data: latent, shape }, latentsStep: i },
+    );
   }
 
   // ------------------------------------------------------------------ decode
@@ -460,14 +598,29 @@ export class WanPipeline {
     try {
       await this.loadVae();
       if (this.plan.vaeTiling) {
-        res = await decodeTiled(e, this.vae, latents.data, latents.shape, {
+        const tiled = await decodeTiled(e, this.vae, latents.data, latents.shape, {
+          checkFinite: this.checkFinite,
           tile: this.plan.tileSize,
           overlap: this.plan.tileOverlap,
           ...decodeSplitFor(this.plan, this.vae, latents.shape[2], latents.shape[3]),
-          onTile: (d, t) => this.emit({ type: 'decode', done: d, total: t, unit: 'tile' }, cb),
+          onTile: (d, t) => {
+            if (opts.signal?.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
+            this.emit({ type: 'decode', done: d, total: t, unit: 'tile' }, cb);
+          },
         });
+        res = tiled;
+        if (this.checkFinite && tiled.nonFinite > 0) throw this.decodeError(tiled.nonFinite, tiled.checked, latents, 'in the decoder output tiles (overlaps counted once per tile)');
       } else {
-        res = await this.vae.decode(e, latents.data, latents.shape, { onChunk: (d, t) => this.emit({ type: 'decode', done: d, total: t, unit: 'frame' }, cb) });
+        const dec = await this.vae.decode(e, latents.data, latents.shape, {
+          checkFinite: this.checkFinite,
+          onChunk: (d, t) => {
+            if (opts.signal?.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
+            this.emit({ type: 'decode', done: d, total: t, unit: 'frame' }, cb);
+          },
+        });
+        res = dec;
+        // counted on the GPU before each chunk's readback (±Inf too: the returned video is clamped)
+        if (this.checkFinite && (dec.nonFinite ?? 0) > 0) throw this.decodeError(dec.nonFinite!, dec.video.length, latents, 'in the decoded video');
       }
       await e.sync();
       perPhase.decode = this.phaseMemory();
@@ -478,6 +631,13 @@ export class WanPipeline {
     }
     timings.decode = performance.now() - t0;
     return res;
+  }
+
+  private decodeError(count: number, total: number, latents: Latents, where: string): PipelineNonFiniteError {
+    return nonFiniteError(
+      `[decode] the VAE decoder's output has ${fmtCount(count)} non-finite values (NaN/Inf) of ${fmtCount(total)} ${where}; the VAE's weights or settings overflow: ${this.overflowAdvice('vae')}. The latents are finite (kept with the error)`,
+      { phase: 'decode', where: 'vae', count, total, latents },
+    );
   }
 
   /** sample + decode */
@@ -521,8 +681,15 @@ export class WanPipeline {
     this.textEncoder.disposeCaches();
     this.vae.disposeParams();
     this.vaeHost = null;
+    // the engine's matmul workspace (packed operands on lavapipe) belongs to no model: give it back
+    // with the pipeline, so a shared engine holds 0 bytes allocated afterwards (bench:soak)
+    releaseMatmulWorkspace(this.engine);
     if (this.ownsEngine) this.engine.destroy();
   }
+}
+
+function fmtCount(n: number): string {
+  return n.toLocaleString('en-US');
 }
 
 function pad(ctx: Float32Array, len: number, textLen: number, d: number): Float32Array {

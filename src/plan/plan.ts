@@ -76,6 +76,10 @@ export interface RunPlan {
   work: Record<PlanPhase, PhaseWork>;
   /** streamed DiT bytes uploaded per step */
   streamBytesPerStep: number;
+  /** the most GPU dispatches queued at once (Engine.maxInFlight of the walk; lavapipe's limit, see preflight.ts) */
+  maxInFlight: number;
+  /** the op encoding at that moment */
+  maxInFlightAt: string;
 }
 
 /** What the run places where (memory-plan.ts resolved, chunks resolved for this size). */
@@ -253,6 +257,8 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
   const host: Record<string, number> = {};
   let streamBytesPerStep = 0;
   let events: MemoryEvent[] = [];
+  let maxInFlight = 0;
+  let maxInFlightAt = '';
   const forwardOpts = ditRunOptions(plan, dit.dims, L);
   try {
     // ---- load (WanPipeline.load)
@@ -385,6 +391,8 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     host['staging ring'] = a.stats().peakStagingBytes;
   } finally {
     events = a.stopRecording();
+    maxInFlight = e.maxInFlight;
+    maxInFlightAt = e.maxInFlightAt;
     e.destroy();
   }
   const phases = phasePeaks(events, resets);
@@ -417,6 +425,8 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     hostByPart: host,
     work,
     streamBytesPerStep,
+    maxInFlight,
+    maxInFlightAt,
   };
 }
 

@@ -8,6 +8,7 @@
 // runtime/params.ts) go into one CPU-side staging block that is written to a uniform arena with a
 // single `writeBuffer` right before the submit; queue order makes reusing the arena safe.
 
+import { mapHeadroom } from '../device/maps.ts';
 import { createGpu, type GpuContext, type GpuOptions } from '../device/gpu.ts';
 import { adapterName, type AdapterCaps } from '../device/caps.ts';
 import { WaitPredictor, sleep } from '../device/wait.ts';
@@ -106,6 +107,14 @@ export class Engine implements TensorDevice {
   /** total dispatches encoded (for tests and stats) */
   dispatchCount = 0;
   submitCount = 0;
+  /**
+   * The most dispatches queued at once (submitted and not yet waited for, plus encoded): what
+   * lavapipe's memory mappings scale with (see throttle). The planner reads it from a meta run,
+   * and the preflight refuses a run whose count the device cannot hold.
+   */
+  maxInFlight = 0;
+  /** the op that was encoding when maxInFlight was reached */
+  maxInFlightAt = '';
 
   static async create(opts: EngineOptions = {}): Promise<Engine> {
     const gpu = await createGpu(opts);
@@ -127,8 +136,16 @@ export class Engine implements TensorDevice {
   /** called with every outermost op's registry work (the planner's cost model listens here) */
   onOpWork: ((op: string, flops: number, bytes: number) => void) | null = null;
 
+  /**
+   * throttle() waits past this many queued dispatches: MAX_IN_FLIGHT on a GPU; on a software adapter
+   * at most a third of the process's mapping headroom (device/maps.ts), so a lowered
+   * vm.max_map_count still leaves room for the largest run of dispatches between two waits
+   */
+  readonly throttleAt: number;
+
   private constructor(gpu: GpuContext, opts: EngineOptions) {
     this.gpu = gpu;
+    this.throttleAt = gpu.caps.adapterClass === 'gpu' ? MAX_IN_FLIGHT : Math.max(1000, Math.min(MAX_IN_FLIGHT, Math.floor(mapHeadroom() / 3)));
     this.device = gpu.device;
     this.waitMode = opts.waitMode ?? 'predict';
     this.profiling = (opts.profile ?? false) && gpu.caps.timestampQuery;
@@ -154,6 +171,7 @@ export class Engine implements TensorDevice {
       },
       opts,
     );
+    this.allocator.maxBufferBytes = gpu.limits.maxBufferSize;
     this.arena = device.createBuffer({ size: PARAM_SLOT * ARENA_SLOTS, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST, label: 'params-arena' });
   }
 
@@ -451,14 +469,14 @@ export class Engine implements TensorDevice {
   }
 
   /**
-   * Wait for the GPU when more than MAX_IN_FLIGHT dispatches were submitted since the last wait.
+   * Wait for the GPU when more than `throttleAt` dispatches were submitted since the last wait.
    * Long loops (the DiT's blocks) call it between iterations: lavapipe keeps memory mappings for the
    * work it has queued, and a 1.3B-shaped step at 8,192 tokens or more (85,000 dispatches before
    * the read-back) crossed the kernel's 65,530-mapping limit and died with SIGSEGV in Dawn's
    * descriptor-pool allocation. On a GPU the wait costs one idle gap per 20,000 dispatches.
    */
   async throttle(): Promise<void> {
-    if (this.pendingDispatches + this.dispatchesInEncoder > MAX_IN_FLIGHT) await this.sync();
+    if (this.pendingDispatches + this.dispatchesInEncoder > this.throttleAt) await this.sync();
   }
 
   /** Add work (flops + bytes) not encoded through an op, e.g. a benchmark's bare kernel. */
@@ -523,6 +541,10 @@ export class Engine implements TensorDevice {
     if (this.profiling) this.endPass();
     this.dispatchCount++;
     this.dispatchesInEncoder++;
+    if (this.pendingDispatches + this.dispatchesInEncoder > this.maxInFlight) {
+      this.maxInFlight = this.pendingDispatches + this.dispatchesInEncoder;
+      this.maxInFlightAt = this.currentOp ?? name;
+    }
     this.recentKernels.push(name);
     if (this.recentKernels.length > 16) this.recentKernels.shift();
     if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();

@@ -252,7 +252,7 @@ class WanBlock extends Module {
       const xs = x.narrow0(b0, b0 + nb); // [nb, L, D], a view: updates land in x
       // 1. Self-attention: x += attn1(LN(x)·(1+scale_msa) + shift_msa) · gate_msa
       if (bounds.attnChunk > 0 && bounds.attnChunk < L) {
-        for (let b = b0; b < b0 + nb; b++) this.selfAttnChunked(e, x.select0(b), mod, ropeCs, bounds.attnChunk, act);
+        for (let b = b0; b < b0 + nb; b++) await this.selfAttnChunked(e, x.select0(b), mod, ropeCs, bounds.attnChunk, act);
       } else {
         const h1 = layerNormMod(xs, mod[0]!, mod[1]!, this.dims.eps);
         const q = this.attn1.query(h1, ropeCs, act);
@@ -266,6 +266,7 @@ class WanBlock extends Module {
         putBytes(e, xs, 0, gatedResidual({ x: xs, r: y1, gate: mod[2]! }, {}));
         y1.dispose();
       }
+      await e.throttle();
       // 2. Cross-attention over all text rows, no gate: x += attn2(LN_affine(x), ctx)
       if (bounds.attnChunk > 0 && bounds.attnChunk < L) {
         for (let b = b0; b < b0 + nb; b++) {
@@ -281,6 +282,7 @@ class WanBlock extends Module {
             putBytes(e, xr, 0, add(xr, y2));
             y2.dispose();
             xr.dispose();
+            await e.throttle();
           }
           xb.dispose();
           kb.dispose();
@@ -299,6 +301,7 @@ class WanBlock extends Module {
         putBytes(e, xs, 0, add(xs, y2));
         y2.dispose();
       }
+      await e.throttle();
       // 3. FFN: x += ffn(LN(x)·(1+scale_ffn) + shift_ffn) · gate_ffn, per token: chunks run over
       // the group's rows of all its batch elements
       const rows = xs.reshape([nb * L, D]);
@@ -309,6 +312,7 @@ class WanBlock extends Module {
         putBytes(e, xr, 0, gatedResidual({ x: xr, r: y3, gate: mod[5]! }, {}));
         y3.dispose();
         xr.dispose();
+        await e.throttle();
       }
       rows.dispose();
       xs.dispose();
@@ -326,7 +330,7 @@ class WanBlock extends Module {
    * chunk's RoPE rows, attention against all keys, output projection and the gated residual of
    * those rows. A chunk's rows are read for the last time right before they are overwritten.
    */
-  private selfAttnChunked(e: Engine, xb: Tensor, mod: Tensor[], ropeCs: RopeRows, chunk: number, act: DType): void {
+  private async selfAttnChunked(e: Engine, xb: Tensor, mod: Tensor[], ropeCs: RopeRows, chunk: number, act: DType): Promise<void> {
     const [L, D] = xb.shape as [number, number];
     const H = this.dims.numHeads;
     const es = dtypeSize(act);
@@ -345,6 +349,7 @@ class WanBlock extends Module {
       putBytes(e, v, i0 * D * es, this.attn1.value(c.h, act));
       c.h.dispose();
       c.free();
+      await e.throttle();
     }
     for (const [i0, i1] of ranges) {
       const c = chunkIn(i0, i1);
@@ -354,6 +359,7 @@ class WanBlock extends Module {
       putBytes(e, c.xr, 0, gatedResidual({ x: c.xr, r: y, gate: mod[2]! }, {}));
       y.dispose();
       c.free();
+      await e.throttle();
     }
     k.dispose();
     v.dispose();
@@ -391,6 +397,12 @@ export interface DitForwardOptions {
    * each block reads it in and writes it back out, so the GPU holds one block's working set.
    */
   activationOffload?: boolean;
+  /**
+   * Called after each block (its work encoded, not necessarily finished): the pipeline checks its
+   * AbortSignal here (throwing stops the forward between blocks) and reports progress inside a
+   * long step.
+   */
+  onBlock?: (block: number, blocks: number) => void | Promise<void>;
   // Activation bounds. Each gives the same floats as the unbounded forward (bit-identical: every
   // piece is per token row or per batch element, and no matmul call gets so few rows that its
   // kernel changes, see MIN_CALL_ROWS). A traced forward ignores them: the trace reports
@@ -545,6 +557,8 @@ export class WanTransformer3DModel extends Module {
           hostStream = (await hs.toArray()) as Float32Array;
           hs.dispose();
         }
+        // before the next block is acquired: a throw here (an abort) leaves no block held
+        if (opts.onBlock) await opts.onBlock(i, n);
         if (i + 1 < n) await residency.acquire(i + 1);
         await e.throttle();
       }

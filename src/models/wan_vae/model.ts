@@ -26,6 +26,7 @@ import { attention } from '../../ops/attention.ts';
 import { add, unary } from '../../ops/elementwise.ts';
 import { ShapeError } from '../../util/errors.ts';
 import type { Tracer } from '../../nn/trace.ts';
+import { countNonFinite } from '../../ops/finite.ts';
 
 export interface WanVaeDims {
   baseDim: number;
@@ -274,8 +275,10 @@ export interface VaeDecodeOptions {
   /** latent frames per decoder call after frame 0 (1 = the official frame-by-frame decode) */
   framesPerChunk?: number;
   trace?: Tracer;
-  /** called after every chunk with the decoded frames so far (progress) */
+  /** called after every chunk with the decoded frames so far (progress; throwing stops the decode) */
   onChunk?: (done: number, total: number) => void;
+  /** count NaN/±Inf of each chunk's output on the GPU before its readback (`nonFinite` in the result) */
+  checkFinite?: boolean;
 }
 
 export class WanVaeDecoder extends Module {
@@ -524,7 +527,7 @@ export class WanVaeDecoder extends Module {
    * [−1, 1] (host f32). Frame 0 first, then `framesPerChunk` latent frames per call.
    * With `trace`, intermediate tensors are reported concatenated over chunks like the goldens.
    */
-  async decode(e: Engine, z: Float32Array, shape: [number, number, number, number], opts: VaeDecodeOptions = {}): Promise<{ video: Float32Array; shape: [number, number, number, number]; raw?: Float32Array }> {
+  async decode(e: Engine, z: Float32Array, shape: [number, number, number, number], opts: VaeDecodeOptions = {}): Promise<{ video: Float32Array; shape: [number, number, number, number]; raw?: Float32Array; nonFinite?: number }> {
     const [C, F, H, W] = shape;
     if (C !== this.dims.zDim) throw new ShapeError(`[wan_vae] latent has ${C} channels, the VAE expects ${this.dims.zDim}`);
     const zr = this.denormalize(z, C);
@@ -543,6 +546,8 @@ export class WanVaeDecoder extends Module {
       : undefined;
     let outT = 0;
     let outHW: [number, number] = [0, 0];
+    let bad: Tensor | null = null;
+    let nonFinite = 0;
     try {
       let f0 = 0;
       while (f0 < F) {
@@ -551,6 +556,11 @@ export class WanVaeDecoder extends Module {
         const x = e.fromHost(part, [1, C, f1 - f0, H, W], 'f32', 'activation');
         const out = await this.chunk(x, cache, f0 === 0, opts.trace, traceStep);
         x.dispose();
+        if (opts.checkFinite && !e.isMeta) {
+          const nx = countNonFinite(out, bad ?? undefined);
+          bad?.dispose();
+          bad = nx;
+        }
         // the memory planner's meta engine (src/plan/) reads nothing back: only the shapes matter
         if (!e.isMeta) chunks.push((await out.toArray()) as Float32Array);
         outT += out.size(2);
@@ -559,8 +569,10 @@ export class WanVaeDecoder extends Module {
         f0 = f1;
         opts.onChunk?.(f0, F);
       }
+      if (bad) nonFinite = (await bad.toArray())[0]!;
     } finally {
       cache.dispose();
+      bad?.dispose();
     }
     // chunks are [3, Tc, H', W'] each: concatenate along time
     const [Ho, Wo] = outHW;
@@ -577,7 +589,7 @@ export class WanVaeDecoder extends Module {
     }
     const video = new Float32Array(raw.length);
     for (let i = 0; i < raw.length; i++) video[i] = Math.min(1, Math.max(-1, raw[i]!));
-    return { video, shape: [3, outT, Ho, Wo] };
+    return { video, shape: [3, outT, Ho, Wo], nonFinite };
   }
 }
 
