@@ -55,7 +55,7 @@ async function main(): Promise<number> {
       cleanupOnExit();
       process.exit(EXIT.interrupted);
     }
-    console.error(`\n${sig}: stopping after the current step (Ctrl-C again to quit at once)...`);
+    console.error(`\n${sig}: stopping at the next DiT block, decode chunk or file (Ctrl-C again to quit at once)...`);
     abort.abort();
   };
   process.on('SIGINT', () => onSignal('SIGINT'));

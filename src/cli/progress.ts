@@ -46,6 +46,8 @@ export class Progress {
   }
 
   event(ev: ProgressEvent): void {
+    // a warning is not progress: --quiet still shows it
+    if (this.mode === 'quiet' && ev.type === 'warning') this.out.write(`warning: ${ev.message}\n`);
     if (this.mode === 'quiet') return;
     if (this.mode === 'jsonl') {
       this.jsonOut.write(JSON.stringify({ event: ev.type, ...ev, type: undefined }) + '\n');

@@ -736,6 +736,8 @@ export interface EncodedPrompt {
   mask: Int32Array;
   /** number of real tokens (what Wan trims the encoder output to) */
   length: number;
+  /** tokens of the prompt (without special tokens) before truncation to textLen; > length - specials when cut */
+  promptTokens: number;
 }
 
 /**
@@ -755,5 +757,5 @@ export function encodePrompt(tok: UnigramTokenizer, text: string, textLen = 512,
   const mask = new Int32Array(textLen);
   ids.set(full.ids);
   mask.fill(1, 0, full.ids.length);
-  return { ids, mask, length: full.ids.length };
+  return { ids, mask, length: full.ids.length, promptTokens: body.ids.length };
 }

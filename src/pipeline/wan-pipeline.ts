@@ -359,6 +359,11 @@ export class WanPipeline {
     }
     if (!this.tokenizer) throw new ShapeError(`[pipeline] the model folder ${this.folder.dir} has no tokenizer/ folder: prompts cannot be encoded (add tokenizer/tokenizer.json)`);
     const enc = encodePrompt(this.tokenizer, text, textLen);
+    const kept = textLen - this.tokenizer.numSpecialTokens;
+    if (enc.promptTokens > kept) {
+      // as the official code does, the encoder reads the first text_len tokens: say so, never silently
+      this.emit({ type: 'warning', message: `[tokenizer] the prompt is ${fmtCount(enc.promptTokens)} tokens; the text encoder reads the first ${fmtCount(kept)} (text_len ${textLen}) and ignores the other ${fmtCount(enc.promptTokens - kept)}: shorten the prompt` });
+    }
     const mode = this.plan.textEncoder; // its weights were loaded by fromPretrained
     // Only the prompt's own tokens are run. The official code runs all text_len positions with the
     // padded keys masked and then keeps the first `length` rows: a real token's output depends only on
@@ -494,6 +499,8 @@ export class WanPipeline {
     // activation bounds (CFG passes in turn, FFN / attention chunks) for this many tokens
     const bounds = ditRunOptions(this.plan, this.dit.dims, F * (lh / ph) * (lw / pw));
     const checkFinite = this.checkFinite;
+    /** measured GPU time of one DiT block (blocks waited for one by one), for the sleep before each wait */
+    let blockMs = 0;
     try {
       for (let i = 0; i < steps; i++) {
         check();
@@ -504,7 +511,28 @@ export class WanPipeline {
         // between blocks: Ctrl-C stops a long step, and a step slower than 2 s reports its blocks
         const tStep = performance.now();
         let tBlock = tStep;
-        const onBlock = (b: number, nb: number) => {
+        // blocks are only encoded unless we wait: on the FIRST step the forward waits for each block,
+        // so even a huge request shows progress and Ctrl-C lands within a block; later steps run
+        // unsynced (Ctrl-C between steps) at full speed. After the first block each wait first sleeps
+        // for the measured block time: awaiting a GPU promise spins dawn.node's main thread
+        // (device/wait.ts), which on lavapipe takes a core from the GPU (measured, tiny model 1024x1024:
+        // a 2-block step 11.0-12.1 s unsynced, 19.5-21.8 s spinning per block, 11.8 s sleeping 5 s first)
+        const waitEach = i === 0;
+        let tPrev = tStep;
+        const onBlock = async (b: number, nb: number) => {
+          check();
+          if (waitEach) {
+            e.flush();
+            const ahead = 0.9 * blockMs - (performance.now() - tPrev);
+            const slept = blockMs > 0 && ahead > 2;
+            if (slept) await new Promise((r) => setTimeout(r, ahead));
+            const tw = performance.now();
+            await e.sync({ sleep: false });
+            const t = performance.now();
+            // done at once after the sleep: over-slept, the block is shorter than thought; else measured
+            blockMs = slept && t - tw < 3 ? 0.7 * blockMs : t - tPrev;
+            tPrev = t;
+          }
           check();
           const now = performance.now();
           if (now - tStep > 2000 && now - tBlock > 1000) {
@@ -514,7 +542,7 @@ export class WanPipeline {
         };
         let out: Tensor;
         try {
-          out = await e.scopeAsync(async () => e.keep(await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock })));
+          out = await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock });
         } catch (err) {
           // an interrupted forward gives its streamed blocks' slots back (the next run allocates them again)
           if (err instanceof InterruptedError) this.streamed?.releaseDevice();

@@ -623,9 +623,10 @@ export class Engine implements TensorDevice {
   }
 
   /** Wait until all submitted work is done; throws GPU errors (naming the kernels) and OOMs. */
-  async sync(): Promise<void> {
+  async sync(opts: { sleep?: boolean } = {}): Promise<void> {
     this.flush();
-    await this.sleepPredicted();
+    // sleep: false when the caller has slept its own (better) estimate already (the pipeline's per-block waits)
+    if (opts.sleep !== false) await this.sleepPredicted();
     const t = performance.now();
     await this.device.queue.onSubmittedWorkDone();
     this.observeDone(t);
