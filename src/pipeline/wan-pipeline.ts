@@ -497,7 +497,8 @@ export class WanPipeline {
     const ctxEmb = e.keep(e.scope(() => this.dit.embedText(e.fromHost(ctxHost, [B, textLen, textDim], 'f32'))));
     const perStep = result.memory.perStep;
     // activation bounds (CFG passes in turn, FFN / attention chunks) for this many tokens
-    const bounds = ditRunOptions(this.plan, this.dit.dims, F * (lh / ph) * (lw / pw));
+    const tokens = F * (lh / ph) * (lw / pw);
+    const bounds = ditRunOptions(this.plan, this.dit.dims, tokens);
     const checkFinite = this.checkFinite;
     /** measured GPU time of one DiT block (blocks waited for one by one), for the sleep before each wait */
     let blockMs = 0;
@@ -517,7 +518,9 @@ export class WanPipeline {
         // for the measured block time: awaiting a GPU promise spins dawn.node's main thread
         // (device/wait.ts), which on lavapipe takes a core from the GPU (measured, tiny model 1024x1024:
         // a 2-block step 11.0-12.1 s unsynced, 19.5-21.8 s spinning per block, 11.8 s sleeping 5 s first)
-        const waitEach = i === 0;
+        // (only from 4,096 tokens: below, a whole step is short and the waits would cost more than
+        // they show; measured on the demo, 48 tokens: denoise 3.5 s with, 2.4 s without)
+        const waitEach = i === 0 && tokens >= 4096;
         let tPrev = tStep;
         const onBlock = async (b: number, nb: number) => {
           check();

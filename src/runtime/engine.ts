@@ -606,13 +606,13 @@ export class Engine implements TensorDevice {
     if (remaining >= this.predictor.minSleepMs) await sleep(remaining);
   }
 
-  private observeDone(tAwaitStart: number): void {
+  private observeDone(tAwaitStart: number, learn = true): void {
     if (this.pendingDispatches === 0) return;
     const now = performance.now();
     const total = now - this.pendingSince;
     const awaited = now - tAwaitStart;
     // an await that returned at once means we over-slept: the true time is below `total`
-    if (!this.pendingCompiled) {
+    if (!this.pendingCompiled && learn) {
       if (awaited < 0.3 && this.lastPredicted > 0) this.predictor.observeOversleep(this.pendingWork, this.pendingDispatches, this.lastPredicted);
       else this.predictor.observe(this.pendingWork, this.pendingDispatches, total);
     }
@@ -625,11 +625,13 @@ export class Engine implements TensorDevice {
   /** Wait until all submitted work is done; throws GPU errors (naming the kernels) and OOMs. */
   async sync(opts: { sleep?: boolean } = {}): Promise<void> {
     this.flush();
-    // sleep: false when the caller has slept its own (better) estimate already (the pipeline's per-block waits)
+    // sleep: false when the caller has slept its own estimate already (the pipeline's per-block
+    // waits): that wait's time (its sleep, or a spin that slows lavapipe) is not the GPU's, so the
+    // predictor does not learn from it either
     if (opts.sleep !== false) await this.sleepPredicted();
     const t = performance.now();
     await this.device.queue.onSubmittedWorkDone();
-    this.observeDone(t);
+    this.observeDone(t, opts.sleep !== false);
     await this.readProfiles();
     await this.checkErrors();
   }
