@@ -7,7 +7,7 @@
 import { resolve } from 'node:path';
 import { Engine } from '../runtime/engine.ts';
 import { checkGolden, openGoldenCase, CHECK_GROUPS, type CheckOptions, type GoldenCase } from '../golden/check.ts';
-import { SmartDiffusionError } from '../util/errors.ts';
+import { report } from './fail.ts';
 
 function usage(): never {
   console.error(
@@ -17,25 +17,6 @@ function usage(): never {
 }
 
 const debug = process.argv.includes('--debug');
-
-/** Exit status of an error (as `generate`: 2 bad config, 3 no adapter, 4 out of memory, 5 bad checkpoint / case, 1 other). */
-function exitCodeOf(err: unknown): number {
-  if (!(err instanceof SmartDiffusionError)) return 1;
-  return ({ BAD_CONFIG: 2, NO_ADAPTER: 3, OUT_OF_MEMORY: 4, BAD_CHECKPOINT: 5 } as Record<string, number>)[err.code] ?? 1;
-}
-
-/** One line for the error; the stack only with --debug (and for a bug, a request to report it). */
-function report(err: unknown): void {
-  if (err instanceof SmartDiffusionError) {
-    console.error(`error: ${err.message}`);
-    if (debug && err.stack) console.error(err.stack);
-    return;
-  }
-  const e = err instanceof Error ? err : new Error(String(err));
-  const first = (e.message.split('\n')[0] ?? '').slice(0, 300);
-  console.error(`error: unexpected ${e.name}: ${first} (this is a bug: please report it with --debug output)`);
-  if (debug) console.error(e.stack ?? String(err));
-}
 
 /** `value` if it is one of `allowed`, else a one-line error naming the flag and its choices. */
 function oneOf<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
@@ -114,7 +95,7 @@ main().then(
     process.exitCode = code;
   },
   (err) => {
-    report(err);
-    process.exitCode = exitCodeOf(err);
+    // the same one-line report and exit status as `generate` (src/cli/fail.ts)
+    process.exitCode = report(err, debug);
   },
 );

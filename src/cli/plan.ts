@@ -17,7 +17,8 @@ import { choosePlacement } from '../plan/budget.ts';
 import { estimateStep, RTX_4090 } from '../plan/cost.ts';
 import { GENERIC_GPU, LAVAPIPE, type MetaDeviceSpec } from '../plan/meta-gpu.ts';
 import { hardwareTable } from '../plan/table.ts';
-import { ConfigError, SmartDiffusionError, fmtBytes } from '../util/errors.ts';
+import { ConfigError, fmtBytes } from '../util/errors.ts';
+import { report } from './fail.ts';
 
 const PLAN_USAGE = `usage: npm run plan -- [--model DIR|PRESET] [--size WxH] [--frames N] [--level L | --budget BYTES] [--json] [key=value ...]
        npm run plan -- --table [--out FILE]
@@ -169,12 +170,7 @@ async function main(): Promise<number> {
     else process.stdout.write(planText(plan, reasons) + `\n(planned in ${ms.toFixed(0)} ms, no GPU, no weights read)\n`);
     return 0;
   } catch (e) {
-    if (e instanceof SmartDiffusionError) {
-      console.error(`error: ${e.message}`);
-      return e.code === 'BAD_CONFIG' ? 2 : e.code === 'BAD_CHECKPOINT' ? 5 : 1;
-    }
-    console.error(`error: ${(e as Error).message}`);
-    return 1;
+    return report(e, process.argv.includes('--debug'));
   }
 }
 

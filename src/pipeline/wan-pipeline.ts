@@ -196,7 +196,7 @@ export class WanPipeline {
       }
       if (l.preflight) {
         // before anything is loaded: this run against this machine (RAM, buffer limit, lavapipe's mappings)
-        const pf = await preflight(folder, settings, engine);
+        const pf = await preflight(folder, settings, engine, undefined, budget?.plan);
         settings = pf.settings;
         options.onProgress?.({ type: 'preflight', ms: pf.ms, peakReserved: pf.plan.peakReservedBytes, hostBytes: pf.plan.hostBytes, notes: pf.notes });
       }

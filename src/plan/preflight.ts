@@ -113,7 +113,14 @@ const isPlan = (p: RunPlan | Unplaceable): p is RunPlan => !(p instanceof OutOfM
  * Check a run against this machine before loading anything; returns the plan and the settings to
  * run with, or throws TooBigError naming what it needs, what there is, and a size that fits.
  */
-export async function preflight(folder: ModelFolder | ModelShapes, settings: Settings, engine: Engine, limits: MachineLimits = machineLimits()): Promise<PreflightResult> {
+export async function preflight(
+  folder: ModelFolder | ModelShapes,
+  settings: Settings,
+  engine: Engine,
+  limits: MachineLimits = machineLimits(),
+  /** a plan of exactly these settings already made (the VRAM budget's choice): not walked again */
+  known?: RunPlan,
+): Promise<PreflightResult> {
   const t0 = performance.now();
   const model = 'index' in folder ? await shapesOfFolder(folder) : folder;
   const software = engine.caps.adapterClass !== 'gpu';
@@ -132,7 +139,7 @@ export async function preflight(folder: ModelFolder | ModelShapes, settings: Set
         `at most ~${w}x${h} at ${r.numFrames} frames could fit, or fewer frames (npm run plan -- --size WxH --frames N shows any size's needs)`,
     );
   }
-  let plan = await tryPlan(model, s, opts);
+  let plan = known ?? (await tryPlan(model, s, opts));
   const tooLarge = (e: Unplaceable) =>
     e instanceof OutOfMemoryError
       ? `needs one ${fmtBytes(e.info.requestedBytes)} buffer ('${e.info.owner}', phase ${e.info.phase}) and the device's largest is ${fmtBytes(engine.limits.maxBufferSize)} (maxBufferSize)`

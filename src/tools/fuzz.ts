@@ -30,6 +30,7 @@ import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { createRequire } from 'node:module';
 import { SmartDiffusionError } from '../util/errors.ts';
+import { Rng } from '../util/rng.ts';
 
 export const FUZZ_TARGETS = ['safetensors', 'tokenizer', 'config', 'model-config', 'latents'] as const;
 export type FuzzTarget = (typeof FUZZ_TARGETS)[number];
@@ -39,8 +40,8 @@ const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness: one independent stream per (target, seed, case)
 
-class Rand {
-  private s: number;
+/** the project's mulberry32 stream (util/rng.ts), seeded by a hash of (target, seed, case) */
+class Rand extends Rng {
   constructor(...parts: number[]) {
     let h = 0x9e3779b9;
     for (const p of parts) {
@@ -48,18 +49,7 @@ class Rand {
       h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
       h ^= h >>> 16;
     }
-    this.s = h >>> 0;
-  }
-  next(): number {
-    this.s = (this.s + 0x6d2b79f5) >>> 0;
-    let t = this.s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  /** integer in [0, n) */
-  int(n: number): number {
-    return Math.floor(this.next() * n);
+    super(h >>> 0);
   }
   chance(p: number): boolean {
     return this.next() < p;
