@@ -1,4 +1,7 @@
 // `npm run bench:memory [-- --json FILE] [--models tiny,1.3b] [--levels 0,1,2,3,3s,3n] [--repeat N] [--no-md] [--shared-device] [--verbose]`
+// `npm run bench:memory -- --models a14b-shaped [--dit-layers 2]`: Wan 2.2 A14B's two experts (random bf16 weights
+// with the A14B shapes, depth cut to --dit-layers per expert), levels 0b (both experts resident), 0, 1, 2, 3;
+// 6 steps with the official shift 12 and boundary 0.875 (4 high-noise steps, then the swap); writes docs/memory-a14b.md
 // (level `Ns`: level N with the text encoder streamed block by block through the GPU,
 // `infer.text_encoder_device=gpu-stream`, instead of the CPU device; level `Nn`: level N with VAE tiling off)
 // Runs memory levels 0-3 in one process on (a) the tiny golden model and (b) a model with the real
@@ -10,7 +13,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Engine } from '../src/runtime/engine.ts';
 import { WanPipeline, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
-import { randomModelFolder, WAN_1_3B_TRANSFORMER, WAN_VAE, umt5XxlConfig } from '../src/tools/random-model.ts';
+import { randomModelFolder, WAN_1_3B_TRANSFORMER, WAN_14B_TRANSFORMER, WAN_VAE, umt5XxlConfig } from '../src/tools/random-model.ts';
 import { tinyModelWithTokenizer } from '../test/helpers/models.ts';
 import { fmtBytes } from '../src/util/errors.ts';
 import { releaseMatmulWorkspace } from '../src/ops/matmul.ts';
@@ -47,6 +50,12 @@ interface Row {
   /** bytes of one DiT block's weights and of the DiT's non-block weights (embedders, head) */
   dit_block_bytes: number;
   dit_nonblock_bytes: number;
+  /** two-expert models: 'both' resident or only the 'active' one */
+  experts_resident?: 'active' | 'both';
+  /** two-expert models: the swaps of the request (step, ms) */
+  swaps?: Array<{ step: number; from: string; to: string; ms: number }>;
+  /** host memory holding weights, by component (pipe.hostWeightBytes()) */
+  host_weight_bytes?: Record<string, number>;
 }
 
 interface Case {
@@ -67,9 +76,10 @@ async function main() {
   }
   const models = (arg('--models') ?? 'tiny,1.3b').split(',');
   // 3s: level 3 with the text encoder streamed through the GPU; 3n: level 3 with VAE tiling off
-  const levels = (arg('--levels') ?? '0,1,2,3,3s,3n').split(',').map((v) => ({ level: parseInt(v, 10) as 0 | 1 | 2 | 3, stream: v.endsWith('s'), untiled: v.endsWith('n'), tag: v.replace(/^\d/, '') }));
-  if (levels.some((l) => !(l.level >= 0 && l.level <= 3) || !/^\d[sn]?$/.test(`${l.level}${l.tag}`)))
-    throw new Error(`--levels: expected levels 0..3, optionally with s (text encoder streamed) or n (VAE tiling off), got ${arg('--levels')}`);
+  const a14b = models.length === 1 && models[0] === 'a14b-shaped';
+  const levels = (arg('--levels') ?? (a14b ? '0b,0,1,2,3' : '0,1,2,3,3s,3n')).split(',').map((v) => ({ level: parseInt(v, 10) as 0 | 1 | 2 | 3, stream: v.endsWith('s'), untiled: v.endsWith('n'), both: v.endsWith('b'), tag: v.replace(/^\d/, '') }));
+  if (levels.some((l) => !(l.level >= 0 && l.level <= 3) || !/^\d[snb]?$/.test(`${l.level}${l.tag}`)))
+    throw new Error(`--levels: expected levels 0..3, optionally with s (text encoder streamed), n (VAE tiling off) or b (two-expert models: both resident), got ${arg('--levels')}`);
   // --repeat N: the level list N times over (round-robin, so slow drifts of a shared machine hit every
   // level alike); the summary gives each level's median time and the ratio of medians to level 0
   const repeat = Math.max(1, Number(arg('--repeat') ?? 1));
@@ -94,6 +104,18 @@ async function main() {
         defaults: { height: Number(arg('--height') ?? 128), width: Number(arg('--width') ?? 128), numFrames: 5, numInferenceSteps: 1 },
       },
     });
+  if (models.includes('a14b-shaped')) {
+    const layers = Number(arg('--dit-layers') ?? 2);
+    cases.push({
+      name: `Wan2.2-A14B shapes, 2 experts x ${layers} blocks (UMT5-XXL x${teLayers} layer)`,
+      dir: () =>
+        randomModelFolder(cacheRoot, { transformer: { ...WAN_14B_TRANSFORMER, num_layers: layers }, vae: WAN_VAE, textEncoder: umt5XxlConfig(teLayers), dtype: 'bf16', seed: 1234, tokenizerDir: tokDir, experts: 2 }, (s) =>
+          console.log(`  ${s}`),
+        ),
+      // the official recipe (guidance 4 / 3, shift 12, boundary 0.875) over 6 steps: 4 high-noise steps, the swap, 2 low-noise steps
+      options: { textLen: 512, vaeTileOverlap: 0.25, defaults: { height: Number(arg('--height') ?? 128), width: Number(arg('--width') ?? 128), numFrames: 5, numInferenceSteps: 6 } },
+    });
+  }
   // A fresh GPU device per level (default; --shared-device: one device for all levels). On lavapipe
   // (Mesa 25.0.7) a 1.3B run of level 0 then level 1 on one device dies with SIGSEGV in lavapipe's
   // queue thread during level 1's tiled decode (gdb: libvulkan_lvp.so, no JS frame); each level alone
@@ -109,7 +131,7 @@ async function main() {
       console.log(`== ${c.name}`);
       const dir = await c.dir();
       let base = 0;
-      for (let round = 0; round < repeat; round++) for (const { level, stream, untiled, tag } of levels) {
+      for (let round = 0; round < repeat; round++) for (const { level, stream, untiled, both, tag } of levels) {
         releaseMatmulWorkspace(e);
         e.allocator.emptyCache();
         e.allocator.resetPeakMemoryStats();
@@ -122,6 +144,7 @@ async function main() {
           profile: false,
           ...(stream ? { textEncoderDevice: 'gpu-stream' as const } : {}),
           ...(untiled ? { vaeTiling: false } : {}),
+          ...(both ? { expertsResident: 'both' as const } : {}),
         });
         const tLoad = performance.now() - t0;
         const t1 = performance.now();
@@ -154,6 +177,8 @@ async function main() {
           dit_block_bytes: pipe.dit.blocks.items[0]!.paramBytes(),
           dit_nonblock_bytes: pipe.dit.paramBytes() - pipe.dit.blocks.items.reduce((a, b) => a + b.paramBytes(), 0),
           ...(repeat > 1 ? { round } : {}),
+          ...(r.experts ? { experts_resident: r.experts.resident, swaps: r.experts.swaps } : {}),
+          host_weight_bytes: pipe.hostWeightBytes(),
         };
         if (level === levels[0]!.level && !tag) base = secs;
         row.ratio_to_level0 = secs / base;
@@ -233,7 +258,51 @@ async function main() {
     writeFileSync(json, JSON.stringify(rows, null, 2));
     console.log(`wrote ${json}`);
   }
-  if (!process.argv.includes('--no-md')) writeDoc(rows, adapterName);
+  if (!process.argv.includes('--no-md')) {
+    if (a14b) {
+      writeFileSync(join(ROOT, 'docs', 'memory-a14b.md'), renderExpertsDoc(rows, adapterName, Number(arg('--dit-layers') ?? 2)));
+      console.log('wrote docs/memory-a14b.md');
+    } else writeDoc(rows, adapterName);
+  }
+}
+
+/** docs/memory-a14b.md: Wan 2.2 A14B's model pool per level (peaks, where each expert is, the swap) */
+function renderExpertsDoc(rows: Row[], adapter: string, layers: number): string {
+  const mb = (v: number | undefined) => (v ? fmtBytes(v) : '-');
+  const table = [
+    '| level | experts on the GPU | peak allocated | peak reserved | GPU weights during denoise | host weights (dit + dit_2 / other) | swap s | load s | denoise s | decode s | total s |',
+    '|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|',
+    ...rows.map((r) => {
+      const gw = Object.entries(r.gpu_weight_bytes).filter(([k]) => k === 'dit' || k === 'dit_2' || k === 'text_encoder' || k === 'vae').map(([k, v]) => `${k} ${fmtBytes(v)}`).join(', ') || '-';
+      const h = r.host_weight_bytes ?? {};
+      const swap = (r.swaps ?? []).reduce((a, w) => a + w.ms, 0) / 1000;
+      return `| ${r.level} | ${r.experts_resident === 'both' ? 'both' : 'the active one'} | ${fmtBytes(r.peak_allocated_bytes)} | ${fmtBytes(r.peak_reserved_bytes)} | ${gw} | ${mb((h.dit ?? 0) + (h.dit_2 ?? 0))} / ${mb((h.text_encoder ?? 0) + (h.vae ?? 0))} | ${(r.swaps ?? []).length ? swap.toFixed(2) : 'none'} | ${f1(r.load_seconds)} | ${f1(r.phase_seconds.denoise)} | ${f1(r.phase_seconds.decode)} | ${r.seconds.toFixed(1)} |`;
+    }),
+  ];
+  const one = rows[0];
+  return [
+    '# Wan 2.2 A14B: the two experts per memory level',
+    '',
+    `<!-- generated by \`npm run bench:memory -- --models a14b-shaped --dit-layers ${layers}\` (bench/memory.ts) -->`,
+    '',
+    `Measured ${new Date().toISOString().slice(0, 10)} on ${adapter}. Two experts with the Wan 2.2 T2V-A14B shapes (each the Wan 2.1 14B DiT: dim 5120, 40 heads, ffn 13824)`,
+    `but ${layers} blocks each instead of 40 (random bf16 weights generated into .cache/; the full depth needs 2 × 28 GB of host memory, this machine has 24 GiB),`,
+    'the real VAE, UMT5-XXL shapes cut to 1 encoder layer; 128×128, 5 frames, text_len 512, 6 steps with the official shift 12, boundary 0.875 and guidance 4.0 / 3.0:',
+    'steps 1–4 run transformer/ (high noise), the swap happens before step 5, steps 5–6 run transformer_2/ (low noise).',
+    one ? `One block of one expert is ${fmtBytes(one.dit_block_bytes)}, its non-block weights (embedders, time projection, head) ${fmtBytes(one.dit_nonblock_bytes)}.` : '',
+    '',
+    ...table,
+    '',
+    '- **experts on the GPU**: `infer.experts_resident=both` (level 0 only) keeps both on the GPU and never swaps; otherwise only the running expert is there and',
+    "  the other waits in host memory. A swap frees the running expert's GPU copies first, then uploads the other's (test/pipeline-wan22.test.ts checks the order",
+    "  in the allocator's event record and that the swap step peaks no higher than the others).",
+    '- **swap s**: wall time of the swap (uploads finished) inside the denoise; `--profile` prints it per request (`expert_swap` in the phase times). At levels 0–2',
+    '  it moves a whole expert; at level 3 only the non-block weights (the blocks stream through the one ring of slots anyway, and the ring is reused across the switch).',
+    '- **host weights**: host memory holding weights, each buffer counted once (`pipe.hostWeightBytes()`, also printed by `--memory-stats` and written to the sidecar).',
+    '  Both experts are in host memory at every level but `both` (each once: at level 3 their blocks are the block images the ring streams from).',
+    '- Full depth (40 blocks per expert) scales the block parts ×' + (40 / layers).toFixed(0) + ': `npm run plan -- --model wan2.2-t2v-a14b` predicts those runs (docs/hardware.md).',
+    '',
+  ].join('\n');
 }
 
 const INTRO = `Levels (\`infer.diffusion.low_mem_level\`, src/pipeline/memory-plan.ts): 0 everything resident; 1 + spatially

@@ -312,3 +312,74 @@ describe('StreamedBlocks: partial residency on a Wan DiT', () => {
   });
 });
 
+
+describe('StreamedBlocks groups (Wan 2.2: two experts share one ring)', () => {
+  /** a chain through a group's view of the ring */
+  async function runGroup(blocks: Linear[], x0: Float32Array, res: BlockResidency): Promise<Float32Array> {
+    let x = e.fromHost(x0, [3, D], 'f32');
+    await res.acquire(0);
+    for (let i = 0; i < blocks.length; i++) {
+      res.prefetch(i + 1);
+      const y = blocks[i]!.forward(x, 'gelu');
+      x.dispose();
+      x = y;
+      res.release(i);
+      if (i + 1 < blocks.length) await res.acquire(i + 1);
+    }
+    const out = (await x.toArray()) as Float32Array;
+    x.dispose();
+    return out;
+  }
+
+  for (const resident of [0, 2]) {
+    it(`two groups over one ring (${resident} resident per group): each gives its blocks' result, switching frees the resident buffers first, the slots stay`, async () => {
+      const a = makeBlocks(11);
+      const b = makeBlocks(12);
+      const x0 = new Rng(3).fillNormal(new Float32Array(3 * D));
+      // references: each chain resident
+      const refOf = async (blocks: Linear[]) => {
+        const gpu = blocks.map((l) => [l.weight.t, l.bias!.t]);
+        for (const l of blocks) {
+          l.weight.value = l.weight.t.toGpu(e);
+          l.bias!.value = l.bias!.t.toGpu(e);
+        }
+        const out = (await runChain(blocks, x0, 1, null))[0]!;
+        blocks.forEach((l, i) => {
+          l.weight.value!.dispose();
+          l.bias!.value!.dispose();
+          [l.weight.value, l.bias!.value] = gpu[i]!;
+        });
+        return out;
+      };
+      const refA = await refOf(a);
+      const refB = await refOf(b);
+      const ring = new StreamedBlocks(e, [...a, ...b], 'test.slot', { groups: [N_BLOCKS, N_BLOCKS], resident });
+      try {
+        const slotBytes = ring.slotSize;
+        const live = () => e.allocator.liveBlockList().filter((x) => x.owner.startsWith('test.')).length;
+        const afterAlloc = live();
+        expect(afterAlloc).toBe(2 + resident); // two slots + this group's resident buffers
+        expect(await runGroup(a, x0, ring.group(0))).toEqual(refA);
+        // group 1's view refuses to run while group 0 is active
+        await expect(ring.group(1).acquire(0)).rejects.toThrow(/group 1 is not active/);
+        ring.setGroup(1);
+        // group 0's params are back on their host images; still two slots plus group 1's resident buffers
+        expect(a.every((l) => l.weight.t.device === 'cpu')).toBe(true);
+        expect(live()).toBe(2 + resident);
+        expect(ring.slotSize).toBe(slotBytes);
+        expect(await runGroup(b, x0, ring.group(1))).toEqual(refB);
+        ring.setGroup(0);
+        expect(await runGroup(a, x0, ring.group(0))).toEqual(refA);
+        // both groups' images, each once
+        const img = blockImageLayout(a[0]!.namedParams().map(([, p]) => p.t), Math.max(e.caps.storageAlign, 256)).size;
+        expect(ring.hostBytes).toBe(2 * N_BLOCKS * img);
+      } finally {
+        ring.dispose();
+      }
+    });
+  }
+
+  it('groups must add up to the blocks', () => {
+    expect(() => new StreamedBlocks(e, makeBlocks(1), 'test.slot', { groups: [2, 2], allocateNow: false })).toThrow(/do not add up to the 5 blocks/);
+  });
+});

@@ -9,7 +9,7 @@ import { helpText, settingsToYaml, toDotted } from '../config/settings.ts';
 import { WanPipeline, type GenerateResult, type ProgressEvent, type Latents, type PipelineNonFiniteError } from '../pipeline/wan-pipeline.ts';
 import { NonFiniteError } from '../util/non-finite.ts';
 import { resolveOutputPath, outputPaths, checkWritable, saveLatents, loadLatents, writeVideoOutputs, writeSidecar } from '../pipeline/outputs.ts';
-import { sidecar, memoryLine, loadedLine, doneLine, profileText, profileRecord, writeMemorySnapshot, runPeaks, checkMemorySnapshotWritable } from '../pipeline/report.ts';
+import { sidecar, memoryLine, hostWeightsLine, loadedLine, doneLine, profileText, profileRecord, writeMemorySnapshot, runPeaks, checkMemorySnapshotWritable } from '../pipeline/report.ts';
 import { Progress } from './progress.ts';
 import { ConfigError, InterruptedError } from '../util/errors.ts';
 import { cleanupOnExit } from '../io/cleanup.ts';
@@ -91,7 +91,8 @@ async function main(): Promise<number> {
     const tLoad = performance.now();
     pipe = await WanPipeline.fromSettings(settings, { recordMemory: Boolean(settings.report.memorySnapshot), onProgress });
     const loadMs = performance.now() - tLoad;
-    progress.record({ event: 'loaded', ms: loadMs, adapter: pipe.engine.adapterName, plan: pipe.plan }, loadedLine(pipe, loadMs));
+    progress.record({ event: 'loaded', ms: loadMs, adapter: pipe.engine.adapterName, plan: pipe.plan, host_weight_bytes: pipe.hostWeightBytes() }, loadedLine(pipe, loadMs));
+    if (settings.report.memoryStats && mode !== 'jsonl') progress.info(hostWeightsLine(pipe));
     const result: Partial<GenerateResult> = { timingsMs: { load: loadMs } };
     if (!latents) {
       latents = await pipe.sample({ prompt: req.prompt, negativePrompt: req.negativePrompt, onProgress, signal: abort.signal }, result);

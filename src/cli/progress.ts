@@ -60,7 +60,7 @@ export class Progress {
       case 'step': {
         const w = 24;
         const fill = Math.round((ev.step / ev.total) * w);
-        const line = `denoise [${'#'.repeat(fill)}${'-'.repeat(w - fill)}] ${ev.step}/${ev.total}  ${fmtMs(ev.elapsedMs)} elapsed, ETA ${fmtMs(ev.etaMs)}  GPU ${fmtBytes(ev.allocated)} (peak ${fmtBytes(ev.peakAllocated)})`;
+        const line = `denoise [${'#'.repeat(fill)}${'-'.repeat(w - fill)}] ${ev.step}/${ev.total}${ev.expert ? ` ${ev.expert}` : ''}  ${fmtMs(ev.elapsedMs)} elapsed, ETA ${fmtMs(ev.etaMs)}  GPU ${fmtBytes(ev.allocated)} (peak ${fmtBytes(ev.peakAllocated)})`;
         if (this.tty) {
           this.out.write('\r' + line.padEnd(this.lastLen));
           this.lastLen = line.length;
@@ -95,6 +95,13 @@ export class Progress {
         } else this.out.write(line + '\n');
         break;
       }
+      case 'expert':
+        // two-expert models: which expert runs from this step on, and what the switch cost
+        this.clear();
+        this.out.write(
+          `[expert] step ${ev.step}: ${ev.expert} (${ev.expert === 'transformer' ? 'high' : 'low'}-noise expert, guidance ${ev.guidance})${ev.swapMs > 0 ? `, weights swapped in ${fmtMs(ev.swapMs)}` : ''}\n`,
+        );
+        break;
       case 'preflight':
         for (const n of ev.notes) this.info(`[preflight] ${n}`);
         break;

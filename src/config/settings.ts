@@ -190,7 +190,8 @@ export function readConfigFile(path: string): Layer {
 export function modelDefaults(dir: string): Layer {
   const p = join(dir, 'smart_diffusion.json');
   const where = ` in ${p}`;
-  if (!existsSync(p)) return { where, values: new Map() };
+  const recipe = expertRecipe(dir);
+  if (!existsSync(p)) return { where: recipe.size ? ` in ${join(dir, 'model_index.json')}` : where, values: recipe };
   const text = readSmallFile(p, "the model's recommended settings");
   let j: Record<string, unknown>;
   try {
@@ -199,12 +200,42 @@ export function modelDefaults(dir: string): Layer {
     throw new ConfigError(`${p} is not valid JSON: ${firstLine(e)}`);
   }
   if (j === null || typeof j !== 'object' || Array.isArray(j)) throw new ConfigError(`${p} must be a JSON object of settings, got ${show(j, 40)}`);
-  const values = new Map<string, unknown>();
+  const values = recipe;
   for (const k of KEYS) {
     const name = k.key.split('.').pop()!;
     if (k.fromModel && Object.prototype.hasOwnProperty.call(j, name) && j[name] !== undefined) values.set(k.key, coerce(k, j[name], false));
   }
   return { where, values };
+}
+
+/**
+ * A two-expert folder (Wan 2.2 A14B: transformer_2/ or low_noise_model/, or boundary_ratio in
+ * model_index.json) brings the official recipe (wan/configs/wan_t2v_A14B.py: guidance 4.0 high /
+ * 3.0 low, sample_shift 12, 40 steps) and its model_index.json's boundary_ratio, below the folder's
+ * smart_diffusion.json. (diffusers' conversion writes flow_shift 3.0 into the scheduler config; the
+ * official recipe samples with 12, and so does this.) Anything unreadable here is left to
+ * openModelFolder, which reports it.
+ */
+function expertRecipe(dir: string): Map<string, unknown> {
+  const values = new Map<string, unknown>();
+  let index: Record<string, unknown> = {};
+  try {
+    const text = readSmallFile(join(dir, 'model_index.json'), 'model_index.json');
+    const j = JSON.parse(text) as unknown;
+    if (j && typeof j === 'object' && !Array.isArray(j)) index = j as Record<string, unknown>;
+  } catch {
+    // no or bad model_index.json: the folder's own check says so
+  }
+  const t2 = index.transformer_2;
+  const twoExperts = (Array.isArray(t2) && t2[0] !== null) || typeof index.boundary_ratio === 'number' || existsSync(join(dir, 'transformer_2')) || existsSync(join(dir, 'low_noise_model'));
+  if (!twoExperts) return values;
+  values.set('infer.guidance_scale', 4.0);
+  values.set('infer.guidance_scale_2', 3.0);
+  values.set('infer.shift', 12.0);
+  values.set('infer.num_inference_steps', 40);
+  const br = index.boundary_ratio;
+  if (typeof br === 'number' && br >= 0 && br <= 1) values.set('infer.boundary_ratio', br);
+  return values;
 }
 
 export interface SettingsSources {

@@ -7,6 +7,12 @@
 //   scheduler/     scheduler_config.json
 //   tokenizer/     tokenizer.json, spiece.model, special_tokens_map.json, tokenizer_config.json
 //
+// Wan 2.2 text-to-video A14B (Wan-AI/Wan2.2-T2V-A14B-Diffusers) adds a second DiT: `transformer/` is
+// the HIGH-noise expert and `transformer_2/` the LOW-noise one, with `boundary_ratio` in
+// model_index.json (diffusers' convert_wan_to_diffusers.py and pipeline_wan.py). The original Wan 2.2
+// release names the two folders `high_noise_model/` and `low_noise_model/` (WanModel configs, Wan key
+// names); they are accepted in place of transformer/ and transformer_2/ and renamed on open.
+//
 // Each config.json is parsed into a typed config with validation: required keys present with the
 // right types (errors name the file and the key); extra Hugging Face keys are ignored by design.
 // Config fields keep the exact config.json names (snake_case), so they read like the files.
@@ -95,6 +101,8 @@ export type SchedulerConfig = {
 
 export type ModelIndex = {
   _class_name: string;
+  /** Wan 2.2 A14B: the expert switch as a fraction of num_train_timesteps (null when absent) */
+  boundary_ratio: number | null;
   /** component → [library, class] as in model_index.json ([null, null] when absent) */
   components: Record<string, [string | null, string | null]>;
 };
@@ -107,7 +115,7 @@ export interface WeightsRef {
 }
 
 export interface Component<C> {
-  name: 'transformer' | 'vae' | 'text_encoder';
+  name: 'transformer' | 'transformer_2' | 'vae' | 'text_encoder';
   dir: string;
   configPath: string;
   config: C;
@@ -121,7 +129,12 @@ export interface Component<C> {
 export interface ModelFolder {
   dir: string;
   index: ModelIndex;
+  /** the DiT; with two experts (Wan 2.2 A14B) the HIGH-noise one (transformer/ or high_noise_model/) */
   transformer: Component<TransformerConfig>;
+  /** Wan 2.2 A14B: the LOW-noise expert (transformer_2/ or low_noise_model/), same shapes; null for one DiT */
+  transformer2: Component<TransformerConfig> | null;
+  /** model_index.json's boundary_ratio (Wan 2.2 T2V A14B: 0.875): the high-noise expert runs while t >= ratio × num_train_timesteps; null when absent */
+  boundaryRatio: number | null;
   vae: Component<VaeConfig>;
   textEncoder: Component<T5Config>;
   scheduler: { dir: string; configPath: string; config: SchedulerConfig };
@@ -479,7 +492,9 @@ function parseModelIndex(obj: Json, file = 'model_index.json'): ModelIndex {
     if (k.startsWith('_')) continue;
     if (Array.isArray(v) && v.length === 2 && v.every((x) => x === null || typeof x === 'string')) components[k] = [v[0] as string | null, v[1] as string | null];
   }
-  return { _class_name: cls, components };
+  const br = obj.boundary_ratio ?? null;
+  if (br !== null && (typeof br !== 'number' || !(br >= 0 && br <= 1))) c.fail('boundary_ratio', 'a number in 0..1 (Wan 2.2 T2V A14B: 0.875) or null');
+  return { _class_name: cls, components, boundary_ratio: br as number | null };
 }
 
 // ---- folder opening ----
@@ -564,6 +579,12 @@ export async function openModelFolder(dirIn: string): Promise<ModelFolder> {
         );
       }
     }
+    if (await isDir(join(dir, 'high_noise_model'))) {
+      throw new CheckpointError(
+        `[model-folder] ${dir}: this is the original Wan 2.2 release layout (high_noise_model/, low_noise_model/): its T5 and VAE are PyTorch pickles (.pth), which are not supported. ` +
+          'Download Wan-AI/Wan2.2-T2V-A14B-Diffusers, or put high_noise_model/ and low_noise_model/ into a diffusers folder in place of transformer/ and transformer_2/ (the original key names are recognized)',
+      );
+    }
     throw new CheckpointError(`[model-folder] ${dir}: missing model_index.json: not a diffusers model folder; ${DOWNLOAD_HINT}`);
   }
   const index = parseModelIndex(await readJson(indexPath, ''), indexPath);
@@ -574,21 +595,31 @@ export async function openModelFolder(dirIn: string): Promise<ModelFolder> {
     return p;
   };
 
-  // transformer
-  const tDir = await need('transformer');
-  const tCfgPath = join(tDir, 'config.json');
-  const tCfg = parseTransformerConfig(await readJson(tCfgPath, `the transformer config; ${DOWNLOAD_HINT}`), tCfgPath);
-  const tW = await findWeights(tDir, 'diffusion_pytorch_model', 'transformer');
-  const tLayout = await withCheckpoint(tW.path, (ck) => {
-    const l = detectTransformerLayout(ck.keys());
-    if (l === 'unknown') {
-      throw new CheckpointError(
-        `[model-folder] ${ck.describe()}: cannot tell the key layout of this transformer checkpoint (neither diffusers 'proj_out.weight' nor Wan 'head.head.weight'): is it a Wan 2.1 model?`,
-      );
-    }
-    return l;
-  });
-  const transformer = makeComponent('transformer', tDir, tCfgPath, tCfg, tW, tLayout, tLayout === 'wan' ? wanView(TRANSFORMER_KEYS) : (ck) => ck);
+  // transformer(s): transformer/ (+ transformer_2/), or the original Wan 2.2 names
+  const hasDir = async (sub: string) => isDir(join(dir, sub));
+  const [tNew, t2New, hiOld, loOld] = await Promise.all(['transformer', 'transformer_2', 'high_noise_model', 'low_noise_model'].map(hasDir));
+  if (tNew && hiOld) throw new CheckpointError(`[model-folder] ${dir}: has both transformer/ and high_noise_model/ (the same expert in two layouts); keep one`);
+  if (t2New && loOld) throw new CheckpointError(`[model-folder] ${dir}: has both transformer_2/ and low_noise_model/ (the same expert in two layouts); keep one`);
+  const t1Sub = hiOld ? 'high_noise_model' : 'transformer';
+  const t2Sub = loOld ? 'low_noise_model' : t2New ? 'transformer_2' : null;
+  const t2Listed = (index.components.transformer_2 ?? [null])[0] !== null && index.components.transformer_2 !== undefined;
+  if (!tNew && !hiOld && (t2New || loOld)) {
+    throw new CheckpointError(`[model-folder] ${dir}: has ${t2Sub}/ (the low-noise expert) but no transformer/ (or high_noise_model/), the high-noise expert: the download is incomplete; download both experts (e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers)`);
+  }
+  if (!t2Sub && t2Listed) {
+    throw new CheckpointError(`[model-folder] ${dir}: model_index.json lists transformer_2 (Wan 2.2's low-noise expert) but the transformer_2/ folder is missing: the download is incomplete; download both experts (e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers)`);
+  }
+  if (hiOld && !loOld) {
+    throw new CheckpointError(`[model-folder] ${dir}: has high_noise_model/ but no low_noise_model/: Wan 2.2 A14B needs both experts; copy low_noise_model/ from the same release`);
+  }
+  const tDir = await need(t1Sub);
+  const transformer = await openTransformer(tDir, 'transformer');
+  const transformer2 = t2Sub ? await openTransformer(join(dir, t2Sub), 'transformer_2') : null;
+  if (transformer2) checkSameShapes(transformer, transformer2);
+  if (!transformer2 && index.boundary_ratio !== null) {
+    throw new CheckpointError(`[model-folder] ${indexPath}: boundary_ratio is set (a two-expert Wan 2.2 model) but the folder has one transformer: add transformer_2/ (the low-noise expert) or remove boundary_ratio`);
+  }
+  const tCfg = transformer.config;
 
   // vae
   const vDir = await need('vae');
@@ -641,7 +672,36 @@ export async function openModelFolder(dirIn: string): Promise<ModelFolder> {
       `[model-folder] ${dir}: transformer in/out channels (${tCfg.in_channels}/${tCfg.out_channels}) != vae z_dim (${vCfg.z_dim}): the components come from different models`,
     );
   }
-  return { dir, index, transformer, vae, textEncoder, scheduler, tokenizer };
+  return { dir, index, transformer, transformer2, boundaryRatio: index.boundary_ratio, vae, textEncoder, scheduler, tokenizer };
+}
+
+/** One DiT folder: its config (diffusers or WanModel) and weights (diffusers or Wan key names). */
+async function openTransformer(tDir: string, name: 'transformer' | 'transformer_2'): Promise<Component<TransformerConfig>> {
+  const tCfgPath = join(tDir, 'config.json');
+  const tCfg = parseTransformerConfig(await readJson(tCfgPath, `the ${name} config; ${DOWNLOAD_HINT}`), tCfgPath);
+  const tW = await findWeights(tDir, 'diffusion_pytorch_model', name);
+  const tLayout = await withCheckpoint(tW.path, (ck) => {
+    const l = detectTransformerLayout(ck.keys());
+    if (l === 'unknown') {
+      throw new CheckpointError(
+        `[model-folder] ${ck.describe()}: cannot tell the key layout of this transformer checkpoint (neither diffusers 'proj_out.weight' nor Wan 'head.head.weight'): is it a Wan 2.1 / 2.2 model?`,
+      );
+    }
+    return l;
+  });
+  return makeComponent(name, tDir, tCfgPath, tCfg, tW, tLayout, tLayout === 'wan' ? wanView(TRANSFORMER_KEYS) : (ck) => ck);
+}
+
+/** The two experts of a Wan 2.2 model must have the same shapes (one ring, one memory plan serve both). */
+function checkSameShapes(a: Component<TransformerConfig>, b: Component<TransformerConfig>): void {
+  const keys: Array<keyof TransformerConfig> = ['patch_size', 'num_attention_heads', 'attention_head_dim', 'in_channels', 'out_channels', 'text_dim', 'freq_dim', 'ffn_dim', 'num_layers', 'cross_attn_norm', 'qk_norm'];
+  for (const k of keys) {
+    if (JSON.stringify(a.config[k]) !== JSON.stringify(b.config[k])) {
+      throw new CheckpointError(
+        `[model-folder] the two experts differ in ${k}: ${JSON.stringify(a.config[k])} in ${a.configPath} vs ${JSON.stringify(b.config[k])} in ${b.configPath}: they come from different models; use the two experts of one Wan 2.2 release`,
+      );
+    }
+  }
 }
 
 async function withCheckpoint<T>(path: string, fn: (ck: Checkpoint) => T): Promise<T> {

@@ -29,7 +29,7 @@ export interface SidecarInput {
   videoShape: readonly number[];
   /** the latents file this run wrote or decoded, if any */
   latentsPath: string | null;
-  result: Pick<GenerateResult, 'timingsMs' | 'memory' | 'uploads'>;
+  result: Pick<GenerateResult, 'timingsMs' | 'memory' | 'uploads'> & Partial<Pick<GenerateResult, 'experts'>>;
 }
 
 /** The JSON sidecar: what was asked (the settings by their dotted keys), on what, and what it cost. */
@@ -43,7 +43,7 @@ export function sidecar(r: SidecarInput): Record<string, unknown> {
     prompt: req.prompt,
     negative_prompt: req.negativePrompt,
     seed: req.seed,
-    model: { path: settings.load.model, transformer: pipe.folder.transformer.config, vae_base_dim: pipe.folder.vae.config.base_dim, text_encoder_d_model: pipe.folder.textEncoder.config.d_model },
+    model: { path: settings.load.model, transformer: pipe.folder.transformer.config, ...(pipe.folder.transformer2 ? { transformer_2: pipe.folder.transformer2.config } : {}), vae_base_dim: pipe.folder.vae.config.base_dim, text_encoder_d_model: pipe.folder.textEncoder.config.d_model },
     video: { path: r.videoPath, frames: r.videoShape[1], height: r.videoShape[2], width: r.videoShape[3], fps: settings.output.fps },
     latents: r.latentsPath,
     adapter: pipe.engine.adapterName,
@@ -59,6 +59,18 @@ export function sidecar(r: SidecarInput): Record<string, unknown> {
       per_step: result.memory.perStep,
     },
     uploads: result.uploads ?? null,
+    // two-expert models: the expert and guidance of every step, and each swap's time
+    ...(result.experts
+      ? {
+          experts: {
+            boundary_ratio: result.experts.boundaryRatio,
+            resident: result.experts.resident,
+            per_step: result.experts.schedule,
+            swaps: result.experts.swaps.map((w) => ({ step: w.step, from: w.from, to: w.to, ms: Math.round(w.ms * 10) / 10 })),
+          },
+        }
+      : {}),
+    host_weight_bytes: pipe.hostWeightBytes(),
     config: toDotted(settings),
   };
 }
@@ -66,6 +78,13 @@ export function sidecar(r: SidecarInput): Record<string, unknown> {
 /** `--memory-stats`: one line per memory event */
 export function memoryLine(ev: Extract<ProgressEvent, { type: 'memory' }>): string {
   return `  memory ${ev.phase}${ev.step ? ` step ${ev.step}` : ''}: allocated ${fmtBytes(ev.allocated)}, reserved ${fmtBytes(ev.reserved)}, peak allocated ${fmtBytes(ev.peakAllocated)}, peak reserved ${fmtBytes(ev.peakReserved)}`;
+}
+
+/** `--memory-stats`: host memory holding weights, by component (a two-expert model's inactive expert waits here) */
+export function hostWeightsLine(pipe: WanPipeline): string {
+  const h = pipe.hostWeightBytes();
+  const parts = Object.entries(h).map(([k, v]) => `${k} ${fmtBytes(v)}${pipe.dit2 && (k === 'dit' || k === 'dit_2') ? ` (${k === 'dit' ? 'transformer/' : 'transformer_2/'})` : ''}`);
+  return `  host weights: ${parts.length ? parts.join(', ') : 'none'}; total ${fmtBytes(Object.values(h).reduce((a, b) => a + b, 0))}`;
 }
 
 export function loadedLine(pipe: WanPipeline, loadMs: number): string {
@@ -82,7 +101,7 @@ export function doneLine(written: readonly string[], timingsMs: Record<string, n
 }
 
 /** `--profile`: the per-kernel table, phase times and (level 3) the block streaming statistics */
-export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'>): string {
+export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'> & Partial<Pick<GenerateResult, 'experts'>>): string {
   const lines = ['', 'kernels (GPU time from timestamp queries):', pipe.engine.profile.table(), '', 'phases (wall ms):'];
   for (const [k, v] of Object.entries(result.timingsMs)) lines.push(`  ${k.padEnd(8)} ${v.toFixed(0).padStart(9)}`);
   if (result.uploads) {
@@ -96,12 +115,17 @@ export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'tim
     );
     lines.push(`  GPU compute (sum of kernel times): ${pipe.engine.profile.totalMs().toFixed(0)} ms`);
   }
+  if (result.experts) {
+    const sw = result.experts.swaps;
+    lines.push('', `experts (${result.experts.resident === 'both' ? 'both resident' : 'active one on the GPU'}): ${result.experts.schedule.map((s) => (s.expert === 'transformer' ? 'H' : 'L')).join('')} (H = transformer/ high noise, L = transformer_2/ low noise)`);
+    lines.push(sw.length ? `  swaps: ${sw.map((w) => `step ${w.step} ${w.from} -> ${w.to} ${w.ms.toFixed(0)} ms`).join('; ')}` : '  swaps: none');
+  }
   return lines.join('\n') + '\n';
 }
 
 /** `--profile` as one JSON-lines record */
-export function profileRecord(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'>): Record<string, unknown> {
-  return { event: 'profile', kernels: pipe.engine.profile.rows(), timings: result.timingsMs, uploads: result.uploads ?? null };
+export function profileRecord(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'> & Partial<Pick<GenerateResult, 'experts'>>): Record<string, unknown> {
+  return { event: 'profile', kernels: pipe.engine.profile.rows(), timings: result.timingsMs, uploads: result.uploads ?? null, experts: result.experts ?? null };
 }
 
 const SNAPSHOT_OPTION = 'report.memory_snapshot (--memory-snapshot)';

@@ -22,6 +22,12 @@
 // instead of n. Meta mode (`meta: true`) is for the memory planner, which runs the model on a fake
 // device: the same layout, the same device allocations in the same order, no host image and no
 // bytes moved.
+//
+// Groups (Wan 2.2's two experts): one StreamedBlocks holds the block images of several models of
+// the same shape (`groups: [40, 40]`) and ONE set of slots and staging buffers. Only the active
+// group runs (`setGroup(g)`, `group(g)` gives that model's forward a BlockResidency with its own
+// block numbers); its first `resident` blocks hold resident buffers, which a switch frees before the
+// other group's are allocated and uploaded, so the GPU never holds both groups' resident blocks.
 
 import type { Engine } from '../runtime/engine.ts';
 import type { Module, Param } from '../nn/module.ts';
@@ -94,6 +100,11 @@ export interface StreamedBlocksOptions {
   /** memory tag of block i's weights (default `${owner}.${i}`): resident buffers are tagged when allocated */
   ownerOf?: (i: number) => string;
   /**
+   * Sizes of consecutive block groups (models sharing the ring; default one group of every block).
+   * `resident` counts per group: blocks 0..resident-1 OF THE ACTIVE GROUP stay on the GPU.
+   */
+  groups?: number[];
+  /**
    * For the memory planner's fake device: the params hold Tensor.meta placeholders, no host image
    * is allocated and an upload moves no bytes, while every device allocation (resident buffers,
    * slots, staging ring) and every param view is made as in the real mode, in the same order.
@@ -103,12 +114,15 @@ export interface StreamedBlocksOptions {
 
 export class StreamedBlocks implements BlockResidency {
   readonly numSlots: number;
-  /** blocks 0..resident-1 stay on the GPU (clamped) */
+  /** blocks 0..resident-1 (of the active group) stay on the GPU (clamped to the smallest group) */
   readonly resident: number;
+  /** first block of each group, and one past the last */
+  private readonly groupStart: number[];
+  private active = 0;
   readonly meta: boolean;
   private readonly ownerOf: ((i: number) => string) | null;
   private readonly images: BlockImage[] = [];
-  private readonly residentTensors: Tensor[] = []; // block i < resident -> its buffer
+  private readonly residentTensors: Tensor[] = []; // block start + j (j < resident) of the active group -> its buffer
   private readonly slotTensors: Tensor[] = [];
   private readonly slotOf: number[] = []; // block -> slot or -1
   private readonly blockIn: number[] = []; // slot -> block or -1
@@ -143,7 +157,11 @@ export class StreamedBlocks implements BlockResidency {
     opts: StreamedBlocksOptions = {},
   ) {
     this.numSlots = opts.numSlots ?? 2;
-    this.resident = Math.min(Math.max(0, Math.floor(opts.resident ?? 0)), blocks.length);
+    const groups = opts.groups ?? [blocks.length];
+    if (groups.reduce((a, b) => a + b, 0) !== blocks.length || groups.some((g) => !(g >= 0))) throw new Error(`[residency] groups [${groups.join(', ')}] do not add up to the ${blocks.length} blocks`);
+    this.groupStart = [0];
+    for (const g of groups) this.groupStart.push(this.groupStart[this.groupStart.length - 1]! + g);
+    this.resident = Math.min(Math.max(0, Math.floor(opts.resident ?? 0)), Math.min(...groups));
     this.meta = opts.meta ?? false;
     this.ownerOf = opts.ownerOf ?? null;
     const align = Math.max(e.caps.storageAlign, 256);
@@ -178,7 +196,8 @@ export class StreamedBlocks implements BlockResidency {
       this.inflight.push(null);
     }
     const sizes = this.images.map((img) => img.size);
-    this.slotBytes = Math.max(0, ...sizes.slice(this.resident));
+    // a slot holds any group's streamed blocks
+    this.slotBytes = Math.max(0, ...groups.flatMap((_, g) => sizes.slice(this.groupStart[g]! + this.resident, this.groupStart[g + 1]!)));
     // the staging ring carries the resident blocks' uploads too
     this.stagingBytes = Math.max(0, ...sizes);
     if (opts.allocateNow ?? true) this.allocateDevice();
@@ -193,8 +212,8 @@ export class StreamedBlocks implements BlockResidency {
   private allocateDevice(): void {
     const { e, owner } = this;
     this.device = true;
-    for (let i = 0; i < this.resident; i++) this.residentTensors.push(e.keep(e.empty([this.images[i]!.size / 4], 'u32', this.blockOwner(i))));
-    const slots = Math.min(this.numSlots, this.images.length - this.resident);
+    this.allocateResident();
+    const slots = Math.min(this.numSlots, this.maxStreamed());
     const ring: StagingBuffer[] = [];
     for (let s = 0; s < this.numSlots; s++) {
       if (s < slots) {
@@ -206,17 +225,99 @@ export class StreamedBlocks implements BlockResidency {
     }
     this.staging = ring;
     this.stagingNext = 0;
+    this.uploadResident();
+  }
+
+  /** streamed (non-resident) blocks of the largest group: what the slots serve */
+  private maxStreamed(): number {
+    let m = 0;
+    for (let g = 0; g + 1 < this.groupStart.length; g++) m = Math.max(m, this.groupStart[g + 1]! - this.groupStart[g]! - this.resident);
+    return m;
+  }
+
+  /** one buffer per resident block of the active group */
+  private allocateResident(): void {
+    const start = this.groupStart[this.active]!;
+    for (let j = 0; j < this.resident; j++) this.residentTensors.push(this.e.keep(this.e.empty([this.images[start + j]!.size / 4], 'u32', this.blockOwner(start + j))));
+  }
+
+  /**
+   * Start the active group's resident uploads. With no slots (every block resident) the staging
+   * ring is only needed for them: it goes once they are done (and comes back for a group switch).
+   */
+  private uploadResident(): void {
+    const start = this.groupStart[this.active]!;
     const uploads: Promise<void>[] = [];
-    for (let i = 0; i < this.resident; i++) {
-      const task = this.startUpload(i);
+    for (let j = 0; j < this.resident; j++) {
+      const task = this.startUpload(start + j);
       void task.catch(() => {}); // errors surface in acquire(i)
       uploads.push(task);
     }
-    if (slots === 0) {
+    if (this.slotTensors.length === 0) {
+      const ring = this.staging;
       void Promise.allSettled(uploads).then(() => {
         if (this.staging === ring) this.freeStaging();
       });
     }
+  }
+
+  /** the active group (0 when there is one) */
+  get activeGroup(): number {
+    return this.active;
+  }
+
+  /** number of groups */
+  get groupCount(): number {
+    return this.groupStart.length - 1;
+  }
+
+  /**
+   * Make group g the one that runs. The previous group's blocks leave the slots (their params point at
+   * their host images again) and its resident buffers are freed BEFORE the new group's are allocated
+   * and their uploads started: the GPU holds one group's resident blocks at a time. The slots and the
+   * staging ring stay (one ring for every group). Without a device side, only the choice is recorded.
+   */
+  setGroup(g: number): void {
+    if (!(g >= 0 && g < this.groupCount)) throw new Error(`[residency] group ${g} of ${this.groupCount}`);
+    if (g === this.active) return;
+    const [a, b] = [this.groupStart[this.active]!, this.groupStart[this.active + 1]!];
+    if (this.device) for (let i = a; i < b; i++) if (this.holder[i]) this.detach(i);
+    for (let i = a; i < b; i++) this.inflight[i] = null;
+    for (const t of this.residentTensors) t.dispose();
+    this.residentTensors.length = 0;
+    this.active = g;
+    if (!this.device) return;
+    this.allocateResident();
+    if (this.resident > 0 && this.staging.length === 0) {
+      const ring: StagingBuffer[] = [];
+      for (let s = 0; s < this.numSlots; s++) ring.push({ block: this.e.allocator.allocStaging(this.stagingBytes, `${this.owner}.staging.${s}`), mapped: true, busy: null });
+      this.staging = ring;
+      this.stagingNext = 0;
+    }
+    this.uploadResident();
+  }
+
+  /** group g's blocks as a BlockResidency numbered from 0 (what that model's forward is given) */
+  group(g: number): BlockResidency {
+    const start = this.groupStart[g]!;
+    const n = this.groupStart[g + 1]! - start;
+    const check = (i: number) => {
+      if (g !== this.active) throw new Error(`[residency] group ${g} is not active (group ${this.active} is): call setGroup(${g}) first`);
+      return start + i;
+    };
+    return {
+      acquire: async (i) => this.acquire(check(i)),
+      prefetch: (i) => {
+        if (i < n) this.prefetch(check(i));
+      },
+      release: (i) => this.release(check(i)),
+    };
+  }
+
+  /** block i is resident (its own buffer) in the active group */
+  private isResident(i: number): boolean {
+    const j = i - this.groupStart[this.active]!;
+    return j >= 0 && j < this.resident;
   }
 
   private freeStaging(): void {
@@ -281,7 +382,7 @@ export class StreamedBlocks implements BlockResidency {
    */
   private startUpload(i: number): Promise<void> {
     let target: Tensor;
-    if (i < this.resident) target = this.residentTensors[i]!;
+    if (this.isResident(i)) target = this.residentTensors[i - this.groupStart[this.active]!]!;
     else {
       const slot = this.freeSlot(i);
       const prev = this.blockIn[slot]!;
@@ -411,8 +512,10 @@ export class StreamedBlocks implements BlockResidency {
   }
 
   private freeSlot(i: number): number {
-    // the slot not holding the block in use: ring order by streamed-block index
-    return (i - this.resident) % this.slotTensors.length;
+    // the slot not holding the block in use: ring order by streamed-block index within its group
+    let g = 0;
+    while (i >= this.groupStart[g + 1]!) g++;
+    return (i - this.groupStart[g]! - this.resident) % this.slotTensors.length;
   }
 
   /** Give the GPU side back and restore host params. */

@@ -30,12 +30,16 @@ import { ConfigError, InterruptedError, ShapeError, fmtBytes } from '../util/err
 import { NonFiniteError } from '../util/non-finite.ts';
 import { countNonFinite } from '../ops/finite.ts';
 import { scanNonFinite } from '../ops/cpu/finite.ts';
+import { expertSchedule, EXPERT_NAMES, type ExpertStep } from './experts.ts';
+import type { Param } from '../nn/module.ts';
 
 export type Phase = 'load' | 'encode' | 'denoise' | 'decode';
 
 export type ProgressEvent =
   | { type: 'phase'; phase: Phase | 'write'; detail?: string }
-  | { type: 'step'; step: number; total: number; elapsedMs: number; etaMs: number; allocated: number; peakAllocated: number }
+  | { type: 'step'; step: number; total: number; elapsedMs: number; etaMs: number; allocated: number; peakAllocated: number; expert?: string }
+  /** two-expert models: the step's expert changed (its weights were swapped in for `swapMs`, 0 when both are resident) */
+  | { type: 'expert'; step: number; expert: string; guidance: number; swapMs: number }
   /** inside a slow step (> 2 s), at most once a second: blocks of the DiT forward done so far */
   | { type: 'block'; step: number; total: number; block: number; blocks: number; elapsedMs: number }
   /** the preflight's check of this run against the machine (src/plan/preflight.ts), before loading */
@@ -66,6 +70,12 @@ export interface WanPipelineOptions extends SettingsOptions, PipelineRuntime {}
 /** One generation: the request settings (`RequestSettings`: size, steps, seed...; unset fields keep the pipeline's) */
 export interface GenerateRequest extends Partial<RequestSettings> {
   prompt: string;
+  /** the initial noise instead of the seed's (diffusers' `latents`): [C, F, H/8, W/8] of the request's size */
+  latents?: Latents;
+  /** the text encoder's output for the prompt, trimmed to its tokens ([n, text_dim], n <= text_len), instead of encoding `prompt` (diffusers' `prompt_embeds`) */
+  promptEmbeds?: Float32Array;
+  /** the same for the negative prompt (diffusers' `negative_prompt_embeds`) */
+  negativePromptEmbeds?: Float32Array;
   onProgress?: (ev: ProgressEvent) => void;
   signal?: AbortSignal;
 }
@@ -90,9 +100,11 @@ export interface GenerateResult {
   latents: Latents;
   seed: number;
   timingsMs: Record<string, number>;
-  memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number }>; peakAllocated: number; peakReserved: number };
+  memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number; expert?: string }>; peakAllocated: number; peakReserved: number };
   /** the request's effective settings */
   settings: Settings;
+  /** two-expert models: each step's expert and guidance, and every expert swap with its time */
+  experts?: ExpertsReport;
   uploads?: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number; exposedMs: number };
 }
 
@@ -114,6 +126,14 @@ export interface NonFiniteDetails {
   latents?: Latents;
   /** denoise: steps completed on `latents` (step - 1) */
   latentsStep?: number;
+}
+
+export interface ExpertsReport {
+  schedule: Array<{ step: number; timestep: number; expert: string; guidance: number }>;
+  /** swaps in this request (step = the 1-based step that needed it; ms = wall time of the swap, uploads finished) */
+  swaps: Array<{ step: number; from: string; to: string; ms: number }>;
+  boundaryRatio: number;
+  resident: 'active' | 'both';
 }
 
 export type PipelineNonFiniteError = NonFiniteError & NonFiniteDetails;
@@ -141,6 +161,14 @@ export class WanPipeline {
   readonly componentBytes: Record<string, number> = {};
   /** with infer.vram_budget: the placement the budget chose, its predicted peaks and why */
   budget: BudgetChoice | null = null;
+  /** two-expert models: the expert whose weights are on the GPU now (0 = transformer/, 1 = transformer_2/) */
+  private activeExpert = 0;
+  /**
+   * two-expert models with experts_resident=active: per expert, its GPU-placed params (every param
+   * with the DiT resident; the non-block ones with it streamed) and their host copies (converted to
+   * the weight dtype at load). The inactive expert's params hold their host copy.
+   */
+  private expertHost: Array<Map<Param, Tensor>> | null = null;
 
   private constructor(
     readonly engine: Engine,
@@ -152,6 +180,8 @@ export class WanPipeline {
     readonly vae: WanVaeDecoder,
     readonly tokenizer: UnigramTokenizer | null,
     private readonly onProgress?: (ev: ProgressEvent) => void,
+    /** Wan 2.2 A14B: the low-noise expert (transformer_2/); null for one-DiT models */
+    readonly dit2: WanTransformer3DModel | null = null,
   ) {
     const l = settings.load;
     this.plan = memoryPlan(l);
@@ -207,11 +237,20 @@ export class WanPipeline {
     if (options.recordMemory) engine.allocator.startRecording();
     try {
       const dit = new WanTransformer3DModel(ditDimsFromConfig(folder.transformer.config));
+      const dit2 = folder.transformer2 ? new WanTransformer3DModel(ditDimsFromConfig(folder.transformer2.config)) : null;
+      if (!dit2 && settings.request.guidanceScale2 >= 0) {
+        options.onProgress?.({ type: 'warning', message: `infer.guidance_scale_2 (${settings.request.guidanceScale2}) applies to two-expert models (Wan 2.2 A14B); ${folder.dir} has one transformer, so it is ignored: use infer.guidance_scale` });
+      }
+      if (dit2 && settings.load.expertsResident === 'both' && memoryPlan(settings.load).dit === 'stream') {
+        throw new ConfigError(
+          'infer.experts_resident=both keeps both experts resident on the GPU, but the DiT is streamed (low_mem_level 3 or infer.offload_dit=true): use infer.experts_resident=active, or a lower level with infer.offload_dit=false',
+        );
+      }
       const te = new UMT5EncoderModel(umt5DimsFromConfig(folder.textEncoder.config));
       const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config));
       const tok = folder.tokenizer ? await loadTokenizer(folder.tokenizer.dir) : null;
       tok?.checkVocabSize(folder.textEncoder.config.vocab_size, folder.textEncoder.configPath);
-      const p = new WanPipeline(engine, !options.engine, folder, settings, dit, te, vae, tok, options.onProgress);
+      const p = new WanPipeline(engine, !options.engine, folder, settings, dit, te, vae, tok, options.onProgress, dit2);
       p.budget = budget;
       await p.load();
       return p;
@@ -253,24 +292,19 @@ export class WanPipeline {
       throw new ConfigError(`infer.activation_dtype=f16 needs the adapter feature 'shader-f16', which ${e.adapterName} does not expose; use f32`);
     }
     this.dit.dims.activationDtype = act;
-    const wd = this.settings.load.weightDtype;
+    if (this.dit2) this.dit2.dims.activationDtype = act;
     this.setPhase('load');
     e.allocator.oomAdvice = this.oomAdvice('load');
     this.emit({ type: 'phase', phase: 'load' });
-    // DiT: non-block weights always resident; blocks resident or host-streamed
-    const streamDit = this.plan.dit === 'stream';
-    await loadModuleFrom(this.dit, this.folder.transformer, {
-      engine: e,
-      owner: 'dit',
-      weightDtype: wd,
-      checkFinite: this.checkFinite,
-      placement: ditPlacement(this.plan, (k) => this.dit.isBlockKey(k)),
-      onProgress: (d, t) => this.emit({ type: 'load', component: 'transformer', done: d, total: t }),
-    });
-    if (streamDit) {
-      this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot', { resident: this.plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
+    if (this.dit2) await this.loadExperts();
+    else {
+      // DiT: non-block weights always resident; blocks resident or host-streamed
+      await this.loadDit(this.dit, 'transformer', ditPlacement(this.plan, (k) => this.dit.isBlockKey(k)));
+      if (this.plan.dit === 'stream') {
+        this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot', { resident: this.plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
+      }
+      this.componentBytes.dit = this.dit.paramBytes();
     }
-    this.componentBytes.dit = this.dit.paramBytes();
     // Text encoder: resident on the GPU, or its host copy for the CPU device / the GPU stream. Every
     // copy loads here, with the pipeline, as level 0's GPU copies do: a request never reads weight files.
     await this.loadTextEncoder(this.plan.textEncoder);
@@ -278,6 +312,122 @@ export class WanPipeline {
     if (this.plan.vae === 'resident') await this.loadVae();
     else await this.loadVaeHost();
     await e.sync();
+  }
+
+  /** owner tag of an expert's weights: 'dit' (transformer/) or 'dit_2' (transformer_2/) */
+  private static ditOwner(k: number): string {
+    return k === 0 ? 'dit' : 'dit_2';
+  }
+
+  private async loadDit(dit: WanTransformer3DModel, which: 'transformer' | 'transformer_2', placement: (key: string) => 'device' | 'host'): Promise<void> {
+    const comp = which === 'transformer' ? this.folder.transformer : this.folder.transformer2!;
+    await loadModuleFrom(dit, comp, {
+      engine: this.engine,
+      owner: WanPipeline.ditOwner(which === 'transformer' ? 0 : 1),
+      weightDtype: this.settings.load.weightDtype,
+      checkFinite: this.checkFinite,
+      placement,
+      onProgress: (d, t) => this.emit({ type: 'load', component: which, done: d, total: t }),
+    });
+  }
+
+  /** the experts by index (one-DiT models: just the DiT) */
+  private get experts(): WanTransformer3DModel[] {
+    return this.dit2 ? [this.dit, this.dit2] : [this.dit];
+  }
+
+  /**
+   * Wan 2.2's two experts. experts_resident=both (DiT resident): both on the GPU, nothing swaps.
+   * Otherwise both are read once into host memory (converted to the weight dtype); with the DiT
+   * streamed their blocks become the block images of ONE StreamedBlocks (a group per expert, one
+   * ring of slots), and the active expert's other weights (all of them with the DiT resident) are
+   * uploaded from their host copies: expert 0 now, the other at the boundary (useExpert).
+   */
+  private async loadExperts(): Promise<void> {
+    const e = this.engine;
+    const both = this.settings.load.expertsResident === 'both';
+    const stream = this.plan.dit === 'stream';
+    const names = ['transformer', 'transformer_2'] as const;
+    for (let k = 0; k < 2; k++) {
+      const dit = this.experts[k]!;
+      await this.loadDit(dit, names[k], both ? ditPlacement(this.plan, (key) => dit.isBlockKey(key)) : () => 'host');
+    }
+    if (both) {
+      this.componentBytes.dit = this.dit.paramBytes();
+      this.componentBytes.dit_2 = this.dit2!.paramBytes();
+      return;
+    }
+    if (stream) {
+      const n = this.dit.blocks.items.length;
+      this.streamed = new StreamedBlocks(e, [...this.dit.blocks.items, ...this.dit2!.blocks.items], 'dit.blocks.slot', {
+        resident: this.plan.residentBlocks,
+        groups: [n, this.dit2!.blocks.items.length],
+        ownerOf: (i) => (i < n ? `dit.blocks.${i}` : `dit_2.blocks.${i - n}`),
+      });
+    }
+    this.expertHost = this.experts.map((dit) => new Map(dit.namedParams().filter(([key]) => !(stream && dit.isBlockKey(key))).map(([, p]) => [p, p.t] as [Param, Tensor])));
+    this.activeExpert = -1;
+    await this.useExpert(0);
+    this.componentBytes.dit = this.dit.paramBytes();
+    this.componentBytes.dit_2 = this.dit2!.paramBytes();
+  }
+
+  /**
+   * Put expert k's weights on the GPU (a no-op when it is there, or when both are resident). The
+   * current expert's GPU copies are freed FIRST (their params point at the host copies again; the
+   * caching allocator keeps the buffers, which the other expert's same-shaped weights then reuse),
+   * then k's are uploaded and waited for: the GPU never holds both. Returns the wall time in ms.
+   */
+  private async useExpert(k: number): Promise<number> {
+    if (!this.dit2 || k === this.activeExpert || !this.expertHost) {
+      this.activeExpert = k;
+      return 0;
+    }
+    const e = this.engine;
+    const t0 = performance.now();
+    e.flush();
+    if (this.activeExpert >= 0) {
+      for (const [p, host] of this.expertHost[this.activeExpert]!) {
+        if (p.value !== host) p.value?.dispose();
+        p.value = host;
+      }
+    }
+    this.streamed?.setGroup(k);
+    const owner = WanPipeline.ditOwner(k);
+    for (const [p, host] of this.expertHost[k]!) p.value = e.keep(host.toGpu(e, `${owner}.${p.fullKey}`));
+    this.activeExpert = k;
+    await e.sync();
+    return performance.now() - t0;
+  }
+
+  /**
+   * Host memory holding weights, by component, each host buffer counted once (views of one block
+   * image, or of one file, count as one): the inactive expert's copies are here. `dit` / `dit_2` are
+   * the experts (their block images with the DiT streamed), `text_encoder` and `vae` their host copies.
+   */
+  hostWeightBytes(): Record<string, number> {
+    const out: Record<string, number> = {};
+    const seen = new Set<ArrayBufferLike>();
+    const add = (name: string, t: Tensor | null | undefined) => {
+      if (!t || t.device !== 'cpu' || !t.data) return;
+      const buf = t.data.buffer;
+      if (seen.has(buf)) return;
+      seen.add(buf);
+      out[name] = (out[name] ?? 0) + buf.byteLength;
+    };
+    this.experts.forEach((dit, k) => {
+      for (const [, p] of dit.namedParams()) {
+        add(WanPipeline.ditOwner(k), p.streamHost);
+        add(WanPipeline.ditOwner(k), this.expertHost?.[k]?.get(p));
+        add(WanPipeline.ditOwner(k), p.value);
+      }
+    });
+    for (const [, p] of this.textEncoder.namedParams()) {
+      add('text_encoder', p.streamHost);
+      add('text_encoder', p.value);
+    }
+    for (const t of this.vaeHost?.values() ?? []) add('vae', t);
+    return out;
   }
 
   /** Read the VAE's weights (converted to the weight dtype) onto the GPU, or with placement 'host' into host memory. */
@@ -431,6 +581,18 @@ export class WanPipeline {
 
   // ------------------------------------------------------------------ sample
 
+  /** a caller's prompt embeddings ([n, text_dim], n <= text_len), checked and zero-padded to text_len */
+  private givenEmbeds(x: Float32Array, name: string): Float32Array {
+    const d = this.textEncoder.dims.dModel;
+    const textLen = this.settings.load.textLen;
+    const n = x.length / d;
+    if (!Number.isInteger(n) || n < 1 || n > textLen) {
+      throw new ShapeError(`[pipeline] ${name} has ${x.length} values: it must be [n, ${d}] (the text encoder's output for n tokens) with 1 <= n <= text_len (${textLen})`);
+    }
+    this.checkContext(x, `(${name})`);
+    return pad(x, n, textLen, d);
+  }
+
   /** A request's effective settings: the pipeline's, with the request's fields (checked) on top. */
   resolveRequest(req: GenerateRequest): Settings {
     return requestSettings(this.settings, req);
@@ -466,10 +628,19 @@ export class WanPipeline {
     e.allocator.resetPeakMemoryStats();
     this.emit({ type: 'phase', phase: 'encode' }, cb);
     let t0 = performance.now();
-    const guidance = r.guidanceScale;
-    const useCfg = guidance !== 1;
-    const cond = await this.encodePrompt(r.prompt);
-    const uncond = useCfg ? await this.encodePrompt(r.negativePrompt) : null;
+    const steps = r.numInferenceSteps;
+    const sched = createScheduler(r.sampler, { steps, shift: r.shift });
+    // the expert and guidance of each step (one-DiT models: the DiT and infer.guidance_scale throughout)
+    const schedule: ExpertStep[] = expertSchedule(sched.timesteps, {
+      experts: this.experts.length,
+      boundaryRatio: r.boundaryRatio,
+      numTrainTimesteps: this.folder.scheduler.config.num_train_timesteps,
+      guidance: r.guidanceScale,
+      guidance2: r.guidanceScale2,
+    });
+    const useCfg = schedule.some((st) => st.guidance !== 1);
+    const cond = req.promptEmbeds ? this.givenEmbeds(req.promptEmbeds, 'promptEmbeds') : await this.encodePrompt(r.prompt);
+    const uncond = !useCfg ? null : req.negativePromptEmbeds ? this.givenEmbeds(req.negativePromptEmbeds, 'negativePromptEmbeds') : await this.encodePrompt(r.negativePrompt);
     await e.sync();
     timings.encode = performance.now() - t0;
     perPhase.encode = this.phaseMemory();
@@ -481,11 +652,16 @@ export class WanPipeline {
     e.allocator.resetPeakMemoryStats();
     this.emit({ type: 'phase', phase: 'denoise' }, cb);
     t0 = performance.now();
-    const steps = r.numInferenceSteps;
-    const sched = createScheduler(r.sampler, { steps, shift: r.shift });
     const seed = r.seed;
     const rng = new Rng(seed);
-    let latent = rng.fillNormal(new Float32Array(C * F * lh * lw));
+    let latent: Float32Array;
+    if (req.latents) {
+      const want = [C, F, lh, lw];
+      if (req.latents.shape.join(',') !== want.join(',') || req.latents.data.length !== C * F * lh * lw) {
+        throw new ShapeError(`[pipeline] latents [${req.latents.shape.join(', ')}] do not fit this request: ${W}x${H}, ${T} frames needs [${want.join(', ')}] (channels, latent frames, height/8, width/8)`);
+      }
+      latent = Float32Array.from(req.latents.data);
+    } else latent = rng.fillNormal(new Float32Array(C * F * lh * lw));
     const textLen = settings.load.textLen;
     const textDim = this.dit.dims.textDim;
     const B = useCfg ? 2 : 1;
@@ -493,8 +669,26 @@ export class WanPipeline {
     ctxHost.set(cond, 0);
     if (uncond) ctxHost.set(uncond, textLen * textDim);
     this.streamed?.resetStats();
-    const residency: BlockResidency = this.streamed ?? RESIDENT;
-    const ctxEmb = e.keep(e.scope(() => this.dit.embedText(e.fromHost(ctxHost, [B, textLen, textDim], 'f32'))));
+    // the text context through the running expert's own text embedding (computed again after a switch)
+    const embedFor = (k: number) => e.keep(e.scope(() => this.experts[k]!.embedText(e.fromHost(ctxHost, [B, textLen, textDim], 'f32'))));
+    let expertNow = schedule[0]?.expert ?? 0;
+    const experts: ExpertsReport | undefined = this.dit2
+      ? { schedule: schedule.map((st) => ({ step: st.step + 1, timestep: st.timestep, expert: EXPERT_NAMES[st.expert], guidance: st.guidance })), swaps: [], boundaryRatio: r.boundaryRatio, resident: this.settings.load.expertsResident }
+      : undefined;
+    let swapMs = 0;
+    const swapTo = async (k: number, step: number) => {
+      const from = this.activeExpert;
+      const ms = await this.useExpert(k);
+      swapMs += ms;
+      if (experts && ms > 0) experts.swaps.push({ step, from: EXPERT_NAMES[from as 0 | 1] ?? 'none', to: EXPERT_NAMES[k as 0 | 1], ms });
+      return ms;
+    };
+    if (this.dit2) {
+      // a request starts with the first step's expert (the previous request may have ended on the other)
+      const ms = await swapTo(expertNow, 1);
+      this.emit({ type: 'expert', step: 1, expert: EXPERT_NAMES[expertNow], guidance: schedule[0]?.guidance ?? r.guidanceScale, swapMs: ms }, cb);
+    }
+    let ctxEmb = embedFor(expertNow);
     const perStep = result.memory.perStep;
     // activation bounds (CFG passes in turn, FFN / attention chunks) for this many tokens
     const tokens = F * (lh / ph) * (lw / pw);
@@ -506,6 +700,17 @@ export class WanPipeline {
       for (let i = 0; i < steps; i++) {
         check();
         e.allocator.resetPeakMemoryStats();
+        const st = schedule[i]!;
+        if (st.expert !== expertNow) {
+          // the boundary: the other expert's weights in, its own text embedding of the context
+          ctxEmb.dispose();
+          const ms = await swapTo(st.expert, i + 1);
+          expertNow = st.expert;
+          ctxEmb = embedFor(expertNow);
+          this.emit({ type: 'expert', step: i + 1, expert: EXPERT_NAMES[expertNow], guidance: st.guidance, swapMs: ms }, cb);
+        }
+        const dit = this.experts[expertNow]!;
+        const residency: BlockResidency = this.streamed ? (this.dit2 ? this.streamed.group(expertNow) : this.streamed) : RESIDENT;
         const x = new Float32Array(B * latent.length);
         for (let b = 0; b < B; b++) x.set(latent, b * latent.length);
         const xg = e.fromHost(x, [B, C, F, lh, lw], 'f32');
@@ -545,7 +750,7 @@ export class WanPipeline {
         };
         let out: Tensor;
         try {
-          out = await this.dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock });
+          out = await dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock });
         } catch (err) {
           // an interrupted forward gives its streamed blocks' slots back (the next run allocates them again)
           if (err instanceof InterruptedError) this.streamed?.releaseDevice();
@@ -565,7 +770,8 @@ export class WanPipeline {
           bad.dispose();
           if (count > 0) throw this.denoiseError('dit', count, pred.length, i, steps, latent, [C, F, lh, lw]);
         }
-        const v = useCfg ? cfgCombine(pred.subarray(n, 2 * n), pred.subarray(0, n), guidance) : pred;
+        // (a step with guidance 1 takes the cond prediction as it is)
+        const v = !useCfg ? pred : st.guidance === 1 ? pred.subarray(0, n) : cfgCombine(pred.subarray(n, 2 * n), pred.subarray(0, n), st.guidance);
         const next = sched.step(v, i, latent);
         // the update itself (finite prediction, huge values): a host scan of the new latents
         if (checkFinite) {
@@ -573,16 +779,21 @@ export class WanPipeline {
           if (count > 0) throw this.denoiseError('scheduler', count, next.length, i, steps, latent, [C, F, lh, lw]);
         }
         latent = next;
-        const st = e.allocator.stats();
-        perStep.push({ step: i + 1, peakAllocated: st.peakAllocated, peakReserved: st.peakReserved });
+        const ms = e.allocator.stats();
+        const expert = this.dit2 ? EXPERT_NAMES[expertNow] : undefined;
+        perStep.push({ step: i + 1, peakAllocated: ms.peakAllocated, peakReserved: ms.peakReserved, ...(expert ? { expert } : {}) });
         const el = performance.now() - t0;
-        this.emit({ type: 'step', step: i + 1, total: steps, elapsedMs: el, etaMs: (el / (i + 1)) * (steps - i - 1), allocated: st.allocated, peakAllocated: st.peakAllocated }, cb);
+        this.emit({ type: 'step', step: i + 1, total: steps, elapsedMs: el, etaMs: (el / (i + 1)) * (steps - i - 1), allocated: ms.allocated, peakAllocated: ms.peakAllocated, ...(expert ? { expert } : {}) }, cb);
         this.emitMemory('denoise', cb, i + 1);
       }
     } finally {
       ctxEmb.dispose();
     }
     timings.denoise = performance.now() - t0;
+    if (experts) {
+      timings.expert_swap = swapMs;
+      result.experts = experts;
+    }
     perPhase.denoise = {
       peakAllocated: Math.max(0, ...perStep.map((s) => s.peakAllocated)),
       peakReserved: Math.max(0, ...perStep.map((s) => s.peakReserved)),
@@ -708,6 +919,8 @@ export class WanPipeline {
     this.teRing?.dispose();
     this.teRing = null;
     this.dit.disposeParams();
+    this.dit2?.disposeParams();
+    this.expertHost = null;
     this.textEncoder.disposeParams();
     this.textEncoder.disposeCaches();
     this.vae.disposeParams();

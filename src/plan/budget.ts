@@ -22,10 +22,12 @@ export interface BudgetChoice {
 }
 
 /** The settings of one candidate placement. */
-function withPlacement(s: Settings, p: { level: 0 | 1 | 2 | 3; residentBlocks?: number; tileSize?: number }): Settings {
+function withPlacement(s: Settings, p: { level: 0 | 1 | 2 | 3; residentBlocks?: number; tileSize?: number; bothExperts?: boolean }): Settings {
   const load = {
     ...s.load,
     lowMemLevel: p.level,
+    // two-expert models: both experts resident is a level-0 candidate of its own (no swap)
+    expertsResident: p.bothExperts ? ('both' as const) : ('active' as const),
     // the budget decides what the level's flags would: 'auto' lets the level speak
     offloadTextEncoder: 'auto' as const,
     offloadDit: 'auto' as const,
@@ -83,9 +85,15 @@ export async function choosePlacement(model: ModelShapes, settings: Settings, bu
       return null;
     }
   };
+  if (model.experts > 1) {
+    // fastest for Wan 2.2: both experts on the GPU, no swap at the boundary
+    const s = withPlacement(settings, { level: 0, bothExperts: true });
+    const p = await tryOne('level 0, both experts resident', s);
+    if (p) return { plan: p, settings: s, reasons };
+  }
   for (const level of [0, 1, 2] as const) {
     const s = withPlacement(settings, { level });
-    const p = await tryOne(`level ${level}`, s);
+    const p = await tryOne(model.experts > 1 ? `level ${level}, the active expert resident` : `level ${level}`, s);
     if (p) return { plan: p, settings: s, reasons };
   }
   // level 3: as many resident blocks as fit

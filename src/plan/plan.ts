@@ -270,10 +270,18 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     if (plan.dit === 'stream') ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
     host['dit weights'] = ditHost.hostBytes;
     if (model.experts > 1) {
-      // Wan 2.2: the other expert (same shapes) is placed by the same rule; one expert runs per
-      // step, so the ring and the activations are shared and only its weights add up
+      // Wan 2.2 (WanPipeline.loadExperts): one expert runs per step, so the ring and the activations
+      // are shared. experts_resident=both (DiT resident): the other expert on the GPU as well.
+      // Otherwise ('active') both experts wait in host memory whole (converted), the running one's
+      // non-streamed weights are ALSO on the GPU, and a swap frees them before the other's come in:
+      // the GPU side is one expert's, the host side two experts'.
       const other = new WanTransformer3DModel(ditDimsFromConfig(model.transformer));
-      host['dit weights'] += placeModule(e, other, 'dit_2', model.fileDtype.transformer, wd, ditPlacement(plan, (k) => other.isBlockKey(k))).hostBytes;
+      if (l.expertsResident === 'both' && plan.dit === 'resident') {
+        placeModule(e, other, 'dit_2', model.fileDtype.transformer, wd, ditPlacement(plan, (k) => other.isBlockKey(k)));
+      } else {
+        const expertHost = placeModule(e, other, 'dit_2', model.fileDtype.transformer, wd, () => 'host').hostBytes;
+        host['dit weights'] = 2 * expertHost;
+      }
     }
     const teHow = textEncoderLoad(plan.textEncoder, wd, te);
     const teFile = model.fileDtype.textEncoder;

@@ -5,7 +5,7 @@
 import { openModelFolder, parseT5Config, type ModelFolder, parseTransformerConfig, parseVaeConfig, type T5Config, type TransformerConfig, type VaeConfig } from '../io/model-folder.ts';
 import { engineDTypeOf } from '../io/checkpoint.ts';
 import type { DType } from '../tensor/dtype.ts';
-import { WAN_1_3B_TRANSFORMER, WAN_VAE, umt5XxlConfig } from '../tools/random-model.ts';
+import { WAN_1_3B_TRANSFORMER, WAN_14B_TRANSFORMER, WAN_VAE, umt5XxlConfig } from '../tools/random-model.ts';
 import { ConfigError } from '../util/errors.ts';
 
 export interface ModelShapes {
@@ -47,13 +47,11 @@ export async function shapesOfFolder(folder: ModelFolder): Promise<ModelShapes> 
     vae: folder.vae.config,
     textEncoder: folder.textEncoder.config,
     fileDtype: { transformer: await dtypes(folder.transformer), vae: await dtypes(folder.vae), textEncoder: await dtypes(folder.textEncoder) },
-    experts: 1,
+    experts: folder.transformer2 ? 2 : 1,
     tokenizerDir: folder.tokenizer?.dir ?? null,
   };
 }
 
-/** Wan 2.1 T2V-14B transformer config (Wan-AI/Wan2.1-T2V-14B-Diffusers). */
-const WAN_14B_TRANSFORMER = { ...WAN_1_3B_TRANSFORMER, attention_head_dim: 128, num_attention_heads: 40, ffn_dim: 13824, num_layers: 40 };
 
 /** UMT5-XXL encoder as Wan ships it (24 layers, the 256,384-token multilingual vocabulary). */
 const UMT5_XXL = umt5XxlConfig(24, 256384);

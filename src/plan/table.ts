@@ -81,7 +81,7 @@ export async function hardwareTable(opts: { device?: MetaDeviceSpec; onRow?: (li
     '- Resolution: 720p if it fits, else 480p, else the largest 16:9 size in multiples of 16.',
     '- Host RAM: weights kept on the host (streamed DiT blocks, the CPU-device text encoder, the VAE between decodes), the staging ring, the decode\'s host buffers and the video; the Node/Dawn runtime comes on top.',
     `- s/step: one denoising step (cond + uncond) on an ${RTX_4090.name}, from the walk\'s per-op flops and bytes at this engine\'s measured efficiency (src/plan/cost.ts). Wan 2.2 A14B runs one expert per step: its s/step is that of one 14B.`,
-    '- Wan 2.2 A14B: both experts are placed like the 14B DiT; their host copies double at level 3.',
+    '- Wan 2.2 A14B: one expert on the GPU at a time (placed like the 14B DiT; the other waits in host memory and is swapped in at the boundary, or both resident at level 0 where they fit); host RAM holds both experts.',
     '',
     '| VRAM | model | recommended placement | largest resolution at 81 frames | peak reserved | host RAM | s/step |',
     '|---:|---|---|---|---:|---:|---:|',

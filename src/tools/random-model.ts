@@ -25,6 +25,8 @@ export interface RandomModelSpec {
   seed: number;
   /** tokenizer folder to copy into tokenizer/ */
   tokenizerDir: string;
+  /** 2: a Wan 2.2 A14B-style folder, transformer/ (high noise) + transformer_2/ (low noise, other weights) and boundary_ratio 0.875 */
+  experts?: 1 | 2;
 }
 
 /** Wan 2.1 T2V-1.3B transformer config (Wan-AI/Wan2.1-T2V-1.3B-Diffusers). */
@@ -46,6 +48,9 @@ export const WAN_1_3B_TRANSFORMER = {
   rope_max_seq_len: 1024,
   text_dim: 4096,
 };
+
+/** Wan 2.1 T2V-14B transformer config (Wan-AI/Wan2.1-T2V-14B-Diffusers); each Wan 2.2 T2V-A14B expert has the same shapes. */
+export const WAN_14B_TRANSFORMER = { ...WAN_1_3B_TRANSFORMER, attention_head_dim: 128, num_attention_heads: 40, ffn_dim: 13824, num_layers: 40 };
 
 /** The Wan 2.1 VAE config (base_dim 96). */
 export const WAN_VAE = {
@@ -132,9 +137,11 @@ export async function randomModelFolder(root: string, spec: RandomModelSpec, log
     text_encoder: ['transformers', 'UMT5EncoderModel'],
     tokenizer: ['transformers', 'T5TokenizerFast'],
     transformer: ['diffusers', 'WanTransformer3DModel'],
+    ...(spec.experts === 2 ? { transformer_2: ['diffusers', 'WanTransformer3DModel'], boundary_ratio: 0.875 } : {}),
     vae: ['diffusers', 'AutoencoderKLWan'],
   });
   json('transformer/config.json', spec.transformer);
+  if (spec.experts === 2) json('transformer_2/config.json', spec.transformer);
   json('vae/config.json', spec.vae);
   json('text_encoder/config.json', spec.textEncoder);
   json('scheduler/scheduler_config.json', { _class_name: 'UniPCMultistepScheduler', flow_shift: 5.0, num_train_timesteps: 1000, prediction_type: 'flow_prediction', solver_order: 2, use_flow_sigmas: true });
@@ -143,6 +150,10 @@ export async function randomModelFolder(root: string, spec: RandomModelSpec, log
   const dit = new WanTransformer3DModel(ditDimsFromConfig(parseTransformerConfig(spec.transformer)));
   await writeSafetensors(join(dir, 'transformer', 'diffusion_pytorch_model.safetensors'), tensorsOf(dit, new Rng(spec.seed), spec.dtype));
   log(`transformer written (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+  if (spec.experts === 2) {
+    await writeSafetensors(join(dir, 'transformer_2', 'diffusion_pytorch_model.safetensors'), tensorsOf(dit, new Rng(spec.seed + 3), spec.dtype));
+    log(`transformer_2 written (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+  }
   const vae = new WanVaeDecoder(vaeDimsFromConfig(parseVaeConfig(spec.vae)));
   await writeSafetensors(join(dir, 'vae', 'diffusion_pytorch_model.safetensors'), tensorsOf(vae, new Rng(spec.seed + 1), spec.dtype));
   const te = new UMT5EncoderModel(umt5DimsFromConfig(parseT5Config(spec.textEncoder)));
