@@ -447,6 +447,136 @@ describe('key maps (original Wan ↔ diffusers)', () => {
   });
 });
 
+describe('model folder: Wan 2.2 A14B, two experts (the wan22-tiny fixture)', () => {
+  const W22 = join(TINY, '..', 'wan22-tiny');
+  /** A copy of the two-expert folder: the transformers and model_index.json copied, the rest linked. */
+  function copyWan22(): string {
+    const d = join(tmp, `w${n++}`);
+    for (const sub of ['transformer', 'transformer_2']) cpSync(join(W22, sub), join(d, sub), { recursive: true });
+    cpSync(join(W22, 'model_index.json'), join(d, 'model_index.json'));
+    for (const sub of ['vae', 'text_encoder', 'scheduler']) symlinkSync(join(W22, sub), join(d, sub));
+    return d;
+  }
+  /** every tensor of `c` equals the same-named tensor of the file `ref` (diffusers names), byte for byte */
+  async function sameWeights(c: ModelFolder['transformer'], ref: string): Promise<void> {
+    const ck = await c.open();
+    const r = await Checkpoint.open(ref);
+    expect(ck.keys().sort()).toEqual(r.keys().sort());
+    for (const key of r.keys()) expect(Buffer.from(await ck.read(key)).equals(Buffer.from(await r.read(key))), key).toBe(true);
+    await ck.close();
+    await r.close();
+  }
+
+  it('opens with transformer2 (the low-noise expert) and boundaryRatio 0.875; one-expert folders have neither', async () => {
+    const m = await openModelFolder(W22);
+    expect(m.transformer2).not.toBeNull();
+    expect(m.transformer2!.name).toBe('transformer_2');
+    expect(m.transformer2!.dir).toBe(join(W22, 'transformer_2'));
+    expect(m.transformer.dir).toBe(join(W22, 'transformer'));
+    expect(m.boundaryRatio).toBe(0.875);
+    expect(m.index.boundary_ratio).toBe(0.875);
+    expect(m.index.components.transformer_2).toEqual(['diffusers', 'WanTransformer3DModel']);
+    expect(m.transformer2!.config).toEqual(m.transformer.config); // same architecture...
+    await sameWeights(m.transformer2!, join(W22, 'transformer_2')); // ...its own weights
+    const a = await m.transformer.open();
+    const b = await m.transformer2!.open();
+    expect(Buffer.from(await a.read('proj_out.weight')).equals(Buffer.from(await b.read('proj_out.weight')))).toBe(false);
+    await a.close();
+    await b.close();
+    const tiny = await openModelFolder(TINY);
+    expect([tiny.transformer2, tiny.boundaryRatio]).toEqual([null, null]);
+  });
+  it("transformer_2/ missing while model_index.json lists it: 'incomplete'", async () => {
+    const d = copyWan22();
+    rmSync(join(d, 'transformer_2'), { recursive: true });
+    const msg = await folderError(d);
+    expect(msg).toMatch(/transformer_2/);
+    expect(msg).toMatch(/incomplete/);
+  });
+  it('one expert alone, or boundary_ratio with one transformer, or a boundary_ratio out of 0..1: errors naming the fix', async () => {
+    let d = copyWan22();
+    rmSync(join(d, 'transformer'), { recursive: true });
+    expect(await folderError(d)).toMatch(/has transformer_2\/ \(the low-noise expert\) but no transformer\/.*incomplete/);
+    d = copyWan22();
+    rmSync(join(d, 'transformer_2'), { recursive: true });
+    editJson(join(d, 'model_index.json'), (j) => delete j.transformer_2);
+    expect(await folderError(d)).toMatch(/boundary_ratio is set .* but the folder has one transformer: add transformer_2\//);
+    d = copyWan22();
+    editJson(join(d, 'model_index.json'), (j) => (j.boundary_ratio = 2));
+    expect(await folderError(d)).toMatch(/model_index.json: key 'boundary_ratio' must be a number in 0\.\.1/);
+    d = copyWan22();
+    editJson(join(d, 'model_index.json'), (j) => (j.boundary_ratio = '0.875'));
+    expect(await folderError(d)).toMatch(/key 'boundary_ratio'/);
+    // no boundary_ratio: two experts still open; the caller's default applies
+    d = copyWan22();
+    editJson(join(d, 'model_index.json'), (j) => delete j.boundary_ratio);
+    const m = await openModelFolder(d);
+    expect([m.transformer2 !== null, m.boundaryRatio]).toEqual([true, null]);
+  });
+  it("experts of different shapes: 'the two experts differ in num_layers'", async () => {
+    const d = copyWan22();
+    editJson(join(d, 'transformer_2', 'config.json'), (j) => (j.num_layers = 3));
+    const msg = await folderError(d);
+    expect(msg).toMatch(/the two experts differ in num_layers: 2 in .*transformer\/config.json vs 3 in .*transformer_2\/config.json/);
+  });
+  it('the same expert in two layouts (transformer/ and high_noise_model/, transformer_2/ and low_noise_model/)', async () => {
+    let d = copyWan22();
+    cpSync(join(d, 'transformer'), join(d, 'high_noise_model'), { recursive: true });
+    expect(await folderError(d)).toMatch(/has both transformer\/ and high_noise_model\//);
+    d = copyWan22();
+    cpSync(join(d, 'transformer_2'), join(d, 'low_noise_model'), { recursive: true });
+    expect(await folderError(d)).toMatch(/has both transformer_2\/ and low_noise_model\//);
+  });
+  it('the original Wan 2.2 folder names (high_noise_model/, low_noise_model/) in a diffusers folder, diffusers or Wan key names', async () => {
+    let d = copyWan22();
+    renameSync(join(d, 'transformer'), join(d, 'high_noise_model'));
+    renameSync(join(d, 'transformer_2'), join(d, 'low_noise_model'));
+    let m = await openModelFolder(d);
+    expect(m.transformer.dir).toBe(join(d, 'high_noise_model'));
+    expect(m.transformer.name).toBe('transformer');
+    expect(m.transformer2?.dir).toBe(join(d, 'low_noise_model'));
+    expect(m.transformer2?.name).toBe('transformer_2');
+    expect(m.boundaryRatio).toBe(0.875);
+    await sameWeights(m.transformer, join(W22, 'transformer'));
+    await sameWeights(m.transformer2!, join(W22, 'transformer_2'));
+    // low_noise_model/ as the original release ships it: Wan key names and a WanModel config.json
+    d = copyWan22();
+    renameSync(join(d, 'transformer'), join(d, 'high_noise_model'));
+    renameSync(join(d, 'transformer_2'), join(d, 'low_noise_model'));
+    const w = join(d, 'low_noise_model', 'diffusion_pytorch_model.safetensors');
+    await rewriteRenamed(join(W22, 'transformer_2', 'diffusion_pytorch_model.safetensors'), w, (k) => TRANSFORMER_KEYS.toWanName(k)!);
+    writeFileSync(
+      join(d, 'low_noise_model', 'config.json'),
+      JSON.stringify({ _class_name: 'WanModel', _diffusers_version: '0.33.0', dim: 128, eps: 1e-6, ffn_dim: 256, freq_dim: 256, in_dim: 16, model_type: 't2v', num_heads: 2, num_layers: 2, out_dim: 16, text_dim: 64, text_len: 512 }),
+    );
+    m = await openModelFolder(d);
+    expect([m.transformer.keyLayout, m.transformer2?.keyLayout]).toEqual(['diffusers', 'wan']);
+    expect(m.transformer2!.config).toEqual({ ...m.transformer.config, _class_name: 'WanModel' });
+    await sameWeights(m.transformer2!, join(W22, 'transformer_2'));
+    // high_noise_model/ without low_noise_model/
+    d = copyWan22();
+    renameSync(join(d, 'transformer'), join(d, 'high_noise_model'));
+    rmSync(join(d, 'transformer_2'), { recursive: true });
+    expect(await folderError(d)).toMatch(/lists transformer_2 .* the transformer_2\/ folder is missing: the download is incomplete/);
+    editJson(join(d, 'model_index.json'), (j) => {
+      delete j.transformer_2;
+      delete j.boundary_ratio;
+    });
+    expect(await folderError(d)).toMatch(/has high_noise_model\/ but no low_noise_model\/: Wan 2\.2 A14B needs both experts/);
+  });
+  it("the original Wan 2.2 release root (high_noise_model/, no model_index.json): 'original Wan 2.2 release layout'", async () => {
+    const d = join(tmp, `w${n++}`);
+    mkdirSync(d);
+    cpSync(join(W22, 'transformer'), join(d, 'high_noise_model'), { recursive: true });
+    cpSync(join(W22, 'transformer_2'), join(d, 'low_noise_model'), { recursive: true });
+    writeFileSync(join(d, 'Wan2.1_VAE.pth'), 'not a real pickle');
+    const msg = await folderError(d);
+    expect(msg).toMatch(/this is the original Wan 2\.2 release layout \(high_noise_model\/, low_noise_model\/\)/);
+    expect(msg).toMatch(/Wan2\.2-T2V-A14B-Diffusers/);
+    expect(msg.split('\n')).toHaveLength(1);
+  });
+});
+
 describe('check-golden: a malformed case folder is one line and exit 5 (checked before the GPU starts)', () => {
   const ROOT = join(TINY, '..', '..', '..', '..');
   const run = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'check-golden.ts'), ...args], { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });

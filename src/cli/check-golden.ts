@@ -6,7 +6,7 @@
 // an unexpected error (a bug) prints its stack only with --debug.
 import { resolve } from 'node:path';
 import { Engine } from '../runtime/engine.ts';
-import { checkGolden, openGoldenCase, CHECK_GROUPS, type CheckOptions, type GoldenCase } from '../golden/check.ts';
+import { checkGolden, openGoldenCase, describeExperts, CHECK_GROUPS, type CheckOptions, type GoldenCase } from '../golden/check.ts';
 import { report } from './fail.ts';
 
 function usage(): never {
@@ -74,6 +74,9 @@ async function main(): Promise<number> {
   try {
     const w = 40;
     console.log(`case ${dir} on ${e.adapterName}${opts.weightDtype ? `, weights ${opts.weightDtype}` : ''}${opts.activationDtype ? `, activations ${opts.activationDtype}` : ''}; metric ${opts.metric ?? 'abs'}`);
+    // two-expert (Wan 2.2 A14B) cases: which DiT and guidance scale each sampling step uses
+    const experts = describeExperts(gc);
+    if (experts) console.log(`two experts (transformer/ = high noise, transformer_2/ = low noise); ${experts}`);
     console.log(`${'tensor'.padEnd(w)} ${'max abs'.padStart(11)} ${'max rel'.padStart(11)} ${'tol'.padStart(8)}  result`);
     await checkGolden(e, gc, {
       ...opts,
