@@ -13,6 +13,7 @@ import { getEngine } from './helpers/gpu.ts';
 import { loadGolden } from './helpers/golden.ts';
 import { WanPipeline, type GenerateResult, type ProgressEvent, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
 import { settingsForModel } from '../src/config/settings.ts';
+import { sidecar } from '../src/pipeline/report.ts';
 import { fileURLToPath } from 'node:url';
 import { dirname } from 'node:path';
 
@@ -86,6 +87,11 @@ describe('Wan 2.2 two experts: golden through the pipeline', () => {
         // end to end at the usual tolerance (1e-3)
         expect(maxDiff(r.latents.data, f32('sample.final_latent'))).toBeLessThan(1e-3);
         expect(maxDiff(r.video, f32('sample.video'))).toBeLessThan(1e-3);
+        // the sidecar records each step's expert and guidance and the swaps
+        const side = sidecar({ settings: r.settings, pipe, videoPath: null, videoShape: r.videoShape, latentsPath: null, result: r }) as { experts: { per_step: Array<{ expert: string; guidance: number }>; swaps: unknown[] }; host_weight_bytes: Record<string, number> };
+        expect(side.experts.per_step.map((x) => x.expert)).toEqual(use2.map((u) => (u ? 'transformer_2' : 'transformer')));
+        expect(side.experts.swaps.length).toBe(opts.expertsResident === 'both' ? 0 : 1);
+        expect(Object.keys(side.host_weight_bytes)).toEqual(expect.arrayContaining(opts.expertsResident === 'both' ? [] : ['dit', 'dit_2']));
         videos.push([name, r.video]);
         // the same video at every level (tiling and streaming change nothing beyond f32 rounding)
         expect(maxDiff(r.video, videos[0]![1])).toBeLessThan(1e-5);

@@ -3,6 +3,7 @@
 // budget that places, and the `npm run plan` command.
 import { describe, it, expect } from 'vitest';
 import { spawnSync } from 'node:child_process';
+import { cpSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { getEngine } from './helpers/gpu.ts';
@@ -21,6 +22,15 @@ import { ConfigError } from '../src/util/errors.ts';
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const DEMO = join(ROOT, 'weights', 'demo');
 const TINY = tinyModelWithTokenizer();
+/** the two-expert golden case (Wan 2.2) with a tokenizer */
+const WAN22 = (() => {
+  const d = tinyModelWithTokenizer();
+  rmSync(d, { recursive: true, force: true });
+  cpSync(join(ROOT, 'test', 'fixtures', 'golden', 'wan22-tiny'), d, { recursive: true });
+  cpSync(join(ROOT, 'test', 'fixtures', 'tokenizer', 'legacy'), join(d, 'tokenizer'), { recursive: true });
+  writeFileSync(join(d, 'smart_diffusion.json'), JSON.stringify({ text_len: 16, height: 64, width: 64, num_frames: 9 }));
+  return d;
+})();
 const PROMPT = 'a red circle moving right';
 
 interface Measured {
@@ -74,6 +84,13 @@ describe('memory planner vs real runs', () => {
     ['tiny', TINY, { lowMemLevel: 1, textLen: 16, vaeTileSize: 8, defaults: { height: 128, width: 128, numFrames: 17, numInferenceSteps: 2 } }],
     ['tiny', TINY, { lowMemLevel: 3, textLen: 16, textEncoderDevice: 'gpu-stream', defaults: { height: 128, width: 96, numFrames: 9, numInferenceSteps: 2 } }],
   ];
+  // Wan 2.2's two experts: 6 steps cross the boundary (the swap is inside the measured denoise)
+  const w22: WanPipelineOptions['defaults'] = { numInferenceSteps: 6 };
+  cases.push(
+    ['wan22-tiny', WAN22, { lowMemLevel: 0, expertsResident: 'both', defaults: w22 }],
+    ['wan22-tiny', WAN22, { lowMemLevel: 0, defaults: w22 }],
+    ['wan22-tiny', WAN22, { lowMemLevel: 3, defaults: w22 }],
+  );
   for (const [name, model, opts] of cases) {
     it(`${name} ${JSON.stringify({ ...opts, defaults: undefined })}: every phase's peak allocated and reserved within 1 %`, async () => {
       const real = await measure(model, opts);
@@ -81,6 +98,38 @@ describe('memory planner vs real runs', () => {
       expectClose(plan, real, 0.01);
     });
   }
+});
+
+describe('two experts (Wan 2.2) in the plan', () => {
+  it('the GPU holds one expert unless both are asked for; host memory holds both experts at every level but both-resident', async () => {
+    const shapes = await shapesFromFolder(WAN22);
+    expect(shapes.experts).toBe(2);
+    const plan = async (o: WanPipelineOptions) => planRun(shapes, settingsForModel(WAN22, { ...o, defaults: { numInferenceSteps: 6 } }));
+    const active0 = await plan({ lowMemLevel: 0 });
+    const both0 = await plan({ lowMemLevel: 0, expertsResident: 'both' });
+    const active3 = await plan({ lowMemLevel: 3 });
+    const d = active0.phases.denoise.byOwner;
+    const oneExpert = (d['dit.blocks'] ?? 0) + (d['dit.other'] ?? 0);
+    expect(oneExpert).toBeGreaterThan(0);
+    expect(active0.phases.denoise.byOwner.dit_2 ?? 0).toBe(0);
+    expect(both0.phases.denoise.byOwner.dit_2).toBe(oneExpert);
+    expect(both0.peakBytes - active0.peakBytes).toBe(oneExpert);
+    expect(both0.hostByPart['dit weights']).toBe(0);
+    expect(active0.hostByPart['dit weights']).toBe(2 * oneExpert);
+    expect(active3.hostByPart['dit weights']).toBe(2 * oneExpert);
+  });
+
+  it('a budget for a two-expert model tries both experts resident first, then one', async () => {
+    const shapes = await shapesFromFolder(WAN22);
+    const s = settingsForModel(WAN22, { defaults: { numInferenceSteps: 6 } });
+    const big = await choosePlacement(shapes, s, 2 ** 34);
+    expect(big.settings.load.expertsResident).toBe('both');
+    expect(big.reasons[0]).toMatch(/^level 0, both experts resident: .* fits, chosen/);
+    const both = await planRun(shapes, { ...s, load: { ...s.load, expertsResident: 'both' } });
+    const tight = await choosePlacement(shapes, s, both.peakBytes - 1);
+    expect(tight.settings.load.expertsResident).toBe('active');
+    expect(tight.reasons[0]).toMatch(/^level 0, both experts resident: .* too big/);
+  });
 });
 
 describe('the planner\'s shortcuts are exact', () => {

@@ -89,7 +89,8 @@ export function hostWeightsLine(pipe: WanPipeline): string {
 
 export function loadedLine(pipe: WanPipeline, loadMs: number): string {
   const p = pipe.plan;
-  return `loaded in ${(loadMs / 1000).toFixed(1)} s on ${pipe.engine.adapterName}; memory level ${p.level} (text encoder: ${p.textEncoder}, DiT: ${p.dit}, VAE: ${p.vae}${p.vaeTiling ? `, tiled ${p.tileSize || 'auto'}` : ''})`;
+  const experts = pipe.dit2 ? `; two experts (transformer/ high noise, transformer_2/ low noise; ${pipe.settings.load.expertsResident === 'both' ? 'both resident' : 'the running one on the GPU, the other in host memory'})` : '';
+  return `loaded in ${(loadMs / 1000).toFixed(1)} s on ${pipe.engine.adapterName}; memory level ${p.level} (text encoder: ${p.textEncoder}, DiT: ${p.dit}, VAE: ${p.vae}${p.vaeTiling ? `, tiled ${p.tileSize || 'auto'}` : ''})${experts}`;
 }
 
 export function doneLine(written: readonly string[], timingsMs: Record<string, number>, mem: Memory): string {
