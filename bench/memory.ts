@@ -180,7 +180,7 @@ async function main() {
           ...(r.experts ? { experts_resident: r.experts.resident, swaps: r.experts.swaps } : {}),
           host_weight_bytes: pipe.hostWeightBytes(),
         };
-        if (level === levels[0]!.level && !tag) base = secs;
+        if (level === levels[0]!.level && tag === levels[0]!.tag) base = secs;
         row.ratio_to_level0 = secs / base;
         rows.push(row);
         console.log(
