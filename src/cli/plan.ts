@@ -6,13 +6,11 @@
 // well under a second. With --budget it chooses the placement as `infer.vram_budget` does in a run.
 // Exit status as generate: 0 ok, 2 bad usage/config (a budget that cannot be met included), 5 bad model.
 
-import { existsSync, writeFileSync } from 'node:fs';
-import { basename } from 'node:path';
+import { writeFileSync } from 'node:fs';
 import { parseArgs, usage } from './args.ts';
 import { helpText } from '../config/settings.ts';
-import type { Settings } from '../config/schema.ts';
 import { planRun, placementSummary, PLAN_PHASES, type RunPlan } from '../plan/plan.ts';
-import { modelShapes, PRESETS, type ModelShapes } from '../plan/shapes.ts';
+import { modelShapes, PRESETS } from '../plan/shapes.ts';
 import { choosePlacement } from '../plan/budget.ts';
 import { estimateStep, RTX_4090 } from '../plan/cost.ts';
 import { GENERIC_GPU, LAVAPIPE, type MetaDeviceSpec } from '../plan/meta-gpu.ts';
@@ -38,6 +36,8 @@ plan options (besides every generate option and key):
 
 /** Preset request defaults: Wan's recommended 480p, 81 frames, 50 steps (used where the line sets none). */
 const PRESET_REQUEST = { width: 832, height: 480, numFrames: 81, numInferenceSteps: 50, guidanceScale: 5 };
+/** Wan 2.2 A14B's official recipe (wan/configs/wan_t2v_A14B.py), as a two-expert folder brings it (settings.ts) */
+const PRESET_REQUEST_A14B = { ...PRESET_REQUEST, numInferenceSteps: 40, guidanceScale: 4, guidanceScale2: 3, shift: 12 };
 
 interface PlanArgs {
   rest: string[];
@@ -69,15 +69,6 @@ function splitArgs(argv: readonly string[]): PlanArgs {
     } else rest.push(x);
   }
   return a;
-}
-
-/** The model of the settings: a preset name (as given on the line) or a folder. */
-async function resolveModel(settings: Settings): Promise<ModelShapes> {
-  const m = settings.load.model;
-  const name = basename(m).toLowerCase();
-  if (!existsSync(m) && PRESETS[name]) return PRESETS[name]!();
-  if (!existsSync(m)) throw new ConfigError(`--model ${m}: no such folder and not a preset (${Object.keys(PRESETS).join(', ')})`);
-  return modelShapes(m);
 }
 
 function ownersLine(by: Record<string, number>, max = 6): string {
@@ -149,12 +140,12 @@ async function main(): Promise<number> {
       return 0;
     }
     let settings = cli.settings;
-    const model = await resolveModel(settings);
+    const model = await modelShapes(settings.load.model);
     if (PRESETS[model.name]) {
       // a preset has no smart_diffusion.json: Wan's recommended request where the line sets none
-      const keyOf: Record<string, string> = { width: 'infer.width', height: 'infer.height', numFrames: 'infer.num_frames', numInferenceSteps: 'infer.num_inference_steps', guidanceScale: 'infer.guidance_scale' };
+      const keyOf: Record<string, string> = { width: 'infer.width', height: 'infer.height', numFrames: 'infer.num_frames', numInferenceSteps: 'infer.num_inference_steps', guidanceScale: 'infer.guidance_scale', guidanceScale2: 'infer.guidance_scale_2', shift: 'infer.shift' };
       const req = { ...settings.request };
-      for (const [f, v] of Object.entries(PRESET_REQUEST)) if (!cli.explicit.has(keyOf[f]!)) (req as Record<string, unknown>)[f] = v;
+      for (const [f, v] of Object.entries(model.experts > 1 ? PRESET_REQUEST_A14B : PRESET_REQUEST)) if (!cli.explicit.has(keyOf[f]!)) (req as Record<string, unknown>)[f] = v;
       settings = { ...settings, request: req };
     }
     const t0 = performance.now();

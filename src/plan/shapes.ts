@@ -7,6 +7,8 @@ import { engineDTypeOf } from '../io/checkpoint.ts';
 import type { DType } from '../tensor/dtype.ts';
 import { WAN_1_3B_TRANSFORMER, WAN_14B_TRANSFORMER, WAN_VAE, umt5XxlConfig } from '../tools/random-model.ts';
 import { ConfigError } from '../util/errors.ts';
+import { existsSync } from 'node:fs';
+import { basename } from 'node:path';
 
 export interface ModelShapes {
   /** preset name or folder path */
@@ -80,14 +82,13 @@ function preset(name: string, transformer: Record<string, unknown>, experts: num
   };
 }
 
-/** A preset name or a model folder. */
+/**
+ * A model folder, or a preset name (when no such folder exists; matched on the last path part, case
+ * insensitive: `wan2.1-t2v-14b`). The one place a `--model` value becomes shapes (npm run plan, the table).
+ */
 export async function modelShapes(model: string): Promise<ModelShapes> {
-  const p = PRESETS[model.toLowerCase()];
+  if (existsSync(model)) return shapesFromFolder(model);
+  const p = PRESETS[basename(model).toLowerCase()];
   if (p) return p();
-  try {
-    return await shapesFromFolder(model);
-  } catch (e) {
-    if (/^wan/i.test(model) && !model.includes('/')) throw new ConfigError(`unknown model preset '${model}'; presets: ${Object.keys(PRESETS).join(', ')} (or a model folder)`);
-    throw e;
-  }
+  throw new ConfigError(`--model ${model}: no such folder and not a preset (${Object.keys(PRESETS).join(', ')})`);
 }
