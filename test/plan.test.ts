@@ -165,7 +165,8 @@ describe('presets', () => {
       expect(l3.peakBytes, name).toBeLessThan(l2.peakBytes);
       expect(l2.peakBytes, name).toBeLessThan(l0.peakBytes);
       expect(l3.hostByPart['dit weights'], name).toBeGreaterThan(0);
-      expect(l2.hostByPart['dit weights'], name).toBe(0);
+      // level 2 keeps the DiT on the GPU: no host copy, except Wan 2.2's experts (both wait in host memory, one runs)
+      expect(l2.hostByPart['dit weights'], name).toBe(m.experts > 1 ? l3.hostByPart['dit weights'] : 0);
       for (const p of PLAN_PHASES) expect(l3.phases[p].peakBytes, `${name} ${p}`).toBeGreaterThan(0);
     }
   });
