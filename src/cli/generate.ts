@@ -108,7 +108,7 @@ async function main(): Promise<number> {
     const written = await writeVideoOutputs(paths, dec.video, dec.shape, { mp4: out.mp4, preview: out.preview, frames: out.frames, fps: out.fps, signal: abort.signal });
     const timingsMs = result.timingsMs!;
     timingsMs.write = performance.now() - tw;
-    const run = { timingsMs, memory: result.memory!, uploads: result.uploads, experts: result.experts };
+    const run = { timingsMs, memory: result.memory!, uploads: result.uploads, experts: result.experts, cache: result.cache };
     if (abort.signal.aborted) throw new InterruptedError(`[write] interrupted after writing ${written.join(', ')}`);
     if (out.sidecar) {
       const latentsPath = out.saveLatents && !cli.decodeLatents ? paths.latents : cli.decodeLatents;

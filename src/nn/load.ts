@@ -9,7 +9,8 @@ import type { Module, Param } from './module.ts';
 import { targetDtype } from './module.ts';
 import type { Engine } from '../runtime/engine.ts';
 import type { Checkpoint } from '../io/checkpoint.ts';
-import { assertFinite, checkSpec, readTensor } from '../io/checkpoint.ts';
+import { assertFinite, checkSpec, readTensor, engineDTypeOf } from '../io/checkpoint.ts';
+import { diskRefOf } from '../pipeline/disk-weights.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import { type DType, encode } from '../tensor/dtype.ts';
 import { CheckpointError, ConfigError } from '../util/errors.ts';
@@ -24,8 +25,13 @@ export interface LoadOptions {
   owner: string;
   /** dtype of 'checkpoint'-policy params (matmul/conv weights) */
   weightDtype?: WeightDtype;
-  /** per key: 'device' (default) or 'host' (kept in host memory, e.g. streamed DiT blocks) */
-  placement?: (key: string) => 'device' | 'host';
+  /**
+   * per key: 'device' (default), 'host' (kept in host memory, e.g. streamed DiT blocks) or 'disk'
+   * (not read: a meta placeholder of the target dtype and `Param.disk`, read per use; no NaN scan)
+   */
+  placement?: (key: string) => 'device' | 'host' | 'disk';
+  /** load only these keys (the others keep their values); default all */
+  only?: (key: string) => boolean;
   /** progress callback (bytes read so far, total bytes) */
   onProgress?: (done: number, total: number) => void;
   /**
@@ -45,7 +51,7 @@ export interface LoadResult {
 }
 
 /** Convert a host tensor to `dt` (f32 <-> f16 <-> bf16), keeping raw 16-bit words for 16-bit types. */
-function convertHost(t: Tensor, dt: DType): Tensor {
+export function convertHost(t: Tensor, dt: DType): Tensor {
   if (t.dtype === dt) return t;
   const values = t.hostValues();
   if (dt === 'f32') return Tensor.cpu(values instanceof Float32Array ? values : Float32Array.from(values), t.shape, 'f32');
@@ -55,7 +61,8 @@ function convertHost(t: Tensor, dt: DType): Tensor {
 }
 
 export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOptions): Promise<LoadResult> {
-  const params = module.namedParams();
+  const all = module.namedParams();
+  const params = opts.only ? all.filter(([k]) => opts.only!(k)) : all;
   const spec = params.map(([key, p]) => ({ key, shape: p.shape }));
   const { unused } = checkSpec(ckpt, spec, { what: opts.owner });
   // every Param of the models is a float (policy 'checkpoint' or 'f32'): an integer tensor under a
@@ -75,6 +82,17 @@ export async function loadModule(module: Module, ckpt: Checkpoint, opts: LoadOpt
   let sinceSync = 0;
   const check = opts.checkFinite ?? true;
   for (const [key, p] of params) {
+    if (opts.placement?.(key) === 'disk') {
+      // read per use (pipeline/disk-weights.ts): nothing read now
+      const info = ckpt.info(key);
+      const dt = targetDtype(p, engineDTypeOf(info.dtype), opts.weightDtype ?? 'checkpoint');
+      p.value?.dispose();
+      p.value = Tensor.meta(p.shape, dt);
+      p.disk = diskRefOf(ckpt, key, dt);
+      done += info.byteLength;
+      opts.onProgress?.(done, total);
+      continue;
+    }
     // the CPU device (no engine) computes on worker threads: its weights go to shared memory
     const host = await readTensor(ckpt, key, { expectShape: p.shape, what: opts.owner, shared: !opts.engine });
     // NaN/±Inf in a weight: a CheckpointError naming the key and the file (~4-5 GB/s on one core)

@@ -22,6 +22,12 @@ export class Param {
    * Null for params that are not streamed.
    */
   streamHost: Tensor | null = null;
+  /**
+   * Where the param's bytes are on disk when it was loaded with placement 'disk' (infer.weights_source
+   * =disk: read per use, pipeline/disk-weights.ts); its `value` is then a meta placeholder of its
+   * target dtype between uses. Null otherwise.
+   */
+  disk: import('../pipeline/disk-weights.ts').DiskRef | null = null;
   constructor(
     readonly name: string,
     readonly shape: Shape,

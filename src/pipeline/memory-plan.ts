@@ -79,6 +79,19 @@ export function ditPlacement(plan: MemoryPlan, isBlockKey: (key: string) => bool
 }
 
 /**
+ * infer.weights_source=disk: what the plan keeps in host memory between uses is read from its file
+ * per use instead. `offGpu(key)` says which of the host-placed keys are streamed or swapped per use
+ * (the blocks; every key of Wan 2.2's experts); the rest stays as placed.
+ */
+export function onDisk(place: (key: string) => 'device' | 'host', disk: boolean, perUse: (key: string) => boolean): (key: string) => 'device' | 'host' | 'disk' {
+  if (!disk) return place;
+  return (k) => {
+    const p = place(k);
+    return p === 'host' && perUse(k) ? 'disk' : p;
+  };
+}
+
+/**
  * How the text encoder loads in a mode: on the GPU at all (engine), in which dtype (the CPU device
  * computes in the file's dtype), and where each weight goes (its block weights stay in host memory
  * for 'gpu-stream'; the CPU device keeps everything on the host).

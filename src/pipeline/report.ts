@@ -11,6 +11,7 @@ import { fmtBytes, SmartDiffusionError } from '../util/errors.ts';
 import { checkWritableFile } from './outputs.ts';
 import { placementSummary } from '../plan/plan.ts';
 import type { GenerateResult, ProgressEvent, WanPipeline } from './wan-pipeline.ts';
+import { cacheRecordOf, type CacheRecord } from './cache/index.ts';
 
 type Memory = GenerateResult['memory'];
 
@@ -29,7 +30,26 @@ export interface SidecarInput {
   videoShape: readonly number[];
   /** the latents file this run wrote or decoded, if any */
   latentsPath: string | null;
-  result: Pick<GenerateResult, 'timingsMs' | 'memory' | 'uploads'> & Partial<Pick<GenerateResult, 'experts'>>;
+  result: Pick<GenerateResult, 'timingsMs' | 'memory' | 'uploads'> & Partial<Pick<GenerateResult, 'experts' | 'cache'>>;
+}
+
+/** The request's step cache record: the result's, else the one filed under its timings (a caller that copied only some result fields) */
+function cacheOf(result: Partial<Pick<GenerateResult, 'cache' | 'timingsMs'>>): CacheRecord | null {
+  return result.cache ?? (result.timingsMs ? cacheRecordOf.get(result.timingsMs) : undefined) ?? null;
+}
+
+/** The sidecar's `cache`: which steps the DiT computed (infer.cache.mode), null when uncached. */
+export function cacheSidecar(c: CacheRecord | null): Record<string, unknown> | null {
+  if (!c) return null;
+  return {
+    mode: c.mode,
+    forwards: c.forwards,
+    computed_steps: c.computedSteps,
+    skipped_steps: c.skippedSteps,
+    ...(c.splitSteps.length ? { split_steps: c.splitSteps } : {}),
+    ...(c.savedUploadBytes !== undefined ? { saved_upload_bytes: c.savedUploadBytes } : {}),
+    settings: c.settings,
+  };
 }
 
 /** The JSON sidecar: what was asked (the settings by their dotted keys), on what, and what it cost. */
@@ -59,6 +79,8 @@ export function sidecar(r: SidecarInput): Record<string, unknown> {
       per_step: result.memory.perStep,
     },
     uploads: result.uploads ?? null,
+    // step caching: the steps whose DiT forward ran (the others reused the cache)
+    cache: cacheSidecar(cacheOf(result)),
     // two-expert models: the expert and guidance of every step, and each swap's time
     ...(result.experts
       ? {
@@ -102,7 +124,7 @@ export function doneLine(written: readonly string[], timingsMs: Record<string, n
 }
 
 /** `--profile`: the per-kernel table, phase times and (level 3) the block streaming statistics */
-export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'> & Partial<Pick<GenerateResult, 'experts'>>): string {
+export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'> & Partial<Pick<GenerateResult, 'experts' | 'cache'>>): string {
   const lines = ['', 'kernels (GPU time from timestamp queries):', pipe.engine.profile.table(), '', 'phases (wall ms):'];
   for (const [k, v] of Object.entries(result.timingsMs)) lines.push(`  ${k.padEnd(8)} ${v.toFixed(0).padStart(9)}`);
   if (result.uploads) {
@@ -115,6 +137,25 @@ export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'tim
       `  acquire() waited ${u.stallMs.toFixed(0)} ms in all (mostly the GPU finishing the previous block, not upload time); the end-to-end cost of streaming is the denoise time against level 0 (npm run bench:memory)`,
     );
     lines.push(`  GPU compute (sum of kernel times): ${pipe.engine.profile.totalMs().toFixed(0)} ms`);
+    if (u.diskReads) {
+      // weights_source=disk: the block images came from their files, read while earlier blocks computed
+      const hiddenDisk = (u.diskReadMs ?? 0) - (u.diskExposedMs ?? 0);
+      lines.push(
+        `  read from disk: ${u.diskReads} block images, ${fmtBytes(u.diskBytes ?? 0)} in ${(u.diskReadMs ?? 0).toFixed(0)} ms of reads (${((u.diskBytes ?? 0) / Math.max(1e-9, u.diskReadMs ?? 0) / 1e6).toFixed(2)} GB/s);`,
+        `  ${hiddenDisk.toFixed(0)} ms of reading overlapped earlier blocks' compute, ${(u.diskExposedMs ?? 0).toFixed(0)} ms the denoise loop waited on the disk`,
+      );
+    }
+  }
+  const disk = pipe.diskReadStats();
+  if (Object.keys(disk).length) {
+    lines.push('', `weights read from disk since load (infer.weights_source=disk): ${Object.entries(disk).map(([k, v]) => `${k} ${fmtBytes(v.bytes)} in ${v.reads} reads, ${v.ms.toFixed(0)} ms`).join('; ')}`);
+  }
+  const c = cacheOf(result);
+  if (c) {
+    const total = c.computedSteps.length + c.skippedSteps.length;
+    lines.push('', `step cache (${c.mode}): ${c.forwards} DiT forwards for ${total} steps, ${c.skippedSteps.length} skipped${c.skippedSteps.length ? ` (steps ${c.skippedSteps.join(', ')})` : ''}`);
+    if (c.splitSteps.length) lines.push(`  one CFG row computed, the other from the cache: steps ${c.splitSteps.join(', ')}`);
+    if (c.savedUploadBytes !== undefined) lines.push(`  block uploads saved: ${fmtBytes(c.savedUploadBytes)}`);
   }
   if (result.experts) {
     const sw = result.experts.swaps;
@@ -125,8 +166,8 @@ export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'tim
 }
 
 /** `--profile` as one JSON-lines record */
-export function profileRecord(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'> & Partial<Pick<GenerateResult, 'experts'>>): Record<string, unknown> {
-  return { event: 'profile', kernels: pipe.engine.profile.rows(), timings: result.timingsMs, uploads: result.uploads ?? null, experts: result.experts ?? null };
+export function profileRecord(pipe: WanPipeline, result: Pick<GenerateResult, 'timingsMs' | 'uploads'> & Partial<Pick<GenerateResult, 'experts' | 'cache'>>): Record<string, unknown> {
+  return { event: 'profile', kernels: pipe.engine.profile.rows(), timings: result.timingsMs, uploads: result.uploads ?? null, experts: result.experts ?? null, cache: cacheSidecar(cacheOf(result)) };
 }
 
 const SNAPSHOT_OPTION = 'report.memory_snapshot (--memory-snapshot)';

@@ -34,6 +34,7 @@ import type { Module, Param } from '../nn/module.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import type { StagingBlock } from '../memory/allocator.ts';
 import type { BlockResidency } from '../nn/residency.ts';
+import type { DiskImage, DiskWeights } from './disk-weights.ts';
 
 /**
  * The layout of a block image: the tensors in order, each at an offset aligned to `align`, the
@@ -51,14 +52,25 @@ export function blockImageLayout(tensors: ReadonlyArray<{ readonly nbytes: numbe
   return { offsets, size: Math.ceil(off / 4) * 4 };
 }
 
+/** The block image layout StreamedBlocks uses on this engine for each block (what disk images must match). */
+export function streamLayouts(e: Engine, blocks: Module[]): Array<{ params: Param[]; offsets: number[]; size: number }> {
+  const align = Math.max(e.caps.storageAlign, 256);
+  return blocks.map((b) => {
+    const params = b.namedParams().map(([, p]) => p);
+    return { params, ...blockImageLayout(params.map((p) => p.t), align) };
+  });
+}
+
 interface Entry {
   param: Param;
   offset: number;
 }
 
 interface BlockImage {
-  /** the image (the params' host copies are views of it), as bytes for the uploads; null in meta mode */
+  /** the image (the params' host copies are views of it), as bytes for the uploads; null in meta and disk modes */
   bytes: Uint8Array | null;
+  /** disk mode: where the image's bytes are read from, per use */
+  disk: { weights: DiskWeights; image: DiskImage } | null;
   /** bytes of the image (blockImageLayout's size), in both modes */
   size: number;
   entries: Entry[];
@@ -83,6 +95,12 @@ export interface UploadStats {
   prefetched: number;
   /** main-thread upload ms spent while acquire() was waiting for that block (not hidden) */
   exposedMs: number;
+  /** disk mode (infer.weights_source=disk): block images read from disk, their bytes and wall ms */
+  diskReads?: number;
+  diskBytes?: number;
+  diskReadMs?: number;
+  /** disk read ms while acquire() was waiting for that block (the part not hidden behind compute) */
+  diskExposedMs?: number;
 }
 
 export interface StreamedBlocksOptions {
@@ -110,6 +128,13 @@ export interface StreamedBlocksOptions {
    * slots, staging ring) and every param view is made as in the real mode, in the same order.
    */
   meta?: boolean;
+  /**
+   * Disk mode (infer.weights_source=disk): the params hold meta placeholders with `Param.disk`
+   * references, and block i's image is read per use from `images[i]` (pipeline/disk-weights.ts)
+   * straight into the mapped staging buffer: no host image at all. `weights[i]` reads it (a group
+   * per model may have its own files).
+   */
+  disk?: { weights: DiskWeights[]; images: DiskImage[] };
 }
 
 export class StreamedBlocks implements BlockResidency {
@@ -164,18 +189,24 @@ export class StreamedBlocks implements BlockResidency {
     this.resident = Math.min(Math.max(0, Math.floor(opts.resident ?? 0)), Math.min(...groups));
     this.meta = opts.meta ?? false;
     this.ownerOf = opts.ownerOf ?? null;
+    const disk = opts.disk ?? null;
+    if (disk && disk.images.length !== blocks.length) throw new Error(`[residency] ${disk.images.length} disk images for ${blocks.length} blocks`);
     const align = Math.max(e.caps.storageAlign, 256);
     for (const b of blocks) {
       const params = b.namedParams().map(([, p]) => p);
       for (const p of params) {
         if (p.t.device !== 'cpu') throw new Error(`[residency] ${p.fullKey} must be in host memory to be streamed`);
-        if (!this.meta && p.t.isMeta) throw new Error(`[residency] ${p.fullKey} is a meta placeholder: only a meta StreamedBlocks can stream it`);
+        if (!this.meta && !disk && p.t.isMeta) throw new Error(`[residency] ${p.fullKey} is a meta placeholder: only a meta or disk StreamedBlocks can stream it`);
       }
       const { offsets, size } = blockImageLayout(params.map((p) => p.t), align);
       const entries = params.map((param, k) => ({ param, offset: offsets[k]! }));
       let bytes: Uint8Array | null = null;
-      if (this.meta) {
-        for (const { param } of entries) param.value = param.streamHost = Tensor.meta(param.t.shape, param.t.dtype);
+      const bi = this.images.length;
+      const diskImage = disk ? { weights: disk.weights[bi] ?? disk.weights[0]!, image: disk.images[bi]! } : null;
+      if (diskImage && diskImage.image.size !== size) throw new Error(`[residency] block ${bi}: disk image of ${diskImage.image.size} bytes, layout ${size}`);
+      if (this.meta || diskImage) {
+        // (disk mode: a param kept in host memory, e.g. UMT5's tiny relative-bias table, keeps its host tensor)
+        for (const { param } of entries) param.value = param.streamHost = diskImage && !param.disk && param.t.data ? param.t : Tensor.meta(param.t.shape, param.t.dtype);
       } else {
         const words = new Uint32Array(size / 4);
         const image = Tensor.cpu(words, [words.length], 'u32');
@@ -189,7 +220,7 @@ export class StreamedBlocks implements BlockResidency {
           param.value = param.streamHost = image.viewBytes(offset, t.shape, t.dtype);
         }
       }
-      this.images.push({ bytes, size, entries });
+      this.images.push({ bytes, size, entries, disk: diskImage });
       this.slotOf.push(-1);
       this.holder.push(null);
       this.views.push([]);
@@ -353,6 +384,7 @@ export class StreamedBlocks implements BlockResidency {
   /** Zero the upload statistics (per request). */
   resetStats(): void {
     Object.assign(this.stats, { uploads: 0, bytes: 0, uploadMs: 0, stallMs: 0, prefetched: 0, exposedMs: 0 });
+    if (this.images.some((img) => img.disk)) Object.assign(this.stats, { diskReads: 0, diskBytes: 0, diskReadMs: 0, diskExposedMs: 0 });
   }
 
   /** owner tag of block i's weights (e.g. 'dit.blocks.7') */
@@ -370,9 +402,9 @@ export class StreamedBlocks implements BlockResidency {
     return this.images[i]!.size;
   }
 
-  /** host bytes held by the block images (in meta mode: what the real mode would hold) */
+  /** host bytes held by the block images (in meta mode: what the real mode would hold; 0 in disk mode) */
   get hostBytes(): number {
-    return this.images.reduce((a, b) => a + b.size, 0);
+    return this.images.reduce((a, b) => a + (b.disk ? 0 : b.size), 0);
   }
 
   /**
@@ -409,7 +441,7 @@ export class StreamedBlocks implements BlockResidency {
 
   private async copyIn(i: number, target: Tensor): Promise<void> {
     const img = this.images[i]!;
-    if (img.bytes) await this.write(i, img.bytes, target);
+    if (img.bytes || img.disk) await this.write(i, img.bytes, target);
     // superseded while waiting (releaseDevice, or another upload into its slot): the buffer is not its
     if (this.holder[i] !== target) return;
     // point the block's params at views of the buffer
@@ -432,10 +464,14 @@ export class StreamedBlocks implements BlockResidency {
    * `copyBufferToBuffer` behind the work encoded so far (which includes a slot's previous reader).
    * Nothing is copied once the block has been moved off `target` while waiting.
    */
-  private async write(i: number, bytes: Uint8Array, target: Tensor): Promise<void> {
+  private async write(i: number, imageBytes: Uint8Array | null, target: Tensor): Promise<void> {
     const dev = this.e.device;
-    const n = bytes.byteLength;
+    const img = this.images[i]!;
+    const n = img.size;
     if (this.uploadPath === 'writeBuffer') {
+      const bytes = imageBytes ?? new Uint8Array(n);
+      if (!imageBytes) await this.readDisk(i, bytes);
+      if (this.holder[i] !== target) return;
       const t0 = performance.now();
       this.e.flush();
       dev.queue.writeBuffer(target.buffer, 0, bytes.buffer, bytes.byteOffset, n);
@@ -458,8 +494,19 @@ export class StreamedBlocks implements BlockResidency {
         sb.mapped = true;
       }
       if (this.holder[i] !== target) return;
+      // disk mode: the block's tensors are read from the files straight into the mapped buffer
+      // (the reads run on the thread pool while the GPU works on the blocks before this one)
+      if (!imageBytes) {
+        await this.readDisk(i, new Uint8Array(st.getMappedRange(0, this.stagingBytes)));
+        // moved off `target` while reading: the slot is another block's now (its own upload copies in)
+        if (this.holder[i] !== target) {
+          st.unmap();
+          sb.mapped = false;
+          return;
+        }
+      }
       const t0 = performance.now();
-      new Uint8Array(st.getMappedRange(0, this.stagingBytes)).set(bytes);
+      if (imageBytes) new Uint8Array(st.getMappedRange(0, this.stagingBytes)).set(imageBytes);
       st.unmap();
       sb.mapped = false;
       this.e.flush(); // the slot's previous reader goes first
@@ -471,6 +518,19 @@ export class StreamedBlocks implements BlockResidency {
       sb.busy = null;
       release();
     }
+  }
+
+  /** disk mode: block i's image from its files into `dst` (statistics per block; exposed = while acquire waited) */
+  private async readDisk(i: number, dst: Uint8Array): Promise<void> {
+    const d = this.images[i]!.disk!;
+    const t0 = performance.now();
+    const bytes = await d.weights.fill(dst, d.image);
+    const ms = performance.now() - t0;
+    const s = this.stats;
+    s.diskReads = (s.diskReads ?? 0) + 1;
+    s.diskBytes = (s.diskBytes ?? 0) + bytes;
+    s.diskReadMs = (s.diskReadMs ?? 0) + ms;
+    if (this.waitingFor.has(i)) s.diskExposedMs = (s.diskExposedMs ?? 0) + ms;
   }
 
   /** params of block i back to their host tensors; views dropped */

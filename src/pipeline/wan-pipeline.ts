@@ -32,12 +32,19 @@ import { countNonFinite } from '../ops/finite.ts';
 import { scanNonFinite } from '../ops/cpu/finite.ts';
 import { expertSchedule, EXPERT_NAMES, type ExpertStep } from './experts.ts';
 import type { Param } from '../nn/module.ts';
+import { DiskWeights, DiskHostBlocks, BlockImageCache, diskImagesOf, type DiskImage, type DiskReadStats } from './disk-weights.ts';
+import { streamLayouts } from './residency.ts';
+import { onDisk } from './memory-plan.ts';
+import { hostAvailableBytes } from '../plan/preflight.ts';
+import { createStepCache, cacheRecord, cacheRecordOf, type CacheRecord, type CacheSignals, type StepCache, type StepInfo } from './cache/index.ts';
+import type { SignalRecorder, RecordOptions } from './cache/record.ts';
 
 export type Phase = 'load' | 'encode' | 'denoise' | 'decode';
 
 export type ProgressEvent =
   | { type: 'phase'; phase: Phase | 'write'; detail?: string }
-  | { type: 'step'; step: number; total: number; elapsedMs: number; etaMs: number; allocated: number; peakAllocated: number; expert?: string }
+  /** `cached`: the step took at least one CFG row's result from the step cache (infer.cache.mode) instead of running the DiT blocks */
+  | { type: 'step'; step: number; total: number; elapsedMs: number; etaMs: number; allocated: number; peakAllocated: number; expert?: string; cached: boolean }
   /** two-expert models: the step's expert changed (its weights were swapped in for `swapMs`, 0 when both are resident) */
   | { type: 'expert'; step: number; expert: string; guidance: number; swapMs: number }
   /** inside a slow step (> 2 s), at most once a second: blocks of the DiT forward done so far */
@@ -78,6 +85,11 @@ export interface GenerateRequest extends Partial<RequestSettings> {
   negativePromptEmbeds?: Float32Array;
   onProgress?: (ev: ProgressEvent) => void;
   signal?: AbortSignal;
+  /**
+   * Record the signals the step caches decide on (`GenerateResult.cacheSignals`; every step
+   * computed, infer.cache.mode must be off): what `npm run calibrate-cache` fits
+   */
+  recordCacheSignals?: boolean | RecordOptions;
 }
 
 export interface PhaseMemory {
@@ -105,7 +117,11 @@ export interface GenerateResult {
   settings: Settings;
   /** two-expert models: each step's expert and guidance, and every expert swap with its time */
   experts?: ExpertsReport;
-  uploads?: { uploads: number; bytes: number; uploadMs: number; stallMs: number; prefetched: number; exposedMs: number };
+  uploads?: import('./residency.ts').UploadStats;
+  /** infer.cache.mode other than off: which steps ran the DiT and which came from the step cache */
+  cache?: CacheRecord;
+  /** GenerateRequest.recordCacheSignals: the per-step signals (src/pipeline/cache/record.ts) */
+  cacheSignals?: CacheSignals;
 }
 
 /**
@@ -169,6 +185,10 @@ export class WanPipeline {
    * the weight dtype at load). The inactive expert's params hold their host copy.
    */
   private expertHost: Array<Map<Param, Tensor>> | null = null;
+  /** infer.weights_source=disk: the open weight files read per use, by component ('transformer', 'transformer_2', 'text_encoder') */
+  private readonly disk = new Map<string, DiskWeights>();
+  /** level 2's CPU-device text encoder with weights_source=disk: its blocks read per use */
+  private teDisk: DiskHostBlocks | null = null;
 
   private constructor(
     readonly engine: Engine,
@@ -217,6 +237,9 @@ export class WanPipeline {
     if (options.engine && Number.isFinite(limit)) engine.allocator.limitBytes = limit;
     let budget: BudgetChoice | null = null;
     try {
+      const src = await resolveWeightsSource(folder, settings);
+      if (src.note) options.onProgress?.({ type: 'preflight', ms: 0, peakReserved: 0, hostBytes: 0, notes: [src.note] });
+      settings = { ...settings, load: { ...settings.load, weightsSource: src.source } };
       if (l.vramBudget > 0) {
         // the placement is chosen before anything is loaded: the planner walks this run's code on a
         // device that holds no memory (src/plan/), with this adapter's limits, at the pipeline's request size
@@ -299,9 +322,10 @@ export class WanPipeline {
     if (this.dit2) await this.loadExperts();
     else {
       // DiT: non-block weights always resident; blocks resident or host-streamed
-      await this.loadDit(this.dit, 'transformer', ditPlacement(this.plan, (k) => this.dit.isBlockKey(k)));
+      await this.loadDit(this.dit, 'transformer', onDisk(ditPlacement(this.plan, (k) => this.dit.isBlockKey(k)), this.fromDisk, (k) => this.dit.isBlockKey(k)));
       if (this.plan.dit === 'stream') {
-        this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot', { resident: this.plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
+        const disk = this.fromDisk ? await this.diskImages([[this.dit, 'transformer']]) : undefined;
+        this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot', { resident: this.plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}`, disk });
       }
       this.componentBytes.dit = this.dit.paramBytes();
     }
@@ -314,12 +338,49 @@ export class WanPipeline {
     await e.sync();
   }
 
+  /** infer.weights_source resolved to disk (fromSettings resolves auto) */
+  private get fromDisk(): boolean {
+    return this.settings.load.weightsSource === 'disk';
+  }
+
+  /**
+   * weights_source=disk: the disk images of the streamed blocks of these modules, in order (one
+   * DiskWeights per component, kept open for the pipeline's life); blocks whose dtype changes on
+   * load much go through the converted-image cache.
+   */
+  private async diskImages(mods: Array<[{ blocks: { items: import('../nn/module.ts').Module[] } }, string]>): Promise<{ weights: DiskWeights[]; images: DiskImage[] }> {
+    const l = this.settings.load;
+    const weights: DiskWeights[] = [];
+    const images: DiskImage[] = [];
+    const comps: Record<string, { open(): Promise<import('../io/checkpoint.ts').Checkpoint> }> = { transformer: this.folder.transformer, transformer_2: this.folder.transformer2!, text_encoder: this.folder.textEncoder };
+    for (const [m, name] of mods) {
+      let dw = this.disk.get(name);
+      if (!dw) {
+        dw = await DiskWeights.open(comps[name]!, name);
+        this.disk.set(name, dw);
+      }
+      const layouts = streamLayouts(this.engine, m.blocks.items);
+      const cache = new BlockImageCache(resolve(l.weightsCacheDir), l.weightsCacheMaxGb * 2 ** 30, `${name}-${l.weightDtype}-a${Math.max(this.engine.caps.storageAlign, 256)}`);
+      const imgs = await diskImagesOf(layouts, dw, cache, (d, t) => this.emit({ type: 'load', component: `${name} (disk images)`, done: d, total: t }));
+      for (const img of imgs) {
+        images.push(img);
+        weights.push(dw);
+      }
+    }
+    return { weights, images };
+  }
+
+  /** weights_source=disk: what was read from the weight files, by component (since load) */
+  diskReadStats(): Record<string, DiskReadStats> {
+    return Object.fromEntries([...this.disk].map(([k, w]) => [k, { ...w.stats }]));
+  }
+
   /** owner tag of an expert's weights: 'dit' (transformer/) or 'dit_2' (transformer_2/) */
   private static ditOwner(k: number): string {
     return k === 0 ? 'dit' : 'dit_2';
   }
 
-  private async loadDit(dit: WanTransformer3DModel, which: 'transformer' | 'transformer_2', placement: (key: string) => 'device' | 'host'): Promise<void> {
+  private async loadDit(dit: WanTransformer3DModel, which: 'transformer' | 'transformer_2', placement: (key: string) => 'device' | 'host' | 'disk'): Promise<void> {
     const comp = which === 'transformer' ? this.folder.transformer : this.folder.transformer2!;
     await loadModuleFrom(dit, comp, {
       engine: this.engine,
@@ -350,7 +411,9 @@ export class WanPipeline {
     const names = ['transformer', 'transformer_2'] as const;
     for (let k = 0; k < 2; k++) {
       const dit = this.experts[k]!;
-      await this.loadDit(dit, names[k], both ? ditPlacement(this.plan, (key) => dit.isBlockKey(key)) : () => 'host');
+      // 'active': every weight of both experts waits off the GPU: in host memory, or on disk (read at the swap / per block)
+      await this.loadDit(dit, names[k], both ? ditPlacement(this.plan, (key) => dit.isBlockKey(key)) : this.fromDisk ? () => 'disk' : () => 'host');
+      if (this.fromDisk && !both) this.disk.set(names[k], await DiskWeights.open(k === 0 ? this.folder.transformer : this.folder.transformer2!, names[k]));
     }
     if (both) {
       this.componentBytes.dit = this.dit.paramBytes();
@@ -363,6 +426,7 @@ export class WanPipeline {
         resident: this.plan.residentBlocks,
         groups: [n, this.dit2!.blocks.items.length],
         ownerOf: (i) => (i < n ? `dit.blocks.${i}` : `dit_2.blocks.${i - n}`),
+        disk: this.fromDisk ? await this.diskImages([[this.dit, 'transformer'], [this.dit2!, 'transformer_2']]) : undefined,
       });
     }
     this.expertHost = this.experts.map((dit) => new Map(dit.namedParams().filter(([key]) => !(stream && dit.isBlockKey(key))).map(([, p]) => [p, p.t] as [Param, Tensor])));
@@ -394,7 +458,12 @@ export class WanPipeline {
     }
     this.streamed?.setGroup(k);
     const owner = WanPipeline.ditOwner(k);
-    for (const [p, host] of this.expertHost[k]!) p.value = e.keep(host.toGpu(e, `${owner}.${p.fullKey}`));
+    // weights_source=disk: read from the expert's files now (the placeholder is meta)
+    const dw = this.disk.get(EXPERT_NAMES[k as 0 | 1]);
+    for (const [p, host] of this.expertHost[k]!) {
+      const src = host.isMeta && dw ? await dw.readParam(p) : host;
+      p.value = e.keep(src.toGpu(e, `${owner}.${p.fullKey}`));
+    }
     this.activeExpert = k;
     await e.sync();
     return performance.now() - t0;
@@ -453,18 +522,26 @@ export class WanPipeline {
   private async loadTextEncoder(mode: 'gpu' | 'cpu' | 'gpu-stream'): Promise<void> {
     const wd = this.settings.load.weightDtype;
     const how = textEncoderLoad(mode, wd, this.textEncoder);
-    await loadModuleFrom(this.textEncoder, this.folder.textEncoder, {
+    const te = this.textEncoder;
+    await loadModuleFrom(te, this.folder.textEncoder, {
       engine: how.onGpu ? this.engine : null,
       owner: 'text_encoder',
       weightDtype: how.weightDtype,
       checkFinite: this.checkFinite,
-      placement: how.placement,
+      // weights_source=disk: the encoder's blocks are read per use (CPU device or the GPU stream)
+      // (the relative-bias embeddings stay in host memory: tiny, and read before the blocks run)
+      placement: onDisk(how.placement, this.fromDisk && mode !== 'gpu', (k) => te.isBlockKey(k) && te.isDeviceKey(k)),
       onProgress: (d, t) => this.emit({ type: 'load', component: 'text_encoder', done: d, total: t }),
     });
     this.componentBytes.text_encoder = this.textEncoder.paramBytes();
     if (mode === 'gpu-stream') {
-      // the blocks are packed into host images once; each encode borrows two GPU slots
-      this.teRing = new StreamedBlocks(this.engine, this.textEncoder.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, ownerOf: (i) => `text_encoder.encoder.block.${i}` });
+      // the blocks are packed into host images once (or read from disk per use); each encode borrows two GPU slots
+      const disk = this.fromDisk ? await this.diskImages([[te, 'text_encoder']]) : undefined;
+      this.teRing = new StreamedBlocks(this.engine, te.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, ownerOf: (i) => `text_encoder.encoder.block.${i}`, disk });
+    } else if (mode === 'cpu' && this.fromDisk) {
+      const dw = await DiskWeights.open(this.folder.textEncoder, 'text_encoder');
+      this.disk.set('text_encoder', dw);
+      this.teDisk = new DiskHostBlocks(te.blocks.items, dw);
     }
   }
 
@@ -533,7 +610,11 @@ export class WanPipeline {
         ring.releaseDevice();
       }
     } else {
-      out = await this.textEncoder.forward(mode === 'gpu' ? this.engine : null, ids, mask);
+      try {
+        out = await this.textEncoder.forward(mode === 'gpu' ? this.engine : null, ids, mask, undefined, this.teDisk ?? undefined);
+      } finally {
+        this.teDisk?.releaseAll();
+      }
     }
     const all = (await out.toArray()) as Float32Array;
     if (out.device === 'gpu') out.dispose();
@@ -639,6 +720,12 @@ export class WanPipeline {
       guidance2: r.guidanceScale2,
     });
     const useCfg = schedule.some((st) => st.guidance !== 1);
+    // step caching (infer.cache.*): a method per request; a missing calibration fails here, before any work
+    const stepCache: StepCache | null = createStepCache(
+      { mode: r.mode, threshold: r.threshold, warmupSteps: r.warmupSteps, maxSkips: r.maxSkips, useRetSteps: r.useRetSteps, retentionRatio: r.retentionRatio, extrapolation: r.extrapolation },
+      { engine: e, dims: this.dit.dims, dir: this.folder.dir, twoExperts: this.experts.length > 1, steps, record: req.recordCacheSignals ? (typeof req.recordCacheSignals === 'object' ? req.recordCacheSignals : {}) : null },
+    );
+    // (it holds no GPU memory until its first step; the step loop's finally frees it)
     const cond = req.promptEmbeds ? this.givenEmbeds(req.promptEmbeds, 'promptEmbeds') : await this.encodePrompt(r.prompt);
     const uncond = !useCfg ? null : req.negativePromptEmbeds ? this.givenEmbeds(req.negativePromptEmbeds, 'negativePromptEmbeds') : await this.encodePrompt(r.negativePrompt);
     await e.sync();
@@ -696,6 +783,12 @@ export class WanPipeline {
     const checkFinite = this.checkFinite;
     /** measured GPU time of one DiT block (blocks waited for one by one), for the sleep before each wait */
     let blockMs = 0;
+    // step caching: the expert segments (Wan 2.2: the cache state starts again at the switch)
+    const segments = 1 + schedule.filter((st, k) => k > 0 && st.expert !== schedule[k - 1]!.expert).length;
+    const switchAt = schedule.findIndex((st) => st.expert !== schedule[0]!.expert);
+    const firstSegSteps = switchAt < 0 ? steps : switchAt;
+    let segment = 0;
+    let segStart = 0;
     try {
       for (let i = 0; i < steps; i++) {
         check();
@@ -708,68 +801,86 @@ export class WanPipeline {
           expertNow = st.expert;
           ctxEmb = embedFor(expertNow);
           this.emit({ type: 'expert', step: i + 1, expert: EXPERT_NAMES[expertNow], guidance: st.guidance, swapMs: ms }, cb);
+          // the cached residuals and accumulators belong to the other expert
+          stepCache?.reset();
+          segment++;
+          segStart = i;
         }
         const dit = this.experts[expertNow]!;
         const residency: BlockResidency = this.streamed ? (this.dit2 ? this.streamed.group(expertNow) : this.streamed) : RESIDENT;
-        const x = new Float32Array(B * latent.length);
-        for (let b = 0; b < B; b++) x.set(latent, b * latent.length);
-        const xg = e.fromHost(x, [B, C, F, lh, lw], 'f32');
-        // between blocks: Ctrl-C stops a long step, and a step slower than 2 s reports its blocks
-        const tStep = performance.now();
-        let tBlock = tStep;
-        // blocks are only encoded unless we wait: on the FIRST step the forward waits for each block,
-        // so even a huge request shows progress and Ctrl-C lands within a block; later steps run
-        // unsynced (Ctrl-C between steps) at full speed. After the first block each wait first sleeps
-        // for the measured block time: awaiting a GPU promise spins dawn.node's main thread
-        // (device/wait.ts), which on lavapipe takes a core from the GPU (measured, tiny model 1024x1024:
-        // a 2-block step 11.0-12.1 s unsynced, 19.5-21.8 s spinning per block, 11.8 s sleeping 5 s first)
-        // (only from 4,096 tokens: below, a whole step is short and the waits would cost more than
-        // they show; measured on the demo, 48 tokens: denoise 3.5 s with, 2.4 s without)
-        const waitEach = i === 0 && tokens >= 4096;
-        let tPrev = tStep;
-        const onBlock = async (b: number, nb: number) => {
-          check();
-          if (waitEach) {
-            e.flush();
-            const ahead = 0.9 * blockMs - (performance.now() - tPrev);
-            const slept = blockMs > 0 && ahead > 2;
-            if (slept) await new Promise((r) => setTimeout(r, ahead));
-            const tw = performance.now();
-            await e.sync({ sleep: false });
-            const t = performance.now();
-            // done at once after the sleep: over-slept, the block is shorter than thought; else measured
-            blockMs = slept && t - tw < 3 ? 0.7 * blockMs : t - tPrev;
-            tPrev = t;
+        const segEnd = schedule.findIndex((s2, k) => k > i && s2.expert !== expertNow);
+        const info: StepInfo = { step: i, steps, segment, segStart, segSteps: (segEnd < 0 ? steps : segEnd) - segStart, firstSegSteps, segments, timestep: sched.timesteps[i]!, rows: B, latent };
+        const plan = stepCache ? await stepCache.beginStep(info) : null;
+        const bytes0 = this.streamed?.stats.bytes ?? 0;
+        let pred: Float32Array;
+        if (plan?.kind === 'skip') {
+          // the whole prediction from the cache (EasyCache): no DiT work, nothing uploaded
+          pred = plan.pred;
+        } else {
+          const x = new Float32Array(B * latent.length);
+          for (let b = 0; b < B; b++) x.set(latent, b * latent.length);
+          const xg = e.fromHost(x, [B, C, F, lh, lw], 'f32');
+          // between blocks: Ctrl-C stops a long step, and a step slower than 2 s reports its blocks
+          const tStep = performance.now();
+          let tBlock = tStep;
+          // blocks are only encoded unless we wait: on the FIRST step the forward waits for each block,
+          // so even a huge request shows progress and Ctrl-C lands within a block; later steps run
+          // unsynced (Ctrl-C between steps) at full speed. After the first block each wait first sleeps
+          // for the measured block time: awaiting a GPU promise spins dawn.node's main thread
+          // (device/wait.ts), which on lavapipe takes a core from the GPU (measured, tiny model 1024x1024:
+          // a 2-block step 11.0-12.1 s unsynced, 19.5-21.8 s spinning per block, 11.8 s sleeping 5 s first)
+          // (only from 4,096 tokens: below, a whole step is short and the waits would cost more than
+          // they show; measured on the demo, 48 tokens: denoise 3.5 s with, 2.4 s without)
+          const waitEach = i === 0 && tokens >= 4096;
+          let tPrev = tStep;
+          const onBlock = async (b: number, nb: number) => {
+            check();
+            if (waitEach) {
+              e.flush();
+              const ahead = 0.9 * blockMs - (performance.now() - tPrev);
+              const slept = blockMs > 0 && ahead > 2;
+              if (slept) await new Promise((r) => setTimeout(r, ahead));
+              const tw = performance.now();
+              await e.sync({ sleep: false });
+              const t = performance.now();
+              // done at once after the sleep: over-slept, the block is shorter than thought; else measured
+              blockMs = slept && t - tw < 3 ? 0.7 * blockMs : t - tPrev;
+              tPrev = t;
+            }
+            check();
+            const now = performance.now();
+            if (now - tStep > 2000 && now - tBlock > 1000) {
+              tBlock = now;
+              this.emit({ type: 'block', step: i + 1, total: steps, block: b + 1, blocks: nb, elapsedMs: now - tStep }, cb);
+            }
+          };
+          let out: Tensor;
+          try {
+            out = await dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock, ...(plan?.hook ? { stepCache: plan.hook } : {}) });
+          } catch (err) {
+            // an interrupted forward gives its streamed blocks' slots back (the next run allocates them again)
+            if (err instanceof InterruptedError) this.streamed?.releaseDevice();
+            throw err;
+          } finally {
+            xg.dispose();
           }
-          check();
-          const now = performance.now();
-          if (now - tStep > 2000 && now - tBlock > 1000) {
-            tBlock = now;
-            this.emit({ type: 'block', step: i + 1, total: steps, block: b + 1, blocks: nb, elapsedMs: now - tStep }, cb);
+          if (pipelineTestHooks.afterDitForward) out = pipelineTestHooks.afterDitForward(out, i + 1);
+          // the non-finite count is encoded before the readback, so it runs in the same submit; its
+          // 4 bytes are read right after the prediction (the GPU is done by then: no extra wait)
+          const bad = checkFinite ? countNonFinite(out) : null;
+          pred = (await out.toArray()) as Float32Array;
+          out.dispose();
+          if (bad) {
+            const count = (await bad.toArray())[0]!;
+            bad.dispose();
+            if (count > 0) throw this.denoiseError('dit', count, pred.length, i, steps, latent, [C, F, lh, lw]);
           }
-        };
-        let out: Tensor;
-        try {
-          out = await dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock });
-        } catch (err) {
-          // an interrupted forward gives its streamed blocks' slots back (the next run allocates them again)
-          if (err instanceof InterruptedError) this.streamed?.releaseDevice();
-          throw err;
-        } finally {
-          xg.dispose();
+          await stepCache?.endStep(info, pred);
         }
-        if (pipelineTestHooks.afterDitForward) out = pipelineTestHooks.afterDitForward(out, i + 1);
-        // the non-finite count is encoded before the readback, so it runs in the same submit; its
-        // 4 bytes are read right after the prediction (the GPU is done by then: no extra wait)
-        const bad = checkFinite ? countNonFinite(out) : null;
-        const pred = (await out.toArray()) as Float32Array;
-        out.dispose();
+        const stepLog = stepCache?.log[stepCache.log.length - 1];
+        if (stepLog && this.streamed) stepLog.uploadBytes = this.streamed.stats.bytes - bytes0;
+        const cached = stepLog ? !stepLog.ran.every(Boolean) : false;
         const n = latent.length;
-        if (bad) {
-          const count = (await bad.toArray())[0]!;
-          bad.dispose();
-          if (count > 0) throw this.denoiseError('dit', count, pred.length, i, steps, latent, [C, F, lh, lw]);
-        }
         // (a step with guidance 1 takes the cond prediction as it is)
         const v = !useCfg ? pred : st.guidance === 1 ? pred.subarray(0, n) : cfgCombine(pred.subarray(n, 2 * n), pred.subarray(0, n), st.guidance);
         const next = sched.step(v, i, latent);
@@ -783,11 +894,18 @@ export class WanPipeline {
         const expert = this.dit2 ? EXPERT_NAMES[expertNow] : undefined;
         perStep.push({ step: i + 1, peakAllocated: ms.peakAllocated, peakReserved: ms.peakReserved, ...(expert ? { expert } : {}) });
         const el = performance.now() - t0;
-        this.emit({ type: 'step', step: i + 1, total: steps, elapsedMs: el, etaMs: (el / (i + 1)) * (steps - i - 1), allocated: ms.allocated, peakAllocated: ms.peakAllocated, ...(expert ? { expert } : {}) }, cb);
+        this.emit({ type: 'step', step: i + 1, total: steps, elapsedMs: el, etaMs: (el / (i + 1)) * (steps - i - 1), allocated: ms.allocated, peakAllocated: ms.peakAllocated, ...(expert ? { expert } : {}), cached }, cb);
         this.emitMemory('denoise', cb, i + 1);
       }
+      if (stepCache && stepCache.mode !== 'off') {
+        result.cache = cacheRecord(stepCache, this.streamed ? savedUploads(stepCache.log, this.dit.dims.numLayers) : undefined);
+        // also found from the request's timings object (a caller that passes on only some fields of the result: report.ts)
+        cacheRecordOf.set(timings, result.cache);
+      }
+      if (req.recordCacheSignals && stepCache) result.cacheSignals = (stepCache as SignalRecorder).signals;
     } finally {
       ctxEmb.dispose();
+      stepCache?.dispose();
     }
     timings.denoise = performance.now() - t0;
     if (experts) {
@@ -921,6 +1039,9 @@ export class WanPipeline {
     this.dit.disposeParams();
     this.dit2?.disposeParams();
     this.expertHost = null;
+    for (const w of this.disk.values()) void w.close().catch(() => {});
+    this.disk.clear();
+    this.teDisk = null;
     this.textEncoder.disposeParams();
     this.textEncoder.disposeCaches();
     this.vae.disposeParams();
@@ -930,6 +1051,18 @@ export class WanPipeline {
     releaseMatmulWorkspace(this.engine);
     if (this.ownsEngine) this.engine.destroy();
   }
+}
+
+/**
+ * Level 3: upload bytes the step cache saved: per skipped (or shortened) forward, what a full
+ * forward uploads (the fewest bytes any full forward of the request uploaded: the first one also
+ * brings the resident blocks) less what it did upload.
+ */
+function savedUploads(log: readonly { ran: boolean[]; blocks: number; uploadBytes?: number }[], blocks: number): number {
+  const full = log.filter((l) => l.ran.every(Boolean) && l.blocks === blocks).map((l) => l.uploadBytes ?? 0);
+  if (full.length === 0) return 0;
+  const perForward = Math.min(...full);
+  return log.filter((l) => !(l.ran.every(Boolean) && l.blocks === blocks)).reduce((s, l) => s + Math.max(0, perForward - (l.uploadBytes ?? 0)), 0);
 }
 
 function fmtCount(n: number): string {
@@ -942,3 +1075,36 @@ function pad(ctx: Float32Array, len: number, textLen: number, d: number): Float3
   return out;
 }
 
+/**
+ * infer.weights_source: 'auto' becomes 'disk' when the weights this placement keeps in host memory
+ * between uses (level 3's DiT blocks, both of Wan 2.2's experts, level 2's text encoder) would take
+ * more than 80 % of the RAM available now, else 'memory'. Sizes from the checkpoint headers (in
+ * the weight dtype when it converts); nothing is read.
+ */
+export async function resolveWeightsSource(folder: ModelFolder, settings: Settings, avail = hostAvailableBytes()): Promise<{ source: 'memory' | 'disk'; note: string | null }> {
+  const l = settings.load;
+  if (l.weightsSource !== 'auto') return { source: l.weightsSource, note: null };
+  const plan = memoryPlan(l);
+  const bytesOf = async (c: { open(): Promise<import('../io/checkpoint.ts').Checkpoint> }, wd: string) => {
+    const ck = await c.open();
+    try {
+      let n = 0;
+      for (const k of ck.keys()) {
+        const info = ck.info(k);
+        const fileSize = info.dtype === 'F32' || info.dtype === 'I32' ? 4 : info.dtype === 'F64' ? 8 : 2;
+        const size = wd === 'checkpoint' ? fileSize : wd === 'f32' ? 4 : 2;
+        n += (info.byteLength / fileSize) * size;
+      }
+      return n;
+    } finally {
+      await ck.close();
+    }
+  };
+  const experts = folder.transformer2 && l.expertsResident !== 'both' ? 2 : 0;
+  let host = 0;
+  if (plan.dit === 'stream' || experts) host += (await bytesOf(folder.transformer, l.weightDtype)) * Math.max(1, experts);
+  if (plan.textEncoder !== 'gpu') host += await bytesOf(folder.textEncoder, plan.textEncoder === 'cpu' ? 'checkpoint' : l.weightDtype);
+  if (host === 0) return { source: 'memory', note: null };
+  if (host <= 0.8 * avail) return { source: 'memory', note: null };
+  return { source: 'disk', note: `infer.weights_source=auto: disk (the weights kept off the GPU need ${fmtBytes(host)} of host memory, more than 80 % of the ${fmtBytes(avail)} available): they are read from their files per use` };
+}

@@ -24,7 +24,7 @@ import { RESIDENT, type BlockResidency } from '../nn/residency.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../models/wan_dit/model.ts';
 import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
 import { WanVaeDecoder, vaeDimsFromConfig } from '../models/wan_vae/model.ts';
-import { memoryPlan, ditPlacement, textEncoderLoad, enterPhase, ditRunOptions, decodeSplitFor, type MemoryPlan } from '../pipeline/memory-plan.ts';
+import { memoryPlan, ditPlacement, textEncoderLoad, enterPhase, ditRunOptions, decodeSplitFor, onDisk, type MemoryPlan } from '../pipeline/memory-plan.ts';
 import { StreamedBlocks } from '../pipeline/residency.ts';
 import { decodeTiled, tiledDecodeHostBytes, STEM_STAGES } from '../pipeline/tiled-vae.ts';
 import type { Settings } from '../config/schema.ts';
@@ -177,17 +177,19 @@ function phasePeaks(events: readonly MemoryEvent[], resets: Map<PlanPhase, numbe
 }
 
 /** Allocate a module's weights by shape on the meta engine (as loadModule does: same order, dtypes, owners). */
-function placeModule(e: Engine, m: Module, owner: string, fileDtype: (key: string) => DType, wd: WeightDtype, placement: (key: string) => 'device' | 'host'): { deviceBytes: number; hostBytes: number } {
+function placeModule(e: Engine, m: Module, owner: string, fileDtype: (key: string) => DType, wd: WeightDtype, placement: (key: string) => 'device' | 'host' | 'disk'): { deviceBytes: number; hostBytes: number } {
   let deviceBytes = 0;
   let hostBytes = 0;
   for (const [key, p] of m.namedParams()) {
     const dt = targetDtype(p, fileDtype(key), wd);
-    if (placement(key) === 'device') {
+    const place = placement(key);
+    if (place === 'device') {
       p.value = e.keep(e.empty(p.shape, dt, `${owner}.${key}`));
       deviceBytes += p.value.nbytes;
     } else {
+      // 'disk' (infer.weights_source=disk): read per use, held nowhere between uses
       p.value = Tensor.meta(p.shape, dt);
-      hostBytes += p.value.nbytes;
+      if (place === 'host') hostBytes += p.value.nbytes;
     }
   }
   return { deviceBytes, hostBytes };
@@ -265,7 +267,8 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     mark('load');
     resets.set('load', 0);
     enterPhase(a, plan, 'load');
-    const ditHost = placeModule(e, dit, 'dit', model.fileDtype.transformer, wd, ditPlacement(plan, (k) => dit.isBlockKey(k)));
+    const disk = l.weightsSource === 'disk';
+    const ditHost = placeModule(e, dit, 'dit', model.fileDtype.transformer, wd, onDisk(ditPlacement(plan, (k) => dit.isBlockKey(k)), disk, (k) => dit.isBlockKey(k)));
     let ring: StreamedBlocks | null = null;
     if (plan.dit === 'stream') ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
     host['dit weights'] = ditHost.hostBytes;
@@ -279,13 +282,13 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
       if (l.expertsResident === 'both' && plan.dit === 'resident') {
         placeModule(e, other, 'dit_2', model.fileDtype.transformer, wd, ditPlacement(plan, (k) => other.isBlockKey(k)));
       } else {
-        const expertHost = placeModule(e, other, 'dit_2', model.fileDtype.transformer, wd, () => 'host').hostBytes;
+        const expertHost = placeModule(e, other, 'dit_2', model.fileDtype.transformer, wd, () => (disk ? 'disk' : 'host')).hostBytes;
         host['dit weights'] = 2 * expertHost;
       }
     }
     const teHow = textEncoderLoad(plan.textEncoder, wd, te);
     const teFile = model.fileDtype.textEncoder;
-    const tePlaced = placeModule(e, te, 'text_encoder', teFile, teHow.weightDtype, teHow.placement);
+    const tePlaced = placeModule(e, te, 'text_encoder', teFile, teHow.weightDtype, onDisk(teHow.placement, disk && plan.textEncoder !== 'gpu', (k) => te.isBlockKey(k) && te.isDeviceKey(k)));
     host['text encoder weights'] = tePlaced.hostBytes;
     let teRing: StreamedBlocks | null = null;
     if (plan.textEncoder === 'gpu-stream') teRing = new StreamedBlocks(e, te.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, meta: true, ownerOf: (i) => `text_encoder.encoder.block.${i}` });

@@ -421,6 +421,32 @@ export interface DitForwardOptions {
    * cross-attention's queries likewise (0 = whole; autoAttnChunkTokens).
    */
   attnChunkTokens?: number;
+  /**
+   * Step caching (src/pipeline/cache/): asked once per forward, after the patch and time
+   * embeddings and before any block is acquired, which batch rows run which leading blocks; the
+   * blocks it skips are neither acquired nor uploaded (level 3), and `finish` completes the stream
+   * (adds a cached residual). Absent: the forward is exactly the plain one.
+   */
+  stepCache?: DitStepCache;
+}
+
+/** What a step cache decides for one forward (see DitStepCache). */
+export interface DitStepPlan {
+  /** per batch row (CFG: 0 cond, 1 uncond): true = the row runs the blocks, false = it takes a cached residual */
+  rows: boolean[];
+  /** how many leading blocks the running rows run (0..numLayers; numLayers = all) */
+  blocks: number;
+}
+
+/**
+ * A step cache's hook into WanTransformer3DModel.forward. hs is the residual stream [B, L, D]
+ * (f32): the blocks' input at `plan` (read it, do not write it), their output at `finish`, where
+ * rows that did not run (or ran fewer than all blocks) must be completed in place. e [1, D] and
+ * e0 [6, D] are the step's time embedding and time projection (Wan's `e` and `e0`).
+ */
+export interface DitStepCache {
+  plan(p: { hs: Tensor; e: Tensor; e0: Tensor; blocks: number }): Promise<DitStepPlan>;
+  finish(hs: Tensor, plan: DitStepPlan): Promise<void>;
 }
 
 /**
@@ -540,28 +566,47 @@ export class WanTransformer3DModel extends Module {
           ? UNBOUNDED
           : { sequential: opts.cfgSequential ?? false, ffnChunk: chunkTokens('ffnChunkTokens', opts.ffnChunkTokens), attnChunk: chunkTokens('attnChunkTokens', opts.attnChunkTokens) };
       const n = this.blocks.length;
-      await residency.acquire(0);
+      // step caching: which rows run how many leading blocks (null: all rows, all blocks)
+      const sc = opts.stepCache;
+      const plan = sc ? await sc.plan({ hs, e: emb, e0, blocks: n }) : null;
+      if (plan && (plan.rows.length !== B || !(Number.isInteger(plan.blocks) && plan.blocks >= 0 && plan.blocks <= n))) {
+        throw new ShapeError(`[wan_dit] step cache plan must give ${B} rows and 0..${n} blocks, got ${plan.rows.length} rows and ${plan.blocks} blocks`);
+      }
+      const nRun = !plan || plan.rows.some(Boolean) ? (plan?.blocks ?? n) : 0;
+      // the rows that run, when not all of them do (CFG split: one row): a stream of their own,
+      // with their own text rows, copied back into hs after the blocks
+      const runRow = plan && nRun > 0 && !plan.rows.every(Boolean) ? plan.rows.indexOf(true) : -1;
+      if (runRow >= 0 && plan!.rows.lastIndexOf(true) !== runRow) throw new ShapeError('[wan_dit] a step cache plan may split off one running row');
+      let run = runRow >= 0 ? e.clone(hs.narrow0(runRow, runRow + 1)) : hs;
+      const ctxRun = runRow >= 0 ? e.bindable(ctxEmb.narrow0(runRow, runRow + 1)) : ctxEmb;
+      if (nRun > 0) await residency.acquire(0);
       let hostStream: Float32Array | null = null;
-      const streamShape = [...hs.shape];
-      for (let i = 0; i < n; i++) {
-        if (hostStream) hs = e.fromHost(hostStream, streamShape, 'f32', 'activation.residual');
-        if (i + 1 < n) residency.prefetch(i + 1);
+      const streamShape = [...run.shape];
+      for (let i = 0; i < nRun; i++) {
+        if (hostStream) run = e.fromHost(hostStream, streamShape, 'f32', 'activation.residual');
+        if (i + 1 < nRun) residency.prefetch(i + 1);
         // each block in its own scope (a safety net: it frees its intermediates as it goes), and
         // the stream is updated in place, so old and new streams never coexist
         const blk = this.blocks.at(i);
-        const cur = hs;
-        await e.scopeAsync(() => blk.forward(cur, e0, ctxEmb, { cos, sin }, bounds, trace, `block${i}_`));
-        if (trace) await trace(`block${i}_out`, hs);
+        const cur = run;
+        await e.scopeAsync(() => blk.forward(cur, e0, ctxRun, { cos, sin }, bounds, trace, `block${i}_`));
+        if (trace) await trace(`block${i}_out`, run);
         residency.release(i);
-        if (opts.activationOffload && i + 1 < n) {
-          hostStream = (await hs.toArray()) as Float32Array;
-          hs.dispose();
+        if (opts.activationOffload && i + 1 < nRun) {
+          hostStream = (await run.toArray()) as Float32Array;
+          run.dispose();
         }
         // before the next block is acquired: a throw here (an abort) leaves no block held
         if (opts.onBlock) await opts.onBlock(i, n);
-        if (i + 1 < n) await residency.acquire(i + 1);
+        if (i + 1 < nRun) await residency.acquire(i + 1);
         await e.throttle();
       }
+      if (runRow >= 0) {
+        // the running row's result back into its place in the batch
+        e.copyBuffer(run.buffer, run.byteOffset, hs.buffer, hs.byteOffset + runRow * run.nbytes, run.nbytes);
+        run.dispose();
+      } else hs = run;
+      if (sc && plan) await sc.finish(hs, plan);
       // head: (scale_shift_table[0] + e) -> shift, scale; proj_out(LN(x)·(1+scale) + shift)
       const mh = add(this.scale_shift_table.t.reshape([2, D]), emb); // [2, D]
       const hn = layerNormMod(hs, e.bindable(mh.select0(0)), e.bindable(mh.select0(1)), this.dims.eps);
