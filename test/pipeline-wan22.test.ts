@@ -7,8 +7,6 @@ import { describe, it, expect } from 'vitest';
 import { cpSync, mkdtempSync, writeFileSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import v8 from 'node:v8';
-import vm from 'node:vm';
 import { getEngine } from './helpers/gpu.ts';
 import { loadGolden } from './helpers/golden.ts';
 import { WanPipeline, type GenerateResult, type ProgressEvent, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
@@ -157,15 +155,9 @@ describe('Wan 2.2 two experts: memory', () => {
   });
 
   it('level 3: host memory holds each expert once (block images are the only copies; counted by component)', async () => {
-    v8.setFlagsFromString('--expose-gc');
-    const gc = vm.runInNewContext('gc') as () => void;
     const e = await getEngine();
-    gc();
-    const before = process.memoryUsage().arrayBuffers;
     const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCache: false, lowMemLevel: 3 });
     try {
-      gc();
-      const grown = process.memoryUsage().arrayBuffers - before;
       const host = pipe.hostWeightBytes();
       // each expert's host bytes: its weights (f32 here) plus the block images' alignment padding
       const expertBytes = pipe.dit.namedParams().reduce((a, [, p]) => a + p.shape.reduce((x, y) => x * y, 1) * 4, 0);
@@ -173,9 +165,22 @@ describe('Wan 2.2 two experts: memory', () => {
         expect(host[k]!).toBeGreaterThanOrEqual(expertBytes);
         expect(host[k]!).toBeLessThan(expertBytes * 1.05);
       }
-      // nothing else of size grew: a second copy of an expert would add ~2.4 MB here
-      const counted = Object.values(host).reduce((a, b) => a + b, 0);
-      expect(grown).toBeLessThan(counted + expertBytes * 0.5);
+      // every DiT param's host copy lives in one buffer of its own expert, and those buffers hold
+      // nothing twice: the bytes of the distinct buffers equal the experts' bytes (a process-wide
+      // arrayBuffers measure was tried and dropped: at this size its noise in a fresh CI process,
+      // ~6 MB, is larger than one expert, 2.4 MB)
+      const owner = new Map<ArrayBufferLike, string>();
+      for (const [k, dit] of [['dit', pipe.dit], ['dit_2', pipe.dit2!]] as const) {
+        for (const [, p] of dit.namedParams()) {
+          const t = p.streamHost ?? (p.value?.device === 'cpu' ? p.value : null) ?? (pipe as unknown as { expertHost: Array<Map<unknown, { data: ArrayBufferView }>> }).expertHost[k === 'dit' ? 0 : 1]!.get(p);
+          expect(t?.data, `${k}.${p.fullKey} has a host copy`).toBeTruthy();
+          const buf = t!.data!.buffer;
+          expect(owner.get(buf) ?? k, `${k}.${p.fullKey} shares a buffer with the other expert`).toBe(k);
+          owner.set(buf, k);
+        }
+      }
+      const distinct = [...owner.keys()].reduce((a, b) => a + b.byteLength, 0);
+      expect(distinct).toBe(host.dit! + host.dit_2!);
       // a swap keeps the same host images (no re-packing)
       const noise = G.get('sample.noise');
       await pipe.sample({ prompt: 'x', promptEmbeds: f32('t5.prompt.context'), negativePromptEmbeds: f32('t5.negative.context'), latents: { data: noise.data as Float32Array, shape: noise.shape as [number, number, number, number] } });
