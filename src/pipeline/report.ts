@@ -142,7 +142,7 @@ export function profileText(pipe: WanPipeline, result: Pick<GenerateResult, 'tim
       const hiddenDisk = (u.diskReadMs ?? 0) - (u.diskExposedMs ?? 0);
       lines.push(
         `  read from disk: ${u.diskReads} block images, ${fmtBytes(u.diskBytes ?? 0)} in ${(u.diskReadMs ?? 0).toFixed(0)} ms of reads (${((u.diskBytes ?? 0) / Math.max(1e-9, u.diskReadMs ?? 0) / 1e6).toFixed(2)} GB/s);`,
-        `  ${hiddenDisk.toFixed(0)} ms of reading overlapped earlier blocks' compute, ${(u.diskExposedMs ?? 0).toFixed(0)} ms the denoise loop waited on the disk`,
+        `  ${hiddenDisk.toFixed(0)} ms of reading ran before the loop needed the block, ${(u.diskExposedMs ?? 0).toFixed(0)} ms while it waited for that block (the GPU may still have been computing earlier blocks then: the end-to-end cost of reading is the denoise time against infer.weights_source=memory)`,
       );
     }
   }
