@@ -90,6 +90,9 @@ describe('memory planner vs real runs', () => {
     ['wan22-tiny', WAN22, { lowMemLevel: 0, expertsResident: 'both', defaults: w22 }],
     ['wan22-tiny', WAN22, { lowMemLevel: 0, defaults: w22 }],
     ['wan22-tiny', WAN22, { lowMemLevel: 3, defaults: w22 }],
+    // step caching keeps the blocks' residual(s) and, in a computed step, the stream's copy
+    ['demo', DEMO, { lowMemLevel: 3, config: { 'infer.cache.mode': 'flex' }, defaults: { numInferenceSteps: 4, height: 256, width: 256 } }],
+    ['demo', DEMO, { lowMemLevel: 1, config: { 'infer.cache.mode': 'teacache' }, defaults: { numInferenceSteps: 4, height: 256, width: 256 } }],
   );
   for (const [name, model, opts] of cases) {
     it(`${name} ${JSON.stringify({ ...opts, defaults: undefined })}: every phase's peak allocated and reserved within 1 %`, async () => {

@@ -339,6 +339,12 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     const ctxEmb = e.keep(e.scope(() => dit.embedText(e.fromHost(new Float32Array(B * textLen * dit.dims.textDim), [B, textLen, dit.dims.textDim], 'f32'))));
     const residency: BlockResidency = ring ?? RESIDENT;
     const steps = Math.min(r.numInferenceSteps, opts.denoiseSteps ?? 2);
+    // step caching in the DiT's hidden space (src/pipeline/cache/hidden.ts: TeaCache, MagCache,
+    // flex) keeps the blocks' residual [B, L, D] f32 between steps (flex: the last two), and during
+    // a computed step a copy of the stream before the blocks; EasyCache caches on the host
+    const cacheDepth = r.mode === 'flex' ? 2 : r.mode === 'teacache' || r.mode === 'magcache' ? 1 : 0;
+    const streamShape = [B, L, dit.dims.numHeads * dit.dims.headDim];
+    const cacheKept = Array.from({ length: cacheDepth }, () => e.keep(e.empty(streamShape, 'f32', 'cache.residual')));
     try {
       for (let i = 0; i < steps; i++) {
         if (i === 1) {
@@ -347,7 +353,9 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
           ring?.resetStats();
         }
         const xg = e.fromHost(new Float32Array(B * C * F * lh * lw), [B, C, F, lh, lw], 'f32');
+        const cacheInput = cacheDepth ? e.keep(e.empty(streamShape, 'f32', 'cache.input')) : null;
         const out = await dit.forward(xg, 999, ctxEmb, { residency, activationOffload: plan.activationOffload, ...forwardOpts });
+        cacheInput?.dispose();
         xg.dispose();
         // (the run reads the prediction back here: no allocation, nothing to read on the meta device)
         out.dispose();
@@ -356,6 +364,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
       }
     } finally {
       ctxEmb.dispose();
+      for (const t of cacheKept) t.dispose();
     }
     work.denoise.uploadBytes = streamBytesPerStep;
 
