@@ -599,7 +599,8 @@ export class Engine implements TensorDevice {
 
   /** Sleep for the predicted remaining GPU time of submitted work (see device/wait.ts). */
   private async sleepPredicted(): Promise<void> {
-    if (this.waitMode !== 'predict' || this.pendingDispatches === 0) return;
+    // (the meta device runs nothing: a planner's walk must not sleep the predicted GPU time)
+    if (this.isMeta || this.waitMode !== 'predict' || this.pendingDispatches === 0) return;
     const predicted = this.predictor.predict(this.pendingWork, this.pendingDispatches);
     this.lastPredicted = predicted;
     const remaining = this.predictor.sleepFor(predicted) - (performance.now() - this.pendingSince);

@@ -556,9 +556,10 @@ export class WanTransformer3DModel extends Module {
         await trace('e', emb);
         await trace('e0', e0.reshape([1, 6, D]));
       }
-      const tabs = ropeTables(f, h, w, this.dims.headDim, this.dims.ropeMaxSeqLen);
-      const cos = e.fromHost(tabs.cos, [L, this.dims.headDim / 2], 'f32');
-      const sin = e.fromHost(tabs.sin, [L, this.dims.headDim / 2], 'f32');
+      // (the memory planner's meta device reads no values: the tables are not computed there)
+      const tabs = e.isMeta ? null : ropeTables(f, h, w, this.dims.headDim, this.dims.ropeMaxSeqLen);
+      const cos = tabs ? e.fromHost(tabs.cos, [L, this.dims.headDim / 2], 'f32') : e.empty([L, this.dims.headDim / 2], 'f32');
+      const sin = tabs ? e.fromHost(tabs.sin, [L, this.dims.headDim / 2], 'f32') : e.empty([L, this.dims.headDim / 2], 'f32');
       // a traced run reports whole-stream intermediates; a stream below MIN_CALL_ROWS tokens per
       // batch element is too small to bound (a per-element matmul could change kernel)
       const bounds: BlockBounds =

@@ -530,7 +530,8 @@ export class WanVaeDecoder extends Module {
   async decode(e: Engine, z: Float32Array, shape: [number, number, number, number], opts: VaeDecodeOptions = {}): Promise<{ video: Float32Array; shape: [number, number, number, number]; raw?: Float32Array; nonFinite?: number }> {
     const [C, F, H, W] = shape;
     if (C !== this.dims.zDim) throw new ShapeError(`[wan_vae] latent has ${C} channels, the VAE expects ${this.dims.zDim}`);
-    const zr = this.denormalize(z, C);
+    // (the meta device of the memory planner reads no values: the host math is skipped there)
+    const zr = e.isMeta ? new Float32Array(z.length) : this.denormalize(z, C);
     const per = Math.max(1, opts.framesPerChunk ?? 1);
     const cache = new CausalCache();
     const chunks: Float32Array[] = [];
