@@ -17,7 +17,7 @@ import { WanPipeline, type GenerateRequest, type GenerateResult, type ProgressEv
 import { TeaCache, TeaCacheStream, TEACACHE_WAN21, poly1d } from '../src/pipeline/cache/teacache.ts';
 import { MagCache, MAGCACHE_WAN, nearestInterp, roundHalfEven, ratiosForSteps } from '../src/pipeline/cache/magcache.ts';
 import { EasyCache } from '../src/pipeline/cache/easycache.ts';
-import { FlexDecider } from '../src/pipeline/cache/flex.ts';
+import { FlexDecider, damping, logSnr } from '../src/pipeline/cache/flex.ts';
 import { polyfit, fitMagCache } from '../src/pipeline/cache/calibrate.ts';
 import { readCacheCalibration } from '../src/pipeline/cache/index.ts';
 import type { StepInfo, CacheSignals } from '../src/pipeline/cache/types.ts';
@@ -436,24 +436,32 @@ describe('step cache decisions replay the references', () => {
     }
   });
 
-  it('flex: warm-up, last step, max skips, both signals, extrapolation factor', () => {
+  it("flex: TeaCache's rule for the decision; the damped log-SNR extrapolation coefficient", () => {
     const ts = [1000, 950, 900, 850, 800, 750, 700, 650, 600, 550];
-    const drive = (d: FlexDecider, tRel: number, rate: number) =>
+    const drive = (d: FlexDecider, tRel: number) =>
       ts.map((t, i) => {
         const c = d.decide(i, i === ts.length - 1, t, i === 0 ? null : tRel);
-        // the residual drifts by `rate` per unit of timestep
-        if (c) d.computed(t, d.tK === null ? null : rate * (d.tK - t));
+        if (c) d.computed(t);
         return c;
       });
-    // warm-up 2; then 0.06 per 50-step: one skip fits under 0.1, a second does not
-    const d = new FlexDecider({ threshold: 0.1, warmupSteps: 2, maxSkips: 2, coefficients: null });
-    expect(drive(d, 0.01, 0.0012)).toEqual([true, true, false, true, false, true, false, true, false, true]);
-    expect(d.lambda(500)).toBeCloseTo(0.5, 12); // tK = 550, tJ = 650
-    expect(d.lambda(300)).toBe(1); // capped
-    // a tiny drift: skips up to max_skips, the last step computed
-    expect(drive(new FlexDecider({ threshold: 0.1, warmupSteps: 2, maxSkips: 2, coefficients: null }), 0.001, 1e-6)).toEqual([true, true, false, false, true, false, false, true, false, true]);
-    // the timestep signal alone forces computes (rescaled: 0.2 per step >= 0.1)
-    expect(drive(new FlexDecider({ threshold: 0.1, warmupSteps: 2, maxSkips: 5, coefficients: [0, 0, 0, 0, 0.2] }), 0.001, 1e-6).every(Boolean)).toBe(true);
+    const p = { threshold: 0.1, warmupSteps: 1, maxSkips: Infinity, coefficients: null };
+    // raw signal 0.04 per step: 0.04 and 0.08 stay under 0.1, 0.12 computes; the last step always computes
+    expect(drive(new FlexDecider(p), 0.04)).toEqual([true, false, false, true, false, false, true, false, false, true]);
+    expect(drive(new FlexDecider({ ...p, maxSkips: 1 }), 0.04)).toEqual([true, false, true, false, true, false, true, false, true, true]);
+    expect(drive(new FlexDecider({ ...p, warmupSteps: 3 }), 0.04)).toEqual([true, true, true, false, false, true, false, false, true, true]);
+    // the rescaled signal (0.2 per step >= 0.1) computes every step
+    expect(drive(new FlexDecider({ ...p, coefficients: [0, 0, 0, 0, 0.2] }), 0.04).every(Boolean)).toBe(true);
+    // computed steps 6 (t 700) and 9 (t 550), 3 apart: c = 0.4 (2.5 / 3)^2 (L(500) - L(550)) / (L(550) - L(700))
+    const d = new FlexDecider(p);
+    drive(d, 0.04);
+    expect(d.coefficient(500, 1)).toBeCloseTo((0.4 * (2.5 / 3) ** 2 * (logSnr(500) - logSnr(550))) / (logSnr(550) - logSnr(700)), 12);
+    expect(d.coefficient(500, 0.5)).toBeCloseTo(0.5 * d.coefficient(500, 1), 12);
+    expect(d.coefficient(500, 0)).toBe(0);
+    expect(new FlexDecider(p).coefficient(500, 1)).toBe(0); // fewer than two computed steps: reuse
+    expect(damping(1)).toBe(0.4);
+    expect(damping(2.5)).toBe(0.4);
+    expect(damping(5)).toBeCloseTo(0.1, 12);
+    expect(logSnr(500)).toBeCloseTo(0, 12);
   });
 
   it('calibration fits: polyfit recovers a quartic; MagCache ratios average the runs (5 decimals, 1.0 pads)', () => {
