@@ -11,6 +11,7 @@
 import { writeFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { shmemBytes } from '../src/device/maps.ts';
 import { Engine } from '../src/runtime/engine.ts';
 import { WanPipeline, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
 import { randomModelFolder, WAN_1_3B_TRANSFORMER, WAN_14B_TRANSFORMER, WAN_VAE, umt5XxlConfig } from '../src/tools/random-model.ts';
@@ -396,15 +397,6 @@ const OUTRO = `## Reading it
   kernel and upload/compute profile: \`--profile\`.`;
 
 const WEIGHT_OWNERS = ['dit', 'text_encoder', 'vae'];
-/** Shmem of /proc/meminfo in bytes (0 where there is none: not Linux) */
-function shmemBytes(): number {
-  try {
-    const m = /^Shmem:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
-    return m ? Number(m[1]) * 1024 : 0;
-  } catch {
-    return 0;
-  }
-}
 const weightBytes = (r: Row) => WEIGHT_OWNERS.reduce((a, k) => a + (r.gpu_weight_bytes[k] ?? 0), 0);
 const f1 = (v: number | undefined) => (v ?? 0).toFixed(1);
 const levelLabel = (r: Row) => `${r.level}${r.variant === 'te-gpu-stream' ? ' (text encoder streamed)' : r.variant === 'untiled' ? ' (VAE tiling off)' : ''}`;

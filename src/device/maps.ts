@@ -17,3 +17,13 @@ export function mapHeadroom(): number {
     return Infinity;
   }
 }
+
+/** Shmem of /proc/meminfo in bytes, system-wide (lavapipe's GPU memory is memfd shmem); 0 where there is none (not Linux). For the benches' memory reports. */
+export function shmemBytes(): number {
+  try {
+    const m = /^Shmem:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
