@@ -433,6 +433,17 @@ const rssSplit = (r: Row) => (r.rss_anon_peak_bytes !== undefined ? `anon ${fmtB
 const f1 = (v: number | undefined) => (v === undefined || Number.isNaN(v) ? '-' : v.toFixed(1));
 const mbps = (bytes: number, s: number) => (s > 0 && bytes > 0 ? `${(bytes / 1e6 / s).toFixed(0)} MB/s` : '-');
 
+/** ', written in N s (... MB/s, writer max RSS ...) on DATE' from the folder's random-model.json, or '' */
+function writtenNote(dir?: string): string {
+  try {
+    const w = (JSON.parse(readFileSync(join(dir!, 'random-model.json'), 'utf8')) as { written?: { date: string; seconds: number; tensorBytes: number; processMaxRssBytes: number } }).written;
+    if (!w) return '';
+    return `, written in ${w.seconds.toFixed(0)} s (${(w.tensorBytes / 1e6 / w.seconds).toFixed(0)} MB/s; the writing process's peak RSS ${fmtBytes(w.processMaxRssBytes)}) on ${w.date.slice(0, 10)}`;
+  } catch {
+    return '';
+  }
+}
+
 function phaseTable(r: Row): string[] {
   const pp = r.phase_peaks ?? {};
   return [
@@ -551,7 +562,7 @@ function renderDoc(rows: Row[], date: string, gen: GenInfo, repeat: number, teLa
     '  the transformer in 5 GB shards with a `diffusion_pytorch_model.safetensors.index.json`, like the real download, so the sharded',
     '  reader is what runs. The values come from a seeded quantile table of N(0, std²) (src/tools/random-model.ts explains it): random',
     '  benchmark data, not a model.',
-    `  Folder: \`${rel(gen.dir14)}\`${gen.bytes14 ? `, ${fmtBytes(gen.bytes14)} (${(gen.bytes14 / 1e9).toFixed(1)} GB)` : ''}${gen.seconds14 && gen.seconds14 > 5 ? `, generated in ${gen.seconds14.toFixed(0)} s in this run` : ''}.`,
+    `  Folder: \`${rel(gen.dir14)}\`${gen.bytes14 ? `, ${fmtBytes(gen.bytes14)} (${(gen.bytes14 / 1e9).toFixed(1)} GB)` : ''}${writtenNote(gen.dir14)}.`,
     `- **Wan 2.1 1.3B shapes**: bench:memory's folder (the same spec, so the same cache entry): \`${rel(gen.dir13)}\`${gen.bytes13 ? `, ${fmtBytes(gen.bytes13)}` : ''}.`,
     '- Every case: level 3 (`infer.diffusion.low_mem_level=3`), one denoising step with CFG + decode, 128×128, 5 frames, text_len 512,',
     '  seed 1, prompt cache off; `WanPipeline.fromPretrained(dir, { lowMemLevel: 3, config: { \'infer.weights_source\': source }, ... })`.',
