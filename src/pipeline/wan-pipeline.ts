@@ -34,6 +34,8 @@ import { expertSchedule, EXPERT_NAMES, type ExpertStep } from './experts.ts';
 import type { Param } from '../nn/module.ts';
 import { DiskWeights, DiskHostBlocks, BlockImageCache, diskImagesOf, type DiskImage, type DiskReadStats } from './disk-weights.ts';
 import { streamLayouts } from './residency.ts';
+import { engineDTypeOf } from '../io/checkpoint.ts';
+import { dtypeSize, type DType } from '../tensor/dtype.ts';
 import { onDisk } from './memory-plan.ts';
 import { hostAvailableBytes } from '../plan/preflight.ts';
 import { createStepCache, cacheRecord, cacheRecordOf, type CacheRecord, type CacheSignals, type StepCache, type StepInfo } from './cache/index.ts';
@@ -408,7 +410,7 @@ export class WanPipeline {
     const e = this.engine;
     const both = this.settings.load.expertsResident === 'both';
     const stream = this.plan.dit === 'stream';
-    const names = ['transformer', 'transformer_2'] as const;
+    const names = EXPERT_NAMES;
     for (let k = 0; k < 2; k++) {
       const dit = this.experts[k]!;
       // 'active': every weight of both experts waits off the GPU: in host memory, or on disk (read at the swap / per block)
@@ -1091,8 +1093,8 @@ export async function resolveWeightsSource(folder: ModelFolder, settings: Settin
       let n = 0;
       for (const k of ck.keys()) {
         const info = ck.info(k);
-        const fileSize = info.dtype === 'F32' || info.dtype === 'I32' ? 4 : info.dtype === 'F64' ? 8 : 2;
-        const size = wd === 'checkpoint' ? fileSize : wd === 'f32' ? 4 : 2;
+        const fileSize = info.dtype === 'F64' ? 8 : dtypeSize(engineDTypeOf(info.dtype));
+        const size = wd === 'checkpoint' ? fileSize : dtypeSize(wd as DType);
         n += (info.byteLength / fileSize) * size;
       }
       return n;
