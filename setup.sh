@@ -10,6 +10,7 @@ if ! command -v node >/dev/null; then
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   bash .ci/install-vulkan.sh
+  bash .ci/install-service-deps.sh --redis-only   # redis-server for `npm run serve` (the job queue's store)
 else
   echo "setup: not root (or no apt-get): skipping the Vulkan driver install; run .ci/install-vulkan.sh as root if 'npm run generate' reports no WebGPU adapter"
 fi
