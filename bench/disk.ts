@@ -492,7 +492,7 @@ function renderDoc(rows: Row[], date: string, gen: GenInfo, repeat: number, teLa
         `with ${gen.bytes14 ? fmtBytes(gen.bytes14) : 'about 27 GiB'} of weights on disk (\`memory\` would need ~26 GiB of host memory for the blocks alone).`,
       `  - What the RSS is made of (largest samples of /proc/self/status, every 100 ms): **RssShmem ${fmtBytes(shm)}**: lavapipe's GPU memory, memfd pages mapped into ` +
         `the process, so on this machine the GPU's memory is part of RSS: GPU buffers reserved (peak) ${fmtBytes(r14.peak_reserved_bytes)} + level 3's staging ring ${fmtBytes(staging)} ` +
-        `(the mapped upload buffers, two of one block each) = ${fmtBytes(r14.peak_reserved_bytes + staging)}, the rest lavapipe's own; **RssAnon ${fmtBytes(r14.rss_anon_peak_bytes ?? 0)}**, of it ` +
+        `(the mapped upload buffers: ${staging > 2 * 670 * 2 ** 20 ? 'two of one block each' : 'chunked, a ring of 4 × 64 MiB (src/pipeline/residency.ts)'}) = ${fmtBytes(r14.peak_reserved_bytes + staging)}, the rest lavapipe's own; **RssAnon ${fmtBytes(r14.rss_anon_peak_bytes ?? 0)}**, of it ` +
         `ArrayBuffers up to ${fmtBytes(r14.array_buffers_peak_bytes)} (the host weights: ${Object.entries(r14.host_weight_bytes).map(([k, v]) => `${k} ${fmtBytes(v)}`).join(', ')}), ` +
         `the JS heap ${fmtBytes(r14.heap_used_peak_bytes)}; RssFile ${fmtBytes(r14.rss_file_peak_bytes ?? 0)}. Per phase below.`,
       `  - Without lavapipe's GPU memory, what the process holds itself (RssAnon + RssFile, largest sample): ${fmtBytes(own)}. On a GPU, where the slots and activations ` +

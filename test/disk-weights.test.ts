@@ -17,6 +17,7 @@ import { openModelFolder } from '../src/io/model-folder.ts';
 import { planRun } from '../src/plan/plan.ts';
 import { shapesFromFolder } from '../src/plan/shapes.ts';
 import { profileText } from '../src/pipeline/report.ts';
+import { stagingChunks } from '../src/pipeline/residency.ts';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const FIX = join(ROOT, 'test', 'fixtures');
@@ -102,6 +103,35 @@ describe('weights_source=disk: converted blocks, faults, auto, the plan', () => 
     expect(Array.from(again.r.video)).toEqual(Array.from(mem.r.video));
     expect(statSync(join(cacheDir, folders[0]!, 'block-0.img')).mtimeMs).toBe(mtime);
     rmSync(cacheDir, { recursive: true, force: true });
+  });
+
+  it('chunked staging: blocks larger than a staging chunk go up in pieces through a small ring (straight, converted and cached images alike): same video, and the plan counts the ring', async () => {
+    const saved = { ...stagingChunks };
+    // 4,100 bytes: not a multiple of the image alignment, so tensors straddle the chunks
+    Object.assign(stagingChunks, { bytes: 4100, count: 3 });
+    const cacheDir = mkdtempSync(join(tmpdir(), 'sd-blockcache-'));
+    try {
+      const cases: Array<[string, WanPipelineOptions]> = [
+        [DEMO, { lowMemLevel: 3 }],
+        [TINY, { lowMemLevel: 3 }],
+        [TINY, { lowMemLevel: 3, weightDtype: 'bf16', config: { 'infer.weights_cache_dir': cacheDir } }],
+        [TINY, { lowMemLevel: 2, textEncoderDevice: 'gpu-stream' }],
+      ];
+      for (const [model, opts] of cases) {
+        Object.assign(stagingChunks, saved);
+        const mem = await run(model, opts, 'memory');
+        Object.assign(stagingChunks, { bytes: 4100, count: 3 });
+        const dsk = await run(model, opts, 'disk');
+        expect(Array.from(dsk.r.video)).toEqual(Array.from(mem.r.video));
+        if (opts.lowMemLevel === 3) expect(dsk.r.uploads!.diskReads).toBe(dsk.r.uploads!.uploads);
+      }
+      const shapes = await shapesFromFolder(DEMO);
+      const plan = await planRun(shapes, settingsForModel(DEMO, { lowMemLevel: 3, config: { 'infer.weights_source': 'disk' } }));
+      expect(plan.hostByPart['staging ring']).toBe(3 * 4100);
+    } finally {
+      Object.assign(stagingChunks, saved);
+      rmSync(cacheDir, { recursive: true, force: true });
+    }
   });
 
   it('a weight file changed or truncated under a running pipeline is a one-line error naming it, never garbage', async () => {

@@ -21,7 +21,7 @@ import type { Checkpoint } from '../io/checkpoint.ts';
 import { engineDTypeOf } from '../io/checkpoint.ts';
 import type { Param } from '../nn/module.ts';
 import { Tensor } from '../tensor/tensor.ts';
-import type { DType } from '../tensor/dtype.ts';
+import { dtypeSize, type DType } from '../tensor/dtype.ts';
 import { convertHost } from '../nn/load.ts';
 import { makeDirs, writeFileAtomic } from '../io/atomic.ts';
 import { CheckpointError, ConfigError, fmtBytes } from '../util/errors.ts';
@@ -112,9 +112,15 @@ export class DiskWeights {
     }
   }
 
-  /** Read a block image into `dst` (its first `img.size` bytes); returns the bytes read from disk. */
-  async fill(dst: Uint8Array, img: DiskImage): Promise<number> {
+  /**
+   * Read bytes [lo, hi) of a block image (default: all of it) into `dst` at 0 (chunked staging
+   * reads a block in pieces); returns the bytes read from disk. Straight tensors are read by
+   * positioned reads of exactly the overlapping byte range; a converted tensor (small: norms,
+   * biases) is read and converted whole, and its overlapping part copied.
+   */
+  async fill(dst: Uint8Array, img: DiskImage, lo = 0, hi = img.size): Promise<number> {
     if (this.closed) throw new CheckpointError(`[disk] ${this.what}: read after the pipeline was disposed`);
+    if (!(lo >= 0 && hi <= img.size && lo <= hi && hi - lo <= dst.byteLength)) throw new RangeError(`[disk] ${this.what}: bytes ${lo}..${hi} of a ${img.size}-byte block image into ${dst.byteLength} bytes`);
     const t0 = performance.now();
     let n = 0;
     if (img.kind === 'cache') {
@@ -123,39 +129,47 @@ export class DiskWeights {
       });
       try {
         let done = 0;
-        while (done < img.size) {
-          const { bytesRead } = await fh.read(dst, done, img.size - done, done);
-          if (bytesRead === 0) throw new CheckpointError(`[disk] ${img.path}: the cached block image is truncated (${done} of ${img.size} bytes); delete the cache folder and restart`);
+        while (done < hi - lo) {
+          const { bytesRead } = await fh.read(dst, done, hi - lo - done, lo + done);
+          if (bytesRead === 0) throw new CheckpointError(`[disk] ${img.path}: the cached block image is truncated (${lo + done} of ${img.size} bytes); delete the cache folder and restart`);
           done += bytesRead;
         }
       } finally {
         await fh.close();
       }
-      n = img.size;
+      n = hi - lo;
     } else {
-      const files = new Set(img.segments.filter((s) => !s.host).map((s) => this.ck.fileOf(s.key)));
+      // a segment's extent in the image: its converted size
+      const extent = (s: DiskSegment) => (s.host || s.from === s.to ? s.bytes : (s.bytes / dtypeSize(s.from)) * dtypeSize(s.to));
+      const parts = img.segments.filter((s) => s.at < hi && s.at + extent(s) > lo);
+      const files = new Set(parts.filter((s) => !s.host).map((s) => this.ck.fileOf(s.key)));
       for (const f of files) await this.checkUnchanged(f);
       // straight reads in parallel (the thread pool overlaps them), conversions through a temporary
       await Promise.all(
-        img.segments.map(async (s) => {
+        parts.map(async (s) => {
+          const a = Math.max(lo, s.at);
+          const b = Math.min(hi, s.at + extent(s));
+          const out = dst.subarray(a - lo, b - lo);
           if (s.host) {
-            dst.set(s.host, s.at);
+            out.set(s.host.subarray(a - s.at, b - s.at));
             return;
           }
           if (s.from === s.to) {
-            await this.ck.readInto(s.key, dst.subarray(s.at, s.at + s.bytes));
+            if (a === s.at && b === s.at + s.bytes) await this.ck.readInto(s.key, out);
+            else await this.ck.readRange(s.key, a - s.at, b - a, out);
+            n += b - a;
           } else {
             const raw = await this.ck.read(s.key);
             const host = Tensor.cpu(hostView(raw, s.from), [rawCount(raw, s.from)], s.from);
             const conv = convertHost(host, s.to);
             const d = conv.data!;
-            dst.set(new Uint8Array(d.buffer, d.byteOffset, d.byteLength), s.at);
+            out.set(new Uint8Array(d.buffer, d.byteOffset + (a - s.at), b - a));
+            n += raw.byteLength;
           }
         }),
       );
-      n = img.segments.reduce((a, s) => a + (s.host ? 0 : s.bytes), 0);
     }
-    this.stats.reads++;
+    if (lo === 0) this.stats.reads++;
     this.stats.bytes += n;
     this.stats.ms += performance.now() - t0;
     return n;

@@ -28,6 +28,13 @@
 // group runs (`setGroup(g)`, `group(g)` gives that model's forward a BlockResidency with its own
 // block numbers); its first `resident` blocks hold resident buffers, which a switch frees before the
 // other group's are allocated and uploaded, so the GPU never holds both groups' resident blocks.
+//
+// Chunked staging (disk mode by default, `chunkedStaging`): when a block image is larger than
+// stagingChunks.bytes (64 MiB), the ring is stagingChunks.count (4) buffers of that size instead of one whole-block
+// buffer per slot, and a block goes up chunk by chunk (read into a mapped chunk, unmapped, copied to
+// its offset in the slot). At 14B shapes (670 MiB blocks) the ring holds 256 MiB instead of 1.3 GiB:
+// on a software adapter mapped buffers are host RAM, and on any machine they are pinned memory.
+// Blocks that fit one chunk (1.3B: 84 MiB) go up exactly as before.
 
 import type { Engine } from '../runtime/engine.ts';
 import type { Module, Param } from '../nn/module.ts';
@@ -103,6 +110,12 @@ export interface UploadStats {
   diskExposedMs?: number;
 }
 
+/**
+ * Chunked staging: the size of one staging buffer (a multiple of 4), and how many the ring has.
+ * Read when a StreamedBlocks is built; tests shrink `bytes` to put small models through the chunks.
+ */
+export const stagingChunks = { bytes: 64 * 1024 * 1024, count: 4 };
+
 export interface StreamedBlocksOptions {
   /** GPU slots the streamed blocks take turns in (2: the next block uploads while one computes) */
   numSlots?: number;
@@ -135,6 +148,11 @@ export interface StreamedBlocksOptions {
    * per model may have its own files).
    */
   disk?: { weights: DiskWeights[]; images: DiskImage[] };
+  /**
+   * Upload blocks larger than stagingChunks.bytes through a ring of stagingChunks.count chunk-sized
+   * staging buffers (default: in disk mode). The planner passes the same choice in meta mode.
+   */
+  chunkedStaging?: boolean;
 }
 
 export class StreamedBlocks implements BlockResidency {
@@ -155,7 +173,10 @@ export class StreamedBlocks implements BlockResidency {
   private readonly holder: Array<Tensor | null> = [];
   private readonly views: Tensor[][] = []; // per block: param views currently set
   private readonly slotBytes: number;
+  /** bytes of one staging buffer (a whole block image, or a chunk) */
   private readonly stagingBytes: number;
+  /** staging buffers in the ring */
+  private readonly stagingCount: number;
   private device = false;
   readonly stats: UploadStats = { uploads: 0, bytes: 0, uploadMs: 0, stallMs: 0, prefetched: 0, exposedMs: 0 };
   private readonly waitingFor = new Set<number>();
@@ -230,7 +251,15 @@ export class StreamedBlocks implements BlockResidency {
     // a slot holds any group's streamed blocks
     this.slotBytes = Math.max(0, ...groups.flatMap((_, g) => sizes.slice(this.groupStart[g]! + this.resident, this.groupStart[g + 1]!)));
     // the staging ring carries the resident blocks' uploads too
-    this.stagingBytes = Math.max(0, ...sizes);
+    const largest = Math.max(0, ...sizes);
+    if ((opts.chunkedStaging ?? disk !== null) && largest > stagingChunks.bytes) {
+      if (stagingChunks.bytes % 4 !== 0 || !(stagingChunks.count >= 1)) throw new Error(`[residency] staging chunks of ${stagingChunks.bytes} bytes x ${stagingChunks.count}`);
+      this.stagingBytes = stagingChunks.bytes;
+      this.stagingCount = stagingChunks.count;
+    } else {
+      this.stagingBytes = largest;
+      this.stagingCount = this.numSlots;
+    }
     if (opts.allocateNow ?? true) this.allocateDevice();
   }
 
@@ -246,13 +275,13 @@ export class StreamedBlocks implements BlockResidency {
     this.allocateResident();
     const slots = Math.min(this.numSlots, this.maxStreamed());
     const ring: StagingBuffer[] = [];
-    for (let s = 0; s < this.numSlots; s++) {
+    for (let s = 0; s < Math.max(this.numSlots, this.stagingCount); s++) {
       if (s < slots) {
         this.slotTensors.push(e.keep(e.empty([this.slotBytes / 4], 'u32', `${owner}.${s}`)));
         this.blockIn.push(-1);
       }
       // host-visible, mapped at creation: counted as staging, not against the GPU budget (allocator.ts)
-      ring.push({ block: e.allocator.allocStaging(this.stagingBytes, `${owner}.staging.${s}`), mapped: true, busy: null });
+      if (s < this.stagingCount) ring.push({ block: e.allocator.allocStaging(this.stagingBytes, `${owner}.staging.${s}`), mapped: true, busy: null });
     }
     this.staging = ring;
     this.stagingNext = 0;
@@ -321,7 +350,7 @@ export class StreamedBlocks implements BlockResidency {
     this.allocateResident();
     if (this.resident > 0 && this.staging.length === 0) {
       const ring: StagingBuffer[] = [];
-      for (let s = 0; s < this.numSlots; s++) ring.push({ block: this.e.allocator.allocStaging(this.stagingBytes, `${this.owner}.staging.${s}`), mapped: true, busy: null });
+      for (let s = 0; s < this.stagingCount; s++) ring.push({ block: this.e.allocator.allocStaging(this.stagingBytes, `${this.owner}.staging.${s}`), mapped: true, busy: null });
       this.staging = ring;
       this.stagingNext = 0;
     }
@@ -478,6 +507,20 @@ export class StreamedBlocks implements BlockResidency {
       this.account(i, performance.now() - t0);
       return;
     }
+    // whole image in one staging buffer, or (chunked staging) chunk by chunk through the ring
+    for (let lo = 0; lo < n; lo += this.stagingBytes) {
+      const done = await this.writeChunk(i, imageBytes, target, lo, Math.min(n, lo + this.stagingBytes));
+      if (!done) return;
+    }
+  }
+
+  /**
+   * Bytes [lo, hi) of block i's image through the next staging buffer into `target` at lo; false
+   * when the block was moved off `target` meanwhile (the rest is not copied).
+   */
+  private async writeChunk(i: number, imageBytes: Uint8Array | null, target: Tensor, lo: number, hi: number): Promise<boolean> {
+    const dev = this.e.device;
+    const len = hi - lo;
     const ring = this.staging;
     const k = this.stagingNext;
     this.stagingNext = (k + 1) % ring.length;
@@ -488,46 +531,50 @@ export class StreamedBlocks implements BlockResidency {
     let release!: () => void;
     sb.busy = new Promise<void>((r) => (release = r));
     try {
-      if (this.holder[i] !== target) return;
+      if (this.holder[i] !== target) return false;
       if (!sb.mapped) {
         await st.mapAsync(GPUMapMode.WRITE, 0, this.stagingBytes);
         sb.mapped = true;
       }
-      if (this.holder[i] !== target) return;
+      if (this.holder[i] !== target) return false;
       // disk mode: the block's tensors are read from the files straight into the mapped buffer
       // (the reads run on the thread pool while the GPU works on the blocks before this one)
       if (!imageBytes) {
-        await this.readDisk(i, new Uint8Array(st.getMappedRange(0, this.stagingBytes)));
+        await this.readDisk(i, new Uint8Array(st.getMappedRange(0, this.stagingBytes)), lo, hi);
         // moved off `target` while reading: the slot is another block's now (its own upload copies in)
         if (this.holder[i] !== target) {
           st.unmap();
           sb.mapped = false;
-          return;
+          return false;
         }
       }
       const t0 = performance.now();
-      if (imageBytes) new Uint8Array(st.getMappedRange(0, this.stagingBytes)).set(imageBytes);
+      if (imageBytes) new Uint8Array(st.getMappedRange(0, this.stagingBytes)).set(imageBytes.subarray(lo, hi));
       st.unmap();
       sb.mapped = false;
       this.e.flush(); // the slot's previous reader goes first
       const enc = dev.createCommandEncoder({ label: `upload ${this.blockOwner(i)}` });
-      enc.copyBufferToBuffer(st, 0, target.buffer, 0, n);
+      enc.copyBufferToBuffer(st, 0, target.buffer, lo, len);
       dev.queue.submit([enc.finish()]);
       this.account(i, performance.now() - t0);
+      return true;
     } finally {
       sb.busy = null;
       release();
     }
   }
 
-  /** disk mode: block i's image from its files into `dst` (statistics per block; exposed = while acquire waited) */
-  private async readDisk(i: number, dst: Uint8Array): Promise<void> {
+  /**
+   * disk mode: bytes [lo, hi) of block i's image (default: all of it) from its files into `dst`
+   * (statistics per block; exposed = while acquire waited)
+   */
+  private async readDisk(i: number, dst: Uint8Array, lo = 0, hi = this.images[i]!.size): Promise<void> {
     const d = this.images[i]!.disk!;
     const t0 = performance.now();
-    const bytes = await d.weights.fill(dst, d.image);
+    const bytes = await d.weights.fill(dst, d.image, lo, hi);
     const ms = performance.now() - t0;
     const s = this.stats;
-    s.diskReads = (s.diskReads ?? 0) + 1;
+    if (lo === 0) s.diskReads = (s.diskReads ?? 0) + 1;
     s.diskBytes = (s.diskBytes ?? 0) + bytes;
     s.diskReadMs = (s.diskReadMs ?? 0) + ms;
     if (this.waitingFor.has(i)) s.diskExposedMs = (s.diskExposedMs ?? 0) + ms;

@@ -611,6 +611,7 @@ export class WanPipeline {
       } finally {
         ring.releaseDevice();
       }
+      await this.engine.settleFrees();
     } else {
       try {
         out = await this.textEncoder.forward(mode === 'gpu' ? this.engine : null, ids, mask, undefined, this.teDisk ?? undefined);
@@ -952,6 +953,7 @@ export class WanPipeline {
     if (this.plan.vae === 'on-demand') {
       this.streamed?.releaseDevice(); // host images stay; the next denoise allocates the slots again
       e.allocator.emptyCache();
+      await e.settleFrees(); // the slots' and ring's memory goes now, not under the VAE's
     }
     e.allocator.resetPeakMemoryStats();
     this.emit({ type: 'phase', phase: 'decode' }, cb);

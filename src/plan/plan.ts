@@ -252,7 +252,10 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
   const mark = (p: PlanPhase) => {
     phase = p;
   };
+  // the staging ring's peak over the whole run (each phase's reset starts the allocator's anew)
+  let stagingPeak = 0;
   const resetPeaks = (p: PlanPhase) => {
+    stagingPeak = Math.max(stagingPeak, a.stats().peakStagingBytes);
     a.resetPeakMemoryStats();
     resets.set(p, a.events().length);
   };
@@ -270,7 +273,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     const disk = l.weightsSource === 'disk';
     const ditHost = placeModule(e, dit, 'dit', model.fileDtype.transformer, wd, onDisk(ditPlacement(plan, (k) => dit.isBlockKey(k)), disk, (k) => dit.isBlockKey(k)));
     let ring: StreamedBlocks | null = null;
-    if (plan.dit === 'stream') ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}` });
+    if (plan.dit === 'stream') ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}`, chunkedStaging: disk });
     host['dit weights'] = ditHost.hostBytes;
     if (model.experts > 1) {
       // Wan 2.2 (WanPipeline.loadExperts): one expert runs per step, so the ring and the activations
@@ -291,7 +294,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     const tePlaced = placeModule(e, te, 'text_encoder', teFile, teHow.weightDtype, onDisk(teHow.placement, disk && plan.textEncoder !== 'gpu', (k) => te.isBlockKey(k) && te.isDeviceKey(k)));
     host['text encoder weights'] = tePlaced.hostBytes;
     let teRing: StreamedBlocks | null = null;
-    if (plan.textEncoder === 'gpu-stream') teRing = new StreamedBlocks(e, te.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, meta: true, ownerOf: (i) => `text_encoder.encoder.block.${i}` });
+    if (plan.textEncoder === 'gpu-stream') teRing = new StreamedBlocks(e, te.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, meta: true, ownerOf: (i) => `text_encoder.encoder.block.${i}`, chunkedStaging: disk });
     // the encoder reads two host weights itself: its relative-bias embeddings (small; real zeros here)
     // and the token table, of which a prompt gathers its own rows (one zero row stands for it: the
     // gather's GPU output is what counts)
@@ -408,7 +411,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     // latents, the CFG input and the prediction (f32), and the 8-bit frames written to the video file
     host['latents'] = 3 * B * C * F * lh * lw * 4;
     host['video frames (8-bit)'] = 3 * T * H * W;
-    host['staging ring'] = a.stats().peakStagingBytes;
+    host['staging ring'] = Math.max(stagingPeak, a.stats().peakStagingBytes);
   } finally {
     events = a.stopRecording();
     maxInFlight = e.maxInFlight;
