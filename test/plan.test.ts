@@ -18,6 +18,7 @@ import { choosePlacement } from '../src/plan/budget.ts';
 import { releaseMatmulWorkspace } from '../src/ops/matmul.ts';
 import { encodePrompt, loadTokenizer } from '../src/io/tokenizer.ts';
 import { ConfigError } from '../src/util/errors.ts';
+import { hostAvailableBytes } from '../src/plan/preflight.ts';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const DEMO = join(ROOT, 'weights', 'demo');
@@ -218,6 +219,29 @@ describe('npm run plan', () => {
     expect(j.host_bytes).toBeGreaterThan(0);
     expect(j.placement.level).toBe(3);
     expect(j.size.tokens).toBe(32760);
+  });
+  it('infer.weights_source: auto resolves as generate does (disk when the weights kept off the GPU exceed 80 % of the RAM available); disk plans no host weights and a 256 MiB chunked staging ring at 14B shapes', () => {
+    const run = (...extra: string[]) => {
+      const r = plan('--model', 'wan2.1-t2v-14b', '--size', '832x480', '--frames', '81', '--level', '3', '--json', ...extra);
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as Record<string, any>;
+    };
+    const mem = run('infer.weights_source=memory');
+    const disk = run('infer.weights_source=disk');
+    const auto = run();
+    expect(mem.weights_source).toBe('memory');
+    expect(disk.weights_source).toBe('disk');
+    const held = mem.host_by_part['dit weights'] + mem.host_by_part['text encoder weights'];
+    const avail = hostAvailableBytes();
+    // (MemAvailable moves between the two reads: decide only away from the 80 % line)
+    if (held > 0.85 * avail) expect(auto.weights_source).toBe('disk');
+    if (held < 0.75 * avail) expect(auto.weights_source).toBe('memory');
+    expect(disk.host_by_part['dit weights']).toBe(0);
+    expect(mem.host_by_part['dit weights']).toBeGreaterThan(25 * 2 ** 30);
+    // 670 MiB blocks: whole-block staging (two) in memory mode, 4 x 64 MiB chunks from disk
+    expect(disk.host_by_part['staging ring']).toBe(256 * 2 ** 20);
+    expect(mem.host_by_part['staging ring']).toBeGreaterThan(2 * 600 * 2 ** 20);
+    expect(disk.peak_bytes).toBe(mem.peak_bytes);
   });
   it('defaults to the demo model and refuses an impossible budget with exit 2 and one line', () => {
     const ok = plan('--steps', '3');

@@ -17,6 +17,7 @@ import { GENERIC_GPU, LAVAPIPE, type MetaDeviceSpec } from '../plan/meta-gpu.ts'
 import { hardwareTable } from '../plan/table.ts';
 import { ConfigError, fmtBytes } from '../util/errors.ts';
 import { report } from './fail.ts';
+import { hostAvailableBytes } from '../plan/preflight.ts';
 
 const PLAN_USAGE = `usage: npm run plan -- [--model DIR|PRESET] [--size WxH] [--frames N] [--level L | --budget BYTES] [--json] [key=value ...]
        npm run plan -- --table [--out FILE]
@@ -79,13 +80,14 @@ function ownersLine(by: Record<string, number>, max = 6): string {
     .join(', ');
 }
 
-export function planText(plan: RunPlan, reasons: string[] = []): string {
+export function planText(plan: RunPlan, reasons: string[] = [], notes: string[] = []): string {
   const s = plan.size;
   const est = estimateStep(plan, RTX_4090);
   const lines = [
     `plan for ${plan.model}: ${s.width}x${s.height}, ${s.frames} frames (latent ${s.latent.join('x')}, ${s.tokens.toLocaleString('en-US')} tokens), ${plan.steps} steps${plan.cfg ? ', CFG' : ''}`,
     `placement: ${placementSummary(plan)}`,
     ...reasons.map((r) => `  budget: ${r}`),
+    ...notes.map((r) => `  ${r}`),
     '',
     `phase     peak allocated  peak reserved  largest owners at the peak`,
     ...PLAN_PHASES.map((ph) => {
@@ -102,7 +104,7 @@ export function planText(plan: RunPlan, reasons: string[] = []): string {
   return lines.join('\n');
 }
 
-export function planJson(plan: RunPlan, reasons: string[] = []): Record<string, unknown> {
+export function planJson(plan: RunPlan, reasons: string[] = [], extra: Record<string, unknown> = {}): Record<string, unknown> {
   const est = estimateStep(plan, RTX_4090);
   return {
     model: plan.model,
@@ -118,6 +120,7 @@ export function planJson(plan: RunPlan, reasons: string[] = []): Record<string, 
     max_in_flight_at: plan.maxInFlightAt,
     placement: plan.placement,
     ...(reasons.length ? { budget_reasons: reasons } : {}),
+    ...extra,
     estimate: { gpu: est.gpu, step_seconds: est.stepSeconds, exposed_upload_seconds: est.exposedUploadSeconds, decode_seconds: est.decodeSeconds, label: 'predicted' },
   };
 }
@@ -149,16 +152,34 @@ async function main(): Promise<number> {
       settings = { ...settings, request: req };
     }
     const t0 = performance.now();
-    let plan: RunPlan;
+    let plan!: RunPlan;
     let reasons: string[] = [];
-    if (settings.load.vramBudget > 0) {
-      const c = await choosePlacement(model, settings, settings.load.vramBudget, { device: args.device });
-      plan = c.plan;
-      reasons = c.reasons;
-    } else plan = await planRun(model, settings, { device: args.device });
+    const place = async (st: typeof settings) => {
+      if (st.load.vramBudget > 0) {
+        const c = await choosePlacement(model, st, st.load.vramBudget, { device: args.device });
+        plan = c.plan;
+        reasons = c.reasons;
+      } else plan = await planRun(model, st, { device: args.device });
+    };
+    // infer.weights_source=auto as `generate` resolves it (wan-pipeline.ts resolveWeightsSource):
+    // disk when the weights this placement keeps in host memory exceed 80 % of the RAM available now
+    const auto = settings.load.weightsSource === 'auto';
+    let source: 'memory' | 'disk' = settings.load.weightsSource === 'disk' ? 'disk' : 'memory';
+    const notes: string[] = [];
+    if (auto) settings = { ...settings, load: { ...settings.load, weightsSource: 'memory' } };
+    await place(settings);
+    if (auto) {
+      const held = (plan.hostByPart['dit weights'] ?? 0) + (plan.hostByPart['text encoder weights'] ?? 0);
+      const avail = hostAvailableBytes();
+      if (held > 0.8 * avail) {
+        source = 'disk';
+        await place({ ...settings, load: { ...settings.load, weightsSource: 'disk' } });
+        notes.push(`weights: infer.weights_source=auto: disk (the weights kept off the GPU need ${fmtBytes(held)} of host memory, more than 80 % of the ${fmtBytes(avail)} available here): read from their files per use`);
+      } else if (held > 0) notes.push(`weights: infer.weights_source=auto: memory (the weights kept off the GPU, ${fmtBytes(held)}, fit in 80 % of the ${fmtBytes(avail)} available here)`);
+    } else if (source === 'disk') notes.push('weights: infer.weights_source=disk: read from their files per use');
     const ms = performance.now() - t0;
-    if (args.json) process.stdout.write(JSON.stringify({ ...planJson(plan, reasons), plan_ms: Math.round(ms) }) + '\n');
-    else process.stdout.write(planText(plan, reasons) + `\n(planned in ${ms.toFixed(0)} ms, no GPU, no weights read)\n`);
+    if (args.json) process.stdout.write(JSON.stringify({ ...planJson(plan, reasons, { weights_source: source }), plan_ms: Math.round(ms) }) + '\n');
+    else process.stdout.write(planText(plan, reasons, notes) + `\n(planned in ${ms.toFixed(0)} ms, no GPU, no weights read)\n`);
     return 0;
   } catch (e) {
     return report(e, process.argv.includes('--debug'));
