@@ -190,6 +190,36 @@ export class DiskWeights {
     return convertHost(host, ref.dtype);
   }
 
+  /**
+   * The rows of a disk-placed 2-D table (the UMT5 token table) that `ids` use: one positioned read
+   * per distinct row, converted to the param's dtype. Returns the rows as a [U, cols] host tensor and
+   * the ids renumbered into it. An id outside the table is an error naming it.
+   */
+  async readRows(p: Param, ids: Int32Array): Promise<{ table: Tensor; ids: Int32Array }> {
+    const ref = p.disk;
+    if (!ref || p.shape.length !== 2) throw new Error(`[disk] ${p.fullKey} is not a table placed on disk`);
+    const [rows, cols] = p.shape as [number, number];
+    const rowBytes = (ref.byteLength / rows) | 0;
+    const index = new Map<number, number>();
+    const out = new Int32Array(ids.length);
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
+      if (!(id >= 0 && id < rows)) throw new CheckpointError(`[disk] ${p.fullKey}: token id ${id} is outside the table's ${rows} rows; the tokenizer does not match this text encoder`);
+      let j = index.get(id);
+      if (j === undefined) index.set(id, (j = index.size));
+      out[i] = j;
+    }
+    await this.checkUnchanged(ref.file);
+    const t0 = performance.now();
+    const raw = new Uint8Array(index.size * rowBytes);
+    await Promise.all([...index].map(([id, j]) => this.ck.readRange(ref.key, id * rowBytes, rowBytes, raw.subarray(j * rowBytes, (j + 1) * rowBytes))));
+    this.stats.reads++;
+    this.stats.bytes += raw.byteLength;
+    this.stats.ms += performance.now() - t0;
+    const host = Tensor.cpu(hostView(raw, ref.fileDtype), [index.size, cols], ref.fileDtype);
+    return { table: convertHost(host, ref.dtype), ids: out };
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

@@ -532,7 +532,8 @@ export class WanPipeline {
       checkFinite: this.checkFinite,
       // weights_source=disk: the encoder's blocks are read per use (CPU device or the GPU stream)
       // (the relative-bias embeddings stay in host memory: tiny, and read before the blocks run)
-      placement: onDisk(how.placement, this.fromDisk && mode !== 'gpu', (k) => te.isBlockKey(k) && te.isDeviceKey(k)),
+      // (and the token table: a prompt reads its own rows)
+      placement: onDisk(how.placement, this.fromDisk && mode !== 'gpu', (k) => te.isDiskKey(k)),
       onProgress: (d, t) => this.emit({ type: 'load', component: 'text_encoder', done: d, total: t }),
     });
     this.componentBytes.text_encoder = this.textEncoder.paramBytes();
@@ -544,6 +545,11 @@ export class WanPipeline {
       const dw = await DiskWeights.open(this.folder.textEncoder, 'text_encoder');
       this.disk.set('text_encoder', dw);
       this.teDisk = new DiskHostBlocks(te.blocks.items, dw);
+    }
+    if (this.fromDisk && mode !== 'gpu') {
+      const dw = this.disk.get('text_encoder') ?? (await DiskWeights.open(this.folder.textEncoder, 'text_encoder'));
+      this.disk.set('text_encoder', dw);
+      te.tokenRows = (ids) => dw.readRows(te.shared, ids);
     }
   }
 

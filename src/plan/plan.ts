@@ -291,7 +291,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     }
     const teHow = textEncoderLoad(plan.textEncoder, wd, te);
     const teFile = model.fileDtype.textEncoder;
-    const tePlaced = placeModule(e, te, 'text_encoder', teFile, teHow.weightDtype, onDisk(teHow.placement, disk && plan.textEncoder !== 'gpu', (k) => te.isBlockKey(k) && te.isDeviceKey(k)));
+    const tePlaced = placeModule(e, te, 'text_encoder', teFile, teHow.weightDtype, onDisk(teHow.placement, disk && plan.textEncoder !== 'gpu', (k) => te.isDiskKey(k)));
     host['text encoder weights'] = tePlaced.hostBytes;
     let teRing: StreamedBlocks | null = null;
     if (plan.textEncoder === 'gpu-stream') teRing = new StreamedBlocks(e, te.blocks.items, 'text_encoder.block.slot', { numSlots: 2, allocateNow: false, meta: true, ownerOf: (i) => `text_encoder.encoder.block.${i}`, chunkedStaging: disk });

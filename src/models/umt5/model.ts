@@ -132,6 +132,21 @@ export class UMT5EncoderModel extends Module {
     return key !== 'shared.weight' && !key.endsWith('relative_attention_bias.weight');
   }
 
+  /**
+   * infer.weights_source=disk: the keys read from their files per use — the blocks' compute
+   * weights and the token table (a prompt reads only its own rows: `tokenRows`).
+   */
+  isDiskKey(key: string): boolean {
+    return (this.isBlockKey(key) && this.isDeviceKey(key)) || key === 'shared.weight';
+  }
+
+  /**
+   * Set when the token table stays in its file (weights_source=disk): given the prompt's ids, the
+   * rows they use as a small table [U, dModel] and the ids renumbered into it. The embedding then
+   * gathers from that table: the same values as from the whole table.
+   */
+  tokenRows: ((ids: Int32Array) => Promise<{ table: Tensor; ids: Int32Array }>) | null = null;
+
   /** Per-layer relative bias tables [H, 2L-1], built once per length and device (the 4 most recent kept). */
   private tablesFor(L: number, engine: Engine | null): Tensor[] {
     const key = `${L}:${engine ? 'gpu' : 'cpu'}`;
@@ -170,8 +185,14 @@ export class UMT5EncoderModel extends Module {
     const run = async () => {
       // the relative-bias embeddings are tiny; they are read on the host to build the tables
       const tables = this.tablesFor(L, engine);
-      const table = this.shared.t;
-      const emb = embedding({ ids: ids.reshape([B * L]), table: table.device === 'cpu' ? table : await table.toCpu() }, {});
+      let emb: Tensor;
+      if (this.tokenRows) {
+        const rows = await this.tokenRows(ids.data as Int32Array);
+        emb = embedding({ ids: Tensor.cpu(rows.ids, [B * L], 'i32'), table: rows.table }, {});
+      } else {
+        const table = this.shared.t;
+        emb = embedding({ ids: ids.reshape([B * L]), table: table.device === 'cpu' ? table : await table.toCpu() }, {});
+      }
       let x = (engine ? emb.toGpu(engine) : emb).reshape([B, L, this.dims.dModel]);
       const m = engine ? mask.toGpu(engine) : mask;
       const n = this.blocks.length;
