@@ -515,9 +515,9 @@ function renderDoc(rows: Row[], date: string, gen: GenInfo, repeat: number, teLa
       const enc = r14.phase_peaks?.encode;
       targets.push(
         `  - ${fmtBytes(r14.array_buffers_peak_bytes - hostW)} of ArrayBuffers beyond the host weights were live at the peak${enc ? ` (encode phase: up to ${fmtBytes(enc.array_buffers)})` : ''}. ` +
-          'Measured separately on 2026-12-06 (the same folder, `encodePrompt` four times): each encode with `weights_source=disk` left ~375 MiB more ArrayBuffers alive ' +
-          "(the text encoder's layer, read per use into a new SharedArrayBuffer for the CPU device's workers), +1.5 GiB after four prompts, not freed by the main " +
-          "thread's GC; terminating the CPU worker pool (`closeCpuPool`) gave it all back: the worker threads' heaps keep the per-use buffers alive until they collect.",
+          "They are the CPU text encoder's read buffers: with `weights_source=disk` each UMT5 layer is read per use into one of two reused sets of " +
+          'SharedArrayBuffers (DiskHostBlocks in src/pipeline/disk-weights.ts: the next layer is read while one computes), one layer (~386 MiB at UMT5-XXL shapes, bf16) each. ' +
+          '(Until 2026-12-06 each encode allocated fresh buffers, and the CPU workers\' heaps kept ~375 MiB more alive per encode.)',
       );
     }
     const d = r14.phase_seconds.denoise ?? 0;
@@ -526,6 +526,11 @@ function renderDoc(rows: Row[], date: string, gen: GenInfo, repeat: number, teLa
       `- 14B reads: ${fmtBytes(r14.io_generate.rchar)} read during generate (${fmtBytes(r14.io_generate.read_bytes)} of it from storage; \`time -v\` file system inputs ` +
         `${r14.time_fs_input_bytes ? fmtBytes(r14.time_fs_input_bytes) : '-'} for the whole child), ${mbps(r14.io_phase.denoise?.rchar ?? 0, d)} averaged over the denoise phase` +
         (u.diskBytes !== undefined ? `; the pipeline's own count: ${diskRead(r14)}, i.e. the reads ran at that rate while they ran and the denoise is bound by compute` : '') +
+        ((r14.staging_peak_bytes ?? 0) <= 512 * 2 ** 20 && (r14.dit_block_bytes ?? 0) > 512 * 2 ** 20
+          ? '. The chunked staging ring (4 × 64 MiB) holds only 256 MiB of the next block, so only that much of its read runs ahead while the current block computes; the rest is read when the block is needed ' +
+            '(with two whole-block staging buffers, 1.3 GiB, the earlier run on 2026-12-06 hid 75 % of the reads and peaked at 5.21 GiB RSS). The exposed reads are ' +
+            `${(((u.diskExposedMs ?? 0) / 1000 / Math.max(1e-9, d)) * 100).toFixed(0)} % of the denoise time here`
+          : '') +
         `. ${r14.dit_block_bytes ? `One block is ${fmtBytes(r14.dit_block_bytes)}, the DiT's non-block weights ${fmtBytes(r14.dit_nonblock_bytes)} (on the GPU).` : ''}`,
     );
   }
