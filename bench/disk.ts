@@ -15,6 +15,7 @@
 // `/usr/bin/time -v`'s "Maximum resident set size". lavapipe's GPU memory is memfd shared memory (Shmem
 // of /proc/meminfo), reported beside RSS. Writes docs/disk-streaming.md.
 import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync, rmSync, mkdtempSync, readdirSync, statSync, type Dirent } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -111,6 +112,8 @@ export interface Row {
   /** the folder's size on disk (bytes) */
   folder_bytes?: number;
   adapter?: string;
+  /** sha256 of the decoded video (Float32Array bytes): memory and disk must agree */
+  video_sha256?: string;
 }
 
 // ---------------------------------------------------------------- child: one case
@@ -259,6 +262,7 @@ async function child(a: ChildArgs): Promise<void> {
     dit_block_bytes: blocks[0]!.paramBytes(),
     dit_nonblock_bytes: pipe.dit.paramBytes() - blocks.reduce((x, b) => x + b.paramBytes(), 0),
     adapter: pipe.engine.adapterName,
+    video_sha256: createHash('sha256').update(new Uint8Array(r.video.buffer, r.video.byteOffset, r.video.byteLength)).digest('hex'),
   };
   pipe.dispose();
   writeFileSync(a.out, JSON.stringify(row));
@@ -425,6 +429,8 @@ interface GenInfo {
   bytes14?: number;
   dir13?: string;
   bytes13?: number;
+  /** a separate same-video check on the 1.3B shapes (rows of another run, hashes only) */
+  same13?: { date: string; rows: Array<{ source: string; video_sha256: string }>; note: string };
 }
 
 const GiB = 2 ** 30;
@@ -546,6 +552,16 @@ function renderDoc(rows: Row[], date: string, gen: GenInfo, repeat: number, teLa
         `**${ratio.toFixed(2)}×: ${ratio <= 1.1 ? 'met' : 'not met'}**${mem.length > 1 ? ` (per-round ratios ${perRound})` : ''}; whole request (generate) ${dTot.toFixed(1)} / ${mTot.toFixed(1)} s = ${(dTot / mTot).toFixed(2)}×. ` +
         `Peak RSS ${fmtBytes(med(dsk.map((r) => r.peak_rss_bytes)))} (disk) vs ${fmtBytes(med(mem.map((r) => r.peak_rss_bytes)))} (memory); load ${f1(med(dsk.map((r) => r.phase_seconds.load ?? 0)))} vs ${f1(med(mem.map((r) => r.phase_seconds.load ?? 0)))} s.`,
     );
+    const own = [...mem, ...dsk].filter((r) => r.video_sha256) as Array<{ source: string; video_sha256: string }>;
+    const check = own.length ? { rows: own, when: 'these runs' } : gen.same13 ? { rows: gen.same13.rows, when: `a separate run on ${gen.same13.date.slice(0, 10)} (${gen.same13.note})` } : null;
+    if (check) {
+      const hashes = new Set(check.rows.map((r) => r.video_sha256));
+      const n = (src: string) => check.rows.filter((r) => r.source === src).length;
+      targets.push(
+        `- **Same video** (1.3B shapes): the decoded video's sha256 over ${check.rows.length} runs (${n('memory')} memory, ${n('disk')} disk; ${check.when}): ` +
+          (hashes.size === 1 ? `all identical (\`${[...hashes][0]!.slice(0, 16)}…\`).` : `**${hashes.size} different hashes**: disk and memory disagree.`),
+      );
+    }
   }
   return [
     '# Weights streamed from disk, measured',
