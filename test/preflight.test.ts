@@ -7,10 +7,15 @@ import { getEngine } from './helpers/gpu.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
 import { settingsForModel } from '../src/config/settings.ts';
 import { preflight, TooBigError, machineLimits, RUNTIME_HOST_BYTES } from '../src/plan/preflight.ts';
-import { shapesFromFolder } from '../src/plan/shapes.ts';
+import { shapesFromFolder, PRESETS } from '../src/plan/shapes.ts';
+import { planRun } from '../src/plan/plan.ts';
+import { specFromCaps } from '../src/plan/meta-gpu.ts';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { Engine } from '../src/runtime/engine.ts';
 
 const TINY = tinyModelWithTokenizer();
+const DEMO = join(resolve(dirname(fileURLToPath(import.meta.url)), '..'), 'weights', 'demo');
 const GiB = 2 ** 30;
 
 function settingsAt(w: number, h: number, frames: number) {
@@ -93,4 +98,53 @@ describe('preflight', () => {
     expect(err).toBeInstanceOf(TooBigError);
     expect(err.message).toMatch(/queues [\d,]+ GPU dispatches at once and lavapipe can map 10 .*sudo sysctl -w vm.max_map_count=/);
   });
+
+  it('a run far over the RAM is refused by the one-block probe, fast, with a size that the full preflight admits', async () => {
+    const e = await getEngine();
+    const model = await shapesFromFolder(DEMO);
+    const s = settingsForModel(DEMO, { defaults: { width: 512, height: 512, numFrames: 81 } });
+    const limits = { hostAvailable: 1 * GiB, mapHeadroom: Infinity };
+    const t0 = performance.now();
+    const err = await preflight(model, s, e, limits).catch((x) => x);
+    const ms = performance.now() - t0;
+    expect(err).toBeInstanceOf(TooBigError);
+    // refused on the probe's numbers (the full walk of 1024x1024 x 81 frames is never made)
+    expect(err.message).toMatch(/^\[preflight\] 512x512, 81 frames .* needs [0-9.]+ [GM]iB of RAM \(.* at least [0-9.]+ [GM]iB, walked with 1 of 4 DiT blocks\) and 1.00 GiB is available; (\d+)x\1 at 81 frames fits/);
+    // generous (CI machines vary; docs/reliability.md has the medians)
+    expect(ms).toBeLessThan(3000);
+    const [, w] = /(\d+)x\d+ at 81 frames fits/.exec(err.message)!;
+    expect(Number(w)).toBeLessThan(512);
+    expect(Number(w)).toBeGreaterThan(128);
+    // the size it names passes the full preflight under the same limits
+    const ok = await preflight(model, settingsForModel(DEMO, { defaults: { width: Number(w), height: Number(w), numFrames: 81 } }), e, limits);
+    expect(ok.plan.size.width).toBe(Number(w));
+  });
+
+  it('the probe never refuses what the full walk admits: near the limit, the full walk decides', async () => {
+    const e = await getEngine();
+    const model = await shapesFromFolder(DEMO);
+    const s = settingsForModel(DEMO, { defaults: { width: 640, height: 640, numFrames: 33 } });
+    const plan = await planRun(model, s, { device: specFromCaps(e.caps, e.limits), denoiseSteps: 1 });
+    const need = plan.hostBytes + (e.caps.adapterClass === 'gpu' ? 0 : plan.peakReservedBytes) + RUNTIME_HOST_BYTES;
+    // exactly enough: admitted with the full walk's plan
+    const ok = await preflight(model, s, e, { hostAvailable: need, mapHeadroom: Infinity });
+    expect(ok.plan.peakReservedBytes).toBe(plan.peakReservedBytes);
+    expect(ok.plan.placement.numBlocks).toBe(4);
+    // one byte less: refused, naming the full walk's need
+    const err = await preflight(model, s, e, { hostAvailable: need - 1, mapHeadroom: Infinity }).catch((x) => x);
+    expect(err).toBeInstanceOf(TooBigError);
+  });
+
+  it('the 1.3B shape over maxBufferSize: refused by the probe in a fraction of the full walk', async () => {
+    const e = await getEngine();
+    const model = PRESETS['wan2.1-t2v-1.3b']!();
+    const s = settingsForModel(DEMO, { weightDtype: 'bf16', defaults: { width: 832, height: 480, numFrames: 33 } });
+    // a device whose largest buffer is below one FFN intermediate at this size
+    const small = { caps: e.caps, limits: { ...e.limits, maxBufferSize: 256 * 2 ** 20 }, adapterName: e.adapterName } as unknown as Engine;
+    const t0 = performance.now();
+    const err = await preflight(model, s, small, { hostAvailable: 64 * GiB, mapHeadroom: Infinity }).catch((x) => x);
+    expect(performance.now() - t0).toBeLessThan(10_000);
+    expect(err).toBeInstanceOf(TooBigError);
+    expect(err.message).toMatch(/832x480, 33 frames of wan2.1-t2v-1.3b .* needs one [0-9.]+ MiB buffer \('[\w.]+', phase denoise\) and the device's largest is 256.0 MiB \(maxBufferSize\); (\d+x\d+ at 33 frames fits|not even)/);
+  }, 60_000);
 });

@@ -13,6 +13,9 @@
 //     the chunk knobs are on auto, preflight first tries chunked attention and FFN (the DiT waits for
 //     the GPU between chunks, see Engine.throttle), then refuses.
 // A refusal is one line with the bytes needed, the bytes there are, and a size that would fit.
+// Where the full walk is slow (probeFirst: many tokens times DiT blocks) a probe goes first: the
+// run walked with ONE DiT block (src/plan/bound.ts), a lower bound of the full walk's needs that
+// refuses without it; a run the probe cannot rule out is walked in full, which decides.
 
 import { readFileSync } from 'node:fs';
 import { freemem } from 'node:os';
@@ -21,6 +24,7 @@ import type { Engine } from '../runtime/engine.ts';
 import type { ModelFolder } from '../io/model-folder.ts';
 import { SmartDiffusionError, OutOfMemoryError, ShapeError, fmtBytes } from '../util/errors.ts';
 import { planRun, type PlanOptions, type RunPlan } from './plan.ts';
+import { tryBound, isUnplaceable, type RunBound, type Unplaceable } from './bound.ts';
 import { shapesOfFolder, type ModelShapes } from './shapes.ts';
 import { specFromCaps } from './meta-gpu.ts';
 import { mapHeadroom } from '../device/maps.ts';
@@ -96,8 +100,6 @@ function misfit(plan: RunPlan, software: boolean, m: MachineLimits): string | nu
   return null;
 }
 
-/** a run the device cannot lay out: a tensor over maxBufferSize, or an operand no binding window can hold */
-type Unplaceable = OutOfMemoryError | ShapeError;
 
 async function tryPlan(model: ModelShapes, s: Settings, opts: PlanOptions): Promise<RunPlan | Unplaceable> {
   try {
@@ -107,7 +109,7 @@ async function tryPlan(model: ModelShapes, s: Settings, opts: PlanOptions): Prom
     throw e;
   }
 }
-const isPlan = (p: RunPlan | Unplaceable): p is RunPlan => !(p instanceof OutOfMemoryError || p instanceof ShapeError);
+const isPlan = (p: RunPlan | Unplaceable): p is RunPlan => !isUnplaceable(p);
 
 /**
  * Check a run against this machine before loading anything; returns the plan and the settings to
@@ -129,7 +131,7 @@ export async function preflight(
   const notes: string[] = [];
   let s = settings;
   // a bound no walk is needed for: the decoded video in f32 and in 8 bits (both are held at the write)
-  const videoBytes = 3 * r.numFrames * r.width * r.height * 5;
+  const videoBytes = videoHostBytes(r);
   if (videoBytes + RUNTIME_HOST_BYTES > limits.hostAvailable) {
     const f = Math.sqrt((limits.hostAvailable - RUNTIME_HOST_BYTES) / videoBytes) * 0.9;
     const w = Math.max(16, Math.floor((r.width * f) / 16) * 16);
@@ -139,11 +141,20 @@ export async function preflight(
         `at most ~${w}x${h} at ${r.numFrames} frames could fit, or fewer frames (npm run plan -- --size WxH --frames N shows any size's needs)`,
     );
   }
-  let plan = known ?? (await tryPlan(model, s, opts));
   const tooLarge = (e: Unplaceable) =>
     e instanceof OutOfMemoryError
       ? `needs one ${fmtBytes(e.info.requestedBytes)} buffer ('${e.info.owner}', phase ${e.info.phase}) and the device's largest is ${fmtBytes(engine.limits.maxBufferSize)} (maxBufferSize)`
       : `cannot be laid out on this device (${e.message.replace(/\.$/, '')})`;
+  const refuse = (why: string, firstGuess: number) => refusal(model, s, engine, limits, opts, software, why, firstGuess);
+  // the probe (bound.ts: the run walked with one DiT block): a lower bound that refuses without the
+  // full walk, whose cost grows with the dispatches (seconds to minutes at sizes that cannot fit)
+  if (!known && probeFirst(model, s, limits)) {
+    const b = await tryBound(model, s, opts);
+    if (isUnplaceable(b)) return refuse(tooLarge(b), unplaceableRatio(b, engine));
+    const need = boundNeed(b, software);
+    if (need.lower > limits.hostAvailable) return refuse(`needs ${fmtBytes(need.estimate)} of RAM (${need.what}) and ${fmtBytes(limits.hostAvailable)} is available`, estimateRatio(b, software, limits));
+  }
+  let plan = known ?? (await tryPlan(model, s, opts));
   let why = isPlan(plan) ? misfit(plan, software, limits) : tooLarge(plan);
   // too many dispatches in flight: chunked attention / FFN wait for the GPU between chunks
   if (isPlan(plan) && why && /dispatches/.test(why) && s.load.attnChunkTokens === 0 && s.load.ffnChunkTokens === 0) {
@@ -161,27 +172,118 @@ export async function preflight(
     }
   }
   if (!why && isPlan(plan)) return { plan, settings: s, notes, ms: performance.now() - t0 };
-  // a smaller size at the same aspect ratio that fits: the memory scales ~ with the pixels, so one
-  // guess from the ratio, checked (and shrunk) with a few walks
+  if (isPlan(plan)) return refuse(why ?? 'does not fit', estimateRatioOfPlan(plan, software, limits));
+  return refuse(why ?? 'does not fit', unplaceableRatio(plan, engine));
+}
+
+function estimateRatioOfPlan(plan: RunPlan, software: boolean, m: MachineLimits): number {
+  const room = Math.max(0, m.hostAvailable - RUNTIME_HOST_BYTES) / Math.max(1, hostNeed(plan, software).hostBytes - RUNTIME_HOST_BYTES);
+  const maps = software ? Math.max(0, m.mapHeadroom - MAP_MARGIN) / Math.max(1, plan.maxInFlight) : Infinity;
+  return Math.min(0.95, Math.sqrt(Math.min(room, maps)) * 0.97);
+}
+
+/** the refusal's second half: a size at the same aspect ratio that fits (probed, or walked in full), then the one-line error */
+async function refusal(
+  model: ModelShapes,
+  s: Settings,
+  engine: Engine,
+  limits: MachineLimits,
+  opts: PlanOptions,
+  software: boolean,
+  why: string,
+  firstGuess: number,
+): Promise<never> {
+  const r = s.request;
+  // a smaller size at the same aspect ratio. Where the full walk is cheap (!probeFirst) it decides;
+  // elsewhere each guess is probed (one DiT block, see bound.ts) and the next one rescaled from what
+  // the probe needs (memory ~ pixels; attention grows faster, so the ratio is applied again until a
+  // probe fits). A probe of a resident DiT counts every allocation of the full walk (its allocated
+  // peak is the walk's, its reserved peak within 5 %: test/bound.test.ts; 0.05 % at 2048x2048 x 81), so a
+  // probe that fits with a 5 % margin on the memory and 10 % on the dispatches in flight is the
+  // answer; a streamed DiT's probe (its resident blocks not counted) is walked in full.
   let fit: { width: number; height: number } | null = null;
   let smallest = `${r.width}x${r.height}`;
-  const needBytes = isPlan(plan) ? hostNeed(plan, software).hostBytes : 0;
-  let f = needBytes > 0 ? Math.sqrt(Math.max(0, limits.hostAvailable - RUNTIME_HOST_BYTES) / Math.max(1, needBytes - RUNTIME_HOST_BYTES)) * 0.95 : 0.5;
-  for (let i = 0; i < 6 && !fit; i++, f *= 0.7) {
-    const w = Math.floor((r.width * Math.min(f, 0.95)) / 16) * 16;
-    const h = Math.floor((r.height * Math.min(f, 0.95)) / 16) * 16;
+  let f = Math.min(0.95, firstGuess);
+  let walks = 0;
+  for (let i = 0; i < 10 && !fit && walks < 3; i++) {
+    const w = Math.floor((r.width * f) / 16) * 16;
+    const h = Math.floor((r.height * f) / 16) * 16;
     if (w < 16 || h < 16) break;
-    const p = await tryPlan(model, withSize(s, w, h), opts);
-    if (isPlan(p) && !misfit(p, software, limits)) fit = { width: w, height: h };
     smallest = `${w}x${h}`;
+    const sw = withSize(s, w, h);
+    if (probeFirst(model, sw)) {
+      const b = await tryBound(model, sw, opts);
+      const shrink = isUnplaceable(b) ? unplaceableRatio(b, engine) : estimateRatio(b, software, limits, true);
+      if (shrink < 1) {
+        f *= Math.min(0.9, shrink);
+        continue;
+      }
+      if (!isUnplaceable(b) && b.probe.placement.dit === 'resident') {
+        fit = { width: w, height: h };
+        break;
+      }
+    }
+    walks++;
+    const p = await tryPlan(model, sw, opts);
+    if (isPlan(p) && !misfit(p, software, limits)) fit = { width: w, height: h };
+    else f *= Math.min(0.9, isPlan(p) ? estimateRatioOfPlan(p, software, limits) : unplaceableRatio(p, engine));
   }
-  const reason = why ?? 'does not fit';
   const hint = [
     fit ? `${fit.width}x${fit.height} at ${r.numFrames} frames fits` : `not even ${smallest} at ${r.numFrames} frames fits: use fewer frames`,
-    software && /dispatches/.test(reason) ? 'or raise the mapping limit: sudo sysctl -w vm.max_map_count=1048576' : null,
+    software && /dispatches/.test(why) ? 'or raise the mapping limit: sudo sysctl -w vm.max_map_count=1048576' : null,
     s.load.lowMemLevel < 3 ? `or a higher infer.diffusion.low_mem_level (now ${s.load.lowMemLevel})` : null,
   ]
     .filter(Boolean)
     .join(', ');
-  throw new TooBigError(`[preflight] ${r.width}x${r.height}, ${r.numFrames} frames of ${model.name} on ${engine.adapterName.split(' / ')[0]}: the run ${reason}; ${hint} (npm run plan -- --size WxH --frames N shows any size's needs)`);
+  throw new TooBigError(`[preflight] ${r.width}x${r.height}, ${r.numFrames} frames of ${model.name} on ${engine.adapterName.split(' / ')[0]}: the run ${why}; ${hint} (npm run plan -- --size WxH --frames N shows any size's needs)`);
 }
+
+/**
+ * Probe before the full walk? Only where the walk is slow: its cost follows the dispatches, ~ the
+ * tokens times the DiT blocks (this machine: the demo's full walk at 512x512 x 33 frames, 2^15
+ * token-blocks, takes ~0.1 s; the 1.3B shape's at 480x272 x 33, 2^17, ~6 s). Below the threshold
+ * the full walk alone costs about what the probe would. And only where it can pay: a run that fits
+ * pays the probe on top of the full walk, ~1/blocks of the DiT's walk plus the decode, so a DiT of
+ * few blocks (the demo's 4: the probe is half a walk) is probed only when the run looks large (its
+ * decoded video alone a sixth of the RAM there is or more: the demo at level 0 needs ~7x its video).
+ */
+export const PROBE_TOKEN_BLOCKS = 2 ** 16;
+const MANY_BLOCKS = 8;
+function probeFirst(model: ModelShapes, s: Settings, m?: MachineLimits): boolean {
+  const [, ph, pw] = model.transformer.patch_size;
+  const r = s.request;
+  const tokens = ((r.numFrames - 1) / 4 + 1) * Math.ceil(r.height / 8 / ph) * Math.ceil(r.width / 8 / pw);
+  if (tokens * model.transformer.num_layers < PROBE_TOKEN_BLOCKS) return false;
+  return !m || model.transformer.num_layers >= MANY_BLOCKS || 6 * videoHostBytes(r) >= m.hostAvailable;
+}
+
+/** the decoded video in f32 and in 8 bits (both are held at the write) */
+const videoHostBytes = (r: Settings['request']): number => 3 * r.numFrames * r.width * r.height * 5;
+
+/**
+ * a size factor's room from a probe: 1 when its estimate fits (with `margin`: 5 % on the memory,
+ * 10 % on the dispatches), else the linear factor to shrink by (0.97 of the square root of the room)
+ */
+function estimateRatio(b: RunBound, software: boolean, m: MachineLimits, margin = false): number {
+  const need = boundNeed(b, software).estimate * (margin ? 1.05 : 1);
+  const room = Math.max(0, m.hostAvailable - RUNTIME_HOST_BYTES) / Math.max(1, need - RUNTIME_HOST_BYTES);
+  const maps = software ? Math.max(0, m.mapHeadroom - MAP_MARGIN) / Math.max(1, b.maxInFlight * (margin ? 1.1 : 1)) : Infinity;
+  const ratio = Math.min(room, maps);
+  return ratio >= 1 ? 1 : Math.sqrt(ratio) * 0.97;
+}
+
+function unplaceableRatio(e: Unplaceable, engine: Engine): number {
+  if (e instanceof OutOfMemoryError) return Math.sqrt(engine.limits.maxBufferSize / Math.max(1, e.info.requestedBytes)) * 0.97;
+  return 0.7;
+}
+
+/** what a probe says the run needs of host RAM: a lower bound (refuses) and an estimate (messages, search) */
+function boundNeed(b: RunBound, software: boolean): { lower: number; estimate: number; what: string } {
+  const gpuLower = software ? b.peakReservedBytes : 0;
+  const gpuEst = software ? b.peakReservedEstimate : 0;
+  const what = software
+    ? `${fmtBytes(b.hostBytes)} of host arrays + ${fmtBytes(gpuEst)} of GPU memory (a software adapter's GPU memory is host RAM) + ${fmtBytes(RUNTIME_HOST_BYTES)} for the runtime; at least ${fmtBytes(b.hostBytes + gpuLower + RUNTIME_HOST_BYTES)}, walked with ${b.walkedBlocks} of ${b.numBlocks} DiT blocks`
+    : `${fmtBytes(b.hostBytes)} of host arrays + ${fmtBytes(RUNTIME_HOST_BYTES)} for the runtime, walked with ${b.walkedBlocks} of ${b.numBlocks} DiT blocks`;
+  return { lower: b.hostBytes + gpuLower + RUNTIME_HOST_BYTES, estimate: b.hostBytes + gpuEst + RUNTIME_HOST_BYTES, what };
+}
+
