@@ -18,6 +18,8 @@ import { attention, attentionKernel, type BiasMode } from '../src/ops/attention.
 import { softmax, softmaxOp } from '../src/ops/softmax.ts';
 import { matmul } from '../src/ops/matmul.ts';
 import { affine, add } from '../src/ops/elementwise.ts';
+import { sageAttention, sagePv } from '../src/ops/attention_sage.ts';
+import { attentionAccuracy } from '../src/ops/cpu/attention_sage.ts';
 
 interface Case {
   name: string;
@@ -206,6 +208,87 @@ for (const c of CASES) {
   });
 }
 
+// ---------------------------------------------------------------- quantized (sage) attention
+// infer.attention=sage (src/ops/attention_sage.ts: smoothed K, int8 Q/K per 64 rows, dot4I8Packed,
+// f32 online softmax, P·V in f16 with shader-f16) against our fused exact attention on the same
+// inputs, dtype and shapes: "ratio" = sage GFLOP/s over fused GFLOP/s (> 1: sage is faster). Both
+// are charged the exact op's 4·B·H·Lq·Lk·Dh flops. validate() prints the accuracy of the sage
+// output against the fused f32 output (cosine, relative L1) and fails below 0.999 / above 0.03.
+const SAGE_CASES: Case[] = [
+  { name: 'wan1.3b self-attn', B: 1, Lq: 512, Lk: 512, H: 12, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f32', real: 'L=32760' },
+  { name: 'wan1.3b self-attn', B: 1, Lq: 512, Lk: 512, H: 12, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f16', real: 'L=32760' },
+  { name: 'wan1.3b self-attn', B: 1, Lq: 2048, Lk: 2048, H: 12, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f32', real: 'L=32760' },
+  { name: 'wan14b self-attn', B: 1, Lq: 256, Lk: 256, H: 40, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f32', real: 'L=32760 / 75600' },
+  { name: 'wan14b self-attn', B: 1, Lq: 256, Lk: 256, H: 40, Dh: 128, scale: 1 / Math.sqrt(128), dtype: 'f16', real: 'L=32760 / 75600' },
+  { name: 'wan vae mid attn', B: 1, Lq: 1024, Lk: 1024, H: 1, Dh: 384, scale: 1 / Math.sqrt(384), dtype: 'f32', real: 'L=6240 per frame (480p)' },
+];
+
+for (const c of SAGE_CASES) {
+  const gpuInputs = (e: Engine) => {
+    const d = inputs(c);
+    return {
+      q: Tensor.fromValues(d.q, [c.B, c.Lq, c.H, c.Dh], c.dtype).toGpu(e),
+      k: Tensor.fromValues(d.k, [c.B, c.Lk, c.H, c.Dh], c.dtype).toGpu(e),
+      v: Tensor.fromValues(d.v, [c.B, c.Lk, c.H, c.Dh], c.dtype).toGpu(e),
+    };
+  };
+  addBench({
+    kernel: 'attention',
+    name: `${c.name} sage`,
+    shape: `B${c.B} Lq${c.Lq} Lk${c.Lk} H${c.H} Dh${c.Dh}`,
+    dtype: c.dtype,
+    async setup(e: Engine): Promise<BenchInstance> {
+      if (c.dtype === 'f16' && !e.caps.shaderF16) throw new Error('bench: adapter lacks shader-f16');
+      const t = gpuInputs(e);
+      const attrs = { scale: c.scale };
+      let y: Tensor | null = null;
+      return {
+        work: opWork(attention, t, attrs),
+        run() {
+          y?.dispose();
+          y = sageAttention(t, attrs);
+        },
+        async validate() {
+          const got = (await sageAttention(t, attrs).toFloat32()) as Float32Array;
+          const f = await Promise.all([t.q, t.k, t.v].map((x) => x.toFloat32()));
+          const ex = attention({ q: Tensor.cpu(f[0] as Float32Array, t.q.shape, 'f32').toGpu(e), k: Tensor.cpu(f[1] as Float32Array, t.k.shape, 'f32').toGpu(e), v: Tensor.cpu(f[2] as Float32Array, t.v.shape, 'f32').toGpu(e) }, attrs);
+          const acc = attentionAccuracy(got, (await ex.toFloat32()) as Float32Array);
+          ex.dispose();
+          console.log(`  sage ${c.name} ${c.dtype} B${c.B} Lq${c.Lq} H${c.H} Dh${c.Dh} (pv ${sagePv(e.caps.shaderF16)}): cos ${acc.cos.toFixed(6)}, relL1 ${acc.relL1.toFixed(5)} vs fused f32`);
+          if (!(acc.cos >= 0.999 && acc.relL1 <= 0.03)) throw new Error(`sage ${c.name}: accuracy below target (cos ${acc.cos}, relL1 ${acc.relL1})`);
+          forgetCompileStall(e);
+        },
+        dispose() {
+          y?.dispose();
+          for (const x of Object.values(t)) x.dispose();
+        },
+      };
+    },
+    peer: {
+      name: `fused attention (${c.dtype})`,
+      async setup(e: Engine): Promise<PeerInstance> {
+        const t = gpuInputs(e);
+        let y: Tensor | null = null;
+        return {
+          async run() {
+            y?.dispose();
+            y = attention(t, { scale: c.scale });
+            await e.sync();
+          },
+          async validate() {
+            await attention(t, { scale: c.scale }).toFloat32();
+            forgetCompileStall(e);
+          },
+          dispose() {
+            y?.dispose();
+            for (const x of Object.values(t)) x.dispose();
+          },
+        };
+      },
+    },
+  });
+}
+
 // softmax alone, on the unfused path's score shape
 for (const [name, rows, n] of [
   ['wan1.3b scores rows', 12 * 512, 512],
@@ -250,11 +333,12 @@ for (const [name, rows, n] of [
 }
 
 // ---------------------------------------------------------------- interleaved comparison
-// `npx tsx bench/attention.bench.ts --rr [ROUNDS]`: the same cases, fused and unfused alternated
+// `npx tsx bench/attention.bench.ts --rr [ROUNDS] [--only REGEX]`: the same cases (those whose
+// 'name shape dtype' matches REGEX), fused and unfused (for the sage cases: sage and fused) alternated
 // run by run in one process (the 2-core machine is shared, so back-to-back tinybench blocks see
 // different loads), reporting medians of wall time and of the CPU time of the non-main threads
 // (lavapipe's workers), which the load disturbs much less.
-async function roundRobin(rounds: number): Promise<void> {
+async function roundRobin(rounds: number, only: RegExp | null): Promise<void> {
   const { Engine } = await import('../src/runtime/engine.ts');
   const { readdirSync, readFileSync } = await import('node:fs');
   const workerCpuMs = (): number => {
@@ -277,7 +361,7 @@ async function roundRobin(rounds: number): Promise<void> {
   console.log(`adapter: ${e.adapterName}; ${rounds} rounds, fused and unfused alternated`);
   console.log(`${'workload'.padEnd(22)} ${'shape'.padEnd(40)} ${'dtype'.padEnd(5)} ${'fused ms'.padStart(9)} ${'unfused ms'.padStart(10)} ${'wall ratio'.padStart(10)} ${'fused GF/cpu-s'.padStart(14)} ${'unfused GF/cpu-s'.padStart(16)} ${'cpu ratio'.padStart(9)}`);
   try {
-    for (const c of cases.filter((x) => x.kernel === 'attention' && x.peer)) {
+    for (const c of cases.filter((x) => x.kernel === 'attention' && x.peer && (!only || only.test(`${x.name} ${x.shape} ${x.dtype}`)))) {
       if (c.dtype === 'f16' && !e.caps.shaderF16) continue;
       const a = await c.setup(e);
       const b = await c.peer!.setup(e);
@@ -315,7 +399,8 @@ async function roundRobin(rounds: number): Promise<void> {
 
 if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!) && process.argv.includes('--rr')) {
   const i = process.argv.indexOf('--rr');
-  roundRobin(Number(process.argv[i + 1] ?? 5) || 5).catch((err) => {
+  const j = process.argv.indexOf('--only');
+  roundRobin(Number(process.argv[i + 1] ?? 5) || 5, j >= 0 ? new RegExp(process.argv[j + 1]!) : null).catch((err) => {
     console.error(err);
     process.exit(1);
   });

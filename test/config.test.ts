@@ -28,8 +28,9 @@ describe('config', () => {
     expect(closestKey('infer.num_inference_step')).toBe('infer.num_inference_steps');
     expect(closestKey('low_mem_level')).toBe('infer.diffusion.low_mem_level');
   });
-  it('a removed key says why it is gone, not a closest-key guess', () => {
-    expect(() => applyOverrides(['infer.diffusion.cp_size=2'])).toThrow(/config key 'infer.diffusion.cp_size' in the overrides is no longer accepted: context parallelism/);
+  it('infer.diffusion.cp_size (context parallelism, docs/context-parallel.md) takes 1..8 devices', () => {
+    expect(() => applyOverrides(['infer.diffusion.cp_size=2'])).not.toThrow();
+    expect(() => applyOverrides(['infer.diffusion.cp_size=9'])).toThrow(/cp_size must be in 1\.\.8, got 9/);
   });
   it('wrong types and out-of-range values name the allowed range', () => {
     expect(() => applyOverrides(['infer.diffusion.low_mem_level=5'])).toThrow(/low_mem_level must be in 0\.\.3, got 5/);

@@ -48,6 +48,7 @@ export const SWITCHES: readonly Switch[] = [
   { names: ['--seed'], arg: 'N', key: 'infer.seed', doc: 'seed' },
   { names: ['--sampler'], arg: 'unipc|euler', key: 'infer.sampler', doc: 'sampler' },
   { names: ['--low-mem'], arg: 'N', key: 'infer.diffusion.low_mem_level', doc: 'infer.diffusion.low_mem_level (0..3)' },
+  { names: ['--attention'], arg: 'sdpa|sage', key: 'infer.attention', doc: 'self-attention kernel: exact (sdpa) or quantized int8 (sage)' },
   { names: ['--png-frames'], key: 'output.frames', value: 'true', doc: 'also write PNG frames' },
   { names: ['--decode-latents'], arg: 'FILE', command: 'decodeLatents', doc: 'decode saved latents (from an earlier run) instead of generating' },
   { names: ['--memory-stats'], key: 'report.memory_stats', value: 'true', doc: 'print GPU memory per phase and step' },

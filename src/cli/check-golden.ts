@@ -1,4 +1,4 @@
-// `npm run check-golden -- <case-folder> [--weights f32|f16|bf16] [--groups t5,dit,...] [--tol 1e-4] [--tol-e2e 1e-3]`
+// `npm run check-golden -- <case-folder> [--weights f32|f16|bf16] [--attention sdpa|sage] [--groups t5,dit,...] [--tol 1e-4] [--tol-e2e 1e-3]`
 // Runs every engine component on a golden case folder and prints one line per tensor:
 // name, max abs error, max rel error, PASS/FAIL; then `N passed, M failed`. Exit status 0 only
 // when all pass. Errors are one line: exit 2 for bad usage or config, 5 for a bad case folder
@@ -11,7 +11,7 @@ import { report } from './fail.ts';
 
 function usage(): never {
   console.error(
-    'usage: npm run check-golden -- <case-folder> [--weights checkpoint|f32|f16|bf16] [--groups sched,host,t5,dit,vae,sample] [--activations f32|f16] [--metric abs|rel] [--tol 1e-4] [--tol-e2e 1e-3] [--debug]',
+    'usage: npm run check-golden -- <case-folder> [--weights checkpoint|f32|f16|bf16] [--groups sched,host,t5,dit,vae,sample] [--activations f32|f16] [--attention sdpa|sage] [--metric abs|rel] [--tol 1e-4] [--tol-e2e 1e-3] [--debug]',
   );
   process.exit(2);
 }
@@ -43,6 +43,7 @@ async function main(): Promise<number> {
     if (a === '--weights') opts.weightDtype = oneOf(a, next(), ['checkpoint', 'f32', 'f16', 'bf16'] as const);
     else if (a === '--groups') opts.groups = next().split(',').map((g) => oneOf(a, g, CHECK_GROUPS));
     else if (a === '--activations') opts.activationDtype = oneOf(a, next(), ['f32', 'f16'] as const);
+    else if (a === '--attention') opts.attention = oneOf(a, next(), ['sdpa', 'sage'] as const);
     else if (a === '--metric') opts.metric = oneOf(a, next(), ['abs', 'rel'] as const);
     else if (a === '--tol') opts.tolComponent = positive(a, next());
     else if (a === '--tol-e2e') opts.tolEndToEnd = positive(a, next());
@@ -55,6 +56,12 @@ async function main(): Promise<number> {
   // reduced precision: errors scale with magnitudes; the documented tolerances (docs/precision.md)
   const reduced = (opts.weightDtype && opts.weightDtype !== 'checkpoint' && opts.weightDtype !== 'f32') || opts.activationDtype === 'f16';
   if (reduced) {
+    opts.metric ??= 'rel';
+    opts.tolComponent ??= 3e-2;
+    opts.tolEndToEnd ??= 5e-2;
+  } else if (opts.attention === 'sage') {
+    // quantized attention (int8 Q·Kᵀ, f16 P·V): max error relative to the tensor's max, as for
+    // reduced precision; the tolerances of docs/precision.md "Quantized attention"
     opts.metric ??= 'rel';
     opts.tolComponent ??= 3e-2;
     opts.tolEndToEnd ??= 5e-2;
@@ -73,7 +80,7 @@ async function main(): Promise<number> {
   let fail = 0;
   try {
     const w = 40;
-    console.log(`case ${dir} on ${e.adapterName}${opts.weightDtype ? `, weights ${opts.weightDtype}` : ''}${opts.activationDtype ? `, activations ${opts.activationDtype}` : ''}; metric ${opts.metric ?? 'abs'}`);
+    console.log(`case ${dir} on ${e.adapterName}${opts.weightDtype ? `, weights ${opts.weightDtype}` : ''}${opts.activationDtype ? `, activations ${opts.activationDtype}` : ''}${opts.attention ? `, attention ${opts.attention}` : ''}; metric ${opts.metric ?? 'abs'}`);
     // two-expert (Wan 2.2 A14B) cases: which DiT and guidance scale each sampling step uses
     const experts = describeExperts(gc);
     if (experts) console.log(`two experts (transformer/ = high noise, transformer_2/ = low noise); ${experts}`);

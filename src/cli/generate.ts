@@ -11,7 +11,7 @@ import { NonFiniteError } from '../util/non-finite.ts';
 import { resolveOutputPath, outputPaths, checkWritable, saveLatents, loadLatents, writeVideoOutputs, writeSidecar } from '../pipeline/outputs.ts';
 import { sidecar, memoryLine, hostWeightsLine, loadedLine, doneLine, profileText, profileRecord, writeMemorySnapshot, runPeaks, checkMemorySnapshotWritable } from '../pipeline/report.ts';
 import { Progress } from './progress.ts';
-import { ConfigError, InterruptedError } from '../util/errors.ts';
+import { ConfigError, InterruptedError, fmtBytes } from '../util/errors.ts';
 import { cleanupOnExit } from '../io/cleanup.ts';
 import { EXIT, report, installLastResort } from './fail.ts';
 
@@ -101,6 +101,8 @@ async function main(): Promise<number> {
         await saveLatents(paths.latents, latents, { model: settings.load.model, prompt: req.prompt, seed: req.seed, config: toDotted(settings) });
       }
     }
+    // infer.diffusion.cp_size > 1: each device's denoise peak
+    if (settings.report.memoryStats && mode !== 'jsonl') for (const [k, d] of (result.memory?.devices ?? []).entries()) progress.info(`[memory] cp device ${k} (${d.adapter}): peak allocated ${fmtBytes(d.peak_allocated_bytes)}, peak reserved ${fmtBytes(d.peak_reserved_bytes)}`);
     const dec = await pipe.decode(latents, { onProgress, signal: abort.signal, result });
     if (abort.signal.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
     progress.event({ type: 'phase', phase: 'write', detail: paths.video });

@@ -68,9 +68,7 @@ export function closestKey(key: string): string {
 }
 
 /** Keys that existed once and were removed: why, instead of a closest-key guess. */
-const REMOVED_KEYS: Readonly<Record<string, string>> = {
-  'infer.diffusion.cp_size': 'context parallelism (several GPUs for one video) is not implemented yet; remove the key (one GPU is what runs)',
-};
+const REMOVED_KEYS: Readonly<Record<string, string>> = {};
 
 export function unknownKey(key: string, where: string): ConfigError {
   const removed = REMOVED_KEYS[key];

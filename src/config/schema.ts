@@ -78,6 +78,7 @@ export const SCHEMA = {
     // ---- precision
     weightDtype: oneOf({ key: 'infer.weight_dtype', values: ['checkpoint', 'f32', 'f16', 'bf16'], default: 'checkpoint', doc: "dtype of matmul/conv weights on the GPU ('checkpoint' keeps the file's)" }),
     activationDtype: oneOf({ key: 'infer.activation_dtype', values: ['f32', 'f16'], default: 'f32', doc: 'activation dtype of the DiT matmuls/attention (f16 needs shader-f16); norms, modulation, RoPE stay f32' }),
+    attention: oneOf({ key: 'infer.attention', values: ['sdpa', 'sage'], default: 'sdpa', doc: "self-attention of the DiT and the VAE: 'sdpa' = exact fused attention; 'sage' = quantized (SageAttention-style: K smoothed, Q/K int8 per 64-row block, dot4I8Packed, f32 softmax, P·V in f16 with shader-f16); the text encoder and cross-attention stay exact (docs/precision.md)" }),
     // ---- memory
     lowMemLevel: int({ key: 'infer.diffusion.low_mem_level', min: 0, max: 3, default: 0, doc: '0 all resident; 1 + tiled VAE decode; 2 + text encoder off the GPU; 3 + DiT blocks streamed from host memory' }),
     offloadTextEncoder: boolOrAuto({ key: 'infer.offload_text_encoder', default: 'auto', doc: 'keep the text encoder off the GPU (auto: level >= 2)' }),
@@ -90,6 +91,9 @@ export const SCHEMA = {
     textEncoderDevice: oneOf({ key: 'infer.text_encoder_device', values: ['cpu', 'gpu-stream'], default: 'cpu', doc: "where the offloaded text encoder runs: 'cpu' device, or streamed block by block through the GPU" }),
     activationOffload: bool({ key: 'infer.activation_offload', default: false, doc: 'keep the residual stream in host memory between DiT blocks (level 3, very long videos)' }),
     expertsResident: oneOf({ key: 'infer.experts_resident', values: ['active', 'both'], default: 'active', doc: "two-expert models with the DiT resident (levels 0-2): 'active' = only the running expert on the GPU, the other in host memory, swapped at the boundary; 'both' = both on the GPU (no swap, twice the DiT memory)" }),
+    cpSize: int({ key: 'infer.diffusion.cp_size', min: 1, max: 8, default: 1, doc: 'context parallelism: split each video\'s DiT tokens over this many WebGPU devices (Ulysses all-to-all over heads through host memory; each device holds a full DiT copy; levels 0-2, no step caching: docs/context-parallel.md)' }),
+    cfgParallel: bool({ key: 'infer.diffusion.cfg_parallel', default: false, doc: 'classifier-free guidance over 2 WebGPU devices: the cond pass on one, the uncond pass on the other, each a full DiT copy (levels 0-2, no step caching; not with cp_size > 1; devices from cp_devices: docs/context-parallel.md)' }),
+    cpDevices: str({ key: 'infer.diffusion.cp_devices', default: '', doc: "with cp_size > 1: comma-separated adapter name substrings, one per device (empty = cp_size devices on the default adapter, or on device.adapter)" }),
     residentBlocks: int({ key: 'infer.diffusion.resident_blocks', min: 0, max: 10_000, default: 0, doc: 'with the DiT streamed (level 3): how many of its blocks stay resident on the GPU (no upload), the rest streamed' }),
     cfgSequential: boolOrAuto({ key: 'infer.cfg_sequential', default: 'auto', doc: 'run the cond and uncond passes one after the other inside each DiT block: half the activations, one weight upload (auto: level >= 1)' }),
     ffnChunkTokens: int({ key: 'infer.ffn_chunk_tokens', min: 0, max: 10_000_000, default: 0, doc: 'tokens per DiT FFN chunk (bounds the ffn_dim-wide intermediate); 0 = auto (chosen by the memory model)' }),

@@ -50,6 +50,8 @@ export interface CheckOptions {
   groups?: CheckGroup[];
   /** DiT activation dtype (f16 needs shader-f16) */
   activationDtype?: 'f32' | 'f16';
+  /** DiT self-attention and VAE mid attention kernel (infer.attention; default 'sdpa') */
+  attention?: 'sdpa' | 'sage';
   /**
    * 'abs': max |engine − golden| <= tol (f32); 'rel': max |engine − golden| / max |golden| <= tol
    * (bf16/f16, where errors scale with the magnitudes). Exact groups (sched, host) always use abs.
@@ -332,6 +334,7 @@ async function runCheck(e: Engine, c: GoldenCase, opts: CheckOptions): Promise<C
   const dits = [folder.transformer, ...(folder.transformer2 ? [folder.transformer2] : [])].map((comp) => {
     const m = new WanTransformer3DModel(ditDimsFromConfig(comp.config));
     if (opts.activationDtype) m.dims.activationDtype = opts.activationDtype;
+    if (opts.attention) m.dims.attention = opts.attention;
     return { comp, model: m, loaded: false };
   });
   const dit = dits[0]!.model;
@@ -464,6 +467,7 @@ async function runCheck(e: Engine, c: GoldenCase, opts: CheckOptions): Promise<C
 
   // ---- VAE
   const vae = new WanVaeDecoder(vaeDimsFromConfig(folder.vae.config));
+  if (opts.attention) vae.midAttn.kind = opts.attention;
   const needVae = (want.has('vae') && has('vae.z')) || (want.has('sample') && has('sample.video'));
   if (needVae) await loadModuleFrom(vae, folder.vae, { engine: e, owner: 'vae', weightDtype: wd });
   if (want.has('vae') && has('vae.z')) {

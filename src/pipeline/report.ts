@@ -4,6 +4,7 @@
 import { dirname, resolve } from 'node:path';
 import { toDotted } from '../config/settings.ts';
 import type { Settings } from '../config/schema.ts';
+import { sagePv } from '../ops/attention_sage.ts';
 import { takeSnapshot, renderSnapshotHtml } from '../memory/snapshot.ts';
 import { makeDirs, writeFileAtomic } from '../io/atomic.ts';
 import { OutputError, oneLine } from '../io/output-error.ts';
@@ -67,6 +68,8 @@ export function sidecar(r: SidecarInput): Record<string, unknown> {
     video: { path: r.videoPath, frames: r.videoShape[1], height: r.videoShape[2], width: r.videoShape[3], fps: settings.output.fps },
     latents: r.latentsPath,
     adapter: pipe.engine.adapterName,
+    // infer.attention: the DiT / VAE self-attention kernel, and for 'sage' the P·V precision that ran
+    attention: settings.load.attention === 'sage' ? { kind: 'sage', pv: sagePv(pipe.engine.caps.shaderF16) } : { kind: 'sdpa' },
     memory_plan: pipe.plan,
     vram_budget: pipe.budget
       ? { budget_bytes: pipe.settings.load.vramBudget, placement: placementSummary(pipe.budget.plan), predicted_peak_bytes: pipe.budget.plan.peakBytes, predicted_peak_reserved_bytes: pipe.budget.plan.peakReservedBytes, reasons: pipe.budget.reasons }
@@ -77,6 +80,8 @@ export function sidecar(r: SidecarInput): Record<string, unknown> {
       peak_reserved_bytes: peaks.reserved,
       per_phase: result.memory.perPhase,
       per_step: result.memory.perStep,
+      // infer.diffusion.cp_size > 1: one entry per device (src/parallel/)
+      ...(result.memory.devices ? { devices: result.memory.devices } : {}),
     },
     uploads: result.uploads ?? null,
     // step caching: the steps whose DiT forward ran (the others reused the cache)

@@ -37,6 +37,9 @@ import { streamLayouts } from './residency.ts';
 import { engineDTypeOf } from '../io/checkpoint.ts';
 import { dtypeSize, type DType } from '../tensor/dtype.ts';
 import { onDisk } from './memory-plan.ts';
+import type { ContextParallelDit, CpDevicePeak } from '../parallel/cp-dit.ts';
+import { cpAdapters, cpUnsupported, createContextParallel, disposeContextParallel } from '../parallel/pipeline-cp.ts';
+import { CfgParallelDit } from '../parallel/cfg-parallel.ts';
 import { hostAvailableBytes } from '../plan/preflight.ts';
 import { createStepCache, cacheRecord, cacheRecordOf, type CacheRecord, type CacheSignals, type StepCache, type StepInfo } from './cache/index.ts';
 import type { SignalRecorder, RecordOptions } from './cache/record.ts';
@@ -114,7 +117,7 @@ export interface GenerateResult {
   latents: Latents;
   seed: number;
   timingsMs: Record<string, number>;
-  memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number; expert?: string }>; peakAllocated: number; peakReserved: number };
+  memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number; expert?: string }>; peakAllocated: number; peakReserved: number; /** cp_size > 1: each device's denoise peaks (rank 0 first) */ devices?: CpDevicePeak[] };
   /** the request's effective settings */
   settings: Settings;
   /** two-expert models: each step's expert and guidance, and every expert swap with its time */
@@ -169,6 +172,10 @@ export const pipelineTestHooks: { afterDitForward?: (out: Tensor, step: number) 
 export class WanPipeline {
   readonly plan: MemoryPlan;
   private streamed: StreamedBlocks | null = null;
+  /** infer.diffusion.cp_size > 1: the DiT's devices (rank 0 = this.engine and this.dit; src/parallel/) */
+  private cp: ContextParallelDit | null = null;
+  /** infer.diffusion.cfg_parallel: the cond pass on this.engine, the uncond pass on a second device */
+  private cfgp: CfgParallelDit | null = null;
   private vaeLoaded = false;
   /** level 3: the VAE's host copy (key -> host tensor in the weight dtype), uploaded per decode */
   private vaeHost: Map<string, Tensor> | null = null;
@@ -232,7 +239,7 @@ export class WanPipeline {
       options.engine ??
       (await Engine.create({
         backend: l.backend || undefined,
-        adapter: l.adapter || undefined,
+        adapter: (l.cpSize > 1 || l.cfgParallel ? cpAdapters(l.cfgParallel ? 2 : l.cpSize, l.cpDevices, l.adapter)[0] : l.adapter) || undefined,
         profile: l.profile,
         limitBytes: Number.isFinite(limit) ? limit : undefined,
       }));
@@ -318,6 +325,15 @@ export class WanPipeline {
     }
     this.dit.dims.activationDtype = act;
     if (this.dit2) this.dit2.dims.activationDtype = act;
+    // infer.attention: the DiT's self-attention and the VAE's mid attention (the text encoder and
+    // the cross-attention stay exact: the quantized op takes no bias or key mask)
+    const attn = this.settings.load.attention;
+    this.dit.dims.attention = attn;
+    if (this.dit2) this.dit2.dims.attention = attn;
+    this.vae.midAttn.kind = attn;
+    const l = this.settings.load;
+    const cpWhy = cpUnsupported({ cpSize: l.cpSize, cfgParallel: l.cfgParallel, ditStreamed: this.plan.dit === 'stream', twoExperts: !!this.dit2, activationOffload: this.plan.activationOffload });
+    if (cpWhy) throw new ConfigError(cpWhy);
     this.setPhase('load');
     e.allocator.oomAdvice = this.oomAdvice('load');
     this.emit({ type: 'phase', phase: 'load' });
@@ -330,6 +346,19 @@ export class WanPipeline {
         this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot', { resident: this.plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}`, disk });
       }
       this.componentBytes.dit = this.dit.paramBytes();
+      if (l.cpSize > 1 || l.cfgParallel) {
+        // context parallelism / CFG parallelism: every further device gets its own engine and a full DiT copy
+        const set = await createContextParallel({
+          engine0: e,
+          dit0: this.dit,
+          adapters: cpAdapters(l.cfgParallel ? 2 : l.cpSize, l.cpDevices, l.adapter),
+          backend: l.backend,
+          limitBytes: e.allocator.limitBytes ?? undefined,
+          load: (dit, engine) => loadModuleFrom(dit, this.folder.transformer, { engine, owner: 'dit', weightDtype: l.weightDtype, checkFinite: this.checkFinite, placement: () => 'device' }).then(() => undefined),
+        });
+        if (l.cfgParallel) this.cfgp = new CfgParallelDit(set.ranks);
+        else this.cp = set;
+      }
     }
     // Text encoder: resident on the GPU, or its host copy for the CPU device / the GPU stream. Every
     // copy loads here, with the pipeline, as level 0's GPU copies do: a request never reads weight files.
@@ -735,6 +764,13 @@ export class WanPipeline {
       { engine: e, dims: this.dit.dims, dir: this.folder.dir, twoExperts: this.experts.length > 1, steps, record: req.recordCacheSignals ? (typeof req.recordCacheSignals === 'object' ? req.recordCacheSignals : {}) : null },
     );
     // (it holds no GPU memory until its first step; the step loop's finally frees it)
+    if (this.cp || this.cfgp) {
+      const cpWhy = cpUnsupported({ cpSize: this.cp?.size ?? 1, cfgParallel: !!this.cfgp, ditStreamed: false, twoExperts: false, activationOffload: false, cacheMode: r.mode });
+      if (cpWhy) {
+        stepCache?.dispose();
+        throw new ConfigError(cpWhy);
+      }
+    }
     const cond = req.promptEmbeds ? this.givenEmbeds(req.promptEmbeds, 'promptEmbeds') : await this.encodePrompt(r.prompt);
     const uncond = !useCfg ? null : req.negativePromptEmbeds ? this.givenEmbeds(req.negativePromptEmbeds, 'negativePromptEmbeds') : await this.encodePrompt(r.negativePrompt);
     await e.sync();
@@ -785,6 +821,12 @@ export class WanPipeline {
       this.emit({ type: 'expert', step: 1, expert: EXPERT_NAMES[expertNow], guidance: schedule[0]?.guidance ?? r.guidanceScale, swapMs: ms }, cb);
     }
     let ctxEmb = embedFor(expertNow);
+    // context parallelism: the embedded text on every device (once per request), the peaks from here
+    const cpCtx = this.cp ? await this.cp.replicate(ctxEmb, 'dit.cp.ctx') : null;
+    this.cp?.resetPeaks();
+    // CFG parallelism: the uncond text row on the second device (without CFG, B = 1: one device runs)
+    const cfgCtx = this.cfgp && B === 2 ? await this.cfgp.splitText(ctxEmb) : null;
+    this.cfgp?.resetPeaks();
     const perStep = result.memory.perStep;
     // activation bounds (CFG passes in turn, FFN / attention chunks) for this many tokens
     const tokens = F * (lh / ph) * (lw / pw);
@@ -865,7 +907,11 @@ export class WanPipeline {
           };
           let out: Tensor;
           try {
-            out = await dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock, ...(plan?.hook ? { stepCache: plan.hook } : {}) });
+            out = this.cp
+              ? await this.cp.forward(xg, sched.timesteps[i]!, cpCtx!, { ffnChunkTokens: bounds.ffnChunkTokens, onBlock })
+              : cfgCtx
+                ? await this.cfgp!.forward(xg, sched.timesteps[i]!, cfgCtx, { ffnChunkTokens: bounds.ffnChunkTokens, attnChunkTokens: bounds.attnChunkTokens, onBlock })
+                : await dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock, ...(plan?.hook ? { stepCache: plan.hook } : {}) });
           } catch (err) {
             // an interrupted forward gives its streamed blocks' slots back (the next run allocates them again)
             if (err instanceof InterruptedError) this.streamed?.releaseDevice();
@@ -914,6 +960,8 @@ export class WanPipeline {
       if (req.recordCacheSignals && stepCache) result.cacheSignals = (stepCache as SignalRecorder).signals;
     } finally {
       ctxEmb.dispose();
+      for (const t of cpCtx?.slice(1) ?? []) t.dispose();
+      for (const t of cfgCtx ?? []) t.dispose();
       stepCache?.dispose();
     }
     timings.denoise = performance.now() - t0;
@@ -926,6 +974,12 @@ export class WanPipeline {
       peakReserved: Math.max(0, ...perStep.map((s) => s.peakReserved)),
       byComponent: this.byComponent(),
     };
+    const devs = this.cp ?? this.cfgp;
+    if (devs) {
+      // rank 0: this engine's denoise peak (its peaks restart every step); the others: since the request's start
+      const d0 = perPhase.denoise;
+      result.memory.devices = devs.devicePeaks().map((d, k) => (k === 0 ? { ...d, peak_allocated_bytes: d0.peakAllocated, peak_reserved_bytes: d0.peakReserved } : d));
+    }
     if (this.streamed) result.uploads = { ...this.streamed.stats };
     result.seed = seed;
     result.settings = settings;
@@ -1044,6 +1098,10 @@ export class WanPipeline {
   /** Free every GPU resource (and the engine, if the pipeline created it). */
   dispose(): void {
     this.streamed?.dispose();
+    if (this.cp) disposeContextParallel(this.cp);
+    this.cp = null;
+    if (this.cfgp) disposeContextParallel(this.cfgp);
+    this.cfgp = null;
     this.teRing?.dispose();
     this.teRing = null;
     this.dit.disposeParams();

@@ -211,6 +211,10 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
   const te = new UMT5EncoderModel(umt5DimsFromConfig(model.textEncoder));
   const vae = new WanVaeDecoder(vaeDimsFromConfig(model.vae));
   dit.dims.activationDtype = l.activationDtype;
+  // infer.attention=sage: the meta run walks the quantized op, so its per-head workspaces are
+  // counted (owner 'attention.sage', grouped with the exact op's 'attention.scratch')
+  dit.dims.attention = l.attention;
+  vae.midAttn.kind = l.attention;
   const [, ph, pw] = dit.dims.patchSize;
   const H = r.height;
   const W = r.width;

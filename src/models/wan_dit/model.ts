@@ -14,6 +14,7 @@ import type { TransformerConfig } from '../../io/model-folder.ts';
 import { Tensor } from '../../tensor/tensor.ts';
 import { engineOf, type Engine } from '../../runtime/engine.ts';
 import { attention } from '../../ops/attention.ts';
+import { sageAttention } from '../../ops/attention_sage.ts';
 import { rope } from '../../ops/rope.ts';
 import { permute } from '../../ops/layout.ts';
 import { linear } from '../../ops/matmul.ts';
@@ -43,6 +44,8 @@ export interface WanDitDims {
    * and the time embedding stay f32, as in the reference.
    */
   activationDtype?: 'f32' | 'f16';
+  /** self-attention kernel (infer.attention): exact 'sdpa' (default) or quantized 'sage'; cross-attention is always exact */
+  attention?: 'sdpa' | 'sage';
 }
 
 /** Dims from a parsed transformer/config.json (io/model-folder.ts checks the keys and fills defaults). */
@@ -106,9 +109,10 @@ class WanAttention extends Module {
     return v;
   }
   /** attention of q [B, Lq, H, Dh] over k, v [B, Lk, H, Dh], then the output projection: [B, Lq, D] f32; q is freed */
-  attend(q: Tensor, k: Tensor, v: Tensor): Tensor {
+  attend(q: Tensor, k: Tensor, v: Tensor, kind: 'sdpa' | 'sage' = 'sdpa'): Tensor {
     const [B, Lq] = q.shape as [number, number];
-    const o = attention({ q, k, v }, { scale: 1 / Math.sqrt(this.dim / this.heads) });
+    const scale = 1 / Math.sqrt(this.dim / this.heads);
+    const o = kind === 'sage' ? sageAttention({ q, k, v }, { scale }) : attention({ q, k, v }, { scale });
     q.dispose();
     const flat = o.reshape([B, Lq, this.dim]);
     o.dispose();
@@ -259,7 +263,7 @@ class WanBlock extends Module {
         const k = this.attn1.key(h1, ropeCs, act);
         const v = this.attn1.value(h1, act);
         h1.dispose();
-        const y1 = this.attn1.attend(q, k, v);
+        const y1 = this.attn1.attend(q, k, v, this.dims.attention);
         k.dispose();
         v.dispose();
         if (trace) await trace(`${tag}self_attn_out`, y1);
@@ -355,7 +359,7 @@ class WanBlock extends Module {
       const c = chunkIn(i0, i1);
       const q = this.attn1.query(c.h, c.cs, act);
       c.h.dispose();
-      const y = this.attn1.attend(q, k, v);
+      const y = this.attn1.attend(q, k, v, this.dims.attention);
       putBytes(e, c.xr, 0, gatedResidual({ x: c.xr, r: y, gate: mod[2]! }, {}));
       y.dispose();
       c.free();

@@ -23,6 +23,7 @@ import { channelL2Norm } from '../../ops/norm.ts';
 import { permute, concat, slice } from '../../ops/layout.ts';
 import { linear } from '../../ops/matmul.ts';
 import { attention } from '../../ops/attention.ts';
+import { sageAttention } from '../../ops/attention_sage.ts';
 import { add, unary } from '../../ops/elementwise.ts';
 import { ShapeError } from '../../util/errors.ts';
 import type { Tracer } from '../../nn/trace.ts';
@@ -193,6 +194,8 @@ class AttentionBlock extends Module {
     this.projW = proj.add('weight', [dim, dim, 1, 1]);
     this.projB = proj.add('bias', [dim], 'f32');
   }
+  /** attention kernel (infer.attention): exact 'sdpa' or quantized 'sage' */
+  kind: 'sdpa' | 'sage' = 'sdpa';
   /** single-head attention over h·w tokens of every frame, scale 1/√C, plus the identity */
   forward(x: Tensor): Tensor {
     const [B, C, T, H, W] = x.shape as [number, number, number, number, number];
@@ -202,7 +205,8 @@ class AttentionBlock extends Module {
     const w = this.qkvW.t.reshape([3 * C, C]);
     const b = this.qkvB.t;
     const part = (i: number) => linear(tokens, rowsOf(w, i * C, C), { bias: rowsOf(b, i * C, C) }).reshape([B * T, H * W, 1, C]);
-    const o = attention({ q: part(0), k: part(1), v: part(2) }, { scale: 1 / Math.sqrt(C) }).reshape([B * T, H * W, C]);
+    const qkv = { q: part(0), k: part(1), v: part(2) };
+    const o = (this.kind === 'sage' ? sageAttention(qkv, { scale: 1 / Math.sqrt(C) }) : attention(qkv, { scale: 1 / Math.sqrt(C) })).reshape([B * T, H * W, C]);
     const p = linear(o, this.projW.t.reshape([C, C]), { bias: this.projB.t }); // [BT, HW, C]
     const back = permute(p, [0, 2, 1]).reshape([B * T, C, H, W]);
     return fromFrames(add(back, f), B, T);

@@ -1,0 +1,247 @@
+// Context parallelism (src/parallel/): the host all-to-all against a plain per-element reference,
+// and the sequence-parallel DiT forward over N = 2 and 3 WebGPU devices (several devices on the one
+// adapter) against the one-device WanTransformer3DModel.forward: small random Wan DiTs whose head
+// count divides N and does not (H = 2, 3; H = 2 with N = 3 leaves rank 2 without heads), token
+// counts that are no multiple of N, B = 2 (CFG), and the tiny golden model; max |diff| <= 1e-5, and
+// the bytes moved through the host equal the formula.
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { Engine } from '../src/runtime/engine.ts';
+import { WanTransformer3DModel, ditDimsFromConfig } from '../src/models/wan_dit/model.ts';
+import { parseTransformerConfig, openModelFolder } from '../src/io/model-folder.ts';
+import { loadModule } from '../src/nn/load.ts';
+import { randomizeModule, WAN_1_3B_TRANSFORMER } from '../src/tools/random-model.ts';
+import { Rng } from '../src/util/rng.ts';
+import { ContextParallelDit, cpForwardBytes } from '../src/parallel/cp-dit.ts';
+import { splitRanges, rowsToHeads, headsToRows, gatherRows, sliceRows } from '../src/parallel/exchange.ts';
+import { TINY } from './helpers/golden.ts';
+import { tinyModelWithTokenizer } from './helpers/models.ts';
+import { WanPipeline, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
+import { cpAdapters } from '../src/parallel/pipeline-cp.ts';
+import type { Tensor } from '../src/tensor/tensor.ts';
+
+describe('host all-to-all (src/parallel/exchange.ts)', () => {
+  it('splitRanges covers n in contiguous runs, the first n % parts one longer', () => {
+    expect(splitRanges(7, 3)).toEqual([[0, 3], [3, 5], [5, 7]]);
+    expect(splitRanges(2, 3)).toEqual([[0, 1], [1, 2], [2, 2]]);
+    expect(splitRanges(6, 1)).toEqual([[0, 6]]);
+  });
+
+  it('rowsToHeads / headsToRows match a per-element reference and invert each other (uneven rows and heads)', () => {
+    const rng = new Rng(3);
+    for (const [B, L, H, Dh, N, es] of [
+      [2, 7, 3, 5, 2, 4],
+      [1, 10, 2, 4, 3, 2],
+      [3, 5, 5, 1, 3, 4],
+    ] as const) {
+      const rows = splitRanges(L, N);
+      const heads = splitRanges(H, N);
+      const g = { B, rows, heads, Dh, elemBytes: es };
+      const full = new Uint8Array(B * L * H * Dh * es).map(() => Math.floor(rng.next() * 256));
+      const parts = rows.map(([r0, r1]) => sliceRows(full, B, L, r0, r1, H * Dh * es));
+      const byHead = rowsToHeads(parts, g);
+      heads.forEach(([h0, h1], s) => {
+        const Hs = h1 - h0;
+        expect(byHead[s]!.byteLength).toBe(B * L * Hs * Dh * es);
+        for (let b = 0; b < B; b++)
+          for (let l = 0; l < L; l++)
+            for (let hh = 0; hh < Hs; hh++)
+              for (let x = 0; x < Dh * es; x++) expect(byHead[s]![((b * L + l) * Hs + hh) * Dh * es + x]).toBe(full[((b * L + l) * H + h0 + hh) * Dh * es + x]);
+      });
+      const back = headsToRows(byHead, g);
+      back.forEach((p, r) => expect(Array.from(p)).toEqual(Array.from(parts[r]!)));
+      expect(Array.from(gatherRows(parts, rows, B, H * Dh * es))).toEqual(Array.from(full));
+    }
+  });
+
+  it('a rank that sends the wrong byte count is named', () => {
+    const g = { B: 1, rows: splitRanges(4, 2), heads: splitRanges(2, 2), Dh: 1, elemBytes: 4 };
+    expect(() => rowsToHeads([new Uint8Array(16), new Uint8Array(12)], g)).toThrow(/\[cp_exchange\] rank 1 sent 12 bytes, expected 16/);
+  });
+});
+
+// ranks 0..2; rank 0's engine also runs the one-device reference
+const engines: Engine[] = [];
+beforeAll(async () => {
+  for (let i = 0; i < 3; i++) engines.push(await Engine.create());
+});
+afterAll(() => {
+  for (const e of engines) e.destroy();
+});
+
+function randomDit(e: Engine, cfg: Record<string, unknown>): WanTransformer3DModel {
+  const m = new WanTransformer3DModel(ditDimsFromConfig(parseTransformerConfig({ ...WAN_1_3B_TRANSFORMER, ...cfg })));
+  randomizeModule(m, 41, e, 'bf16'); // the same seed on every rank: the same weights
+  return m;
+}
+
+interface Case {
+  x: Float32Array;
+  shape: [number, number, number, number, number];
+  ctx: Float32Array;
+  textLen: number;
+}
+
+function inputs(m: WanTransformer3DModel, F: number, H: number, W: number, textLen: number): Case {
+  const rng = new Rng(9);
+  const C = m.dims.inChannels;
+  return { x: rng.fillNormal(new Float32Array(2 * C * F * H * W)), shape: [2, C, F, H, W], ctx: rng.fillNormal(new Float32Array(2 * textLen * m.dims.textDim)), textLen };
+}
+
+async function oneDevice(m: WanTransformer3DModel, c: Case): Promise<Float32Array> {
+  const e = engines[0]!;
+  return e.scopeAsync(async () => {
+    const ctx = m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32'));
+    const out = await m.forward(e.fromHost(c.x, c.shape, 'f32'), 500, ctx);
+    return (await out.toArray()) as Float32Array;
+  });
+}
+
+async function parallel(cp: ContextParallelDit, c: Case, ffnChunkTokens = 0): Promise<Float32Array> {
+  const e = engines[0]!;
+  const m = cp.ranks[0]!.dit;
+  const ctx0 = e.scope(() => m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32')));
+  const ctx = await cp.replicate(ctx0);
+  cp.exchange.resetStats();
+  const x = e.fromHost(c.x, c.shape, 'f32');
+  const out = await cp.forward(x, 500, ctx, { ffnChunkTokens });
+  const v = (await out.toArray()) as Float32Array;
+  for (const t of [x, out, ...ctx] as Tensor[]) t.dispose();
+  return v;
+}
+
+function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  expect(a.length).toBe(b.length);
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
+  return m;
+}
+
+describe('ContextParallelDit: N devices equal one device', () => {
+  for (const heads of [2, 3]) {
+    it(`random Wan DiT with ${heads} heads, N = 1, 2, 3, L = 70 tokens: max |diff| <= 1e-5; host bytes as the formula`, async () => {
+      const cfg = { num_layers: 2, num_attention_heads: heads, attention_head_dim: 16, ffn_dim: 80, freq_dim: 32, in_channels: 4, out_channels: 4, text_dim: 24, rope_max_seq_len: 64 };
+      const ref = randomDit(engines[0]!, cfg);
+      const c = inputs(ref, 2, 10, 14, 6); // f, h, w = 2, 5, 7: L = 70 (rows 35/35, 24/23/23)
+      const want = await oneDevice(ref, c);
+      for (const N of [1, 2, 3]) {
+        const ranks = engines.slice(0, N).map((e, r) => ({ engine: e, dit: r === 0 ? ref : randomDit(e, cfg) }));
+        const cp = new ContextParallelDit(ranks);
+        const got = await parallel(cp, c);
+        const d = maxAbsDiff(got, want);
+        expect(d, `N=${N} heads=${heads}`).toBeLessThanOrEqual(1e-5);
+        const D = heads * 16;
+        const bytes = cpForwardBytes({ B: 2, L: 70, D, blocks: 2, actBytes: 4, latentElems: c.x.length, tokenRow: 4 * 2 * 2, headRow: 4 * 2 * 2, ranks: N });
+        expect(cp.exchange.stats.bytesDown).toBe(bytes.down);
+        expect(cp.exchange.stats.bytesUp).toBe(bytes.up);
+        // two all-to-all of q, k, v + one back per block, and the head's gather
+        expect(cp.exchange.stats.exchanges).toBe(2 * 4 + 1);
+        for (const r of ranks.slice(1)) r.dit.disposeParams();
+      }
+      ref.disposeParams();
+    });
+  }
+
+  it('FFN chunks on each rank give the same result', async () => {
+    const cfg = { num_layers: 1, num_attention_heads: 3, attention_head_dim: 16, ffn_dim: 80, freq_dim: 32, in_channels: 4, out_channels: 4, text_dim: 24, rope_max_seq_len: 64 };
+    const ranks = engines.slice(0, 2).map((e) => ({ engine: e, dit: randomDit(e, cfg) }));
+    const c = inputs(ranks[0]!.dit, 1, 10, 14, 5); // L = 35
+    const want = await oneDevice(ranks[0]!.dit, c);
+    const cp = new ContextParallelDit(ranks);
+    expect(maxAbsDiff(await parallel(cp, c, 16), want)).toBeLessThanOrEqual(1e-5);
+    for (const r of ranks) r.dit.disposeParams();
+  });
+
+  it('the tiny golden model (2 heads of 64) at 64x64x9 latents [2, 16, 3, 8, 8], N = 2 and 3', async () => {
+    const f = await openModelFolder(TINY);
+    const dits: WanTransformer3DModel[] = [];
+    for (const e of engines) {
+      const m = new WanTransformer3DModel(ditDimsFromConfig(f.transformer.config));
+      const ck = await f.transformer.open();
+      try {
+        await loadModule(m, ck, { engine: e, owner: 'dit' });
+      } finally {
+        await ck.close();
+      }
+      dits.push(m);
+    }
+    const c = inputs(dits[0]!, 3, 8, 8, 16); // L = 3·4·4 = 48
+    const want = await oneDevice(dits[0]!, c);
+    for (const N of [2, 3]) {
+      const cp = new ContextParallelDit(engines.slice(0, N).map((e, r) => ({ engine: e, dit: dits[r]! })));
+      cp.resetPeaks();
+      expect(maxAbsDiff(await parallel(cp, c), want), `N=${N}`).toBeLessThanOrEqual(1e-5);
+      const peaks = cp.devicePeaks();
+      expect(peaks.length).toBe(N);
+      for (const p of peaks) expect(p.peak_allocated_bytes).toBeGreaterThan(0);
+    }
+    for (const m of dits) m.disposeParams();
+  });
+
+  it('bad setups are refused with one-line errors', async () => {
+    const cfg = { num_layers: 1, num_attention_heads: 2, attention_head_dim: 16, ffn_dim: 64, freq_dim: 32, in_channels: 4, out_channels: 4, text_dim: 24, rope_max_seq_len: 64 };
+    const a = randomDit(engines[0]!, cfg);
+    const b = randomDit(engines[1]!, { ...cfg, num_attention_heads: 3 });
+    expect(() => new ContextParallelDit([{ engine: engines[0]!, dit: a }, { engine: engines[1]!, dit: b }])).toThrow(/\[cp_dit\] rank 1's DiT has other dims/);
+    expect(() => new ContextParallelDit([{ engine: engines[0]!, dit: a }, { engine: engines[0]!, dit: a }])).toThrow(/its own engine/);
+    const cp = new ContextParallelDit([{ engine: engines[0]!, dit: a }]);
+    const x = engines[0]!.zeros([1, 4, 1, 2, 2]);
+    const ctx = engines[0]!.zeros([1, 3, 32]);
+    await expect(cp.forward(x, 1, [ctx, ctx])).rejects.toThrow(/embedded text on each of the 1 ranks/);
+    const cp3 = new ContextParallelDit(engines.map((e) => ({ engine: e, dit: e === engines[0] ? a : randomDit(e, cfg) })));
+    const ctx3 = await cp3.replicate(ctx);
+    await expect(cp3.forward(x, 1, ctx3)).rejects.toThrow(/1 tokens cannot be split over cp_size=3/);
+    for (const t of [x, ...ctx3]) t.dispose();
+    for (const r of cp3.ranks) r.dit.disposeParams();
+    b.disposeParams();
+  });
+});
+
+describe('WanPipeline with infer.diffusion.cp_size', () => {
+  const MODEL = tinyModelWithTokenizer();
+  async function gen(opts: WanPipelineOptions, req: Record<string, unknown> = {}): Promise<GenerateResult> {
+    const pipe = await WanPipeline.fromPretrained(MODEL, { engine: engines[0]!, promptCache: false, ...opts });
+    try {
+      return await pipe.generate({ prompt: 'a red circle moving right', negativePrompt: 'blurry', seed: 7, numInferenceSteps: 2, ...req });
+    } finally {
+      pipe.dispose();
+    }
+  }
+
+  it('cp_size = 2 and 3 give the video and latents of cp_size = 1 (<= 1e-5); memory.devices has one entry per device', async () => {
+    const base = await gen({ lowMemLevel: 2 });
+    expect(base.memory.devices).toBeUndefined();
+    for (const cpSize of [2, 3]) {
+      const r = await gen({ lowMemLevel: 2, cpSize });
+      expect(maxAbsDiff(r.latents.data, base.latents.data), `cp_size=${cpSize} latents`).toBeLessThanOrEqual(1e-5);
+      expect(maxAbsDiff(r.video, base.video), `cp_size=${cpSize} video`).toBeLessThanOrEqual(1e-5);
+      const devs = r.memory.devices!;
+      expect(devs.length).toBe(cpSize);
+      for (const d of devs) {
+        expect(d.peak_allocated_bytes).toBeGreaterThan(0);
+        expect(d.peak_reserved_bytes).toBeGreaterThanOrEqual(d.peak_allocated_bytes);
+        expect(d.adapter).toBe(engines[0]!.adapterName);
+      }
+    }
+  });
+
+  it('cfg_parallel = true (cond on device 0, uncond on device 1) gives the video of one device, at levels 0 and 2', async () => {
+    for (const lowMemLevel of [0, 2]) {
+      const base = await gen({ lowMemLevel });
+      const r = await gen({ lowMemLevel, cfgParallel: true });
+      expect(maxAbsDiff(r.latents.data, base.latents.data), `level ${lowMemLevel} latents`).toBeLessThanOrEqual(1e-5);
+      expect(maxAbsDiff(r.video, base.video), `level ${lowMemLevel} video`).toBeLessThanOrEqual(1e-5);
+      expect(r.memory.devices!.length).toBe(2);
+      for (const d of r.memory.devices!) expect(d.peak_allocated_bytes).toBeGreaterThan(0);
+    }
+  });
+
+  it('what is not built yet is refused with one line naming it', async () => {
+    await expect(gen({ lowMemLevel: 3, cpSize: 2 })).rejects.toThrow(/^infer.diffusion.cp_size=2 does not run with the DiT streamed \(low_mem_level 3 .*use low_mem_level 0..2/);
+    await expect(gen({ cpSize: 2 }, { mode: 'flex' })).rejects.toThrow(/^infer.diffusion.cp_size=2 does not run with step caching \(infer.cache.mode=flex\) yet/);
+    await expect(gen({ cpSize: 2, cpDevices: 'llvmpipe' })).rejects.toThrow(/cp_devices names 1 adapter\(s\) \(llvmpipe\) but infer.diffusion.cp_size is 2/);
+    await expect(gen({ cpSize: 2, cfgParallel: true })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true and infer.diffusion.cp_size=2 do not combine yet/);
+    await expect(gen({ lowMemLevel: 3, cfgParallel: true })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true does not run with the DiT streamed .*or cfg_parallel=false$/);
+    expect(cpAdapters(2, ' a, b ', 'x')).toEqual(['a', 'b']);
+    expect(cpAdapters(3, '', 'x')).toEqual(['x', 'x', 'x']);
+  });
+});
