@@ -111,6 +111,32 @@ describe('caching allocator accounting', () => {
     for (let i = 1; i < ev.length; i++) expect(ev[i]!.t).toBeGreaterThanOrEqual(ev[i - 1]!.t);
   });
 
+  it("startRecording({ live: true }) begins with what is held already (a worker's weights loaded before the job), totals climbing to today's", () => {
+    const a = new CachingAllocator(fakeFactory());
+    a.phase = 'load';
+    a.alloc(5000, 'dit.blocks.0');
+    const tmp = a.alloc(700, 'activation');
+    a.free(tmp); // cached, not live
+    a.startRecording(undefined, { live: true });
+    a.phase = 'denoise';
+    const x = a.alloc(300, 'activation.linear');
+    const ev = a.stopRecording();
+    expect(ev.slice(0, 3).map((e) => [e.action, e.owner, e.t])).toEqual([
+      ['segment_alloc', 'dit.blocks.0', 0],
+      ['alloc', 'dit.blocks.0', 0],
+      ['segment_alloc', 'activation', 0],
+    ]);
+    expect(ev[1]).toMatchObject({ bytes: 5000, phase: 'load', allocated: 5000 });
+    // the job's own events carry on from the same totals
+    const last = ev[ev.length - 1]!;
+    expect(last).toMatchObject({ action: 'alloc', bytes: 300, allocated: 5300 });
+    expect(last.reserved).toBe(a.memoryReserved());
+    a.free(x);
+    // without live: nothing before the first event
+    a.startRecording();
+    expect(a.events()).toHaveLength(0);
+  });
+
   it('groups live bytes by owner prefix', () => {
     const a = new CachingAllocator(fakeFactory());
     a.alloc(100, 'dit.blocks.0.attn1.to_q');

@@ -371,9 +371,32 @@ export class CachingAllocator {
 
   // ---- history ----
 
-  /** Start recording every alloc/free (keeps at most `maxEvents`, then counts the dropped ones). */
-  startRecording(maxEvents = 1_000_000): void {
-    this.recording = { t0: performance.now(), events: [], max: maxEvents, dropped: 0 };
+  /**
+   * Start recording every alloc/free (keeps at most `maxEvents`, then counts the dropped ones).
+   * `live: true` begins the history with what the device holds already (a long-lived pipeline's
+   * weights: each cached or live segment and each live block as an event at t = 0, the running
+   * totals climbing to today's), so a timeline started after load still shows them.
+   */
+  startRecording(maxEvents = 1_000_000, opts: { live?: boolean } = {}): void {
+    const r = { t0: performance.now(), events: [] as MemoryEvent[], max: maxEvents, dropped: 0 };
+    this.recording = r;
+    if (!opts.live) return;
+    let allocated = 0;
+    let reserved = 0;
+    const push = (action: MemoryAction, bytes: number, id: number, owner: string, phase: string) =>
+      r.events.push({ t: 0, action, bytes, id, owner, phase, allocated, reserved });
+    for (const b of this.liveBlocks.values()) {
+      reserved += b.size;
+      push('segment_alloc', b.size, b.id, b.owner, b.phase);
+      allocated += b.requested;
+      push('alloc', b.requested, b.id, b.owner, b.phase);
+    }
+    for (const [, pool] of this.pools) {
+      for (const b of pool) {
+        reserved += b.size;
+        push('segment_alloc', b.size, b.id, b.owner, b.phase);
+      }
+    }
   }
 
   stopRecording(): MemoryEvent[] {
