@@ -59,6 +59,39 @@ describe('npm run generate (subprocess)', () => {
     expect(readdirSync(join(d2, 'again_frames')).length).toBe(9);
   });
 
+  it('--prompts FILE: a batch with the model loaded once, one video and sidecar per prompt (colliding names numbered), a peak per request; bad prompts files refused in one line', { timeout: 300_000 }, () => {
+    const dir = outDir();
+    const list = join(dir, 'prompts.txt');
+    writeFileSync(list, '# two videos\na red circle moving right\n\na blue square moving left\n');
+    const r = gen(['--prompts', list, '-m', MODEL, '-o', join(dir, 'clip.mp4'), '--json', '--seed', '3', 'infer.prompt_cache_dir=' + join(dir, 'cache')]);
+    expect(r.status, r.all).toBe(0);
+    const events = r.out.trim().split('\n').map((l) => JSON.parse(l));
+    expect(events.filter((e) => e.event === 'loaded')).toHaveLength(1);
+    const done = events.filter((e) => e.event === 'done');
+    expect(done.map((e) => [e.index, e.of])).toEqual([[1, 2], [2, 2]]);
+    for (const d of done) expect(d.peak_allocated_bytes).toBeGreaterThan(0);
+    // (each request's peak from zero: the same size gives the same peak)
+    expect(done[1].peak_allocated_bytes).toBe(done[0].peak_allocated_bytes);
+    expect(events.at(-1)).toMatchObject({ event: 'batch_done', videos: 2 });
+    expect(files(dir).filter((f) => f.startsWith('clip'))).toEqual(['clip-001.gif', 'clip-001.json', 'clip-001.latents.safetensors', 'clip-001.mp4', 'clip-002.gif', 'clip-002.json', 'clip-002.latents.safetensors', 'clip-002.mp4']);
+    const sides = [1, 2].map((k) => JSON.parse(readFileSync(join(dir, `clip-00${k}.json`), 'utf8')));
+    expect(sides.map((x) => x.prompt)).toEqual(['a red circle moving right', 'a blue square moving left']);
+    expect(sides.map((x) => x.seed)).toEqual([3, 3]);
+    // bad prompts files: one line, exit 2, nothing written
+    writeFileSync(join(dir, 'empty.txt'), '# nothing\n\n');
+    for (const [args, msg] of [
+      [['--prompts', join(dir, 'none.txt')], /--prompts .*none\.txt: no such file; give a text file with one prompt per line/],
+      [['--prompts', join(dir, 'empty.txt')], /--prompts .*empty\.txt: no prompts in it/],
+      [['--prompts', list, 'a prompt too'], /--prompts FILE takes the prompts from the file/],
+    ] as Array<[string[], RegExp]>) {
+      const b = gen([...args, '-m', MODEL, '-o', join(dir, 'bad', 'x.mp4')]);
+      expect(b.status, b.all).toBe(2);
+      expect(b.err.trim().split('\n')).toHaveLength(1);
+      expect(b.err).toMatch(msg);
+      expect(existsSync(join(dir, 'bad'))).toBe(false);
+    }
+  });
+
   it('level 3 with --memory-stats, --memory-snapshot and --profile: per-step memory, per-block uploads and frees, no text-encoder bytes on the GPU, kernel table, upload/compute overlap', { timeout: 300_000 }, () => {
     const dir = outDir();
     const r = gen(['a blue square moving left', '-m', MODEL, '-o', join(dir, 'v.mp4'), '--steps', '2', '--low-mem', '3', '--memory-stats', '--memory-snapshot', join(dir, 'snap'), '--profile']);

@@ -23,7 +23,7 @@ export interface Switch {
   /** a switch that sets several keys: `key=value`s from its argument */
   expand?: (v: string) => string[];
   /** a switch of the command, not a setting */
-  command?: 'help' | 'config' | 'decodeLatents' | 'printConfig' | 'debug';
+  command?: 'help' | 'config' | 'decodeLatents' | 'printConfig' | 'debug' | 'prompts';
 }
 
 function size(v: string): string[] {
@@ -51,6 +51,7 @@ export const SWITCHES: readonly Switch[] = [
   { names: ['--attention'], arg: 'sdpa|sage', key: 'infer.attention', doc: 'self-attention kernel: exact (sdpa) or quantized int8 (sage)' },
   { names: ['--png-frames'], key: 'output.frames', value: 'true', doc: 'also write PNG frames' },
   { names: ['--decode-latents'], arg: 'FILE', command: 'decodeLatents', doc: 'decode saved latents (from an earlier run) instead of generating' },
+  { names: ['--prompts'], arg: 'FILE', command: 'prompts', doc: 'a batch: one prompt per line (# comments), the model loaded once, one video per prompt' },
   { names: ['--memory-stats'], key: 'report.memory_stats', value: 'true', doc: 'print GPU memory per phase and step' },
   { names: ['--memory-snapshot'], arg: 'FILE', key: 'report.memory_snapshot', doc: 'write the memory history (FILE.json + FILE.html timeline)' },
   { names: ['--profile'], key: 'report.profile', value: 'true', doc: 'print per-kernel GPU time and phase times' },
@@ -94,6 +95,8 @@ export interface CliArgs {
   printConfig: boolean;
   /** a latents file to decode instead of generating */
   decodeLatents: string | null;
+  /** --prompts FILE: a batch, one prompt per line */
+  promptsFile: string | null;
   /** --debug: stack traces of unexpected errors */
   debug: boolean;
 }
@@ -113,6 +116,7 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
   let configFile: string | null = null;
   let printConfig = false;
   let decodeLatents: string | null = null;
+  let promptsFile: string | null = null;
   let debug = false;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
@@ -134,17 +138,20 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
     if (s.command === 'help') return null;
     else if (s.command === 'config') configFile = v;
     else if (s.command === 'decodeLatents') decodeLatents = v;
+    else if (s.command === 'prompts') promptsFile = v;
     else if (s.command === 'printConfig') printConfig = true;
     else if (s.command === 'debug') debug = true;
     else if (s.expand) options.push(...s.expand(v));
     else options.push(`${s.key}=${s.value ?? v}`);
   }
   if (positional.length > 1) throw new ConfigError(`one prompt expected, got ${positional.length} arguments: ${positional.map((p) => JSON.stringify(p)).join(' ')} (quote the prompt)`);
+  if (promptsFile !== null && (positional.length > 0 || options.some((o) => o.startsWith('prompt=')))) throw new ConfigError('--prompts FILE takes the prompts from the file: drop the prompt on the command line (or drop --prompts)');
+  if (promptsFile !== null && decodeLatents !== null) throw new ConfigError('--prompts and --decode-latents do not go together: a batch generates, --decode-latents decodes one saved run');
   if (positional.length === 1) options.push(`prompt=${positional[0]}`);
   // options < key=value overrides, whatever their order on the line
   const layers = [overridesLayer(options, ' on the command line'), overridesLayer(overrides)];
   const defaultFile = join(ROOT, 'configs', 'wan.yaml');
   const settings = resolveSettings({ configFile: configFile ?? (existsSync(defaultFile) ? defaultFile : null), layers, resolveModel: resolveModelDir });
   const explicit = new Set(layers.flatMap((l) => [...l.values.keys()]));
-  return { settings, explicit, printConfig, decodeLatents, debug };
+  return { settings, explicit, printConfig, decodeLatents, promptsFile, debug };
 }

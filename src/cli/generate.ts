@@ -14,6 +14,7 @@ import { Progress } from './progress.ts';
 import { ConfigError, InterruptedError, fmtBytes } from '../util/errors.ts';
 import { cleanupOnExit } from '../io/cleanup.ts';
 import { EXIT, report, installLastResort } from './fail.ts';
+import { readPromptsFile } from '../config/prompts-file.ts';
 
 const DEBUG = process.argv.includes('--debug');
 
@@ -65,6 +66,8 @@ async function main(): Promise<number> {
   let paths: ReturnType<typeof outputPaths> | null = null;
   try {
     let latents: Latents | null = null;
+    // --prompts FILE: a batch, the model loaded once; otherwise one prompt
+    const prompts = cli.promptsFile ? readPromptsFile(resolve(cli.promptsFile)) : null;
     if (cli.decodeLatents) {
       // the latents file names the run that made them: its model (unless given here), prompt (unless given) and seed
       const l = await loadLatents(resolve(cli.decodeLatents));
@@ -73,57 +76,82 @@ async function main(): Promise<number> {
       if (typeof meta.model === 'string' && meta.model && !cli.explicit.has('model')) settings.load.model = meta.model;
       if (!req.prompt && typeof meta.prompt === 'string') req.prompt = meta.prompt;
       if (typeof meta.seed === 'number') req.seed = meta.seed;
-    } else if (!req.prompt.trim()) {
+    } else if (!prompts && !req.prompt.trim()) {
       throw new ConfigError('no prompt: pass one, e.g. npm run generate -- "a red circle moving right on a black background"');
     }
     const out = settings.output;
-    const videoPath = cli.decodeLatents
-      ? resolve(out.path.includes('{') ? cli.decodeLatents.replace(/\.latents\.safetensors$/, '') + '.mp4' : out.path)
-      : resolveOutputPath(out.path, req.prompt, req.seed);
-    paths = outputPaths(videoPath);
-    checkWritable(paths.video);
+    // every video's output paths, checked before anything loads (a batch numbers names that collide)
+    const jobs: Array<{ prompt: string; paths: ReturnType<typeof outputPaths> }> = [];
+    if (prompts) {
+      const used = new Set<string>();
+      prompts.forEach((p, k) => {
+        let v = resolveOutputPath(out.path, p, req.seed);
+        if (!out.path.includes('{slug}') || used.has(v)) v = v.replace(/(\.(mp4|mov|mkv|webm))?$/i, (ext) => `-${String(k + 1).padStart(3, '0')}${ext || '.mp4'}`);
+        used.add(v);
+        jobs.push({ prompt: p, paths: outputPaths(v) });
+      });
+    } else {
+      const videoPath = cli.decodeLatents
+        ? resolve(out.path.includes('{') ? cli.decodeLatents.replace(/\.latents\.safetensors$/, '') + '.mp4' : out.path)
+        : resolveOutputPath(out.path, req.prompt, req.seed);
+      jobs.push({ prompt: req.prompt, paths: outputPaths(videoPath) });
+    }
+    for (const j of jobs) checkWritable(j.paths.video);
     if (settings.report.memorySnapshot) checkMemorySnapshotWritable(settings.report.memorySnapshot);
     const onProgress = (ev: ProgressEvent) => {
       progress.event(ev);
       if (settings.report.memoryStats && ev.type === 'memory' && mode !== 'jsonl') progress.info(memoryLine(ev));
     };
-    progress.record({ event: 'start', model: settings.load.model, output: paths.video }, `model ${settings.load.model}`);
+    progress.record({ event: 'start', model: settings.load.model, output: jobs[0]!.paths.video, ...(prompts ? { prompts: prompts.length } : {}) }, `model ${settings.load.model}${prompts ? `, ${prompts.length} prompts from ${cli.promptsFile}` : ''}`);
     const tLoad = performance.now();
     pipe = await WanPipeline.fromSettings(settings, { recordMemory: Boolean(settings.report.memorySnapshot), onProgress });
     const loadMs = performance.now() - tLoad;
     progress.record({ event: 'loaded', ms: loadMs, adapter: pipe.engine.adapterName, plan: pipe.plan, host_weight_bytes: pipe.hostWeightBytes() }, loadedLine(pipe, loadMs));
     if (settings.report.memoryStats && mode !== 'jsonl') progress.info(hostWeightsLine(pipe));
-    const result: Partial<GenerateResult> = { timingsMs: { load: loadMs } };
-    if (!latents) {
-      latents = await pipe.sample({ prompt: req.prompt, negativePrompt: req.negativePrompt, onProgress, signal: abort.signal }, result);
-      if (out.saveLatents) {
-        progress.event({ type: 'phase', phase: 'write', detail: paths.latents });
-        await saveLatents(paths.latents, latents, { model: settings.load.model, prompt: req.prompt, seed: req.seed, config: toDotted(settings) });
+    const allWritten: string[] = [];
+    for (const [k, job] of jobs.entries()) {
+      paths = job.paths;
+      const prompt = job.prompt;
+      // this video's settings (the sidecar records its prompt)
+      const vs = prompts ? { ...settings, request: { ...req, prompt } } : settings;
+      if (prompts) progress.record({ event: 'video', index: k + 1, of: jobs.length, prompt, output: paths.video }, `[batch] ${k + 1}/${jobs.length}: ${prompt}`);
+      // each request's peaks from zero (the reference's monitoring advice: log the peak per request, reset it after)
+      if (k > 0) pipe.engine.allocator.resetPeakMemoryStats();
+      const result: Partial<GenerateResult> = { timingsMs: k === 0 ? { load: loadMs } : {} };
+      if (!latents || prompts) {
+        latents = await pipe.sample({ prompt, negativePrompt: req.negativePrompt, onProgress, signal: abort.signal }, result);
+        if (out.saveLatents) {
+          progress.event({ type: 'phase', phase: 'write', detail: paths.latents });
+          await saveLatents(paths.latents, latents, { model: settings.load.model, prompt, seed: req.seed, config: toDotted(vs) });
+        }
       }
+      // infer.diffusion.cp_size > 1: each device's denoise peak
+      if (settings.report.memoryStats && mode !== 'jsonl') for (const [d, dev] of (result.memory?.devices ?? []).entries()) progress.info(`[memory] cp device ${d} (${dev.adapter}): peak allocated ${fmtBytes(dev.peak_allocated_bytes)}, peak reserved ${fmtBytes(dev.peak_reserved_bytes)}`);
+      const dec = await pipe.decode(latents, { onProgress, signal: abort.signal, result });
+      if (abort.signal.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
+      progress.event({ type: 'phase', phase: 'write', detail: paths.video });
+      const tw = performance.now();
+      const written = await writeVideoOutputs(paths, dec.video, dec.shape, { mp4: out.mp4, preview: out.preview, frames: out.frames, fps: out.fps, signal: abort.signal });
+      const timingsMs = result.timingsMs!;
+      timingsMs.write = performance.now() - tw;
+      const run = { timingsMs, memory: result.memory!, uploads: result.uploads, experts: result.experts, cache: result.cache };
+      if (abort.signal.aborted) throw new InterruptedError(`[write] interrupted after writing ${written.join(', ')}`);
+      if (out.sidecar) {
+        const latentsPath = out.saveLatents && !cli.decodeLatents ? paths.latents : cli.decodeLatents;
+        await writeSidecar(paths.sidecar, sidecar({ settings: vs, pipe, videoPath: written.includes(paths.video) ? paths.video : null, videoShape: dec.shape, latentsPath, result: run }));
+        written.push(paths.sidecar);
+      }
+      if (settings.report.memorySnapshot && k === jobs.length - 1) written.push(...(await writeMemorySnapshot(settings.report.memorySnapshot, pipe, prompts ? `${jobs.length} prompts from ${cli.promptsFile}` : prompt)));
+      if (settings.load.profile) {
+        await pipe.engine.sync();
+        if (mode === 'jsonl') progress.record(profileRecord(pipe, run));
+        else process.stderr.write(profileText(pipe, run));
+      }
+      const peaks = runPeaks(run.memory);
+      progress.record({ event: 'done', files: written, timings_ms: timingsMs, peak_allocated_bytes: peaks.allocated, ...(prompts ? { index: k + 1, of: jobs.length, peak_reserved_bytes: peaks.reserved } : {}) }, doneLine(written, timingsMs, run.memory));
+      allWritten.push(...written);
     }
-    // infer.diffusion.cp_size > 1: each device's denoise peak
-    if (settings.report.memoryStats && mode !== 'jsonl') for (const [k, d] of (result.memory?.devices ?? []).entries()) progress.info(`[memory] cp device ${k} (${d.adapter}): peak allocated ${fmtBytes(d.peak_allocated_bytes)}, peak reserved ${fmtBytes(d.peak_reserved_bytes)}`);
-    const dec = await pipe.decode(latents, { onProgress, signal: abort.signal, result });
-    if (abort.signal.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
-    progress.event({ type: 'phase', phase: 'write', detail: paths.video });
-    const tw = performance.now();
-    const written = await writeVideoOutputs(paths, dec.video, dec.shape, { mp4: out.mp4, preview: out.preview, frames: out.frames, fps: out.fps, signal: abort.signal });
-    const timingsMs = result.timingsMs!;
-    timingsMs.write = performance.now() - tw;
-    const run = { timingsMs, memory: result.memory!, uploads: result.uploads, experts: result.experts, cache: result.cache };
-    if (abort.signal.aborted) throw new InterruptedError(`[write] interrupted after writing ${written.join(', ')}`);
-    if (out.sidecar) {
-      const latentsPath = out.saveLatents && !cli.decodeLatents ? paths.latents : cli.decodeLatents;
-      await writeSidecar(paths.sidecar, sidecar({ settings, pipe, videoPath: written.includes(paths.video) ? paths.video : null, videoShape: dec.shape, latentsPath, result: run }));
-      written.push(paths.sidecar);
-    }
-    if (settings.report.memorySnapshot) written.push(...(await writeMemorySnapshot(settings.report.memorySnapshot, pipe, req.prompt)));
-    if (settings.load.profile) {
-      await pipe.engine.sync();
-      if (mode === 'jsonl') progress.record(profileRecord(pipe, run));
-      else process.stderr.write(profileText(pipe, run));
-    }
-    progress.record({ event: 'done', files: written, timings_ms: timingsMs, peak_allocated_bytes: runPeaks(run.memory).allocated }, doneLine(written, timingsMs, run.memory));
+    if (prompts) progress.record({ event: 'batch_done', videos: jobs.length, files: allWritten.length }, `[batch] ${jobs.length} videos written`);
     return 0;
   } catch (e) {
     progress.info('');

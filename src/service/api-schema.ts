@@ -3,6 +3,7 @@
 // Only per-request keys are accepted; load-time keys (model, memory level, precision, device) are
 // fixed when a worker loads its pipeline and belong to the worker's config.
 
+import { promptsOfText } from '../config/prompts-file.ts';
 import { KEYS, SPEC_BY_KEY } from '../config/schema.ts';
 import { dottedLayer, overridesLayer, type Layer } from '../config/settings.ts';
 import { show, showKey } from '../config/coerce.ts';
@@ -131,10 +132,7 @@ export const MAX_PROMPTS_TEXT = 256 * 1024;
  * (`?infer.seed=3&infer.num_inference_steps=4`, parsed per the key's type as the CLI's key=value).
  */
 export function parseBatchText(text: string, query: URLSearchParams, maxPixels = DEFAULT_MAX_PIXELS): BatchRequest {
-  const prompts = text
-    .split(/\r?\n/)
-    .map((l) => l.trim())
-    .filter((l) => l && !l.startsWith('#'));
+  const prompts = promptsOfText(text);
   if (prompts.length === 0) throw new ConfigError('the prompts file is empty: one prompt per line (lines starting with # are comments)');
   if (prompts.length > MAX_BATCH) throw new ConfigError(`the prompts file has ${prompts.length} prompts, more than the ${MAX_BATCH} accepted in one batch; split it`);
   prompts.forEach((p, i) => checkPrompt(p, `line ${i + 1} of the prompts file`));
