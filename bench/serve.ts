@@ -437,7 +437,14 @@ function renderMd(summary: Summary): string {
       return (
         `- ${w.name} (${w.jobs} jobs): GPU reserved ${range(w.after_each_job.map((a) => a.reserved_bytes))}; each job's peak reserved ${range(w.after_each_job.map((a) => a.peak_reserved_bytes))}; ` +
         `RSS ${f1(mib(rss[0] ?? NaN))} MiB after its first job, ${f1(mib(rss.at(-1) ?? NaN))} MiB after its last ` +
-        `(${(rss.at(-1)! - rss[0]!) >= 0 ? '+' : ''}${f1(mib((rss.at(-1) ?? NaN) - (rss[0] ?? NaN)))} MiB; least-squares slope after the first job ${f2(mib(w.rss_slope_bytes_per_job_after_first))} MiB/job).`
+        `(${(rss.at(-1)! - rss[0]!) >= 0 ? '+' : ''}${f1(mib((rss.at(-1) ?? NaN) - (rss[0] ?? NaN)))} MiB; least-squares slope after the first job ${f2(mib(w.rss_slope_bytes_per_job_after_first))} MiB/job)` +
+        (rss.length >= 8
+          ? (() => {
+              // after warm-up: the second half of its jobs
+              const h = rss.slice(Math.floor(rss.length / 2));
+              return `; over its last ${h.length} jobs RSS ${f1(mib(Math.min(...h)))}–${f1(mib(Math.max(...h)))} MiB, slope ${f2(mib(slope(h)))} MiB/job.`;
+            })()
+          : '.')
       );
     })
     .join('\n');

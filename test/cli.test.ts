@@ -70,8 +70,9 @@ describe('npm run generate (subprocess)', () => {
     const done = events.filter((e) => e.event === 'done');
     expect(done.map((e) => [e.index, e.of])).toEqual([[1, 2], [2, 2]]);
     for (const d of done) expect(d.peak_allocated_bytes).toBeGreaterThan(0);
-    // (each request's peak from zero: the same size gives the same peak)
-    expect(done[1].peak_allocated_bytes).toBe(done[0].peak_allocated_bytes);
+    // (each request's peak from zero: the same size gives the same peak, up to the text encoder's small
+    // per-length relative-bias tables kept for the last few prompt lengths)
+    expect(Math.abs(done[1].peak_allocated_bytes - done[0].peak_allocated_bytes)).toBeLessThanOrEqual(4096);
     expect(events.at(-1)).toMatchObject({ event: 'batch_done', videos: 2 });
     expect(files(dir).filter((f) => f.startsWith('clip'))).toEqual(['clip-001.gif', 'clip-001.json', 'clip-001.latents.safetensors', 'clip-001.mp4', 'clip-002.gif', 'clip-002.json', 'clip-002.latents.safetensors', 'clip-002.mp4']);
     const sides = [1, 2].map((k) => JSON.parse(readFileSync(join(dir, `clip-00${k}.json`), 'utf8')));

@@ -155,17 +155,46 @@ describe('pipeline on the tiny model', () => {
     }
   });
 
-  it('the prompt cache makes the second encode free', async () => {
+  it('the prompt cache makes the second encode free (another pipeline, the same cache folder)', async () => {
     const e = await getEngine();
     const dir = mkdtempSync(join(tmpdir(), 'sd-pc-'));
-    const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCacheDir: dir, promptCache: true, lowMemLevel: 2 });
+    const open = () => WanPipeline.fromPretrained(MODEL, { engine: e, promptCacheDir: dir, promptCache: true, lowMemLevel: 2 });
+    const p1 = await open();
+    let a: Float32Array;
     try {
-      const a = await pipe.encodePrompt('a green square moving up');
-      const pc = (pipe as unknown as { promptCache: { hits: number; misses: number } }).promptCache;
-      expect(pc.misses).toBe(1);
-      const b = await pipe.encodePrompt('a green square moving up');
-      expect(pc.hits).toBe(1);
+      a = await p1.encodePrompt('a green square moving up');
+      expect((p1 as unknown as { promptCache: { hits: number; misses: number } }).promptCache.misses).toBe(1);
+      expect(p1.textEncoderRuns).toBe(1);
+    } finally {
+      p1.dispose();
+    }
+    const p2 = await open();
+    try {
+      const b = await p2.encodePrompt('a green square moving up');
+      expect((p2 as unknown as { promptCache: { hits: number } }).promptCache.hits).toBe(1);
+      expect(p2.textEncoderRuns).toBe(0);
       expect(maxDiff(a, b)).toBe(0);
+    } finally {
+      p2.dispose();
+    }
+  });
+
+  it('a pipeline serving many requests encodes each prompt once (a batch shares its negative prompt), prompt cache or not', async () => {
+    const e = await getEngine();
+    const pipe = await WanPipeline.fromPretrained(MODEL, { engine: e, promptCache: false, lowMemLevel: 2 });
+    try {
+      const r1 = await pipe.generate({ prompt: 'a red circle moving right', negativePrompt: 'blurry', seed: 2, numInferenceSteps: 1 });
+      expect(pipe.textEncoderRuns).toBe(2);
+      await pipe.generate({ prompt: 'a blue square moving left', negativePrompt: 'blurry', seed: 2, numInferenceSteps: 1 });
+      expect(pipe.textEncoderRuns).toBe(3);
+      const r3 = await pipe.generate({ prompt: 'a red circle moving right', negativePrompt: 'blurry', seed: 2, numInferenceSteps: 1 });
+      expect(pipe.textEncoderRuns).toBe(3);
+      expect(maxDiff(r1.video, r3.video)).toBe(0);
+      // the memo holds a few prompts: older ones are encoded again
+      for (const p of ['p1', 'p2', 'p3', 'p4', 'p5']) await pipe.encodePrompt(p);
+      const before = pipe.textEncoderRuns;
+      await pipe.encodePrompt('blurry');
+      expect(pipe.textEncoderRuns).toBe(before + 1);
     } finally {
       pipe.dispose();
     }

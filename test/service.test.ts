@@ -104,9 +104,11 @@ describe('generation service (demo model, real Redis, in-process worker)', () =>
     const bytes = await Promise.all(b.videos.map(async (v: string) => Buffer.from(await (await fetch(`${svc.url}/v1/videos/${v}/content`)).arrayBuffer())));
     expect(bytes[0]!.equals(bytes[2]!)).toBe(true); // the same prompt and seed: the same video
     expect(bytes[0]!.equals(bytes[1]!)).toBe(false);
-    // peaks are per request (reset between them): equal for equal requests, not growing
+    // peaks are per request (reset between them): equal for equal requests up to the text encoder's
+    // per-length relative-bias tables (a few hundred bytes each at the demo's size, kept on the GPU for
+    // the 4 most recent prompt lengths: request 3 holds request 2's too), not growing with the requests
     const peaks = batch.videos.map((v: any) => v.memory.peak_allocated_bytes);
-    expect(peaks[2]).toBe(peaks[0]);
+    expect(Math.abs(peaks[2] - peaks[0])).toBeLessThanOrEqual(4096);
     // the prompt embeddings came from the cache for the repeated prompt (the sidecar's encode time is tiny)
     const side = await get(`/v1/videos/${b.videos[2]}/sidecar`);
     expect(side.timings_ms?.encode ?? side.timings?.encode ?? 0).toBeLessThan(1000);

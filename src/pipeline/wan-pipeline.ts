@@ -44,6 +44,9 @@ import { hostAvailableBytes } from '../plan/preflight.ts';
 import { createStepCache, cacheRecord, cacheRecordOf, type CacheRecord, type CacheSignals, type StepCache, type StepInfo } from './cache/index.ts';
 import type { SignalRecorder, RecordOptions } from './cache/record.ts';
 
+
+/** prompt contexts kept in memory by a pipeline (WanPipeline.encodePrompt) */
+const EMBED_MEMO_ENTRIES = 4;
 export type Phase = 'load' | 'encode' | 'denoise' | 'decode';
 
 export type ProgressEvent =
@@ -182,6 +185,15 @@ export class WanPipeline {
   /** text_encoder_device=gpu-stream: the encoder blocks' host images and their slot ring */
   private teRing: StreamedBlocks | null = null;
   private readonly promptCache: PromptCache | null;
+  /**
+   * The contexts of the last few prompts (a batch's shared negative prompt, a repeated prompt): a
+   * pipeline that serves many requests (a worker, `--prompts`) encodes each once, with or without
+   * the on-disk prompt cache. At most EMBED_MEMO_ENTRIES contexts of text_len x d f32 (8 MiB each
+   * for UMT5-XXL at 512 tokens).
+   */
+  private readonly embedMemo = new Map<string, Float32Array>();
+  /** prompts this pipeline ran through the text encoder (not found in the memo or the prompt cache) */
+  textEncoderRuns = 0;
   private warnedCache = false;
   readonly componentBytes: Record<string, number> = {};
   /** with infer.vram_budget: the placement the budget chose, its predicted peaks and why */
@@ -614,6 +626,21 @@ export class WanPipeline {
    * [textLen, textDim] host f32 (exactly what WanModel stacks before text_embedding).
    */
   async encodePrompt(text: string): Promise<Float32Array> {
+    const memo = this.embedMemo.get(text);
+    if (memo) {
+      // most recently used last
+      this.embedMemo.delete(text);
+      this.embedMemo.set(text, memo);
+      return memo.slice();
+    }
+    const ctx = await this.encodeUncached(text);
+    this.embedMemo.set(text, ctx);
+    while (this.embedMemo.size > EMBED_MEMO_ENTRIES) this.embedMemo.delete(this.embedMemo.keys().next().value!);
+    return ctx.slice();
+  }
+
+  /** encodePrompt without the in-memory memo: the on-disk prompt cache, else the text encoder */
+  private async encodeUncached(text: string): Promise<Float32Array> {
     const textLen = this.settings.load.textLen;
     const d = this.textEncoder.dims.dModel;
     const cached = await this.promptCache?.get(text, textLen);
@@ -621,6 +648,7 @@ export class WanPipeline {
       this.checkContext(cached.context, text);
       return pad(cached.context, cached.length, textLen, d);
     }
+    this.textEncoderRuns++;
     if (!this.tokenizer) throw new ShapeError(`[pipeline] the model folder ${this.folder.dir} has no tokenizer/ folder: prompts cannot be encoded (add tokenizer/tokenizer.json)`);
     const enc = encodePrompt(this.tokenizer, text, textLen);
     const kept = textLen - this.tokenizer.numSpecialTokens;
