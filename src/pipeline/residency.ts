@@ -29,12 +29,12 @@
 // block numbers); its first `resident` blocks hold resident buffers, which a switch frees before the
 // other group's are allocated and uploaded, so the GPU never holds both groups' resident blocks.
 //
-// Chunked staging (disk mode by default, `chunkedStaging`): when a block image is larger than
-// stagingChunks.bytes (64 MiB), the ring is stagingChunks.count (4) buffers of that size instead of one whole-block
-// buffer per slot, and a block goes up chunk by chunk (read into a mapped chunk, unmapped, copied to
-// its offset in the slot). At 14B shapes (670 MiB blocks) the ring holds 256 MiB instead of 1.3 GiB:
-// on a software adapter mapped buffers are host RAM, and on any machine they are pinned memory.
-// Blocks that fit one chunk (1.3B: 84 MiB) go up exactly as before.
+// Chunked staging (disk mode by default, `chunkedStaging`): when the whole-block ring (one block image
+// per slot) would be larger than stagingChunks.count (4) buffers of stagingChunks.bytes (64 MiB), the
+// ring is those chunk buffers instead, and a block goes up chunk by chunk (read into a mapped chunk,
+// unmapped, copied to its offset in the slot). At 14B shapes (670 MiB blocks) the ring holds 256 MiB
+// instead of 1.3 GiB: on a software adapter mapped buffers are host RAM, and on any machine they are
+// pinned memory. Smaller blocks (1.3B: two of 84 MiB = 168 MiB) keep the whole-block ring.
 
 import type { Engine } from '../runtime/engine.ts';
 import type { Module, Param } from '../nn/module.ts';
@@ -149,8 +149,9 @@ export interface StreamedBlocksOptions {
    */
   disk?: { weights: DiskWeights[]; images: DiskImage[] };
   /**
-   * Upload blocks larger than stagingChunks.bytes through a ring of stagingChunks.count chunk-sized
-   * staging buffers (default: in disk mode). The planner passes the same choice in meta mode.
+   * Upload blocks through a ring of stagingChunks.count chunk-sized staging buffers when that ring is
+   * smaller than one whole block per slot (default: in disk mode). The planner passes the same choice
+   * in meta mode.
    */
   chunkedStaging?: boolean;
 }
@@ -252,7 +253,8 @@ export class StreamedBlocks implements BlockResidency {
     this.slotBytes = Math.max(0, ...groups.flatMap((_, g) => sizes.slice(this.groupStart[g]! + this.resident, this.groupStart[g + 1]!)));
     // the staging ring carries the resident blocks' uploads too
     const largest = Math.max(0, ...sizes);
-    if ((opts.chunkedStaging ?? disk !== null) && largest > stagingChunks.bytes) {
+    // chunked when the whole-block ring (one block per slot) would be larger than the chunk ring
+    if ((opts.chunkedStaging ?? disk !== null) && largest * this.numSlots > stagingChunks.bytes * stagingChunks.count) {
       if (stagingChunks.bytes % 4 !== 0 || !(stagingChunks.count >= 1)) throw new Error(`[residency] staging chunks of ${stagingChunks.bytes} bytes x ${stagingChunks.count}`);
       this.stagingBytes = stagingChunks.bytes;
       this.stagingCount = stagingChunks.count;
