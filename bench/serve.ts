@@ -501,6 +501,10 @@ ${rowsW}
 
 ${verdicts}
 
+A few jobs per worker show the warm-up, not the steady state: RSS climbs over a worker's first ~50 jobs and is
+then flat. The long run (100 jobs per worker) is [service-soak.md](service-soak.md)
+(\`npm run bench:serve -- --jobs 200 --cli-runs 1 --no-screenshot --out docs/service-soak\`).
+
 Raw figures: [service-load.json](service-load.json).
 `;
 }
