@@ -5,8 +5,8 @@
 
 import { startService } from '../service/server.ts';
 import { parseServiceArgs, serviceUsage } from '../service/cli-args.ts';
-import { EXIT, report } from './fail.ts';
-import { cleanupOnExit } from '../io/cleanup.ts';
+import { report } from './fail.ts';
+import { untilSignal, runMain } from './long-running.ts';
 
 async function main(): Promise<number> {
   let a;
@@ -34,31 +34,8 @@ async function main(): Promise<number> {
   process.stdout.write(
     `ready: ${svc.url}\n  try: curl -s -X POST ${svc.url}/v1/videos -H 'content-type: application/json'${a.apiKey ? " -H 'authorization: Bearer $SMART_DIFFUSION_API_KEY'" : ''} -d '{"prompt": "a red circle moving right on a black background"}'\n`,
   );
-  await new Promise<void>((resolveStop) => {
-    let n = 0;
-    const stop = (sig: string) => {
-      if (++n > 1) {
-        cleanupOnExit();
-        process.exit(EXIT.interrupted);
-      }
-      process.stderr.write(`\n${sig}: stopping (the running job, if any, goes back to the queue when Redis is shared; Ctrl-C again to quit at once)\n`);
-      svc.close().then(resolveStop, resolveStop);
-    };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
-  });
+  await untilSignal(() => svc.close(), 'stopping (the running job, if any, goes back to the queue when Redis is shared; Ctrl-C again to quit at once)');
   return 0;
 }
 
-main().then(
-  (code) => {
-    process.exitCode = code;
-    // BullMQ/ioredis timers may linger a moment after close
-    setTimeout(() => process.exit(code), 500).unref();
-  },
-  (e) => {
-    process.exitCode = report(e, process.argv.includes('--debug'));
-    cleanupOnExit();
-    process.exit(process.exitCode);
-  },
-);
+runMain(main);

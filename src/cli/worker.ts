@@ -4,8 +4,8 @@
 
 import { startWorker } from '../service/worker.ts';
 import { parseServiceArgs, serviceUsage } from '../service/cli-args.ts';
-import { EXIT, report } from './fail.ts';
-import { cleanupOnExit } from '../io/cleanup.ts';
+import { report } from './fail.ts';
+import { untilSignal, runMain } from './long-running.ts';
 import { ConfigError } from '../util/errors.ts';
 
 async function main(): Promise<number> {
@@ -22,30 +22,8 @@ async function main(): Promise<number> {
   }
   const w = await startWorker({ ...a.worker, redisUrl: a.redisUrl!, outputDir: a.outputDir });
   process.stdout.write(`worker ${w.name} ready\n`);
-  await new Promise<void>((resolveStop) => {
-    let n = 0;
-    const stop = (sig: string) => {
-      if (++n > 1) {
-        cleanupOnExit();
-        process.exit(EXIT.interrupted);
-      }
-      process.stderr.write(`\n${sig}: finishing the running job, then stopping (Ctrl-C again to quit at once: the job goes back to the queue)\n`);
-      w.close().then(resolveStop, resolveStop);
-    };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
-  });
+  await untilSignal(() => w.close(), 'finishing the running job, then stopping (Ctrl-C again to quit at once: the job goes back to the queue)');
   return 0;
 }
 
-main().then(
-  (code) => {
-    process.exitCode = code;
-    setTimeout(() => process.exit(code), 500).unref();
-  },
-  (e) => {
-    process.exitCode = report(e, process.argv.includes('--debug'));
-    cleanupOnExit();
-    process.exit(process.exitCode);
-  },
-);
+runMain(main);
