@@ -338,6 +338,22 @@ export class CachingAllocator {
     this.peakStaging = this.staging;
   }
 
+  /**
+   * The state every later allocation depends on, as a string: live, reserved and staging bytes and
+   * the cached buffers (count per size). Two equal signatures serve the same request sequence
+   * alike: a meta walk repeats a DiT block without walking it only from the state it was walked
+   * from (Engine.metaRepeat).
+   */
+  stateSignature(): string {
+    const sizes = [...this.pools.keys()].sort((a, b) => a - b);
+    let s = `${this.allocated},${this.reserved},${this.staging},${this.limitBytes}|`;
+    for (const k of sizes) {
+      const n = this.pools.get(k)!.length;
+      if (n > 0) s += `${k}:${n},`;
+    }
+    return s;
+  }
+
   stats(): MemoryStats {
     let cached = 0;
     for (const [, pool] of this.pools) for (const b of pool) cached += b.size;

@@ -20,6 +20,7 @@ import { meets, variantFor } from './variants.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
 import { cast, geluTanh, silu } from './elementwise.ts';
 import type { Engine, BufferBinding } from '../runtime/engine.ts';
+import type { KernelSpec } from '../runtime/kernels.ts';
 import { Tensor, numelOf, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeSize, dtypeCode, f16BitsToF32 } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -406,6 +407,12 @@ function packOperand(
   }
 }
 
+/** K chunk `kc` of packed tile `t` (of `nTiles`, `nk` chunks each) as a uniform binding; a missing second tile re-binds the first (its rows/columns are out of range and not stored) */
+function uboBlock(buf: GPUBuffer, t: number, nTiles: number, nk: number, kc: number): BufferBinding {
+  const tt = Math.min(t, nTiles - 1);
+  return { buffer: buf, offset: (tt * nk + kc) * UBO_BLOCK_BYTES, size: UBO_BLOCK_BYTES };
+}
+
 function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
   const { M, N, K } = g;
   const limit = bindingLimit(e, knobs.maxBindingBytes);
@@ -425,7 +432,14 @@ function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
   const biasWin = biasWindow(e, bias, limit);
   const yAlias = actAlias('linear', yAcc.dtype, e);
   if (nk > 1 && yAcc.dtype !== 'f32') throw new Error('[matmul] internal: K split needs an f32 accumulator');
-  const constants = { KC, MT, NT, W_DTYPE: dtypeCode(g.b.dtype) };
+  // one spec object for every dispatch of the call (the engine caches its pipeline by identity)
+  const kernel: KernelSpec = {
+    family: 'matmul_ubo',
+    entry: 'mm_pk',
+    constants: { KC, MT, NT, W_DTYPE: dtypeCode(g.b.dtype) },
+    aliases: { y_t: yAlias },
+    layout: ['uniform', 'uniform', 'uniform', 'uniform', 'read', 'write'],
+  };
   const sharedB = g.bBs === 0;
   let packedB = -1; // (batch, n0) key of what bBuf holds; -1 none
   for (let bi = 0; bi < g.batch; bi++) {
@@ -445,18 +459,8 @@ function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
           const yw = elemWindow(e, yAcc, (bi * M + rowLo) * N, (bi * M + rowHi - 1) * N + N, 'linear', { limit });
           for (let tb = 0; tb < nTilesB; tb += 2) {
             for (let kc = 0; kc < nk; kc++) {
-              const ublk = (buf: GPUBuffer, t: number, nTiles: number): BufferBinding => {
-                const tt = Math.min(t, nTiles - 1); // a missing second tile re-binds the first; its rows/columns are out of range and not stored
-                return { buffer: buf, offset: (tt * nk + kc) * UBO_BLOCK_BYTES, size: UBO_BLOCK_BYTES };
-              };
               e.dispatch({
-                kernel: {
-                  family: 'matmul_ubo',
-                  entry: 'mm_pk',
-                  constants,
-                  aliases: { y_t: yAlias },
-                  layout: ['uniform', 'uniform', 'uniform', 'uniform', 'read', 'write'],
-                },
+                kernel,
                 name: 'matmul.ubo',
                 params: {
                   M,
@@ -473,7 +477,7 @@ function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
                   bias_dtype: bias ? dtypeCode(bias.dtype) : 0,
                   act: ACT_CODE[g.act],
                 },
-                bindings: [ublk(aBuf, ta, nTilesA), ublk(aBuf, ta + 1, nTilesA), ublk(bBuf, tb, nTilesB), ublk(bBuf, tb + 1, nTilesB), biasWin.binding, yw.binding],
+                bindings: [uboBlock(aBuf, ta, nTilesA, nk, kc), uboBlock(aBuf, ta + 1, nTilesA, nk, kc), uboBlock(bBuf, tb, nTilesB, nk, kc), uboBlock(bBuf, tb + 1, nTilesB, nk, kc), biasWin.binding, yw.binding],
                 workgroups: [NT / 8, MT / 8, 1],
               });
             }

@@ -32,14 +32,37 @@ export interface AxisPlan {
 export function planTiles(size: number, tile: number, overlapFrac: number, halo = 0, quantum = 1, dpLimit = 3e7): AxisPlan {
   if (!(size >= 1) || !(tile >= 1)) throw new Error(`[vae] cannot tile ${size} latent pixels with tiles of ${tile}`);
   if (size <= tile) return { starts: [0], lens: [size] };
+  const key = `${size},${tile},${overlapFrac},${halo},${quantum},${dpLimit}`;
+  let plan = tilePlans.get(key);
+  if (!plan) {
+    plan = planTilesUncached(size, tile, overlapFrac, halo, quantum, dpLimit);
+    if (tilePlans.size >= 4096) tilePlans.clear();
+    tilePlans.set(key, plan);
+  }
+  // a copy: callers own their plan
+  return { starts: [...plan.starts], lens: [...plan.lens] };
+}
+
+/** planTiles' results (a pure function of its arguments; the planner asks the same ones many times) */
+const tilePlans = new Map<string, AxisPlan>();
+
+function planTilesUncached(size: number, tile: number, overlapFrac: number, halo: number, quantum: number, dpLimit: number): AxisPlan {
   const T = Math.min(tile, size);
-  const ovMin = (l1: number, l2: number) => minOverlap(overlapFrac, Math.max(l1, l2));
   if (size * T * T * T > dpLimit) return evenPlan(size, T, overlapFrac);
-  const raw = (a: number, len: number) => regionOf(size, a, len, halo);
-  const cost = (a: number, len: number) => Math.ceil(raw(a, len) / quantum) * quantum;
-  // state (a, len): best plan covering [0, a + len) whose last tile is [a, a + len)
+  // state (a, len): best plan covering [0, a + len) whose last tile is [a, a + len); the region
+  // (halo included), its workgroup-rounded cost and the least overlap are tabulated once
   const idx = (a: number, len: number) => a * (T + 1) + len;
   const n = size * (T + 1);
+  const rawT = new Float64Array(n);
+  const costT = new Float64Array(n);
+  for (let a = 0; a < size; a++)
+    for (let len = 1; len <= T && a + len <= size; len++) {
+      const r = regionOf(size, a, len, halo);
+      rawT[idx(a, len)] = r;
+      costT[idx(a, len)] = Math.ceil(r / quantum) * quantum;
+    }
+  const ovT = new Int32Array((T + 1) * (T + 1));
+  for (let l1 = 1; l1 <= T; l1++) for (let l2 = 1; l2 <= T; l2++) ovT[l1 * (T + 1) + l2] = minOverlap(overlapFrac, Math.max(l1, l2));
   const bestC = new Float64Array(n).fill(Infinity);
   const bestN = new Int32Array(n);
   const bestR = new Float64Array(n);
@@ -48,28 +71,32 @@ export function planTiles(size: number, tile: number, overlapFrac: number, halo 
     c < bestC[i]! || (c === bestC[i]! && (k < bestN[i]! || (k === bestN[i]! && r < bestR[i]!)));
   for (let len = 1; len <= T; len++) {
     const i = idx(0, len);
-    bestC[i] = cost(0, len);
+    bestC[i] = costT[i]!;
     bestN[i] = 1;
-    bestR[i] = raw(0, len);
+    bestR[i] = rawT[i]!;
   }
   let final = -1;
   for (let a = 0; a < size; a++) {
     for (let len = 1; len <= T && a + len <= size; len++) {
       const i = idx(a, len);
       if (a > 0) {
+        const ci = costT[i]!;
+        const ri = rawT[i]!;
+        const ovRow = len * (T + 1);
         // previous tile [a2, b2) with a2 < a < b2 < a + len
         for (let o = 1; o < len; o++) {
           const b2 = a + o;
           for (let len2 = o + 1; len2 <= T; len2++) {
             const a2 = b2 - len2;
             if (a2 < 0) break;
-            if (o < ovMin(len, len2)) continue;
-            const j = idx(a2, len2);
-            if (bestC[j] === Infinity) continue;
-            const c = bestC[j]! + cost(a, len);
+            if (o < ovT[ovRow + len2]!) continue;
+            const j = a2 * (T + 1) + len2;
+            const cj = bestC[j]!;
+            if (cj === Infinity) continue;
+            const c = cj + ci;
             const k = bestN[j]! + 1;
-            const r = bestR[j]! + raw(a, len);
-            if (better(c, k, r, i)) {
+            const r = bestR[j]! + ri;
+            if (c < bestC[i]! || (c === bestC[i]! && (k < bestN[i]! || (k === bestN[i]! && r < bestR[i]!)))) {
               bestC[i] = c;
               bestN[i] = k;
               bestR[i] = r;

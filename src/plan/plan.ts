@@ -116,6 +116,12 @@ export interface PlanOptions {
    * run would
    */
   limitBytes?: number;
+  /**
+   * repeat a DiT block that would allocate exactly as the last walked one instead of walking it
+   * (Engine.metaRepeat; default true). false walks every block: the same plan, slower (the tests
+   * compare them)
+   */
+  repeatBlocks?: boolean;
 }
 
 /** Owner tags grouped for reports: `dit.blocks.7.attn1.to_q.weight` → `dit.blocks`, `activation.linear` stays. */
@@ -237,6 +243,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
   const device = opts.device ?? GENERIC_GPU;
   if (plan.textEncoder === 'gpu' && l.activationDtype === 'f16' && !device.shaderF16) throw new ConfigError('infer.activation_dtype=f16 needs shader-f16, which this plan device does not have');
   const e = Engine.meta(createMetaGpu(device), opts.limitBytes ? { limitBytes: opts.limitBytes } : {});
+  e.metaRepeats = opts.repeatBlocks ?? true;
   const a = e.allocator;
   const work: Record<PlanPhase, PhaseWork> = { load: emptyWork(), encode: emptyWork(), denoise: emptyWork(), decode: emptyWork() };
   let phase: PlanPhase = 'load';

@@ -57,6 +57,33 @@ const QUERY_PAIRS = 1024;
 /** dispatches the engine lets queue before throttle() waits (see throttle) */
 const MAX_IN_FLIGHT = 20_000;
 
+/** Engine.metaSpanStart's mark */
+export interface MetaSpanMark {
+  sig: string;
+  dispatches: number;
+  idle: number;
+  /** dispatches in flight (submitted and not waited for, plus encoded) at the start */
+  inFlight: number;
+}
+
+/** A recorded span of meta work (Engine.metaSpanEnd), repeatable by Engine.metaRepeat. */
+export interface MetaSpan {
+  /** the allocator's state before and after it (a cycle) */
+  sig: string;
+  dispatches: number;
+  /** its outermost ops' work, in order */
+  ops: Array<[string, number, number]>;
+  /** the op of its last dispatch */
+  lastAt: string;
+  /** the queue waits inside it (throttle) */
+  idles: number;
+  /** with waits inside: the dispatches in flight it starts from (it repeats only from there), its highest, and where it ends */
+  inFlight: number;
+  peak: number;
+  peakAt: string;
+  end: [pending: number, encoded: number];
+}
+
 export class Engine implements TensorDevice {
   readonly gpu: GpuContext;
   readonly device: GPUDevice;
@@ -68,6 +95,8 @@ export class Engine implements TensorDevice {
   maxDispatchesPerSubmit: number;
 
   private readonly pipelines = new Map<string, PipelineEntry>();
+  /** spec object → its pipeline (a spec must not be mutated after its first dispatch) */
+  private readonly pipelineBySpec = new WeakMap<KernelSpec, PipelineEntry>();
   private readonly modules = new Map<string, { module: GPUShaderModule; code: string }>();
   private readonly bgLayouts = new Map<string, GPUBindGroupLayout>();
   private readonly pipelineLayouts = new Map<string, GPUPipelineLayout>();
@@ -133,6 +162,100 @@ export class Engine implements TensorDevice {
 
   /** true for Engine.meta (uploads may skip their data) */
   isMeta = false;
+  /** meta walks: repeat recorded spans (metaRepeat); false walks everything (tests compare the two) */
+  metaRepeats = true;
+  /** meta walks: the outermost ops of the span being recorded (metaSpanStart) */
+  private metaOps: Array<[string, number, number]> | null = null;
+  /** times the queue was waited idle (a sync with work pending) */
+  private idleCount = 0;
+  private lastDispatchAt = '';
+  /** the most dispatches in flight since metaSpanStart, and the op at that point */
+  private spanPeak = 0;
+  private spanPeakAt = '';
+
+  /**
+   * Meta walks (the planner's): start recording a span of work — a DiT block — so that later
+   * identical spans can be repeated without walking them (metaRepeat). A 14B step is 40 identical
+   * blocks; a planner's walk of 2 steps is ~10^5..10^6 meta dispatches, most of them repeats.
+   */
+  metaSpanStart(): MetaSpanMark {
+    this.metaOps = [];
+    const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
+    this.spanPeak = inFlight;
+    this.spanPeakAt = this.lastDispatchAt;
+    return { sig: this.allocator.stateSignature(), dispatches: this.dispatchCount, idle: this.idleCount, inFlight };
+  }
+
+  /**
+   * The recorded span, or null when it cannot be repeated exactly: the allocator's state after it
+   * differs from before (not a cycle).
+   */
+  metaSpanEnd(mark: MetaSpanMark): MetaSpan | null {
+    const ops = this.metaOps ?? [];
+    this.metaOps = null;
+    if (this.allocator.stateSignature() !== mark.sig) return null;
+    return {
+      sig: mark.sig,
+      dispatches: this.dispatchCount - mark.dispatches,
+      ops,
+      lastAt: this.lastDispatchAt,
+      idles: this.idleCount - mark.idle,
+      inFlight: mark.inFlight,
+      peak: this.spanPeak,
+      peakAt: this.spanPeakAt,
+      end: [this.pendingDispatches, this.dispatchesInEncoder],
+    };
+  }
+
+  /**
+   * Account a recorded span again instead of walking it — the same op work (onOpWork), dispatches
+   * and dispatches in flight as walking it would — when the allocator is in the state the span was
+   * recorded from (then its allocations would repeat exactly and leave that state again, so no peak
+   * can differ). A span with queue waits inside (throttle: where they fall depends on the
+   * dispatches in flight) repeats only from the count it was recorded from. Returns false (nothing
+   * done) otherwise: walk it.
+   */
+  metaRepeat(span: MetaSpan): boolean {
+    if (!this.isMeta || !this.metaRepeats || this.allocator.stateSignature() !== span.sig) return false;
+    const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
+    if (span.idles > 0 && inFlight !== span.inFlight) return false;
+    // no wait inside it, but from more dispatches in flight a throttle inside it could fire: walk it
+    if (span.idles === 0 && inFlight + span.dispatches > this.throttleAt) return false;
+    for (const [op, flops, bytes] of span.ops) {
+      this.pendingWork += flops + bytes;
+      this.onOpWork?.(op, flops, bytes);
+    }
+    if (span.dispatches === 0) return true;
+    this.dispatchCount += span.dispatches;
+    this.lastDispatchAt = span.lastAt;
+    let peak: number;
+    let peakAt: string;
+    if (span.idles === 0) {
+      // no wait inside: its dispatches add to those in flight, the highest count at its end
+      this.dispatchesInEncoder += span.dispatches;
+      peak = inFlight + span.dispatches;
+      peakAt = span.lastAt;
+    } else {
+      // the same waits at the same points: it ends where the recorded one ended
+      this.flush();
+      this.idleCount += span.idles;
+      this.pendingWork = 0;
+      [this.pendingDispatches, this.dispatchesInEncoder] = span.end;
+      peak = span.peak;
+      peakAt = span.peakAt;
+    }
+    if (this.dispatchesInEncoder > 0) this.encoder ??= this.device.createCommandEncoder();
+    if (peak > this.spanPeak) {
+      this.spanPeak = peak;
+      this.spanPeakAt = peakAt;
+    }
+    if (peak > this.maxInFlight) {
+      this.maxInFlight = peak;
+      this.maxInFlightAt = peakAt;
+    }
+    if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
+    return true;
+  }
   /** called with every outermost op's registry work (the planner's cost model listens here) */
   onOpWork: ((op: string, flops: number, bytes: number) => void) | null = null;
 
@@ -388,6 +511,15 @@ export class Engine implements TensorDevice {
   }
 
   private pipelineEntry(spec: KernelSpec): PipelineEntry {
+    // an op that reuses one spec object for its dispatches (matmul's tile loop) skips the key
+    const known = this.pipelineBySpec.get(spec);
+    if (known) return known;
+    const p = this.pipelineForKey(spec);
+    this.pipelineBySpec.set(spec, p);
+    return p;
+  }
+
+  private pipelineForKey(spec: KernelSpec): PipelineEntry {
     const key = kernelKey(spec);
     let p = this.pipelines.get(key);
     if (!p) {
@@ -454,6 +586,7 @@ export class Engine implements TensorDevice {
     if (this.currentOp !== null) return encode();
     this.pendingWork += flops + bytes;
     this.onOpWork?.(op, flops, bytes);
+    this.metaOps?.push([op, flops, bytes]);
     if (this.profiling) this.profile.addOp(op, flops, bytes);
     this.currentOp = op;
     // an op's outputs and workspaces, unless the caller tagged them, are `activation.<op>`: memory
@@ -497,6 +630,7 @@ export class Engine implements TensorDevice {
       throw new Error(`[${name}] ${d.bindings.length} bindings for a layout of ${d.kernel.layout.length}`);
     }
     if (this.destroyed) throw new Error('[engine] used after destroy()');
+    if (this.isMeta) return this.metaDispatch(d, name);
     const { pipeline, params: layout } = this.pipelineEntry(d.kernel);
     if (layout instanceof Error) throw layout;
     if (!layout && d.params && Object.keys(d.params).length > 0) {
@@ -547,6 +681,34 @@ export class Engine implements TensorDevice {
     }
     this.recentKernels.push(name);
     if (this.recentKernels.length > 16) this.recentKernels.shift();
+    if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
+  }
+
+  /**
+   * A dispatch on the planner's meta device (Engine.meta): what a real dispatch checks that depends
+   * on sizes (the binding windows against the device's limits) and what the planner reads (dispatch
+   * counts, the dispatches in flight, submissions at the same points as a real run); no pipeline,
+   * no params, no bind group — nothing that allocates or that a real run would not also check
+   * (a WGSL or params mismatch is a bug every real run of the op reports). This is most of a
+   * planner's walk: ~10^6 dispatches at 14B 720p.
+   */
+  private metaDispatch(d: Dispatch, name: string): void {
+    if (this.paramSlots >= ARENA_SLOTS) this.flush();
+    for (const b of d.bindings) if (b instanceof Tensor) this.binding(b, name);
+    this.paramSlots++;
+    this.encoder ??= this.device.createCommandEncoder();
+    this.dispatchCount++;
+    this.dispatchesInEncoder++;
+    this.lastDispatchAt = this.currentOp ?? name;
+    const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
+    if (inFlight > this.spanPeak) {
+      this.spanPeak = inFlight;
+      this.spanPeakAt = this.lastDispatchAt;
+    }
+    if (inFlight > this.maxInFlight) {
+      this.maxInFlight = inFlight;
+      this.maxInFlightAt = this.lastDispatchAt;
+    }
     if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
   }
 
@@ -621,6 +783,7 @@ export class Engine implements TensorDevice {
     this.pendingCompiled = false;
     this.pendingWork = 0;
     this.pendingDispatches = 0;
+    this.idleCount++;
   }
 
   /**

@@ -12,7 +12,7 @@ import { RESIDENT, type BlockResidency } from '../../nn/residency.ts';
 import type { Tracer } from '../../nn/trace.ts';
 import type { TransformerConfig } from '../../io/model-folder.ts';
 import { Tensor } from '../../tensor/tensor.ts';
-import { engineOf, type Engine } from '../../runtime/engine.ts';
+import { engineOf, type Engine, type MetaSpan } from '../../runtime/engine.ts';
 import { attention } from '../../ops/attention.ts';
 import { sageAttention } from '../../ops/attention_sage.ts';
 import { rope } from '../../ops/rope.ts';
@@ -587,6 +587,7 @@ export class WanTransformer3DModel extends Module {
       if (nRun > 0) await residency.acquire(0);
       let hostStream: Float32Array | null = null;
       const streamShape = [...run.shape];
+      let metaSpan: MetaSpan | null = null;
       for (let i = 0; i < nRun; i++) {
         if (hostStream) run = e.fromHost(hostStream, streamShape, 'f32', 'activation.residual');
         if (i + 1 < nRun) residency.prefetch(i + 1);
@@ -594,11 +595,18 @@ export class WanTransformer3DModel extends Module {
         // the stream is updated in place, so old and new streams never coexist
         const blk = this.blocks.at(i);
         const cur = run;
-        await e.scopeAsync(() => blk.forward(cur, e0, ctxRun, { cos, sin }, bounds, trace, `block${i}_`));
+        // the planner's meta walk: a block that would repeat the last walked one exactly (the same
+        // allocator state; every block has the same shapes) is accounted, not walked (Engine.metaRepeat)
+        if (!(metaSpan && e.metaRepeat(metaSpan))) {
+          const mark = e.isMeta && !trace ? e.metaSpanStart() : null;
+          await e.scopeAsync(() => blk.forward(cur, e0, ctxRun, { cos, sin }, bounds, trace, `block${i}_`));
+          metaSpan = mark ? e.metaSpanEnd(mark) : null;
+        }
         if (trace) await trace(`block${i}_out`, run);
         residency.release(i);
         if (opts.activationOffload && i + 1 < nRun) {
-          hostStream = (await run.toArray()) as Float32Array;
+          // (the planner's meta device has no values: one zero array of the stream's size)
+          hostStream = e.isMeta ? (hostStream ?? new Float32Array(run.numel)) : ((await run.toArray()) as Float32Array);
           run.dispose();
         }
         // before the next block is acquired: a throw here (an abort) leaves no block held

@@ -535,8 +535,10 @@ export class WanVaeDecoder extends Module {
     const [C, F, H, W] = shape;
     if (C !== this.dims.zDim) throw new ShapeError(`[wan_vae] latent has ${C} channels, the VAE expects ${this.dims.zDim}`);
     // (the meta device of the memory planner reads no values: the host math is skipped there)
-    const zr = e.isMeta ? new Float32Array(z.length) : this.denormalize(z, C);
     const per = Math.max(1, opts.framesPerChunk ?? 1);
+    // on the meta device the chunks' uploads are zeros of the chunk's size: one array, reused
+    const metaPart = e.isMeta ? new Float32Array(C * Math.min(F, per) * H * W) : null;
+    const zr = metaPart ? null : this.denormalize(z, C);
     const cache = new CausalCache();
     const chunks: Float32Array[] = [];
     const traces = new Map<string, { parts: Float32Array[]; shape: number[] }>();
@@ -557,7 +559,7 @@ export class WanVaeDecoder extends Module {
       let f0 = 0;
       while (f0 < F) {
         const f1 = f0 === 0 ? 1 : Math.min(F, f0 + per);
-        const part = sliceFrames(zr, C, F, H, W, f0, f1);
+        const part = zr ? sliceFrames(zr, C, F, H, W, f0, f1) : metaPart!.subarray(0, C * (f1 - f0) * H * W);
         const x = e.fromHost(part, [1, C, f1 - f0, H, W], 'f32', 'activation');
         const out = await this.chunk(x, cache, f0 === 0, opts.trace, traceStep);
         x.dispose();
