@@ -457,6 +457,11 @@ function runUbo(e: Engine, g: Gemm, knobs: GemmKnobs, yAcc: Tensor): void {
           const rowLo = m0 + ta * MT;
           const rowHi = Math.min(M, rowLo + 2 * MT);
           const yw = elemWindow(e, yAcc, (bi * M + rowLo) * N, (bi * M + rowHi - 1) * N + N, 'linear', { limit });
+          if (e.isMeta) {
+            // the planner's walk: the same count, no per-dispatch objects (every binding below is a plain range)
+            e.metaDispatches(Math.ceil(nTilesB / 2) * nk, 'matmul.ubo');
+            continue;
+          }
           for (let tb = 0; tb < nTilesB; tb += 2) {
             for (let kc = 0; kc < nk; kc++) {
               e.dispatch({

@@ -712,6 +712,32 @@ export class Engine implements TensorDevice {
     if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
   }
 
+  /**
+   * `n` dispatches of `name` on the meta device, counted as `n` dispatch() calls whose bindings are
+   * plain buffer ranges (nothing to check) would count them: for an op's inner loop that only
+   * repeats one kernel over tiles (matmul's), which the planner's walk would otherwise spend most
+   * of its time and garbage on.
+   */
+  metaDispatches(n: number, name: string): void {
+    if (!this.isMeta) throw new Error('[engine] metaDispatches is for the meta device');
+    if (n <= 0) return;
+    this.encoder ??= this.device.createCommandEncoder();
+    this.paramSlots = Math.min(ARENA_SLOTS, this.paramSlots + n);
+    this.dispatchCount += n;
+    this.dispatchesInEncoder += n;
+    this.lastDispatchAt = this.currentOp ?? name;
+    const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
+    if (inFlight > this.spanPeak) {
+      this.spanPeak = inFlight;
+      this.spanPeakAt = this.lastDispatchAt;
+    }
+    if (inFlight > this.maxInFlight) {
+      this.maxInFlight = inFlight;
+      this.maxInFlightAt = this.lastDispatchAt;
+    }
+    if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
+  }
+
   /** Submit everything encoded so far. */
   flush(): void {
     if (!this.encoder) return;
