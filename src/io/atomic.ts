@@ -42,15 +42,24 @@ export function makeDirs(dir: string): void {
     if (up === d) break;
     d = up;
   }
+  // a symlink loop on the way (existsSync says "missing", mkdir "exists", stat ELOOP) is named as one
+  const named = (e: unknown, d: string) =>
+    (e as NodeJS.ErrnoException).code === 'ELOOP' ? Object.assign(new Error(`symlink loop (ELOOP) in the path ${d}: a link on it points (through others) back to itself; fix or remove the link`), { code: 'ELOOP', path: d }) : e;
   for (const d of missing.reverse()) {
     try {
       mkdirSync(d);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw named(e, d);
     }
   }
+  let st: import('node:fs').Stats;
+  try {
+    st = statSync(dir);
+  } catch (e) {
+    throw named(e, dir);
+  }
   // `dir` itself may exist as a file: as mkdir -p, that is an error, not a folder
-  if (!statSync(dir).isDirectory()) throw Object.assign(new Error(`ENOTDIR: not a directory, mkdir '${dir}'`), { code: 'ENOTDIR' });
+  if (!st.isDirectory()) throw Object.assign(new Error(`ENOTDIR: not a directory, mkdir '${dir}'`), { code: 'ENOTDIR' });
 }
 
 export interface AtomicOptions {

@@ -127,7 +127,7 @@ interface ParsedHeader {
  */
 function parseSafetensorsHeader(path: string, fileSize: number, headerLength: number, json: string): ParsedHeader {
   const where = `[safetensors] ${path}`;
-  if (!json.startsWith('{')) throw new CheckpointError(`${where}: the JSON header does not start with '{': not a safetensors file or corrupt`);
+  if (!json.startsWith('{')) throw new CheckpointError(`${where}: the JSON header does not start with '{' (the format requires it): not a safetensors file, or a corrupt one; download it again`);
   let raw: unknown;
   try {
     raw = JSON.parse(json);
