@@ -1,4 +1,4 @@
-// The planner's walk repeats a DiT block instead of walking it when the allocator is in the state
+// The planner's walk repeats a DiT block (or a decode tile) instead of walking it when the allocator is in the state
 // the last walked block started from (Engine.metaRepeat; every Wan block has the same shapes). The
 // plan must be the same object as walking every block: peaks by phase and owner, host bytes, work
 // per op (the cost model), dispatches in flight and where. These cases cover the branches: blocks

@@ -113,6 +113,8 @@ export class CachingAllocator {
   private readonly factory: BufferFactory;
   private readonly pools = new Map<number, Block[]>();
   private readonly liveBlocks = new Map<number, Block>();
+  /** the sum of the live blocks' ids (with their count: a cheap identity of the live set) */
+  private liveIdSum = 0;
   private readonly liveStaging = new Map<number, StagingBlock>();
   private staging = 0;
   private peakStaging = 0;
@@ -208,6 +210,7 @@ export class CachingAllocator {
     block.phase = this.phase;
     block.live = true;
     this.liveBlocks.set(block.id, block);
+    this.liveIdSum += block.id;
     this.allocated += bytes;
     this.numAllocs++;
     if (this.allocated > this.peakAllocated) this.peakAllocated = this.allocated;
@@ -251,6 +254,7 @@ export class CachingAllocator {
     if (!block.live) throw new Error(`[allocator] double free of block ${block.id} (${block.owner})`);
     block.live = false;
     this.liveBlocks.delete(block.id);
+    this.liveIdSum -= block.id;
     this.allocated -= block.requested;
     this.numFrees++;
     this.record('free', block.requested, block.id, block.owner);
@@ -345,13 +349,54 @@ export class CachingAllocator {
    * from (Engine.metaRepeat).
    */
   stateSignature(): string {
+    return `${this.liveSignature()}|${this.cacheSignature()}`;
+  }
+
+  /** The live side of stateSignature: live and staging bytes, the live blocks (count, id sum), the limit. */
+  liveSignature(): string {
+    return `${this.allocated},${this.staging},${this.limitBytes},${this.liveBlocks.size},${this.liveIdSum}`;
+  }
+
+  /** The cache side of stateSignature: reserved bytes and the cached buffers (count per size). */
+  cacheSignature(): string {
     const sizes = [...this.pools.keys()].sort((a, b) => a - b);
-    let s = `${this.allocated},${this.reserved},${this.staging},${this.limitBytes}|`;
+    let s = `${this.reserved}:`;
     for (const k of sizes) {
       const n = this.pools.get(k)!.length;
-      if (n > 0) s += `${k}:${n},`;
+      if (n > 0) s += `${k}x${n},`;
     }
     return s;
+  }
+
+  /** The cached (free) buffers' sizes, ascending. */
+  cachedSizes(): number[] {
+    const out: number[] = [];
+    for (const k of [...this.pools.keys()].sort((a, b) => a - b)) for (let i = 0; i < this.pools.get(k)!.length; i++) out.push(k);
+    return out;
+  }
+
+  /**
+   * Meta walks only (Engine.metaRepeat of a span that left other buffers cached than it found): the
+   * cache becomes buffers of exactly these sizes, reserved following. No events are recorded (the
+   * walked span's events already hold every peak the repeat would reach).
+   */
+  replaceCachedForMeta(sizes: readonly number[]): void {
+    for (const [, pool] of this.pools) {
+      for (const b of pool) {
+        this.factory.destroy(b.buffer);
+        this.reserved -= b.size;
+      }
+    }
+    this.pools.clear();
+    for (const size of sizes) {
+      const block: Block = { id: this.nextId++, buffer: this.factory.create(size, 'cache'), size, requested: 0, owner: 'cache', phase: this.phase, live: false };
+      let pool = this.pools.get(size);
+      if (!pool) this.pools.set(size, (pool = []));
+      pool.push(block);
+      this.reserved += size;
+      this.numSegments++;
+    }
+    if (this.reserved > this.peakReserved) this.peakReserved = this.reserved;
   }
 
   stats(): MemoryStats {

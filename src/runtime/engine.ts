@@ -64,12 +64,15 @@ export interface MetaSpanMark {
   idle: number;
   /** dispatches in flight (submitted and not waited for, plus encoded) at the start */
   inFlight: number;
+  throttles: number;
 }
 
 /** A recorded span of meta work (Engine.metaSpanEnd), repeatable by Engine.metaRepeat. */
 export interface MetaSpan {
-  /** the allocator's state before and after it (a cycle) */
+  /** the allocator's state before it (Allocator.stateSignature) */
   sig: string;
+  /** the cached buffers it leaves when they differ from those it found (null: a cycle, the same state after) */
+  cacheOut: number[] | null;
   dispatches: number;
   /** its outermost ops' work, in order */
   ops: Array<[string, number, number]>;
@@ -77,6 +80,8 @@ export interface MetaSpan {
   lastAt: string;
   /** the queue waits inside it (throttle) */
   idles: number;
+  /** throttle() checks inside it (waits or not) */
+  throttles: number;
   /** with waits inside: the dispatches in flight it starts from (it repeats only from there), its highest, and where it ends */
   inFlight: number;
   peak: number;
@@ -168,6 +173,8 @@ export class Engine implements TensorDevice {
   private metaOps: Array<[string, number, number]> | null = null;
   /** times the queue was waited idle (a sync with work pending) */
   private idleCount = 0;
+  /** throttle() calls (a meta span with none inside cannot wait inside whatever is in flight) */
+  private throttleChecks = 0;
   private lastDispatchAt = '';
   /** the most dispatches in flight since metaSpanStart, and the op at that point */
   private spanPeak = 0;
@@ -183,23 +190,28 @@ export class Engine implements TensorDevice {
     const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
     this.spanPeak = inFlight;
     this.spanPeakAt = this.lastDispatchAt;
-    return { sig: this.allocator.stateSignature(), dispatches: this.dispatchCount, idle: this.idleCount, inFlight };
+    return { sig: this.allocator.stateSignature(), dispatches: this.dispatchCount, idle: this.idleCount, inFlight, throttles: this.throttleChecks };
   }
 
   /**
-   * The recorded span, or null when it cannot be repeated exactly: the allocator's state after it
-   * differs from before (not a cycle).
+   * The recorded span, or null when it cannot be repeated exactly: it left other live allocations
+   * than it found. (It may leave other buffers cached — a tile after the cache was emptied fills
+   * it —: a repeat then sets the cache to what it left.)
    */
   metaSpanEnd(mark: MetaSpanMark): MetaSpan | null {
     const ops = this.metaOps ?? [];
     this.metaOps = null;
-    if (this.allocator.stateSignature() !== mark.sig) return null;
+    const a = this.allocator;
+    const sigOut = a.stateSignature();
+    if (sigOut !== mark.sig && `${a.liveSignature()}|` !== mark.sig.slice(0, mark.sig.indexOf('|') + 1)) return null;
     return {
       sig: mark.sig,
+      cacheOut: sigOut === mark.sig ? null : a.cachedSizes(),
       dispatches: this.dispatchCount - mark.dispatches,
       ops,
       lastAt: this.lastDispatchAt,
       idles: this.idleCount - mark.idle,
+      throttles: this.throttleChecks - mark.throttles,
       inFlight: mark.inFlight,
       peak: this.spanPeak,
       peakAt: this.spanPeakAt,
@@ -220,11 +232,12 @@ export class Engine implements TensorDevice {
     const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
     if (span.idles > 0 && inFlight !== span.inFlight) return false;
     // no wait inside it, but from more dispatches in flight a throttle inside it could fire: walk it
-    if (span.idles === 0 && inFlight + span.dispatches > this.throttleAt) return false;
+    if (span.idles === 0 && span.throttles > 0 && inFlight + span.dispatches > this.throttleAt) return false;
     for (const [op, flops, bytes] of span.ops) {
       this.pendingWork += flops + bytes;
       this.onOpWork?.(op, flops, bytes);
     }
+    if (span.cacheOut) this.allocator.replaceCachedForMeta(span.cacheOut);
     if (span.dispatches === 0) return true;
     this.dispatchCount += span.dispatches;
     this.lastDispatchAt = span.lastAt;
@@ -609,6 +622,7 @@ export class Engine implements TensorDevice {
    * descriptor-pool allocation. On a GPU the wait costs one idle gap per 20,000 dispatches.
    */
   async throttle(): Promise<void> {
+    this.throttleChecks++;
     if (this.pendingDispatches + this.dispatchesInEncoder > this.throttleAt) await this.sync();
   }
 
