@@ -236,8 +236,9 @@ describe('WanPipeline with infer.diffusion.cp_size', () => {
   });
 
   it('what is not built yet is refused with one line naming it', async () => {
-    await expect(gen({ lowMemLevel: 3, cpSize: 2 })).rejects.toThrow(/^infer.diffusion.cp_size=2 does not run with the DiT streamed \(low_mem_level 3 .*use low_mem_level 0..2/);
-    await expect(gen({ cpSize: 2 }, { mode: 'flex' })).rejects.toThrow(/^infer.diffusion.cp_size=2 does not run with step caching \(infer.cache.mode=flex\) yet/);
+    // (level 3 with cp_size > 1 runs: test/cp-levels.test.ts)
+    // (step caching runs with cp_size > 1: test/cp-compose.test.ts; not with cfg_parallel)
+    await expect(gen({ cfgParallel: true }, { mode: 'flex' })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true does not run with step caching \(infer.cache.mode=flex\) yet/);
     await expect(gen({ cpSize: 2, cpDevices: 'llvmpipe' })).rejects.toThrow(/cp_devices names 1 adapter\(s\) \(llvmpipe\) but infer.diffusion.cp_size is 2/);
     await expect(gen({ cpSize: 2, cfgParallel: true })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true and infer.diffusion.cp_size=2 do not combine yet/);
     await expect(gen({ lowMemLevel: 3, cfgParallel: true })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true does not run with the DiT streamed .*or cfg_parallel=false$/);

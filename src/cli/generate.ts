@@ -126,7 +126,7 @@ async function main(): Promise<number> {
         }
       }
       // infer.diffusion.cp_size > 1: each device's denoise peak
-      if (settings.report.memoryStats && mode !== 'jsonl') for (const [d, dev] of (result.memory?.devices ?? []).entries()) progress.info(`[memory] cp device ${d} (${dev.adapter}): peak allocated ${fmtBytes(dev.peak_allocated_bytes)}, peak reserved ${fmtBytes(dev.peak_reserved_bytes)}`);
+      if (settings.report.memoryStats && mode !== 'jsonl') for (const [d, dev] of (result.memory?.devices ?? []).entries()) progress.info(`[memory] cp device ${d} (${dev.adapter}): peak allocated ${fmtBytes(dev.peak_allocated_bytes)}, peak reserved ${fmtBytes(dev.peak_reserved_bytes)}${dev.uploaded_bytes !== undefined ? `, uploaded ${fmtBytes(dev.uploaded_bytes)} of streamed blocks` : ''}`);
       const dec = await pipe.decode(latents, { onProgress, signal: abort.signal, result });
       if (abort.signal.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
       progress.event({ type: 'phase', phase: 'write', detail: paths.video });

@@ -9,7 +9,7 @@
 import { writeFileSync } from 'node:fs';
 import { parseArgs, usage } from './args.ts';
 import { helpText } from '../config/settings.ts';
-import { planRun, placementSummary, PLAN_PHASES, type RunPlan } from '../plan/plan.ts';
+import { planRun, planLoadHost, placementSummary, PLAN_PHASES, type RunPlan } from '../plan/plan.ts';
 import { modelShapes, PRESETS } from '../plan/shapes.ts';
 import { choosePlacement } from '../plan/budget.ts';
 import { estimateStep, RTX_4090 } from '../plan/cost.ts';
@@ -95,6 +95,7 @@ export function planText(plan: RunPlan, reasons: string[] = [], notes: string[] 
       return `${ph.padEnd(9)} ${fmtBytes(p.peakBytes).padStart(14)} ${fmtBytes(p.peakReservedBytes).padStart(14)}  ${ownersLine(p.byOwner)}`;
     }),
     `run peak: ${fmtBytes(plan.peakBytes)} allocated, ${fmtBytes(plan.peakReservedBytes)} reserved (GPU)`,
+    ...(plan.devices ?? []).map((d, k) => `cp device ${k}: denoise peak ${fmtBytes(d.peakBytes)} allocated, ${fmtBytes(d.peakReservedBytes)} reserved${d.streamBytesPerStep ? `, streams ${fmtBytes(d.streamBytesPerStep)} per step` : ''}`),
     `host RAM: ${fmtBytes(plan.hostBytes)} (${Object.entries(plan.hostByPart)
       .filter(([, v]) => v > 0)
       .map(([k, v]) => `${k} ${fmtBytes(v)}`)
@@ -119,6 +120,7 @@ export function planJson(plan: RunPlan, reasons: string[] = [], extra: Record<st
     max_in_flight_dispatches: plan.maxInFlight,
     max_in_flight_at: plan.maxInFlightAt,
     placement: plan.placement,
+    ...(plan.devices ? { cp: plan.cp, devices: plan.devices.map((d) => ({ adapter: d.adapter, peak_bytes: d.peakBytes, peak_reserved_bytes: d.peakReservedBytes, stream_bytes_per_step: d.streamBytesPerStep })) } : {}),
     ...(reasons.length ? { budget_reasons: reasons } : {}),
     ...extra,
     estimate: { gpu: est.gpu, step_seconds: est.stepSeconds, exposed_upload_seconds: est.exposedUploadSeconds, decode_seconds: est.decodeSeconds, label: 'predicted' },
@@ -167,10 +169,15 @@ async function main(): Promise<number> {
     let source: 'memory' | 'disk' = settings.load.weightsSource === 'disk' ? 'disk' : 'memory';
     const notes: string[] = [];
     if (auto) settings = { ...settings, load: { ...settings.load, weightsSource: 'memory' } };
-    await place(settings);
+    // without a budget the placement is the settings' own, so the load phase alone says what the
+    // weights kept off the GPU need (src/plan/plan.ts planLoadHost) and the run is walked once;
+    // a budget chooses the placement by walking, so that walk's own host bytes decide
+    const heldOf = (h: Record<string, number>) => (h['dit weights'] ?? 0) + (h['text encoder weights'] ?? 0);
+    let held = auto && !(settings.load.vramBudget > 0) ? heldOf(await planLoadHost(model, settings, { device: args.device })) : -1;
+    const avail = hostAvailableBytes();
+    if (held < 0 || held <= 0.8 * avail) await place(settings);
     if (auto) {
-      const held = (plan.hostByPart['dit weights'] ?? 0) + (plan.hostByPart['text encoder weights'] ?? 0);
-      const avail = hostAvailableBytes();
+      if (held < 0) held = heldOf(plan.hostByPart);
       if (held > 0.8 * avail) {
         source = 'disk';
         await place({ ...settings, load: { ...settings.load, weightsSource: 'disk' } });

@@ -1,8 +1,8 @@
 // Context (sequence) parallel Wan DiT forward over N WebGPU devices (docs/context-parallel.md).
 //
-// Every rank holds a full copy of the DiT's weights (its own WanTransformer3DModel on its own
-// Engine) and a contiguous run of every batch element's token rows [r0, r1) (the first L % N ranks
-// one row more: exchanges go through host memory, so no all-to-all needs equal chunks and there is
+// Every rank has its own WanTransformer3DModel on its own Engine (all weights there, or its blocks
+// streamed / sharded: CpRank.residency) and a contiguous run of every batch element's token rows
+// [r0, r1) (the first L % N ranks one row more: exchanges go through host memory, so no all-to-all needs equal chunks and there is
 // no padding to mask). Per forward:
 //   patchify on the host (the latents are small: C·ph·pw = 64 floats a token) → each rank embeds
 //   its rows; each rank computes the time embedding and uploads the RoPE rows of its own tokens.
@@ -10,7 +10,8 @@
 //     1. self-attention, Ulysses: q/k/v of the rank's rows → all-to-all over heads (rank s gets all
 //        L rows of heads [h0, h1), an uneven split when N does not divide H; ranks past H get none)
 //        → attention per rank over all keys → all-to-all back → output projection and the gated
-//        residual on the rank's rows.
+//        residual on the rank's rows. Or the ring (ring.ts, infer.diffusion.cp_attention; auto when N
+//        does not divide H): each rank keeps its rows' q, the K/V chunks pass around, exact LSE merges.
 //     2. cross-attention and 3. FFN: local, per token.
 //   Head (LN-mod + proj_out, per token) on each rank's rows; the outputs [B, Lr, ph·pw·C_out]
 //   (24x smaller than the stream at Wan's D = 1536) are gathered on rank 0 and unpatchified there.
@@ -18,14 +19,21 @@
 // forward up to the summation order of matmuls that get fewer rows (a different kernel below 32
 // rows on llvmpipe: ops/matmul.ts UBO_MIN_M); tests hold it to 1e-5.
 //
-// Not built here (see the docs): ring attention, the bounded-activation paths (attention chunks;
-// the FFN chunks are), block streaming (level 3), step caching, activation offload.
+// Levels 1-2 (the one-device forward's activation bounds, same options): the batch elements in
+// turn inside each block (cfgSequential: the all-to-alls then move one element at a time), row
+// chunks for the projections / attentions (attnChunkTokens) and the FFN (ffnChunkTokens); the stream
+// is updated in place (a rank under 32 rows keeps the batch together: the kernel would change, as
+// in model.ts MIN_CALL_ROWS). Level 3 / sharded weights: a rank with a `residency` acquires each block's
+// weights before running it (pipeline-cp.ts builds one streaming ring per device).
+// Step caching: per-rank hooks (cp-cache.ts). Not built here (see the docs): activation offload.
 
-import type { WanTransformer3DModel } from '../models/wan_dit/model.ts';
+import type { WanTransformer3DModel, DitStepCache } from '../models/wan_dit/model.ts';
 import { ropeTables } from '../models/wan_dit/host.ts';
 import { engineOf, type Engine } from '../runtime/engine.ts';
 import type { Tensor } from '../tensor/tensor.ts';
-import { dtypeSize } from '../tensor/dtype.ts';
+import { dtypeSize, type DType } from '../tensor/dtype.ts';
+import { RESIDENT, type BlockResidency } from '../nn/residency.ts';
+import type { StreamedBlocks } from '../pipeline/residency.ts';
 import { attention } from '../ops/attention.ts';
 import { sageAttention } from '../ops/attention_sage.ts';
 import { linear } from '../ops/matmul.ts';
@@ -33,19 +41,41 @@ import { layerNorm } from '../ops/norm.ts';
 import { add, gatedResidual } from '../ops/elementwise.ts';
 import { permute } from '../ops/layout.ts';
 import { ShapeError } from '../util/errors.ts';
-import { HostExchange, splitRanges, rowsToHeads, headsToRows, gatherRows, sliceRows, type A2aGeometry } from './exchange.ts';
+import { HostExchange, splitRanges, rowsToHeadsShuffle, headsToRowsShuffle, gatherShuffle, sliceRows, type A2aGeometry } from './exchange.ts';
+import { ringAttention, useRing, type CpAttention } from './ring.ts';
+import { cpStepPlan, cpStepFinish } from './cp-cache.ts';
 
-/** One device of the run: its engine and its copy of the DiT (weights on that engine). */
+/**
+ * One device of the run: its engine and its copy of the DiT (non-block weights on that engine).
+ * Without `residency` every block's weights are on the engine too; with it, the forward acquires
+ * block i there (model block numbers) before running it and prefetches the next, as the one-device
+ * forward does at level 3 (pipeline-cp.ts: each device streams its own blocks, or keeps its shard).
+ */
 export interface CpRank {
   engine: Engine;
   dit: WanTransformer3DModel;
+  residency?: BlockResidency;
+  /** the rank's streaming ring behind `residency` (its upload statistics; freed with the rank) */
+  ring?: StreamedBlocks;
 }
 
 export interface CpForwardOptions {
   /** FFN over chunks of this many rows of a rank's [B·Lr, D] rows (0 = whole), as the one-device ffnChunkTokens */
   ffnChunkTokens?: number;
+  /** inside each block, batch element 0, then 1 (CFG: cond, then uncond), as the one-device cfgSequential */
+  cfgSequential?: boolean;
+  /**
+   * attention chunks, as the one-device attnChunkTokens: q / k / v projections, the output projection
+   * and the cross-attention over chunks of this many of a rank's rows (when below its row count),
+   * and the self-attention over chunks of this many query rows of all L (0 = whole)
+   */
+  attnChunkTokens?: number;
+  /** self-attention (infer.diffusion.cp_attention, ring.ts useRing): 'ulysses' (the default here), 'ring', or 'auto' (the ring when the head count does not divide N) */
+  attention?: CpAttention;
   /** called after each block's exchanges (an AbortSignal check, progress) */
   onBlock?: (block: number, blocks: number) => void | Promise<void>;
+  /** step caching: one hook per rank, rank 0's deciding (StepPlan.cpHooks; cp-cache.ts) */
+  stepCache?: DitStepCache[];
 }
 
 /** Per-device memory peaks, the sidecar's memory.devices entries. */
@@ -53,6 +83,8 @@ export interface CpDevicePeak {
   adapter: string;
   peak_allocated_bytes: number;
   peak_reserved_bytes: number;
+  /** a device streaming its blocks (level 3, or its weight shard): the bytes it uploaded from the host copy during the request's denoise */
+  uploaded_bytes?: number;
 }
 
 /**
@@ -103,6 +135,20 @@ export class ContextParallelDit {
     for (const { engine } of this.ranks) engine.allocator.resetPeakMemoryStats();
   }
 
+  /** Bytes each rank's streaming ring uploaded since resetUploadStats (0 for a rank holding every block). */
+  uploadBytes(): number[] {
+    return this.ranks.map((r) => r.ring?.stats.bytes ?? 0);
+  }
+
+  resetUploadStats(): void {
+    for (const r of this.ranks) r.ring?.resetStats();
+  }
+
+  /** Give every rank's streamed blocks' device side back (after an interrupted forward; the next one allocates it again). */
+  releaseStreams(): void {
+    for (const r of this.ranks) r.ring?.releaseDevice();
+  }
+
   /**
    * A tensor of rank 0 (e.g. the embedded text [B, Lt, D], once per prompt) copied to every rank:
    * [t itself, copies on ranks 1..N-1]. Counted in the exchange stats.
@@ -136,6 +182,8 @@ export class ContextParallelDit {
     const Dh = dims.headDim;
     const act = dims.activationDtype ?? 'f32';
     const es = dtypeSize(act);
+    const ffnChunk = chunkOption('ffnChunkTokens', opts.ffnChunkTokens);
+    const attnChunk = chunkOption('attnChunkTokens', opts.attnChunkTokens);
     if (ctx.length !== N) throw new ShapeError(`[cp_dit] needs the embedded text on each of the ${N} ranks, got ${ctx.length} (use replicate)`);
     ctx.forEach((c, r) => {
       if (engineOf(c) !== this.ranks[r]!.engine) throw new ShapeError(`[cp_dit] ctx[${r}] must live on rank ${r}'s engine`);
@@ -156,7 +204,6 @@ export class ContextParallelDit {
     if (L < N) throw new ShapeError(`[cp_dit] ${L} tokens cannot be split over cp_size=${N} devices; use a smaller infer.diffusion.cp_size or a larger video`);
     const rows = splitRanges(L, N);
     const heads = splitRanges(Hh, N);
-    const g: A2aGeometry = { B, rows, heads, Dh, elemBytes: es };
     const Cp = C * ph * pw;
     const ex = this.exchange;
 
@@ -196,85 +243,90 @@ export class ContextParallelDit {
     });
 
     const n = dit0.blocks.length;
-    const ffnChunk = opts.ffnChunkTokens ?? 0;
-    if (!Number.isInteger(ffnChunk) || ffnChunk < 0) throw new ShapeError(`[cp_dit] ffnChunkTokens must be an integer >= 0 (0 = whole), got ${ffnChunk}`);
+    // step caching (cp-cache.ts): which rows run how many blocks; every row runs them (the hooks put
+    // skipped rows back to their input), none when no row runs
+    const cache = await cpStepPlan(opts.stepCache, state, B, n);
+    // the one-device forward's activation bounds (model.ts DitForwardOptions): the batch elements
+    // (CFG: cond, uncond) one after the other inside each block, and row chunks; the all-to-alls then
+    // move one element's rows at a time
+    // (as the one-device forward runs a stream under MIN_CALL_ROWS tokens unbounded: a rank with fewer
+    // rows would run one element's matmuls on another kernel than the whole batch's)
+    const fewRows = rows.some(([a, b]) => b - a < MIN_CALL_ROWS);
+    const groups: Array<[number, number]> = opts.cfgSequential && B > 1 && !fewRows ? Array.from({ length: B }, (_, b) => [b, 1]) : [[0, B]];
     const scale = 1 / Math.sqrt(Dh);
     const kind = dims.attention ?? 'sdpa';
-    for (let i = 0; i < n; i++) {
-      // 1a. per rank: modulation, LN-mod, q / k / v of its rows [B, Lr, H, Dh] (RoPE on its rows)
-      const pre = state.map((s) =>
+    const ring = useRing(opts.attention ?? 'ulysses', N, Hh, kind); // infer.diffusion.cp_attention (ring.ts)
+    const res = this.ranks.map((r) => r.residency ?? RESIDENT);
+    for (let i = 0; i < cache.blocks; i++) {
+      // the block's weights on every rank (a streamed rank's next block uploads behind this one)
+      await Promise.all(res.map((x) => x.acquire(i)));
+      if (i + 1 < cache.blocks) for (const x of res) x.prefetch(i + 1);
+      // per rank: modulation rows shift/scale/gate (msa), shift/scale/gate (ffn), each [D]; the
+      // cross-attention k / v of all batch elements' text rows in one call each (the rows of the
+      // one-device call whatever the grouping, as model.ts does)
+      const blockIn = state.map((s, r) =>
         s.e.scope(() => {
           const blk = s.dit.blocks.at(i);
           const m = add(blk.scale_shift_table.t.reshape([6, D]), s.e0); // [6, D]
-          const mod = Array.from({ length: 6 }, (_, k) => s.e.bindable(m.select0(k)));
-          const h1 = layerNorm({ x: s.hs, shift: mod[0]!, scale: mod[1]! }, { eps: dims.eps });
-          const rc = { cos: s.cos, sin: s.sin };
-          return { mod, q: blk.attn1.query(h1, rc, act), k: blk.attn1.key(h1, rc, act), v: blk.attn1.value(h1, act) };
+          return { mod: Array.from({ length: 6 }, (_, k) => s.e.bindable(m.select0(k))), k2: blk.attn2.key(ctx[r]!, null, act), v2: blk.attn2.value(ctx[r]!, act) };
         }),
       );
-      // 1b. all-to-all: rank s gets all rows of its heads [B, L, Hs, Dh]
-      const headShape = (s: number) => (heads[s]![1] > heads[s]![0] ? [B, L, heads[s]![1] - heads[s]![0], Dh] : null);
-      const shapes = state.map((_, s) => headShape(s));
-      const a2a = async (pick: (p: (typeof pre)[number]) => Tensor) => {
-        const src = pre.map(pick);
-        const out = await ex.exchange(src, (parts) => rowsToHeads(parts, g), shapes, act, 'cp.a2a');
-        for (const t of src) t.dispose();
-        return out;
-      };
-      const qh = await a2a((p) => p.q);
-      const kh = await a2a((p) => p.k);
-      const vh = await a2a((p) => p.v);
-      // 1c. attention of each rank's heads over all keys [B, L, Hs, Dh]
-      const oh = state.map((s, r) => {
-        const q = qh[r];
-        if (!q) return null;
-        const o = s.e.scope(() => (kind === 'sage' ? sageAttention({ q, k: kh[r]!, v: vh[r]! }, { scale }) : attention({ q, k: kh[r]!, v: vh[r]! }, { scale })));
-        for (const tt of [q, kh[r]!, vh[r]!]) tt.dispose();
-        return o;
-      });
-      // 1d. back to the rows' owners [B, Lr, H, Dh], output projection, gated residual
-      const back = await ex.exchange(oh, (parts) => headsToRows(parts, g), state.map((s) => [B, s.Lr, Hh, Dh]), act, 'cp.a2a');
-      for (const o of oh) o?.dispose();
-      state.forEach((s, r) => {
-        const blk = s.dit.blocks.at(i);
-        const mod = pre[r]!.mod;
-        const o = back[r]!;
-        const old = s.hs;
-        s.hs = s.e.scope(() => {
-          const y1 = blk.attn1.to_out.at(0).forward(o.reshape([B, s.Lr, D]), 'none', 'f32');
-          const x1 = gatedResidual({ x: s.hs, r: y1, gate: mod[2]! }, {});
-          // 2. cross-attention over all text rows, no gate: x += attn2(LN_affine(x), ctx)
-          const k2 = blk.attn2.key(ctx[r]!, null, act);
-          const v2 = blk.attn2.value(ctx[r]!, act);
-          const q2 = blk.attn2.query(blk.norm2.forward(x1), null, act);
-          const x2 = add(x1, blk.attn2.attend(q2, k2, v2));
-          // 3. FFN: x += ffn(LN(x)·(1+scale_ffn) + shift_ffn) · gate_ffn, per token (chunks of rows)
-          const flat = x2.reshape([B * s.Lr, D]);
-          const rowsAll = B * s.Lr;
-          const c = ffnChunk > 0 ? ffnChunk : rowsAll;
-          const outs: Tensor[] = [];
-          for (let a = 0; a < rowsAll; a += c) {
-            const xr = flat.narrow0(a, Math.min(rowsAll, a + c));
-            const y3 = blk.ffn.forward(layerNorm({ x: xr, shift: mod[3]!, scale: mod[4]! }, { eps: dims.eps }), act);
-            outs.push(gatedResidual({ x: xr, r: y3, gate: mod[5]! }, {}));
-          }
-          const x3 = outs.length === 1 ? outs[0]! : s.e.empty([rowsAll, D], 'f32', 'cp.stream');
-          if (outs.length > 1) {
-            let off = 0;
-            for (const t3 of outs) {
-              s.e.copyBuffer(t3.buffer, t3.byteOffset, x3.buffer, x3.byteOffset + off, t3.nbytes);
-              off += t3.nbytes;
+      const mods = blockIn.map((x) => x.mod);
+      for (const [b0, nb] of groups) {
+        const g: A2aGeometry = { B: nb, rows, heads, Dh, elemBytes: es };
+        // 1a. per rank: q / k / v of its rows of the group's elements [nb, Lr, H, Dh] (RoPE on its rows; row chunks when bounded)
+        const pre: Array<{ q: Tensor; k: Tensor; v: Tensor }> = [];
+        for (const [r, s] of state.entries()) pre.push(await qkvRows(s, s.dit.blocks.at(i).attn1, mods[r]!, b0, nb, attnChunk, dims.eps, act));
+        // 1b-1d. self-attention over all L keys → back[r] = the output of rank r's rows [nb, Lr, H, Dh]:
+        // by the ring (ring.ts: each rank keeps its queries, the K/V chunks pass around, exact LSE
+        // merges) or by Ulysses (all-to-all over heads and back)
+        let back: Array<Tensor | null>;
+        if (ring) back = await ringAttention(ex, pre.map((p) => p.q), pre.map((p) => p.k), pre.map((p) => p.v), { scale, out: act });
+        else {
+          // 1b. all-to-all: rank s gets all rows of its heads [nb, L, Hs, Dh]
+          const headShape = (s: number) => (heads[s]![1] > heads[s]![0] ? [nb, L, heads[s]![1] - heads[s]![0], Dh] : null);
+          const shapes = state.map((_, s) => headShape(s));
+          const a2a = async (pick: (p: (typeof pre)[number]) => Tensor) => {
+            const src = pre.map(pick);
+            const out = await ex.exchange(src, rowsToHeadsShuffle(g), shapes, act, 'cp.a2a');
+            for (const t of src) t.dispose();
+            return out;
+          };
+          const qh = await a2a((p) => p.q);
+          const kh = await a2a((p) => p.k);
+          const vh = await a2a((p) => p.v);
+          // 1c. attention of each rank's heads over all keys [nb, L, Hs, Dh] (query chunks when bounded)
+          const oh: Array<Tensor | null> = [];
+          for (const [r, s] of state.entries()) {
+            const q = qh[r];
+            if (!q) {
+              oh.push(null);
+              continue;
             }
+            const attend = (qq: Tensor, kk: Tensor, vv: Tensor) => (kind === 'sage' ? sageAttention({ q: qq, k: kk, v: vv }, { scale }) : attention({ q: qq, k: kk, v: vv }, { scale }));
+            oh.push(await attendChunked(s.e, q, kh[r]!, vh[r]!, attnChunk, attend));
+            for (const tt of [q, kh[r]!, vh[r]!]) tt.dispose();
           }
-          return x3.reshape([B, s.Lr, D]);
-        });
-        old.dispose();
-        o.dispose();
-        for (const t2 of mod) t2.dispose();
+          // 1d. back to the rows' owners [nb, Lr, H, Dh]
+          back = await ex.exchange(oh, headsToRowsShuffle(g), state.map((s) => [nb, s.Lr, Hh, Dh]), act, 'cp.a2a');
+          for (const o of oh) o?.dispose();
+        }
+        // 1e. output projection and gated residual, 2. cross-attention, 3. FFN: on each rank's rows of
+        // the group, in place in its stream (row chunks when bounded)
+        for (const [r, s] of state.entries()) {
+          await blockRest(s, s.dit.blocks.at(i), mods[r]!, back[r]!, blockIn[r]!.k2, blockIn[r]!.v2, b0, nb, { attnChunk, ffnChunk, eps: dims.eps, act });
+          back[r]!.dispose();
+        }
+      }
+      state.forEach((s, r) => {
+        res[r]!.release(i);
+        for (const t2 of [...mods[r]!, blockIn[r]!.k2, blockIn[r]!.v2]) t2.dispose();
       });
       await Promise.all(state.map((s) => s.e.throttle()));
       if (opts.onBlock) await opts.onBlock(i, n);
     }
+
+    await cpStepFinish(opts.stepCache, state, cache.plan);
 
     // head per rank: (scale_shift_table[0] + e) -> shift, scale; proj_out(LN(x)·(1+scale) + shift)
     const P = ph * pw * dims.outChannels;
@@ -288,12 +340,13 @@ export class ContextParallelDit {
     for (const s of state) for (const tt of [s.hs, s.emb, s.e0, s.cos, s.sin]) tt.dispose();
     const [out] = await ex.exchange(
       heads0,
-      (parts) => [gatherRows(parts, rows, B, P * 4)],
+      gatherShuffle(rows, B, P * 4),
       state.map((_, s) => (s === 0 ? [B, L, P] : null)),
       'f32',
       'cp.head',
     );
     for (const tt of heads0) tt.dispose();
+    ex.releaseStaging(); // the exchanges' readback buffers (outside the allocators) until the next forward
     const e0 = this.ranks[0]!.engine;
     return e0.scope(() => {
       // unpatchify: [B, f, h, w, ph, pw, C] -> [B, C, f, h, ph, w, pw]
@@ -303,4 +356,186 @@ export class ContextParallelDit {
       return u.reshape([B, Co, F, H, W]);
     });
   }
+}
+
+// ---- the block's pieces on one rank (ContextParallelDit.forward's block loop)
+
+/** One rank's part of a forward: its engine and DiT, its rows, its stream [B, Lr, D] (updated in place), time embeddings, RoPE rows. */
+interface RankState {
+  e: Engine;
+  dit: WanTransformer3DModel;
+  Lr: number;
+  hs: Tensor;
+  emb: Tensor;
+  e0: Tensor;
+  cos: Tensor;
+  sin: Tensor;
+}
+
+type DitBlock = ReturnType<WanTransformer3DModel['blocks']['at']>;
+
+/**
+ * The fewest rows a chunked matmul call gets, as model.ts MIN_CALL_ROWS: the matmul picks its
+ * kernel by row count (on llvmpipe from 32 rows), so chunks of at least 32 rows run the kernel of
+ * the whole call; a shorter last chunk joins the one before it.
+ */
+const MIN_CALL_ROWS = 32;
+
+/** Row ranges [r0, r1) covering `rows` in chunks of `chunk` (0, or not below rows: one range), none below MIN_CALL_ROWS unless it is all. */
+function rowRanges(rows: number, chunk: number): Array<[number, number]> {
+  const c = chunk > 0 && chunk < rows ? Math.max(chunk, MIN_CALL_ROWS) : rows;
+  const out: Array<[number, number]> = [];
+  for (let r = 0; r < rows; r += c) out.push([r, Math.min(rows, r + c)]);
+  const last = out[out.length - 1];
+  if (out.length > 1 && last && last[1] - last[0] < MIN_CALL_ROWS) {
+    out.pop();
+    out[out.length - 1]![1] = rows;
+  }
+  return out;
+}
+
+/** Chunk option `what` checked: a whole number >= 0 (0 / absent = whole). */
+function chunkOption(what: string, v: number | undefined): number {
+  if (v === undefined) return 0;
+  if (!Number.isInteger(v) || v < 0) throw new ShapeError(`[cp_dit] ${what} must be an integer >= 0 (0 = whole), got ${v}`);
+  return v;
+}
+
+/** Copy src into dst at `byteOffset` bytes into it and free src (a chunk's result into a whole tensor or the stream, in place). */
+function putBytes(e: Engine, dst: Tensor, byteOffset: number, src: Tensor): void {
+  e.copyBuffer(src.buffer, src.byteOffset, dst.buffer, dst.byteOffset + byteOffset, src.nbytes);
+  src.dispose();
+}
+
+/**
+ * q / k / v [nb, Lr, H, Dh] of batch elements [b0, b0 + nb) of the rank's rows: LN-mod, the
+ * projections with their RMSNorm, RoPE with the rank's tables. With `chunk` (< Lr) over row chunks
+ * of each element, written into the whole tensors (only one chunk's intermediates at a time).
+ */
+async function qkvRows(s: RankState, a: DitBlock['attn1'], mod: Tensor[], b0: number, nb: number, chunk: number, eps: number, act: DType): Promise<{ q: Tensor; k: Tensor; v: Tensor }> {
+  const { e, Lr } = s;
+  const D = s.hs.shape[2]!;
+  if (!(chunk > 0 && chunk < Lr)) {
+    return e.scope(() => {
+      const h1 = layerNorm({ x: s.hs.narrow0(b0, b0 + nb), shift: mod[0]!, scale: mod[1]! }, { eps });
+      const rc = { cos: s.cos, sin: s.sin };
+      return { q: a.query(h1, rc, act), k: a.key(h1, rc, act), v: a.value(h1, act) };
+    });
+  }
+  const es = dtypeSize(act);
+  const shape = [nb, Lr, a.heads, D / a.heads];
+  const out = { q: e.empty(shape, act, 'cp.qkv'), k: e.empty(shape, act, 'cp.qkv'), v: e.empty(shape, act, 'cp.qkv') };
+  for (let b = 0; b < nb; b++) {
+    for (const [i0, i1] of rowRanges(Lr, chunk)) {
+      e.scope(() => {
+        const xr = e.bindable(s.hs.select0(b0 + b).narrow0(i0, i1).reshape([1, i1 - i0, D]));
+        const cs = { cos: e.bindable(s.cos.narrow0(i0, i1)), sin: e.bindable(s.sin.narrow0(i0, i1)) };
+        const h = layerNorm({ x: xr, shift: mod[0]!, scale: mod[1]! }, { eps });
+        const off = (b * Lr + i0) * D * es;
+        putBytes(e, out.q, off, a.query(h, cs, act));
+        putBytes(e, out.k, off, a.key(h, cs, act));
+        putBytes(e, out.v, off, a.value(h, act));
+      });
+      await e.throttle();
+    }
+  }
+  return out;
+}
+
+/**
+ * Attention of q [nb, L, Hs, Dh] over k, v [nb, L, Hs, Dh] (all keys of the rank's heads): whole,
+ * or (chunk < L) per batch element over chunks of query rows, written into one output.
+ */
+async function attendChunked(e: Engine, q: Tensor, k: Tensor, v: Tensor, chunk: number, attend: (q: Tensor, k: Tensor, v: Tensor) => Tensor): Promise<Tensor> {
+  const [nb, L, Hs, Dh] = q.shape as [number, number, number, number];
+  if (!(chunk > 0 && chunk < L)) return e.scope(() => attend(q, k, v));
+  let o: Tensor | null = null;
+  for (let b = 0; b < nb; b++) {
+    const kb = nb > 1 ? e.bindable(k.narrow0(b, b + 1)) : k;
+    const vb = nb > 1 ? e.bindable(v.narrow0(b, b + 1)) : v;
+    for (const [j0, j1] of rowRanges(L, chunk)) {
+      e.scope(() => {
+        const qc = e.bindable(q.select0(b).narrow0(j0, j1).reshape([1, j1 - j0, Hs, Dh]));
+        const y = attend(qc, kb, vb);
+        o ??= e.keep(e.empty([nb, L, Hs, Dh], y.dtype, 'cp.attn'));
+        putBytes(e, o, (b * L + j0) * Hs * Dh * dtypeSize(y.dtype), y);
+      });
+      await e.throttle();
+    }
+    if (nb > 1) {
+      kb.dispose();
+      vb.dispose();
+    }
+  }
+  return o!;
+}
+
+/**
+ * The rest of a block on batch elements [b0, b0 + nb) of one rank's rows, in place in its stream:
+ * the self-attention's output projection and gated residual (o = the attention output [nb, Lr, H,
+ * Dh] back from the all-to-all), the cross-attention over the element's text rows (k2 / v2 [B, Lt,
+ * H, Dh], no gate), the FFN with its gate. Row chunks of the rank's rows when bounded (attnChunk for
+ * the attentions, ffnChunk for the FFN).
+ */
+async function blockRest(
+  s: RankState,
+  blk: DitBlock,
+  mod: Tensor[],
+  o: Tensor,
+  k2: Tensor,
+  v2: Tensor,
+  b0: number,
+  nb: number,
+  c: { attnChunk: number; ffnChunk: number; eps: number; act: DType },
+): Promise<void> {
+  const { e, Lr } = s;
+  const D = s.hs.shape[2]!;
+  const rowsAll = nb * Lr;
+  const attnChunk = c.attnChunk > 0 && c.attnChunk < Lr ? c.attnChunk : 0;
+  const xs = s.hs.narrow0(b0, b0 + nb); // [nb, Lr, D], a view: updates land in the stream
+  const rowsX = xs.reshape([rowsAll, D]);
+  const oFlat = o.reshape([rowsAll, D]);
+  // 1e. x += to_out(o) · gate_msa
+  for (const [r0, r1] of rowRanges(rowsAll, attnChunk)) {
+    e.scope(() => {
+      const y1 = blk.attn1.to_out.at(0).forward(e.bindable(oFlat.narrow0(r0, r1)), 'none', 'f32');
+      putBytes(e, rowsX, r0 * D * 4, gatedResidual({ x: e.bindable(rowsX.narrow0(r0, r1)), r: y1, gate: mod[2]! }, {}));
+    });
+    await e.throttle();
+  }
+  // 2. cross-attention over all text rows, no gate: x += attn2(LN_affine(x), ctx)
+  if (attnChunk === 0) {
+    e.scope(() => {
+      const kg = e.bindable(k2.narrow0(b0, b0 + nb));
+      const vg = e.bindable(v2.narrow0(b0, b0 + nb));
+      const q2 = blk.attn2.query(blk.norm2.forward(xs), null, c.act);
+      putBytes(e, xs, 0, add(xs, blk.attn2.attend(q2, kg, vg)));
+    });
+  } else {
+    for (let b = b0; b < b0 + nb; b++) {
+      const kb = e.bindable(k2.narrow0(b, b + 1));
+      const vb = e.bindable(v2.narrow0(b, b + 1));
+      for (const [i0, i1] of rowRanges(Lr, attnChunk)) {
+        e.scope(() => {
+          const xr = e.bindable(s.hs.select0(b).narrow0(i0, i1).reshape([1, i1 - i0, D]));
+          const q2 = blk.attn2.query(blk.norm2.forward(xr), null, c.act);
+          putBytes(e, s.hs, (b * Lr + i0) * D * 4, add(xr, blk.attn2.attend(q2, kb, vb)));
+        });
+        await e.throttle();
+      }
+      kb.dispose();
+      vb.dispose();
+    }
+  }
+  await e.throttle();
+  // 3. FFN: x += ffn(LN(x)·(1+scale_ffn) + shift_ffn) · gate_ffn, per token (chunks of the group's rows)
+  for (const [r0, r1] of rowRanges(rowsAll, c.ffnChunk)) {
+    e.scope(() => {
+      const xr = e.bindable(rowsX.narrow0(r0, r1));
+      const y3 = blk.ffn.forward(layerNorm({ x: xr, shift: mod[3]!, scale: mod[4]! }, { eps: c.eps }), c.act);
+      putBytes(e, rowsX, r0 * D * 4, gatedResidual({ x: xr, r: y3, gate: mod[5]! }, {}));
+    });
+    await e.throttle();
+  }
+  for (const t of [oFlat, rowsX, xs]) t.dispose();
 }

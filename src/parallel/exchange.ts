@@ -1,21 +1,40 @@
 // Host-memory exchanges between the WebGPU devices of a context-parallel run.
 //
-// Dawn gives two devices no shared memory, so every exchange is device → host (a mapped readback
-// staging buffer, Engine.read) → host shuffle (plain byte copies) → host → device (queue.writeBuffer,
-// Engine.fromHost). All on the main thread: the devices' queues run on their own (on lavapipe, on
-// the driver's threads), so the only JavaScript work is the shuffle itself. Worker threads with a
-// SharedArrayBuffer would remove one host copy per exchange, but each worker would need its own
-// Dawn instance and device and the DiT's weights loaded there; not built (docs/context-parallel.md).
+// Dawn gives two devices no shared memory, so every exchange goes device → host → device, all on
+// the main thread (the devices' queues run on their own; the only JavaScript work is moving bytes).
+// Two paths, chosen per HostExchange (`path`), the same bytes either way (test/cp-exchange.test.ts):
+//
+// - 'copy' (the first one built): Engine.read of each source tensor (GPU copy into a mapped readback
+//   buffer, then a host copy out of the mapped range), a host shuffle into new arrays (rowsToHeads:
+//   a second host copy, in row segments of Hs·Dh elements), Engine.fromHost (queue.writeBuffer:
+//   Dawn copies the bytes into its upload staging, a third host copy). Any shuffle function works.
+// - 'mapped' (the default): ONE host copy per byte. The source device first packs, on the GPU, the
+//   bytes of each destination contiguously (rowsToHeads: a `slice` of its head range per
+//   destination, [B, Lr, Hs, Dh]); they are copied into this class's own MAP_READ staging buffers in
+//   chunks of `chunkBytes` (one submit each), and as each chunk is mapped its contiguous runs go
+//   straight from the mapped range to the destination tensors with queue.writeBuffer (Dawn's one
+//   copy). No JavaScript array is made. headsToRows lands each source's block [B, Lr, Hs, Dh] in a
+//   tensor of its own on the destination, which concatenates them along the heads on its GPU. The
+//   chunks of every rank are handled as they arrive (a chunk's uploads are queued while the next
+//   chunks are still being copied down), so on a real GPU the link transfers of one chunk overlap
+//   the host copy of another. Only the shuffles made by rowsToHeadsShuffle / headsToRowsShuffle /
+//   gatherShuffle have a layout this path knows; with any other shuffle, or runs not aligned to 4
+//   bytes (copyBufferToBuffer / writeBuffer need that: 16-bit tensors with an odd Hs·Dh), the
+//   'copy' path runs.
+//
+// Worker threads with a SharedArrayBuffer would need a Dawn instance, a device and the DiT's
+// weights in every worker; not built (docs/context-parallel.md).
 //
 // The all-to-all of Ulysses sequence parallelism, on the host:
 //   rank r holds rows [r0, r1) of every batch element, all H heads:  [B, Lr, H, Dh]
 //   rank s needs all L rows of its heads [h0, h1):                     [B, L, Hs, Dh]
 // rowsToHeads does the first, headsToRows the way back (attention outputs to their rows' owners).
 
-import type { Engine } from '../runtime/engine.ts';
+import { engineOf, type Engine, type BufferBinding } from '../runtime/engine.ts';
 import type { Tensor } from '../tensor/tensor.ts';
-import type { DType } from '../tensor/dtype.ts';
-import { ShapeError } from '../util/errors.ts';
+import { dtypeSize, type DType } from '../tensor/dtype.ts';
+import { slice, concat } from '../ops/layout.ts';
+import { GpuError, ShapeError } from '../util/errors.ts';
 
 /** [start, end) of part i when `n` items are split into `parts` contiguous runs, the first n % parts one longer */
 export function splitRange(n: number, parts: number, i: number): [number, number] {
@@ -119,6 +138,33 @@ export function sliceRows(all: Uint8Array, B: number, L: number, r0: number, r1:
   return out;
 }
 
+/** The layout of a shuffle, which the 'mapped' path moves without calling the shuffle itself. */
+export type ShuffleLayout =
+  | { kind: 'rowsToHeads'; g: A2aGeometry }
+  | { kind: 'headsToRows'; g: A2aGeometry }
+  | { kind: 'gather'; rows: Array<[number, number]>; B: number; rowBytes: number };
+
+/** A shuffle function (the 'copy' path and the reference) with its layout (the 'mapped' path). */
+export interface KnownShuffle {
+  (parts: Uint8Array[]): Uint8Array[];
+  layout: ShuffleLayout;
+}
+
+/** rowsToHeads as an exchange's shuffle (HostExchange.exchange moves it on the mapped path). */
+export function rowsToHeadsShuffle(g: A2aGeometry): KnownShuffle {
+  return Object.assign((parts: Uint8Array[]) => rowsToHeads(parts, g), { layout: { kind: 'rowsToHeads', g } as const });
+}
+
+/** headsToRows as an exchange's shuffle. */
+export function headsToRowsShuffle(g: A2aGeometry): KnownShuffle {
+  return Object.assign((parts: Uint8Array[]) => headsToRows(parts, g), { layout: { kind: 'headsToRows', g } as const });
+}
+
+/** gatherRows as an exchange's shuffle: one output, to the one rank whose shape is given. */
+export function gatherShuffle(rows: Array<[number, number]>, B: number, rowBytes: number): KnownShuffle {
+  return Object.assign((parts: Uint8Array[]) => [gatherRows(parts, rows, B, rowBytes)], { layout: { kind: 'gather', rows, B, rowBytes } as const });
+}
+
 /** What the exchanges of a run moved and cost (reset per forward by the caller when wanted). */
 export interface ExchangeStats {
   /** bytes read back from the devices to the host */
@@ -127,24 +173,86 @@ export interface ExchangeStats {
   bytesUp: number;
   /** number of exchanges (one all-to-all or gather counts once) */
   exchanges: number;
+  /** of those, how many ran on the mapped path */
+  mapped: number;
   /** wall ms spent waiting for the devices' queued compute before an exchange (all ranks together) */
   computeMs: number;
-  /** wall ms of the exchanges themselves: readbacks, the host shuffle, the uploads */
+  /** wall ms of the exchanges themselves: readbacks, the host copies, the uploads */
   exchangeMs: number;
 }
 
 export function emptyExchangeStats(): ExchangeStats {
-  return { bytesDown: 0, bytesUp: 0, exchanges: 0, computeMs: 0, exchangeMs: 0 };
+  return { bytesDown: 0, bytesUp: 0, exchanges: 0, mapped: 0, computeMs: 0, exchangeMs: 0 };
+}
+
+export type ExchangePath = 'mapped' | 'copy';
+
+export interface HostExchangeOptions {
+  /** 'mapped' (default): one host copy per byte; 'copy': Engine.read + host shuffle + Engine.fromHost (see the file's head) */
+  path?: ExchangePath;
+  /** the mapped path's readback chunk (bytes, a multiple of 256): each chunk is one submit and one mapping */
+  chunkBytes?: number;
+}
+
+/** One contiguous run of a source's packed bytes and where it lands: destination rank, its part, byte offset there. */
+interface Route {
+  srcOff: number;
+  size: number;
+  dst: number;
+  part: number;
+  dstOff: number;
 }
 
 /**
+ * One GPU region a source reads, made when its first chunk is encoded (`open`: a packing slice is
+ * computed then) and let go after its last (`close`): at most two packing slices exist at a time.
+ */
+interface Piece {
+  size: number;
+  open: () => BufferBinding;
+  close: () => void;
+}
+
+/** What the mapped path reads from one source rank (its pieces, in staging order) and where each run goes. */
+interface SourcePlan {
+  pieces: Piece[];
+  routes: Route[];
+  total: number;
+}
+
+interface MappedPlan {
+  sources: Array<SourcePlan | null>;
+  /** per destination rank: the shapes of the tensors its runs land in (empty: nothing to that rank) */
+  parts: number[][][];
+  /** per destination: its result from its parts (on its GPU), or null */
+  assemble: (s: number, parts: Tensor[]) => Tensor | null;
+  /** the tensors' dtype */
+  dtype: DType;
+}
+
+const DEFAULT_CHUNK = 16 * 2 ** 20;
+const POOL_PER_ENGINE = 8;
+
+/**
  * The host side of the exchanges of N engines. `exchange` waits for all devices' queued work
- * (counted as compute), reads the tensors back in parallel, shuffles on the host and uploads the
- * results (counted as exchange time).
+ * (counted as compute), then moves the bytes (counted as exchange time) on the path chosen.
  */
 export class HostExchange {
   stats: ExchangeStats = emptyExchangeStats();
-  constructor(readonly engines: Engine[]) {}
+  path: ExchangePath;
+  readonly chunkBytes: number;
+  /** the mapped path's MAP_READ staging buffers, per engine (unmapped, free) */
+  private readonly pool = new Map<Engine, GPUBuffer[]>();
+
+  constructor(
+    readonly engines: Engine[],
+    opts: HostExchangeOptions = {},
+  ) {
+    this.path = opts.path ?? 'mapped';
+    const c = opts.chunkBytes ?? DEFAULT_CHUNK;
+    if (!Number.isInteger(c) || c < 256 || c % 256) throw new ShapeError(`[cp_exchange] chunkBytes must be a multiple of 256 >= 256, got ${c}`);
+    this.chunkBytes = c;
+  }
 
   resetStats(): void {
     this.stats = emptyExchangeStats();
@@ -160,24 +268,33 @@ export class HostExchange {
   /**
    * Read `src[r]` (on engine r, null: nothing from that rank) to the host, map the bytes with
    * `shuffle`, upload out[s] to engine s with shape shapes[s] (null: nothing to that rank).
+   * With a KnownShuffle the mapped path moves the same bytes without calling it.
    */
   async exchange(
     src: Array<Tensor | null>,
-    shuffle: (parts: Uint8Array[]) => Uint8Array[],
+    shuffle: ((parts: Uint8Array[]) => Uint8Array[]) | KnownShuffle,
     shapes: Array<number[] | null>,
     dtype: DType,
     owner: string,
   ): Promise<Array<Tensor | null>> {
     await this.settle();
     const t0 = performance.now();
-    const parts = await Promise.all(src.map((t, r) => (t ? this.engines[r]!.read(t) : Promise.resolve(new Uint8Array(0)))));
-    for (const p of parts) this.stats.bytesDown += p.byteLength;
-    const out = shuffle(parts);
-    const res = shapes.map((shape, s) => {
-      if (!shape) return null;
-      this.stats.bytesUp += out[s]!.byteLength;
-      return this.engines[s]!.fromHost(out[s]!, shape, dtype, owner);
-    });
+    const layout = 'layout' in shuffle ? shuffle.layout : null;
+    const plan = this.path === 'mapped' && layout ? this.planMapped(layout, src, shapes, dtype) : null;
+    let res: Array<Tensor | null>;
+    if (plan) {
+      res = await this.runMapped(plan, owner);
+      this.stats.mapped++;
+    } else {
+      const parts = await Promise.all(src.map((t, r) => (t ? this.engines[r]!.read(t) : Promise.resolve(new Uint8Array(0)))));
+      for (const p of parts) this.stats.bytesDown += p.byteLength;
+      const out = shuffle(parts);
+      res = shapes.map((shape, s) => {
+        if (!shape) return null;
+        this.stats.bytesUp += out[layout?.kind === 'gather' ? 0 : s]!.byteLength;
+        return this.engines[s]!.fromHost(out[layout?.kind === 'gather' ? 0 : s]!, shape, dtype, owner);
+      });
+    }
     this.stats.exchanges++;
     this.stats.exchangeMs += performance.now() - t0;
     return res;
@@ -200,4 +317,239 @@ export class HostExchange {
     this.stats.exchangeMs += performance.now() - t0;
     return b;
   }
+
+  /** Destroy the mapped path's pooled staging buffers (they are outside the engines' allocators). */
+  releaseStaging(): void {
+    for (const list of this.pool.values()) for (const b of list) b.destroy();
+    this.pool.clear();
+  }
+
+  // ------------------------------------------------------------------ the mapped path
+
+  /**
+   * The runs of a known layout, or null when the mapped path cannot move them (a run or an offset
+   * not a multiple of 4 bytes, shapes that do not match the layout): the copy path runs then.
+   */
+  private planMapped(layout: ShuffleLayout, src: Array<Tensor | null>, shapes: Array<number[] | null>, dtype: DType): MappedPlan | null {
+    const N = this.engines.length;
+    const whole = (t: Tensor): Piece => ({ size: t.nbytes, open: () => ({ buffer: t.buffer, offset: t.byteOffset, size: t.nbytes }), close: () => {} });
+    const parts: number[][][] = Array.from({ length: N }, () => []);
+    const sources: Array<SourcePlan | null> = Array.from({ length: N }, () => null);
+    if (src.length !== N || shapes.length !== N) return null;
+    const sizeOf = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
+    if (src.some((t) => t && (t.dtype !== dtype || engineOf(t) !== this.engines[src.indexOf(t)]))) return null;
+    const es = dtypeSize(dtype);
+    let assemble: MappedPlan['assemble'];
+    if (layout.kind === 'rowsToHeads') {
+      const { g } = layout;
+      const L = total(g.rows);
+      const H = total(g.heads);
+      if (g.elemBytes !== es) return null;
+      const segOf = (s: number) => (g.heads[s]![1] - g.heads[s]![0]) * g.Dh * es;
+      for (let s = 0; s < N; s++) {
+        if (segOf(s) === 0) continue;
+        if (!shapes[s] || sizeOf(shapes[s]!) * es !== g.B * L * segOf(s)) return null;
+        parts[s]!.push(shapes[s]!);
+      }
+      for (let r = 0; r < N; r++) {
+        const t = src[r];
+        const [r0, r1] = g.rows[r]!;
+        const Lr = r1 - r0;
+        if (!t || t.nbytes !== g.B * Lr * H * g.Dh * es) return null;
+      }
+      // (every check passed: now the GPU packing)
+      for (let r = 0; r < N; r++) {
+        const t = src[r]!;
+        const [r0, r1] = g.rows[r]!;
+        const Lr = r1 - r0;
+        const plan: SourcePlan = { pieces: [], routes: [], total: 0 };
+        const many = g.heads.filter(([a, b]) => b > a).length > 1;
+        for (let s = 0; s < N; s++) {
+          const seg = segOf(s);
+          if (seg === 0) continue;
+          const [h0, h1] = g.heads[s]!;
+          // [B, Lr, Hs, Dh]: this destination's heads of the rank's rows, contiguous
+          const e = this.engines[r]!;
+          let sl: Tensor | null = null;
+          const piece: Piece = many
+            ? {
+                size: g.B * Lr * seg,
+                open: () => {
+                  sl = e.scope(() => slice(t.reshape([g.B, Lr, H, g.Dh]), 2, h0, h1));
+                  return { buffer: sl.buffer, offset: sl.byteOffset, size: sl.nbytes };
+                },
+                // (its copies are encoded: the block may be reused by later work, which queue order puts after them)
+                close: () => sl?.dispose(),
+              }
+            : whole(t);
+          const off = plan.total;
+          plan.pieces.push(piece);
+          for (let b = 0; b < g.B; b++) plan.routes.push({ srcOff: off + b * Lr * seg, size: Lr * seg, dst: s, part: 0, dstOff: (b * L + r0) * seg });
+          plan.total += piece.size;
+        }
+        sources[r] = plan;
+      }
+      assemble = (_s, p) => p[0] ?? null;
+    } else if (layout.kind === 'headsToRows') {
+      const { g } = layout;
+      const L = total(g.rows);
+      const H = total(g.heads);
+      if (g.elemBytes !== es) return null;
+      for (let r = 0; r < N; r++) {
+        const Lr = g.rows[r]![1] - g.rows[r]![0];
+        // (the parts are concatenated along the heads: the result is [B, Lr, H, Dh] exactly)
+        if (shapes[r]?.join() !== [g.B, Lr, H, g.Dh].join()) return null;
+      }
+      for (let s = 0; s < N; s++) {
+        const [h0, h1] = g.heads[s]!;
+        const Hs = h1 - h0;
+        const seg = Hs * g.Dh * es;
+        const t = src[s];
+        if (Hs === 0) {
+          if (t) return null;
+          continue;
+        }
+        if (!t || t.nbytes !== g.B * L * seg) return null;
+        const plan: SourcePlan = { pieces: [whole(t)], routes: [], total: t.nbytes };
+        g.rows.forEach(([r0, r1], r) => {
+          const Lr = r1 - r0;
+          const part = parts[r]!.length;
+          parts[r]!.push([g.B, Lr, Hs, g.Dh]);
+          for (let b = 0; b < g.B; b++) plan.routes.push({ srcOff: (b * L + r0) * seg, size: Lr * seg, dst: r, part, dstOff: b * Lr * seg });
+        });
+        sources[s] = plan;
+      }
+      // [B, Lr, Hs, Dh] per source, in head order → [B, Lr, H, Dh]
+      assemble = (r, p) => {
+        if (p.length === 1) return p[0]!;
+        const e = this.engines[r]!;
+        return e.scope(() => concat(p, 2));
+      };
+    } else {
+      const { rows, B, rowBytes } = layout;
+      const L = total(rows);
+      const dsts = shapes.map((sh, k) => (sh ? k : -1)).filter((k) => k >= 0);
+      if (dsts.length !== 1) return null;
+      const d = dsts[0]!;
+      if (sizeOf(shapes[d]!) * es !== B * L * rowBytes) return null;
+      parts[d]!.push(shapes[d]!);
+      for (let r = 0; r < N; r++) {
+        const [r0, r1] = rows[r]!;
+        const Lr = r1 - r0;
+        const t = src[r];
+        if (!t || t.nbytes !== B * Lr * rowBytes) return null;
+        const plan: SourcePlan = { pieces: [whole(t)], routes: [], total: t.nbytes };
+        for (let b = 0; b < B; b++) plan.routes.push({ srcOff: b * Lr * rowBytes, size: Lr * rowBytes, dst: d, part: 0, dstOff: (b * L + r0) * rowBytes });
+        sources[r] = plan;
+      }
+      assemble = (_s, p) => p[0] ?? null;
+    }
+    // (tensors start at allocator blocks or views of them; a view at an odd 2-byte offset goes the copy path)
+    const srcAligned = src.every((t) => !t || t.byteOffset % 4 === 0);
+    const aligned = srcAligned && sources.every((p) => !p || (p.pieces.every((x) => x.size % 4 === 0) && p.routes.every((x) => x.srcOff % 4 === 0 && x.size % 4 === 0 && x.dstOff % 4 === 0)));
+    if (!aligned) return null;
+    return { sources, parts, assemble, dtype };
+  }
+
+  private takeStaging(e: Engine, size: number): GPUBuffer {
+    const list = this.pool.get(e) ?? [];
+    this.pool.set(e, list);
+    const i = list.findIndex((b) => b.size >= size && b.size <= 2 * size);
+    if (i >= 0) return list.splice(i, 1)[0]!;
+    return e.device.createBuffer({ size: Math.ceil(size / 256) * 256, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST, label: 'cp.exchange.readback' });
+  }
+
+  private giveStaging(e: Engine, b: GPUBuffer): void {
+    const list = this.pool.get(e) ?? [];
+    this.pool.set(e, list);
+    list.push(b);
+    while (list.length > POOL_PER_ENGINE) list.shift()!.destroy();
+  }
+
+  /** Runs a plan: packed bytes down in chunks, each chunk's runs straight up from its mapped range. */
+  private async runMapped(plan: MappedPlan, owner: string): Promise<Array<Tensor | null>> {
+    const N = this.engines.length;
+    const dst: Tensor[][] = plan.parts.map((shapes, s) => shapes.map((shape) => this.engines[s]!.empty(shape, plan.dtype, owner)));
+    const pending: Array<Promise<void>> = [];
+    /** pieces whose region is open (packing slices made, not yet let go) */
+    const open: Record<string, BufferBinding> = {};
+    const staged: Array<{ e: Engine; buf: GPUBuffer }> = [];
+    try {
+      // 1. every source's chunks: GPU copies into staging buffers, one submit per chunk, mapped as they complete
+      for (let r = 0; r < N; r++) {
+        const sp = plan.sources[r];
+        if (!sp || sp.total === 0) continue;
+        const e = this.engines[r]!;
+        this.stats.bytesDown += sp.total;
+        for (let c0 = 0; c0 < sp.total; c0 += this.chunkBytes) {
+          const c1 = Math.min(sp.total, c0 + this.chunkBytes);
+          const buf = this.takeStaging(e, c1 - c0);
+          staged.push({ e, buf });
+          let at = 0;
+          for (const [k, p] of sp.pieces.entries()) {
+            const lo = Math.max(c0, at);
+            const hi = Math.min(c1, at + p.size);
+            if (hi > lo) {
+              const b = (open[`${r}.${k}`] ??= p.open());
+              e.copyBuffer(b.buffer, b.offset + (lo - at), buf, lo - c0, hi - lo);
+              if (hi === at + p.size) {
+                p.close();
+                delete open[`${r}.${k}`];
+              }
+            }
+            at += p.size;
+          }
+          e.flush();
+          const len = Math.ceil((c1 - c0) / 4) * 4;
+          pending.push(
+            buf.mapAsync(GPUMapMode.READ, 0, len).then(
+              () => {
+                // 2. this chunk's runs to their destinations (Dawn copies them into its upload staging: the one host copy)
+                const ab = buf.getMappedRange(0, len);
+                const flushed = new Set<number>();
+                for (const rt of sp.routes) {
+                  const lo = Math.max(c0, rt.srcOff);
+                  const hi = Math.min(c1, rt.srcOff + rt.size);
+                  if (hi <= lo) continue;
+                  const de = this.engines[rt.dst]!;
+                  // unsubmitted work of that engine may still read the destination's reused block: submit it first
+                  if (!flushed.has(rt.dst)) {
+                    de.flush();
+                    flushed.add(rt.dst);
+                  }
+                  const t = dst[rt.dst]![rt.part]!;
+                  de.device.queue.writeBuffer(t.buffer, t.byteOffset + rt.dstOff + (lo - rt.srcOff), ab, lo - c0, hi - lo);
+                }
+                buf.unmap();
+              },
+              (err: unknown) => {
+                throw new GpuError(`[cp_exchange] mapping rank ${r}'s readback failed: ${(err as Error).message}`, { cause: err });
+              },
+            ),
+          );
+        }
+      }
+      await Promise.all(pending);
+      for (const { e, buf } of staged) this.giveStaging(e, buf);
+      staged.length = 0;
+      await Promise.all(this.engines.map((e) => e.checkErrors()));
+    } catch (err) {
+      for (const key of Object.keys(open)) {
+        const [r, k] = key.split('.').map(Number);
+        plan.sources[r!]!.pieces[k!]!.close();
+      }
+      await Promise.allSettled(pending);
+      for (const { buf } of staged) buf.destroy();
+      for (const list of dst) for (const t of list) t.dispose();
+      throw err;
+    }
+    return dst.map((list, s) => {
+      for (const t of list) this.stats.bytesUp += t.nbytes;
+      if (list.length === 0) return null;
+      const out = plan.assemble(s, list);
+      for (const t of list) if (t !== out) t.dispose();
+      return out;
+    });
+  }
 }
+

@@ -154,6 +154,13 @@ export interface StreamedBlocksOptions {
    * in meta mode.
    */
   chunkedStaging?: boolean;
+  /**
+   * Another StreamedBlocks' host images, one per block in this instance's order (imageBytes), each
+   * of this layout's size: the params view them and nothing is packed, so several devices stream
+   * the same host copy of the weights (context parallelism, src/parallel/pipeline-cp.ts). The params
+   * may be meta placeholders (shape and dtype are all the layout needs).
+   */
+  sharedImages?: Uint8Array[];
 }
 
 export class StreamedBlocks implements BlockResidency {
@@ -214,16 +221,30 @@ export class StreamedBlocks implements BlockResidency {
     const disk = opts.disk ?? null;
     if (disk && disk.images.length !== blocks.length) throw new Error(`[residency] ${disk.images.length} disk images for ${blocks.length} blocks`);
     const align = Math.max(e.caps.storageAlign, 256);
+    const shared = this.meta || disk ? null : (opts.sharedImages ?? null);
+    if (shared && shared.length !== blocks.length) throw new Error(`[residency] ${shared.length} shared images for ${blocks.length} blocks`);
     for (const b of blocks) {
       const params = b.namedParams().map(([, p]) => p);
       for (const p of params) {
         if (p.t.device !== 'cpu') throw new Error(`[residency] ${p.fullKey} must be in host memory to be streamed`);
-        if (!this.meta && !disk && p.t.isMeta) throw new Error(`[residency] ${p.fullKey} is a meta placeholder: only a meta or disk StreamedBlocks can stream it`);
+        if (!this.meta && !disk && !shared && p.t.isMeta) throw new Error(`[residency] ${p.fullKey} is a meta placeholder: only a meta or disk StreamedBlocks can stream it`);
       }
       const { offsets, size } = blockImageLayout(params.map((p) => p.t), align);
       const entries = params.map((param, k) => ({ param, offset: offsets[k]! }));
       let bytes: Uint8Array | null = null;
       const bi = this.images.length;
+      const given = shared?.[bi];
+      if (given) {
+        if (given.byteLength !== size || given.byteOffset % 4 !== 0) throw new Error(`[residency] block ${bi}: a shared image of ${given.byteLength} bytes, this layout needs ${size}`);
+        const image = Tensor.cpu(new Uint32Array(given.buffer, given.byteOffset, size / 4), [size / 4], 'u32');
+        for (const { param, offset } of entries) param.value = param.streamHost = image.viewBytes(offset, param.t.shape, param.t.dtype);
+        this.images.push({ bytes: given, size, entries, disk: null });
+        this.slotOf.push(-1);
+        this.holder.push(null);
+        this.views.push([]);
+        this.inflight.push(null);
+        continue;
+      }
       const diskImage = disk ? { weights: disk.weights[bi] ?? disk.weights[0]!, image: disk.images[bi]! } : null;
       if (diskImage && diskImage.image.size !== size) throw new Error(`[residency] block ${bi}: disk image of ${diskImage.image.size} bytes, layout ${size}`);
       if (this.meta || diskImage) {
@@ -431,6 +452,11 @@ export class StreamedBlocks implements BlockResidency {
   /** bytes of block i's image: what one upload moves, and what a resident block holds on the GPU */
   blockBytes(i: number): number {
     return this.images[i]!.size;
+  }
+
+  /** block i's host image (null in meta and disk modes): what another device's StreamedBlocks may share (sharedImages) */
+  imageBytes(i: number): Uint8Array | null {
+    return this.images[i]!.bytes;
   }
 
   /** host bytes held by the block images (in meta mode: what the real mode would hold; 0 in disk mode) */

@@ -6,7 +6,7 @@
 // Tile size 0 (the default, `infer.vae_tile_size=0`) sizes the tiles from a working-set estimate:
 // the least work whose largest tile needs no more memory than the whole-frame stages (planAutoTiles).
 
-import type { Engine } from '../runtime/engine.ts';
+import type { Engine, MetaSpan } from '../runtime/engine.ts';
 import type { Tensor } from '../tensor/tensor.ts';
 import { WanVaeDecoder, CausalCache, sliceFrames, concatTime } from '../models/wan_vae/model.ts';
 import { countNonFinite } from '../ops/finite.ts';
@@ -254,6 +254,52 @@ export function leanStemStages(vae: WanVaeDecoder, H: number, W: number, capByte
   return 1;
 }
 
+/** A device that decodes tiles: its engine and a decoder whose head weights live there. */
+export interface TileDevice {
+  engine: Engine;
+  vae: WanVaeDecoder;
+}
+
+/**
+ * Keys of the weights the tiles' decode uses (decodeTiled's head from `stemStages` on, clamped as
+ * decodeTiled clamps it): up-block stage 2i = up_blocks.i.resnets, 2i + 1 = its upsampler, then
+ * norm_out and conv_out. The stem's weights stay on the device that runs the stem.
+ */
+export function headParamKeys(vae: WanVaeDecoder, stemStages?: number): string[] {
+  const from = Math.max(0, Math.min(stemStages ?? STEM_STAGES, vae.numStages - 1));
+  return vae
+    .namedParams()
+    .map(([k]) => k)
+    .filter((k) => {
+      const m = /^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\./.exec(k);
+      if (m) return 2 * Number(m[1]) + (m[2] === 'upsamplers' ? 1 : 0) >= from;
+      return k.startsWith('decoder.norm_out.') || k.startsWith('decoder.conv_out.');
+    });
+}
+
+/**
+ * A decoder on `engines[i]` for each engine, holding copies of `vae`'s head weights (headParamKeys;
+ * read once from wherever they are, uploaded to each): decodeTiled's `devices`. Free with disposeParams.
+ */
+export async function vaeHeadCopies(vae: WanVaeDecoder, engines: Engine[], stemStages?: number, owner = 'vae'): Promise<TileDevice[]> {
+  const keys = new Set(headParamKeys(vae, stemStages));
+  const copies = engines.map((engine) => ({ engine, vae: new WanVaeDecoder(vae.dims) }));
+  const byKey = copies.map((c) => new Map(c.vae.namedParams()));
+  try {
+    for (const [k, p] of vae.namedParams()) {
+      if (!keys.has(k)) continue;
+      const host = await p.t.toCpu();
+      copies.forEach((c, i) => {
+        byKey[i]!.get(k)!.value = c.engine.keep(host.toGpu(c.engine, `${owner}.${k}`));
+      });
+    }
+  } catch (err) {
+    for (const c of copies) c.vae.disposeParams();
+    throw err;
+  }
+  return copies;
+}
+
 export interface TiledDecodeOptions {
   /** the largest tile in latent pixels; 0: auto (planAutoTiles) */
   tile: number;
@@ -271,6 +317,11 @@ export interface TiledDecodeOptions {
   /** auto tiles may use this many bytes even when the whole-frame stages need less (a lean stem: leanStemStages) */
   tileBytes?: number;
   onTile?: (done: number, total: number) => void;
+  /**
+   * further devices that decode a share of the tiles (context parallelism, rank 0 = the engine given):
+   * each with a decoder holding at least the head's weights (vaeHeadCopy); the video is the same
+   */
+  devices?: TileDevice[];
   /**
    * count NaN/±Inf in every tile's decoder output on the GPU, before its readback (one dispatch per
    * tile and chunk, the counts chained on the GPU and read once at the end): `nonFinite` in the result
@@ -334,116 +385,175 @@ export async function decodeTiled(
   // set to `reserved` (1.3B 480p, auto tiles: 17 GiB reserved for a 4.3 GiB peak). The cache is given
   // back after the stem and whenever the next region's size differs from the last one's.
   e.allocator.emptyCache();
-  let lastRegion = '';
-  // 2. head per tile (with halo), blended
-  let out: Float64Array | null = null;
-  let wsum: Float64Array | null = null;
+  // 2. head per tile (with halo), blended in tile order. With `devices` (context parallelism) the
+  // tiles go to whichever device is free (rank 0 = e included); each tile's decode is the same work
+  // on any device, and the blend takes them in the one-device order, so the video is the same.
+  // (assigned by blendTile, in the workers below: declared so that no narrowing to null sticks)
+  let out = null as Float64Array | null;
+  let wsum = null as Float64Array | null;
   let T = 0;
   let sf = 8;
   let Ho = 0;
   let Wo = 0;
-  const total = ys.length * xs.length;
+  const order: Array<[number, number]> = [];
+  for (let yi = 0; yi < ys.length; yi++) for (let xi = 0; xi < xs.length; xi++) order.push([yi, xi]);
+  const total = order.length;
   let done = 0;
-  // the running non-finite count (u32 [1] on the GPU) and the elements it covers
-  let bad: Tensor | null = null;
+  // the running non-finite count (u32 [1] on each device's GPU) and the elements it covers
+  const bad = new Map<Engine, Tensor>();
   let checked = 0;
-  for (let yi = 0; yi < ys.length; yi++) {
-    for (let xi = 0; xi < xs.length; xi++) {
-      const y0 = ys[yi]!;
-      const x0 = xs[xi]!;
-      const th = py.lens[yi]!;
-      const tw = px.lens[xi]!;
-      const ry0 = Math.max(0, y0 - halo);
-      const ry1 = Math.min(H, y0 + th + halo);
-      const rx0 = Math.max(0, x0 - halo);
-      const rx1 = Math.min(W, x0 + tw + halo);
-      const rh = ry1 - ry0;
-      const rw = rx1 - rx0;
-      if (`${rh}x${rw}` !== lastRegion) e.allocator.emptyCache();
-      lastRegion = `${rh}x${rw}`;
-      const cache = new CausalCache();
-      const parts: Float32Array[] = [];
-      let tileT = 0;
-      let outC = 3;
-      let hh = 0;
-      let ww = 0;
-      try {
-        for (let k = 0; k < chunks.length; k++) {
-          const { data, Cm, Tc } = stems[k]!;
-          const ch = rh * su;
-          const cw = rw * su;
-          let hc: Tensor;
-          if (meta) hc = e.empty([1, Cm, Tc, ch, cw], 'f32', 'activation');
-          else {
-            const crop = new Float32Array(Cm * Tc * ch * cw);
-            for (let c = 0; c < Cm * Tc; c++)
-              for (let y = 0; y < ch; y++) {
-                const src = (c * Hs + ry0 * su + y) * Ws + rx0 * su;
-                crop.set(data.subarray(src, src + cw), (c * ch + y) * cw);
-              }
-            hc = e.fromHost(crop, [1, Cm, Tc, ch, cw], 'f32', 'activation');
-          }
-          const o = await vae.head(hc, cache, k === 0, undefined, stemStages);
-          hc.dispose();
-          outC = o.size(1);
-          hh = o.size(3);
-          ww = o.size(4);
-          if (opts.checkFinite && !meta) {
-            const next = countNonFinite(o, bad ?? undefined);
-            bad?.dispose();
-            bad = next;
-            checked += o.numel;
-          }
-          if (meta) tileT += o.size(2);
-          else parts.push((await o.toArray()) as Float32Array);
-          o.dispose();
+  const lastRegion = new Map<Engine, string>();
+  const tileSpans = new Map<Engine, Map<string, Array<{ span: MetaSpan; out: { outC: number; hh: number; ww: number; tileT: number } }>>>();
+  type TileOut = { parts: Float32Array[]; outC: number; hh: number; ww: number; tileT: number; ry0: number; rx0: number; rh: number };
+  const runTile = async (dev: TileDevice, k: number): Promise<TileOut> => {
+    const de = dev.engine;
+    const [yi, xi] = order[k]!;
+    const y0 = ys[yi]!;
+    const x0 = xs[xi]!;
+    const th = py.lens[yi]!;
+    const tw = px.lens[xi]!;
+    const ry0 = Math.max(0, y0 - halo);
+    const ry1 = Math.min(H, y0 + th + halo);
+    const rx0 = Math.max(0, x0 - halo);
+    const rx1 = Math.min(W, x0 + tw + halo);
+    const rh = ry1 - ry0;
+    const rw = rx1 - rx0;
+    if (`${rh}x${rw}` !== lastRegion.get(de)) de.allocator.emptyCache();
+    lastRegion.set(de, `${rh}x${rw}`);
+    // the planner's meta walk: a tile of a region size already walked from this allocator state is
+    // accounted, not walked (Engine.metaRepeat; its allocations would repeat exactly)
+    const spanKey = `${rh}x${rw}`;
+    // (a region size has a span from the emptied cache and one from its own warm cache: both kept)
+    for (const known of meta ? (tileSpans.get(de)?.get(spanKey) ?? []) : []) if (de.metaRepeat(known.span)) return { parts: [], ...known.out, ry0, rx0, rh };
+    const mark = meta ? de.metaSpanStart() : null;
+    const cache = new CausalCache();
+    const parts: Float32Array[] = [];
+    let tileT = 0;
+    let outC = 3;
+    let hh = 0;
+    let ww = 0;
+    try {
+      for (let c = 0; c < chunks.length; c++) {
+        const { data, Cm, Tc } = stems[c]!;
+        const ch = rh * su;
+        const cw = rw * su;
+        let hc: Tensor;
+        if (meta) hc = de.empty([1, Cm, Tc, ch, cw], 'f32', 'activation');
+        else {
+          const crop = new Float32Array(Cm * Tc * ch * cw);
+          for (let q = 0; q < Cm * Tc; q++)
+            for (let y = 0; y < ch; y++) {
+              const src = (q * Hs + ry0 * su + y) * Ws + rx0 * su;
+              crop.set(data.subarray(src, src + cw), (q * ch + y) * cw);
+            }
+          hc = de.fromHost(crop, [1, Cm, Tc, ch, cw], 'f32', 'activation');
         }
-      } finally {
-        cache.dispose();
-      }
-      if (meta) {
-        T = tileT;
-        sf = hh / rh;
-        Ho = H * sf;
-        Wo = W * sf;
-        done++;
-        continue;
-      }
-      const Tt = parts.reduce((a, p) => a + p.length / (outC * hh * ww), 0);
-      const raw = concatTime(parts, outC, Tt, hh * ww);
-      if (!out) {
-        T = Tt;
-        sf = hh / rh;
-        Ho = H * sf;
-        Wo = W * sf;
-        out = new Float64Array(3 * T * Ho * Wo);
-        wsum = new Float64Array(Ho * Wo);
-      }
-      const wy = axisWeights(y0 * sf, (y0 + th) * sf, yi > 0 ? (ys[yi - 1]! + py.lens[yi - 1]!) * sf : null, yi + 1 < ys.length ? ys[yi + 1]! * sf : null);
-      const wx = axisWeights(x0 * sf, (x0 + tw) * sf, xi > 0 ? (xs[xi - 1]! + px.lens[xi - 1]!) * sf : null, xi + 1 < xs.length ? xs[xi + 1]! * sf : null);
-      const oy0 = (y0 - ry0) * sf;
-      const ox0 = (x0 - rx0) * sf;
-      for (let y = 0; y < th * sf; y++) {
-        const oy = y0 * sf + y;
-        for (let x = 0; x < tw * sf; x++) {
-          const w = wy[y]! * wx[x]!;
-          const ox = x0 * sf + x;
-          wsum![oy * Wo + ox]! += w;
-          for (let c = 0; c < 3; c++)
-            for (let t = 0; t < T; t++) out[((c * T + t) * Ho + oy) * Wo + ox]! += w * raw[((c * T + t) * hh + oy0 + y) * ww + ox0 + x]!;
+        const o = await dev.vae.head(hc, cache, c === 0, undefined, stemStages);
+        hc.dispose();
+        outC = o.size(1);
+        hh = o.size(3);
+        ww = o.size(4);
+        if (opts.checkFinite && !meta) {
+          const prev = bad.get(de);
+          const next = countNonFinite(o, prev);
+          prev?.dispose();
+          bad.set(de, next);
+          checked += o.numel;
         }
+        if (meta) tileT += o.size(2);
+        else parts.push((await o.toArray()) as Float32Array);
+        o.dispose();
       }
-      done++;
-      opts.onTile?.(done, total);
+    } finally {
+      cache.dispose();
     }
+    const span = mark ? de.metaSpanEnd(mark) : null;
+    if (span) {
+      if (!tileSpans.has(de)) tileSpans.set(de, new Map());
+      const list = tileSpans.get(de)!.get(spanKey) ?? [];
+      if (list.length >= 4) list.shift();
+      list.push({ span, out: { outC, hh, ww, tileT } });
+      tileSpans.get(de)!.set(spanKey, list);
+    }
+    return { parts, outC, hh, ww, tileT, ry0, rx0, rh };
+  };
+  const blendTile = (k: number, r: TileOut) => {
+    const [yi, xi] = order[k]!;
+    const y0 = ys[yi]!;
+    const x0 = xs[xi]!;
+    const th = py.lens[yi]!;
+    const tw = px.lens[xi]!;
+    const { parts, outC, hh, ww, ry0, rx0, rh } = r;
+    if (meta) {
+      T = r.tileT;
+      sf = hh / rh;
+      Ho = H * sf;
+      Wo = W * sf;
+      done++;
+      return;
+    }
+    const Tt = parts.reduce((a, p) => a + p.length / (outC * hh * ww), 0);
+    const raw = concatTime(parts, outC, Tt, hh * ww);
+    if (!out) {
+      T = Tt;
+      sf = hh / rh;
+      Ho = H * sf;
+      Wo = W * sf;
+      out = new Float64Array(3 * T * Ho * Wo);
+      wsum = new Float64Array(Ho * Wo);
+    }
+    const wy = axisWeights(y0 * sf, (y0 + th) * sf, yi > 0 ? (ys[yi - 1]! + py.lens[yi - 1]!) * sf : null, yi + 1 < ys.length ? ys[yi + 1]! * sf : null);
+    const wx = axisWeights(x0 * sf, (x0 + tw) * sf, xi > 0 ? (xs[xi - 1]! + px.lens[xi - 1]!) * sf : null, xi + 1 < xs.length ? xs[xi + 1]! * sf : null);
+    const oy0 = (y0 - ry0) * sf;
+    const ox0 = (x0 - rx0) * sf;
+    for (let y = 0; y < th * sf; y++) {
+      const oy = y0 * sf + y;
+      for (let x = 0; x < tw * sf; x++) {
+        const w = wy[y]! * wx[x]!;
+        const ox = x0 * sf + x;
+        wsum![oy * Wo + ox]! += w;
+        for (let c = 0; c < 3; c++)
+          for (let t = 0; t < T; t++) out![((c * T + t) * Ho + oy) * Wo + ox]! += w * raw[((c * T + t) * hh + oy0 + y) * ww + ox0 + x]!;
+      }
+    }
+    done++;
+    opts.onTile?.(done, total);
+  };
+  // one worker per device takes the next tile; finished tiles wait until their turn in the blend
+  const workers: TileDevice[] = [{ engine: e, vae }, ...(meta ? [] : (opts.devices ?? []))];
+  let nextTile = 0;
+  let nextBlend = 0;
+  const ready = new Map<number, TileOut>();
+  let failed = false;
+  const settled = await Promise.allSettled(
+    workers.map(async (dev) => {
+      while (!failed && nextTile < total) {
+        const k = nextTile++;
+        try {
+          ready.set(k, await runTile(dev, k));
+          while (!failed && ready.has(nextBlend)) {
+            const r = ready.get(nextBlend)!;
+            ready.delete(nextBlend);
+            blendTile(nextBlend++, r);
+          }
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      }
+    }),
+  );
+  const err = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+  if (err) {
+    for (const b of bad.values()) b.dispose();
+    throw err.reason;
   }
   // host memory at the blend's end: the stems, the f64 accumulators and the video (the planner's count)
   const hostBytes = tiledDecodeHostBytes(stemBytes, T, Ho, Wo);
   if (meta) return { video: new Float32Array(0), shape: [3, T, Ho, Wo], tiles: total, hostBytes, stemBytes, nonFinite: 0, checked: 0 };
   let nonFinite = 0;
-  if (bad) {
-    const b: Tensor = bad;
-    nonFinite = (await b.toArray())[0]!;
+  for (const b of bad.values()) {
+    nonFinite += (await b.toArray())[0]!;
     b.dispose();
   }
   const video = new Float32Array(out!.length);

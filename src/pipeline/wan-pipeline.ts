@@ -8,14 +8,14 @@ import { Tensor } from '../tensor/tensor.ts';
 import { openModelFolder, type ModelFolder } from '../io/model-folder.ts';
 import { loadTokenizer, encodePrompt, type UnigramTokenizer } from '../io/tokenizer.ts';
 import { loadModuleFrom } from '../nn/load.ts';
-import { WanTransformer3DModel, ditDimsFromConfig } from '../models/wan_dit/model.ts';
+import { WanTransformer3DModel, ditDimsFromConfig, type DitStepCache } from '../models/wan_dit/model.ts';
 import { RESIDENT, type BlockResidency } from '../nn/residency.ts';
 import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
 import { WanVaeDecoder, vaeDimsFromConfig } from '../models/wan_vae/model.ts';
 import { createScheduler, cfgCombine } from '../schedulers/index.ts';
 import { memoryPlan, ditPlacement, textEncoderLoad, enterPhase, ditRunOptions, decodeSplitFor, type MemoryPlan } from './memory-plan.ts';
 import { StreamedBlocks } from './residency.ts';
-import { decodeTiled } from './tiled-vae.ts';
+import { decodeTiled, vaeHeadCopies, type TileDevice } from './tiled-vae.ts';
 import { PromptCache, weightsIdentity } from './prompt-cache.ts';
 import { settingsForModel, requestSettings, type SettingsOptions } from '../config/settings.ts';
 import type { RequestSettings, Settings } from '../config/schema.ts';
@@ -38,7 +38,8 @@ import { engineDTypeOf } from '../io/checkpoint.ts';
 import { dtypeSize, type DType } from '../tensor/dtype.ts';
 import { onDisk } from './memory-plan.ts';
 import type { ContextParallelDit, CpDevicePeak } from '../parallel/cp-dit.ts';
-import { cpAdapters, cpUnsupported, createContextParallel, disposeContextParallel } from '../parallel/pipeline-cp.ts';
+import { cpAdapters, cpUnsupported, cpBlockPlacement, createContextParallel, disposeContextParallel } from '../parallel/pipeline-cp.ts';
+import { cpAttentionRefusal } from '../parallel/ring.ts';
 import { CfgParallelDit } from '../parallel/cfg-parallel.ts';
 import { hostAvailableBytes } from '../plan/preflight.ts';
 import { createStepCache, cacheRecord, cacheRecordOf, type CacheRecord, type CacheSignals, type StepCache, type StepInfo } from './cache/index.ts';
@@ -120,7 +121,7 @@ export interface GenerateResult {
   latents: Latents;
   seed: number;
   timingsMs: Record<string, number>;
-  memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number; expert?: string }>; peakAllocated: number; peakReserved: number; /** cp_size > 1: each device's denoise peaks (rank 0 first) */ devices?: CpDevicePeak[] };
+  memory: { perPhase: Record<string, PhaseMemory>; perStep: Array<{ step: number; peakAllocated: number; peakReserved: number; expert?: string }>; peakAllocated: number; peakReserved: number; /** cp_size > 1: each device's peaks over the denoise and, when the decode is tiled over the devices, the decode (rank 0 first) */ devices?: CpDevicePeak[] };
   /** the request's effective settings */
   settings: Settings;
   /** two-expert models: each step's expert and guidance, and every expert swap with its time */
@@ -258,6 +259,9 @@ export class WanPipeline {
     if (options.engine && Number.isFinite(limit)) engine.allocator.limitBytes = limit;
     let budget: BudgetChoice | null = null;
     try {
+      // infer.diffusion.cp_attention=ring with quantized attention: refused before any planning
+      const ringWhy = cpAttentionRefusal(l.cpAttention, l.cpSize, l.attention);
+      if (ringWhy) throw new ConfigError(ringWhy);
       const src = await resolveWeightsSource(folder, settings);
       if (src.note) options.onProgress?.({ type: 'preflight', ms: 0, peakReserved: 0, hostBytes: 0, notes: [src.note] });
       settings = { ...settings, load: { ...settings.load, weightsSource: src.source } };
@@ -344,7 +348,10 @@ export class WanPipeline {
     if (this.dit2) this.dit2.dims.attention = attn;
     this.vae.midAttn.kind = attn;
     const l = this.settings.load;
-    const cpWhy = cpUnsupported({ cpSize: l.cpSize, cfgParallel: l.cfgParallel, ditStreamed: this.plan.dit === 'stream', twoExperts: !!this.dit2, activationOffload: this.plan.activationOffload });
+    // cp_size > 1: where each device keeps the DiT's blocks (a full copy, its shard, or streamed from one host copy)
+    const cpPlace = cpBlockPlacement({ cpSize: l.cfgParallel ? 1 : l.cpSize, level: this.plan.level, ditStreamed: this.plan.dit === 'stream', shard: l.cpShardWeights, residentBlocks: this.plan.residentBlocks, numBlocks: this.dit.blocks.length });
+    const cpStream = l.cpSize > 1 && !l.cfgParallel && cpPlace.stream;
+    const cpWhy = cpUnsupported({ cpSize: l.cpSize, cfgParallel: l.cfgParallel, ditStreamed: this.plan.dit === 'stream', twoExperts: !!this.dit2, activationOffload: this.plan.activationOffload, diskStreamed: cpStream && this.fromDisk });
     if (cpWhy) throw new ConfigError(cpWhy);
     this.setPhase('load');
     e.allocator.oomAdvice = this.oomAdvice('load');
@@ -352,8 +359,8 @@ export class WanPipeline {
     if (this.dit2) await this.loadExperts();
     else {
       // DiT: non-block weights always resident; blocks resident or host-streamed
-      await this.loadDit(this.dit, 'transformer', onDisk(ditPlacement(this.plan, (k) => this.dit.isBlockKey(k)), this.fromDisk, (k) => this.dit.isBlockKey(k)));
-      if (this.plan.dit === 'stream') {
+      await this.loadDit(this.dit, 'transformer', onDisk(ditPlacement(cpStream ? { ...this.plan, dit: 'stream' } : this.plan, (k) => this.dit.isBlockKey(k)), this.fromDisk, (k) => this.dit.isBlockKey(k)));
+      if (this.plan.dit === 'stream' && !cpStream) {
         const disk = this.fromDisk ? await this.diskImages([[this.dit, 'transformer']]) : undefined;
         this.streamed = new StreamedBlocks(e, this.dit.blocks.items, 'dit.blocks.slot', { resident: this.plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}`, disk });
       }
@@ -366,8 +373,11 @@ export class WanPipeline {
           adapters: cpAdapters(l.cfgParallel ? 2 : l.cpSize, l.cpDevices, l.adapter),
           backend: l.backend,
           limitBytes: e.allocator.limitBytes ?? undefined,
-          load: (dit, engine) => loadModuleFrom(dit, this.folder.transformer, { engine, owner: 'dit', weightDtype: l.weightDtype, checkFinite: this.checkFinite, placement: () => 'device' }).then(() => undefined),
+          load: (dit, engine, placement) => loadModuleFrom(dit, this.folder.transformer, { engine, owner: 'dit', weightDtype: l.weightDtype, checkFinite: this.checkFinite, placement }).then(() => undefined),
+          stream: cpStream ? { resident: cpPlace.resident } : undefined,
         });
+        // rank 0's ring is the pipeline's streamed blocks (released for the decode at level 3, freed with it)
+        if (set.ranks[0]!.ring) this.streamed = set.ranks[0]!.ring;
         if (l.cfgParallel) this.cfgp = new CfgParallelDit(set.ranks);
         else this.cp = set;
       }
@@ -793,7 +803,9 @@ export class WanPipeline {
     );
     // (it holds no GPU memory until its first step; the step loop's finally frees it)
     if (this.cp || this.cfgp) {
-      const cpWhy = cpUnsupported({ cpSize: this.cp?.size ?? 1, cfgParallel: !!this.cfgp, ditStreamed: false, twoExperts: false, activationOffload: false, cacheMode: r.mode });
+      const cpWhy =
+        cpUnsupported({ cpSize: this.cp?.size ?? 1, cfgParallel: !!this.cfgp, ditStreamed: false, twoExperts: false, activationOffload: false, cacheMode: r.mode }) ??
+        (req.recordCacheSignals ? 'recording cache signals (calibration) needs the whole residual stream on one device: run it with infer.diffusion.cp_size=1 and cfg_parallel=false' : null);
       if (cpWhy) {
         stepCache?.dispose();
         throw new ConfigError(cpWhy);
@@ -829,6 +841,7 @@ export class WanPipeline {
     ctxHost.set(cond, 0);
     if (uncond) ctxHost.set(uncond, textLen * textDim);
     this.streamed?.resetStats();
+    this.cp?.resetUploadStats();
     // the text context through the running expert's own text embedding (computed again after a switch)
     const embedFor = (k: number) => e.keep(e.scope(() => this.experts[k]!.embedText(e.fromHost(ctxHost, [B, textLen, textDim], 'f32'))));
     let expertNow = schedule[0]?.expert ?? 0;
@@ -936,13 +949,16 @@ export class WanPipeline {
           let out: Tensor;
           try {
             out = this.cp
-              ? await this.cp.forward(xg, sched.timesteps[i]!, cpCtx!, { ffnChunkTokens: bounds.ffnChunkTokens, onBlock })
+              ? await this.cp.forward(xg, sched.timesteps[i]!, cpCtx!, { ...bounds, attention: this.settings.load.cpAttention, onBlock, ...(plan?.hook ? { stepCache: cpStepHooks(plan, this.cp.ranks.map((x) => x.engine)) } : {}) })
               : cfgCtx
                 ? await this.cfgp!.forward(xg, sched.timesteps[i]!, cfgCtx, { ffnChunkTokens: bounds.ffnChunkTokens, attnChunkTokens: bounds.attnChunkTokens, onBlock })
                 : await dit.forward(xg, sched.timesteps[i]!, ctxEmb, { residency, activationOffload: this.plan.activationOffload, ...bounds, onBlock, ...(plan?.hook ? { stepCache: plan.hook } : {}) });
           } catch (err) {
             // an interrupted forward gives its streamed blocks' slots back (the next run allocates them again)
-            if (err instanceof InterruptedError) this.streamed?.releaseDevice();
+            if (err instanceof InterruptedError) {
+              this.streamed?.releaseDevice();
+              this.cp?.releaseStreams();
+            }
             throw err;
           } finally {
             xg.dispose();
@@ -1007,6 +1023,11 @@ export class WanPipeline {
       // rank 0: this engine's denoise peak (its peaks restart every step); the others: since the request's start
       const d0 = perPhase.denoise;
       result.memory.devices = devs.devicePeaks().map((d, k) => (k === 0 ? { ...d, peak_allocated_bytes: d0.peakAllocated, peak_reserved_bytes: d0.peakReserved } : d));
+      // devices streaming their blocks: what each uploaded from the one host copy
+      const up = this.cp?.uploadBytes() ?? [];
+      result.memory.devices.forEach((d, k) => {
+        if (this.cp?.ranks[k]?.ring) d.uploaded_bytes = up[k]!;
+      });
     }
     if (this.streamed) result.uploads = { ...this.streamed.stats };
     result.seed = seed;
@@ -1037,9 +1058,13 @@ export class WanPipeline {
     if (C !== this.vae.dims.zDim) throw new ShapeError(`[pipeline] latents have ${C} channels; this VAE expects ${this.vae.dims.zDim}`);
     this.setPhase('decode');
     e.allocator.oomAdvice = this.oomAdvice('decode');
-    // level 3: the DiT slots are freed before the VAE weights come in
-    if (this.plan.vae === 'on-demand') {
+    // level 3: the DiT slots are freed before the VAE weights come in; context parallelism with
+    // streamed blocks (level 3, or each device's weight shard) frees every device's slots and
+    // resident blocks for the decode (the next denoise uploads them again from the host copy)
+    const cpStreams = !!this.cp?.ranks[0]?.ring;
+    if (this.plan.vae === 'on-demand' || cpStreams) {
       this.streamed?.releaseDevice(); // host images stay; the next denoise allocates the slots again
+      this.cp?.releaseStreams();
       e.allocator.emptyCache();
       await e.settleFrees(); // the slots' and ring's memory goes now, not under the VAE's
     }
@@ -1047,14 +1072,22 @@ export class WanPipeline {
     this.emit({ type: 'phase', phase: 'decode' }, cb);
     const t0 = performance.now();
     let res: { video: Float32Array; shape: [number, number, number, number] };
+    // context parallelism: the tiles spread over the DiT's devices, each with a copy of the VAE head's weights (freed after)
+    let tileDevs: TileDevice[] = [];
     try {
       await this.loadVae();
       if (this.plan.vaeTiling) {
+        const split = decodeSplitFor(this.plan, this.vae, latents.shape[2], latents.shape[3]);
+        if (this.cp && this.cp.size > 1) {
+          tileDevs = await vaeHeadCopies(this.vae, this.cp.ranks.slice(1).map((x) => x.engine), split.stemStages);
+          for (const d of tileDevs) d.engine.allocator.resetPeakMemoryStats();
+        }
         const tiled = await decodeTiled(e, this.vae, latents.data, latents.shape, {
           checkFinite: this.checkFinite,
           tile: this.plan.tileSize,
           overlap: this.plan.tileOverlap,
-          ...decodeSplitFor(this.plan, this.vae, latents.shape[2], latents.shape[3]),
+          ...split,
+          devices: tileDevs,
           onTile: (d, t) => {
             if (opts.signal?.aborted) throw new InterruptedError('[decode] interrupted: nothing was written');
             this.emit({ type: 'decode', done: d, total: t, unit: 'tile' }, cb);
@@ -1076,8 +1109,21 @@ export class WanPipeline {
       }
       await e.sync();
       perPhase.decode = this.phaseMemory();
+      if (tileDevs.length > 0) {
+        // each device's peak over the request: the denoise's (sample) and the decode's
+        const mem = result.memory!;
+        const dec = [
+          { adapter: e.adapterName, peak_allocated_bytes: perPhase.decode.peakAllocated, peak_reserved_bytes: perPhase.decode.peakReserved },
+          ...tileDevs.map((d) => ({ adapter: d.engine.adapterName, peak_allocated_bytes: d.engine.allocator.maxMemoryAllocated(), peak_reserved_bytes: d.engine.allocator.maxMemoryReserved() })),
+        ];
+        mem.devices = dec.map((d, k) => {
+          const o = mem.devices?.[k];
+          return o ? { ...o, peak_allocated_bytes: Math.max(o.peak_allocated_bytes, d.peak_allocated_bytes), peak_reserved_bytes: Math.max(o.peak_reserved_bytes, d.peak_reserved_bytes) } : d;
+        });
+      }
       this.emitMemory('decode', cb);
     } finally {
+      for (const d of tileDevs) d.vae.disposeParams();
       // level 3: the VAE leaves the GPU after the decode, also a failed one (an OOM must not strand it there)
       if (this.plan.vae === 'on-demand') this.unloadVae();
     }
@@ -1159,6 +1205,12 @@ function savedUploads(log: readonly { ran: boolean[]; blocks: number; uploadByte
   if (full.length === 0) return 0;
   const perForward = Math.min(...full);
   return log.filter((l) => !(l.ran.every(Boolean) && l.blocks === blocks)).reduce((s, l) => s + Math.max(0, perForward - (l.uploadBytes ?? 0)), 0);
+}
+
+/** A step's per-device hooks for a context-parallel forward (src/parallel/cp-cache.ts). */
+function cpStepHooks(plan: { cpHooks?: (engines: Engine[]) => DitStepCache[] }, engines: Engine[]): DitStepCache[] {
+  if (!plan.cpHooks) throw new ConfigError('this step cache method does not run with infer.diffusion.cp_size > 1; use infer.cache.mode=off, or cp_size=1');
+  return plan.cpHooks(engines);
 }
 
 function fmtCount(n: number): string {

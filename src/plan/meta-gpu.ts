@@ -86,6 +86,13 @@ function installConstants(): void {
   for (const [k, v] of Object.entries(CONSTANTS)) if (g[k] === undefined) g[k] = v;
 }
 
+/**
+ * Mapped ranges handed out, by size: one host buffer per size is reused (a context-parallel
+ * forward's exchanges map and copy hundreds of MiB per block at real sizes; fresh zeroed buffers
+ * would make the plan slow). Their contents mean nothing: a meta device has no data.
+ */
+const mappedRanges = new Map<number, ArrayBuffer>();
+
 class MetaBuffer {
   constructor(
     readonly size: number,
@@ -93,9 +100,16 @@ class MetaBuffer {
     readonly label: string,
   ) {}
   async mapAsync(): Promise<void> {}
-  /** zeros: a meta read has no data (see the header), sized as asked */
+  /** a host buffer of the size asked (shared between meta buffers: no data, see mappedRanges) */
   getMappedRange(offset = 0, size?: number): ArrayBuffer {
-    return new ArrayBuffer(size ?? this.size - offset);
+    const n = size ?? this.size - offset;
+    let b = mappedRanges.get(n);
+    if (!b) {
+      if (mappedRanges.size >= 16) mappedRanges.clear();
+      b = new ArrayBuffer(n);
+      mappedRanges.set(n, b);
+    }
+    return b;
   }
   unmap(): void {}
   destroy(): void {}

@@ -31,6 +31,8 @@ import type { Settings } from '../config/schema.ts';
 import type { MemoryEvent } from '../memory/allocator.ts';
 import { ConfigError } from '../util/errors.ts';
 import { createMetaGpu, GENERIC_GPU, type MetaDeviceSpec } from './meta-gpu.ts';
+import { ContextParallelDit, type CpRank } from '../parallel/cp-dit.ts';
+import { cpBlockPlacement, cpRankRing } from '../parallel/pipeline-cp.ts';
 import type { ModelShapes } from './shapes.ts';
 
 /** elements one Float32Array may hold in Node 20 (2^32) */
@@ -80,6 +82,13 @@ export interface RunPlan {
   maxInFlight: number;
   /** the op encoding at that moment */
   maxInFlightAt: string;
+  /**
+   * infer.diffusion.cp_size > 1: the context-parallel placement and one entry per device (rank 0
+   * first; rank 0's peaks are its denoise phase's, the others' their peaks over the denoise, as the
+   * run's memory.devices reports them), with each device's streamed bytes per step
+   */
+  cp?: { size: number; blocks: 'full copy' | 'shard' | 'streamed'; residentBlocks: number };
+  devices?: Array<{ adapter: string; peakBytes: number; peakReservedBytes: number; streamBytesPerStep: number }>;
 }
 
 /** What the run places where (memory-plan.ts resolved, chunks resolved for this size). */
@@ -117,9 +126,9 @@ export interface PlanOptions {
    */
   limitBytes?: number;
   /**
-   * repeat a DiT block that would allocate exactly as the last walked one instead of walking it
-   * (Engine.metaRepeat; default true). false walks every block: the same plan, slower (the tests
-   * compare them)
+   * repeat a DiT block (or a decode tile of a region size already walked) that would allocate
+   * exactly as a walked one instead of walking it (Engine.metaRepeat; default true). false walks
+   * every block and tile: the same plan, slower (test/plan-repeat.test.ts compares them)
    */
   repeatBlocks?: boolean;
 }
@@ -210,6 +219,19 @@ function emptyWork(): PhaseWork {
  * Needs no GPU and reads no weight (model shapes come from configs and file headers: shapes.ts).
  */
 export async function planRun(model: ModelShapes, settings: Settings, opts: PlanOptions = {}): Promise<RunPlan> {
+  return (await walkRun(model, settings, opts, false)) as RunPlan;
+}
+
+/**
+ * The host bytes of the load phase alone (the weights each placement keeps off the GPU, by part:
+ * `dit weights`, `text encoder weights`, `vae weights`), without walking the run: what
+ * infer.weights_source=auto decides on (`npm run plan` first asks this, then walks once).
+ */
+export async function planLoadHost(model: ModelShapes, settings: Settings, opts: PlanOptions = {}): Promise<Record<string, number>> {
+  return (await walkRun(model, settings, opts, true)) as Record<string, number>;
+}
+
+async function walkRun(model: ModelShapes, settings: Settings, opts: PlanOptions, loadOnly: boolean): Promise<RunPlan | Record<string, number>> {
   const r = settings.request;
   const l = settings.load;
   const plan = memoryPlan(l);
@@ -276,16 +298,52 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
   let maxInFlight = 0;
   let maxInFlightAt = '';
   const forwardOpts = ditRunOptions(plan, dit.dims, L);
+  // infer.diffusion.cp_size (cfg_parallel is not planned: each of its devices runs the one-device forward)
+  const cpN = l.cfgParallel ? 1 : l.cpSize;
+  const cpRanks: CpRank[] = [];
+  let devices: RunPlan['devices'];
+  let cpStaging = 0;
+  let cpInfo: RunPlan['cp'];
   try {
     // ---- load (WanPipeline.load)
     mark('load');
     resets.set('load', 0);
     enterPhase(a, plan, 'load');
     const disk = l.weightsSource === 'disk';
-    const ditHost = placeModule(e, dit, 'dit', model.fileDtype.transformer, wd, onDisk(ditPlacement(plan, (k) => dit.isBlockKey(k)), disk, (k) => dit.isBlockKey(k)));
+    // context parallelism (src/parallel/pipeline-cp.ts): where each device keeps the blocks
+    const cpPlace = cpBlockPlacement({ cpSize: cpN, level: plan.level, ditStreamed: plan.dit === 'stream', shard: l.cpShardWeights, residentBlocks: plan.residentBlocks, numBlocks: dit.blocks.length });
+    const cpStream = cpN > 1 && cpPlace.stream;
+    cpInfo = { size: cpN, blocks: cpStream ? (plan.dit === 'stream' ? 'streamed' : 'shard') : 'full copy', residentBlocks: cpPlace.resident };
+    const ditHost = placeModule(e, dit, 'dit', model.fileDtype.transformer, wd, onDisk(ditPlacement(cpStream ? { ...plan, dit: 'stream' } : plan, (k) => dit.isBlockKey(k)), disk, (k) => dit.isBlockKey(k)));
     let ring: StreamedBlocks | null = null;
-    if (plan.dit === 'stream') ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}`, chunkedStaging: disk });
+    if (plan.dit === 'stream' && !cpStream) ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}`, chunkedStaging: disk });
     host['dit weights'] = ditHost.hostBytes;
+    if (cpN > 1) {
+      // rank 0 is this engine (it also holds the text encoder and the VAE); ranks 1..N-1 are meta
+      // devices of the same class holding their DiT's non-block weights and their blocks (a full
+      // copy, or a ring streaming from the one host copy: nothing more on the host)
+      let rank0: CpRank = { engine: e, dit };
+      if (cpStream) {
+        const r0 = cpRankRing(e, dit, 0, cpN, cpPlace.resident, { meta: true });
+        ring = r0.ring;
+        rank0 = { engine: e, dit, ring: r0.ring, residency: r0.residency };
+      }
+      cpRanks.push(rank0);
+      for (let r = 1; r < cpN; r++) {
+        const er = Engine.meta(createMetaGpu(device), opts.limitBytes ? { limitBytes: opts.limitBytes } : {});
+        const d = new WanTransformer3DModel(ditDimsFromConfig(model.transformer));
+        d.dims.activationDtype = l.activationDtype;
+        d.dims.attention = l.attention;
+        const rank: CpRank = { engine: er, dit: d };
+        cpRanks.push(rank);
+        placeModule(er, d, 'dit', model.fileDtype.transformer, wd, (k) => (cpStream && d.isBlockKey(k) ? 'disk' : 'device'));
+        if (cpStream) {
+          const rr = cpRankRing(er, d, r, cpN, cpPlace.resident, { meta: true });
+          rank.ring = rr.ring;
+          rank.residency = rr.residency;
+        }
+      }
+    }
     if (model.experts > 1) {
       // Wan 2.2 (WanPipeline.loadExperts): one expert runs per step, so the ring and the activations
       // are shared. experts_resident=both (DiT resident): the other expert on the GPU as well.
@@ -319,6 +377,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     const vaeOnGpu = plan.vae === 'resident';
     const vaePlaced = placeModule(e, vae, 'vae', model.fileDtype.vae, wd, () => (vaeOnGpu ? 'device' : 'host'));
     host['vae weights'] = vaePlaced.hostBytes;
+    if (loadOnly) return { ...host };
 
     // ---- encode (WanPipeline.encodePrompt, a prompt-cache miss)
     mark('encode');
@@ -353,6 +412,11 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     const ctxEmb = e.keep(e.scope(() => dit.embedText(e.fromHost(new Float32Array(B * textLen * dit.dims.textDim), [B, textLen, dit.dims.textDim], 'f32'))));
     const residency: BlockResidency = ring ?? RESIDENT;
     const steps = Math.min(r.numInferenceSteps, opts.denoiseSteps ?? 2);
+    // context parallelism: the embedded text on every device, then each device's peaks from here (as the run)
+    const cp = cpRanks.length > 1 ? new ContextParallelDit(cpRanks) : null;
+    const cpCtx = cp ? await cp.replicate(ctxEmb, 'dit.cp.ctx') : null;
+    cp?.resetPeaks();
+    const rankStream = cpRanks.map(() => 0);
     // step caching in the DiT's hidden space (src/pipeline/cache/hidden.ts: TeaCache, MagCache,
     // flex) keeps the blocks' residual [B, L, D] f32 between steps (flex: the last two), and during
     // a computed step a copy of the stream before the blocks; EasyCache caches on the host
@@ -365,18 +429,26 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
           // the second step's work is not counted again: `work.denoise` is one step
           e.onOpWork = null;
           ring?.resetStats();
+          cp?.resetUploadStats();
         }
         const xg = e.fromHost(new Float32Array(B * C * F * lh * lw), [B, C, F, lh, lw], 'f32');
         const cacheInput = cacheDepth ? e.keep(e.empty(streamShape, 'f32', 'cache.input')) : null;
-        const out = await dit.forward(xg, 999, ctxEmb, { residency, activationOffload: plan.activationOffload, ...forwardOpts });
+        const out = cp ? await cp.forward(xg, 999, cpCtx!, { ...forwardOpts, attention: l.cpAttention }) : await dit.forward(xg, 999, ctxEmb, { residency, activationOffload: plan.activationOffload, ...forwardOpts });
         cacheInput?.dispose();
         xg.dispose();
         // (the run reads the prediction back here: no allocation, nothing to read on the meta device)
         out.dispose();
         // a step's streamed bytes: the second step's (the first one also uploads the resident blocks)
         if (ring && (i === 1 || steps === 1)) streamBytesPerStep = i === 1 ? ring.stats.bytes : ring.stats.bytes - residentImageBytes(ring);
+        if (i === 1 || steps === 1) cpRanks.forEach((rk, k) => (rankStream[k] = rk.ring ? (i === 1 ? rk.ring.stats.bytes : rk.ring.stats.bytes - residentImageBytes(rk.ring)) : 0));
+      }
+      if (cp) {
+        // the other devices' staging rings are host memory too
+        cpStaging = cpRanks.slice(1).reduce((x, rk) => x + rk.engine.allocator.stats().peakStagingBytes, 0);
+        devices = cpRanks.map((rk, k) => ({ adapter: rk.engine.adapterName, peakBytes: rk.engine.allocator.maxMemoryAllocated(), peakReservedBytes: rk.engine.allocator.maxMemoryReserved(), streamBytesPerStep: rankStream[k]! }));
       }
     } finally {
+      for (const t of cpCtx?.slice(1) ?? []) t.dispose();
       ctxEmb.dispose();
       for (const t of cacheKept) t.dispose();
     }
@@ -396,7 +468,8 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
       o.calls++;
     };
     enterPhase(a, plan, 'decode');
-    if (plan.vae === 'on-demand') {
+    // (context parallelism with streamed blocks frees them for the decode too: WanPipeline.decode)
+    if (plan.vae === 'on-demand' || cpStream) {
       ring?.releaseDevice();
       a.emptyCache();
     }
@@ -422,14 +495,17 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     // latents, the CFG input and the prediction (f32), and the 8-bit frames written to the video file
     host['latents'] = 3 * B * C * F * lh * lw * 4;
     host['video frames (8-bit)'] = 3 * T * H * W;
-    host['staging ring'] = Math.max(stagingPeak, a.stats().peakStagingBytes);
+    host['staging ring'] = Math.max(stagingPeak, a.stats().peakStagingBytes) + cpStaging;
   } finally {
     events = a.stopRecording();
     maxInFlight = e.maxInFlight;
     maxInFlightAt = e.maxInFlightAt;
     e.destroy();
+    for (const rk of cpRanks.slice(1)) rk.engine.destroy();
   }
   const phases = phasePeaks(events, resets);
+  // rank 0's entry: its denoise phase (the run reports perPhase.denoise for it)
+  if (devices) devices[0] = { ...devices[0]!, peakBytes: phases.denoise.peakBytes, peakReservedBytes: phases.denoise.peakReservedBytes };
   const peakBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakBytes));
   const peakReservedBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakReservedBytes));
   const hostBytes = Object.values(host).reduce((x, y) => x + y, 0);
@@ -461,6 +537,7 @@ export async function planRun(model: ModelShapes, settings: Settings, opts: Plan
     streamBytesPerStep,
     maxInFlight,
     maxInFlightAt,
+    ...(devices ? { cp: cpInfo, devices } : {}),
   };
 }
 
@@ -474,6 +551,7 @@ export function placementSummary(plan: RunPlan): string {
   if (p.cfgSequential) parts.push('CFG passes one after the other per block');
   if (p.ffnChunkTokens) parts.push(`FFN in chunks of ${p.ffnChunkTokens} tokens`);
   if (p.attnChunkTokens) parts.push(`attention in query chunks of ${p.attnChunkTokens}`);
+  if (plan.cp) parts.push(`context parallel over ${plan.cp.size} devices (blocks: ${plan.cp.blocks}${plan.cp.blocks === 'full copy' ? '' : `, ${plan.cp.residentBlocks} of ${p.numBlocks} resident per device`})`);
   parts.push(`weights ${p.weightDtype}, activations ${p.activationDtype}`);
   return parts.join('; ');
 }

@@ -31,7 +31,7 @@ import type { Engine } from '../../runtime/engine.ts';
 import type { Tensor } from '../../tensor/tensor.ts';
 import { binary } from '../../ops/elementwise.ts';
 import { HiddenStepCache, type TimeSignals } from './hidden.ts';
-import { relL1 } from './residual.ts';
+import { relL1, type HiddenResiduals } from './residual.ts';
 import { poly1d } from './teacache.ts';
 import type { StepInfo } from './types.ts';
 
@@ -151,8 +151,8 @@ export class Flex extends HiddenStepCache {
     this.d.computed(s.timestep);
   }
 
-  protected override residualFor(s: StepInfo): { t: Tensor; owned: boolean } {
-    const { last, prev } = this.res;
+  protected override residualFor(s: StepInfo, res: HiddenResiduals = this.res): { t: Tensor; owned: boolean } {
+    const { last, prev } = res;
     const c = prev ? this.d.coefficient(s.timestep, this.o.extrapolation) : 0;
     if (c === 0) return { t: last!, owned: false };
     // prev + (1 + c)(last - prev) = last + c (last - prev)

@@ -10,6 +10,8 @@
 // of the input latents, mean |out|).
 
 import type { Engine } from '../../runtime/engine.ts';
+import type { DitStepCache } from '../../models/wan_dit/model.ts';
+import { ConfigError } from '../../util/errors.ts';
 import type { Tensor } from '../../tensor/tensor.ts';
 import { binary } from '../../ops/elementwise.ts';
 import { HiddenStepCache, type TimeSignals } from './hidden.ts';
@@ -41,6 +43,11 @@ export class SignalRecorder extends HiddenStepCache {
     private readonly opts: RecordOptions = {},
   ) {
     super(engine, 'off');
+  }
+
+  /** the signals are sums over the whole residual stream: not recorded from a context-parallel forward's row shares */
+  override cpHooks(): DitStepCache[] {
+    throw new ConfigError('recording cache signals (calibration) needs the whole residual stream on one device: run it with infer.diffusion.cp_size=1');
   }
 
   protected async decide(s: StepInfo, sig: TimeSignals): Promise<boolean[]> {

@@ -105,6 +105,19 @@ export class HiddenResiduals {
     res.dispose();
   }
 
+  /**
+   * Rows that did not run but went through the blocks anyway (a context-parallel forward runs every
+   * row): hs[b] = their input again, from the copy kept at plan time (before `store`).
+   */
+  restoreSkipped(hs: Tensor, ran: boolean[]): void {
+    const x0 = this.x0;
+    if (!x0) throw new Error('[step cache] restoreSkipped needs the input kept at plan time');
+    const rowBytes = hs.nbytes / ran.length;
+    ran.forEach((r, b) => {
+      if (!r) this.e.copyBuffer(x0.buffer, x0.byteOffset + b * rowBytes, hs.buffer, hs.byteOffset + b * rowBytes, rowBytes);
+    });
+  }
+
   /** hs[b] += residual[b] for the rows with add[b] (in place) */
   apply(hs: Tensor, addRows: boolean[], residual: Tensor): void {
     const e = this.e;

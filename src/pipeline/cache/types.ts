@@ -13,6 +13,7 @@
 // recorded numbers through them and through straight ports of the reference loops.
 
 import type { DitStepCache } from '../../models/wan_dit/model.ts';
+import type { Engine } from '../../runtime/engine.ts';
 
 export const CACHE_MODES = ['off', 'teacache', 'magcache', 'easycache', 'flex'] as const;
 export type CacheMode = (typeof CACHE_MODES)[number];
@@ -59,8 +60,11 @@ export interface StepInfo {
 export type StepPlan =
   /** no DiT forward: the prediction [rows, C, F, H, W] comes from the cache */
   | { kind: 'skip'; pred: Float32Array }
-  /** run the forward with this hook (null: a plain forward) */
-  | { kind: 'forward'; hook: DitStepCache | null };
+  /**
+   * run the forward with this hook (null: a plain forward); cpHooks: the hooks of a
+   * context-parallel forward, one per device (absent: the method does not run context-parallel)
+   */
+  | { kind: 'forward'; hook: DitStepCache | null; cpHooks?: (engines: Engine[]) => DitStepCache[] };
 
 /** What happened at one step (1-based `step` in the records). */
 export interface StepLog {
