@@ -101,8 +101,8 @@ export interface CliArgs {
   debug: boolean;
 }
 
-/** A relative model path is looked up in the working folder, then in the project folder. */
-function resolveModelDir(p: string): string {
+/** A relative model path is looked up in the working folder, then in the project folder (the CLI's and the service worker's rule). */
+export function resolveModelDir(p: string): string {
   if (existsSync(resolve(p))) return resolve(p);
   const inRoot = resolve(ROOT, p);
   return existsSync(inRoot) ? inRoot : resolve(p);

@@ -5,11 +5,10 @@
 // finished only decodes. Per request: the GPU peaks are reset before it and logged after it (the
 // reference's "log peak memory per request, reset the peak after each").
 
-import { mkdtempSync, readFileSync, readdirSync, rmSync, existsSync, copyFileSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, copyFileSync, mkdirSync } from 'node:fs';
 import { pidAlive, registerTemp, unregisterTemp } from '../io/cleanup.ts';
 import { hostname, tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { Worker, UnrecoverableError, type Job } from 'bullmq';
 import { dottedLayer, resolveSettings } from '../config/settings.ts';
 import { WanPipeline, type GenerateResult, type Latents, type ProgressEvent } from '../pipeline/wan-pipeline.ts';
@@ -18,11 +17,11 @@ import { runPeaks, sidecar } from '../pipeline/report.ts';
 import { takeSnapshot, renderSnapshotHtml } from '../memory/snapshot.ts';
 import { InterruptedError, fmtBytes } from '../util/errors.ts';
 import { describe as describeError } from '../cli/fail.ts';
+import { resolveModelDir } from '../cli/args.ts';
 import { connectRedis } from './redis.ts';
 import { KEY, QUEUE_NAME, BYTE_BUCKETS, STEP_BUCKETS, type FileName, type JobData, type WorkerInfo } from './queue.ts';
 import { requestFields } from './api-schema.ts';
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 export interface WorkerOptions {
   redisUrl: string;
@@ -58,12 +57,6 @@ export interface ServiceWorker {
   name: string;
   pipe: WanPipeline;
   close(): Promise<void>;
-}
-
-function resolveModelDir(p: string): string {
-  if (existsSync(resolve(p))) return resolve(p);
-  const inRoot = resolve(ROOT, p);
-  return existsSync(inRoot) ? inRoot : resolve(p);
 }
 
 const FILE_TYPES: Record<Exclude<FileName, 'latents'>, string> = { mp4: '.mp4', gif: '.gif', sidecar: '.json', snapshot: '.memory.html' };
