@@ -279,15 +279,19 @@ let writeGBs = 0;
 //   chunk's fill and drain: max(link down, host, link up) + 2 chunks' link time; plus the GPU packing
 //   (slice per destination) and the concat on the way back at this engine's measured H100 permute
 //   rate (docs/notes/norm-layout.md: 1207 GB/s; read + write).
+// the cost models' workload: one block of Wan 1.3B at 480p (832×480, 81 frames), CFG batched
+const W480 = { L: 32760, D: 1536, H: 12, ffn: 8960, text: 512, B: 2 };
+/** its matmul FLOPs per block (q/k/v/o, cross-attention q/o, FFN; the text's k/v) */
+const W480_MATMUL_FLOPS = (() => {
+  const { L, D, ffn, text, B } = W480;
+  return B * (2 * L * D * D * 4 + 2 * L * D * D * 2 + 2 * L * D * ffn * 2) + B * 2 * text * D * D * 2;
+})();
+/** the mapped exchange's chunk, and this engine's H100 permute rate (read + write) */
+const CHUNK = 16 * 2 ** 20;
+const GPU_COPY = 1207e9;
 {
-  const Lw = 32760;
-  const Dw = 1536;
-  const ffn = 8960;
-  const text = 512;
-  const B = 2;
-  const CHUNK = 16 * 2 ** 20;
-  const GPU_COPY = 1207e9;
-  const matmulFlops = B * (2 * Lw * Dw * Dw * 4 + 2 * Lw * Dw * Dw * 2 + 2 * Lw * Dw * ffn * 2) + B * 2 * text * Dw * Dw * 2;
+  const { L: Lw, D: Dw, text, B } = W480;
+  const matmulFlops = W480_MATMUL_FLOPS;
   const attnFlops = B * (4 * Lw * Lw * Dw + 4 * Lw * text * Dw);
   const computeMs = (matmulFlops / 15e12 + attnFlops / 10e12) * 1e3;
   console.log(`\nhost copy bandwidth here: ${hostGBs.toFixed(1)} GB/s (Uint8Array.set of 256 MiB, median of 5); writeBuffer ${writeGBs.toFixed(1)} GB/s`);
@@ -343,16 +347,9 @@ let writeGBs = 0;
 // devices compute the attention of passes 0..N-2 (selfMs·(N-1)/N² per device); only what exceeds that
 // is exposed. The readback (before pass 0) is exposed either way.
 if (ATTENTIONS.includes('ring')) {
-  const Lw = 32760;
-  const Dw = 1536;
-  const Hw = 12;
-  const ffn = 8960;
-  const text = 512;
-  const B = 2;
+  const { L: Lw, D: Dw, H: Hw, text, B } = W480;
   const gbs = 25e9;
-  const CHUNK = 16 * 2 ** 20;
-  const GPU_COPY = 1207e9;
-  const matmulMs = ((B * (2 * Lw * Dw * Dw * 4 + 2 * Lw * Dw * Dw * 2 + 2 * Lw * Dw * ffn * 2) + B * 2 * text * Dw * Dw * 2) / 15e12) * 1e3;
+  const matmulMs = (W480_MATMUL_FLOPS / 15e12) * 1e3;
   const selfMs = ((B * 4 * Lw * Lw * Dw) / 10e12) * 1e3;
   const crossMs = ((B * 4 * Lw * text * Dw) / 10e12) * 1e3;
   const T1 = matmulMs + selfMs + crossMs;

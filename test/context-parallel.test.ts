@@ -7,13 +7,13 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { Engine } from '../src/runtime/engine.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../src/models/wan_dit/model.ts';
-import { parseTransformerConfig, openModelFolder } from '../src/io/model-folder.ts';
-import { loadModule } from '../src/nn/load.ts';
-import { randomizeModule, WAN_1_3B_TRANSFORMER } from '../src/tools/random-model.ts';
+import { openModelFolder } from '../src/io/model-folder.ts';
 import { Rng } from '../src/util/rng.ts';
+import { loadModule } from '../src/nn/load.ts';
 import { ContextParallelDit, cpForwardBytes } from '../src/parallel/cp-dit.ts';
 import { splitRanges, rowsToHeads, headsToRows, gatherRows, sliceRows } from '../src/parallel/exchange.ts';
 import { TINY } from './helpers/golden.ts';
+import { randomCpDit, cpInputs, oneDeviceForward, type CpCase } from './helpers/cp.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
 import { WanPipeline, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
 import { cpAdapters } from '../src/parallel/pipeline-cp.ts';
@@ -68,33 +68,10 @@ afterAll(() => {
   for (const e of engines) e.destroy();
 });
 
-function randomDit(e: Engine, cfg: Record<string, unknown>): WanTransformer3DModel {
-  const m = new WanTransformer3DModel(ditDimsFromConfig(parseTransformerConfig({ ...WAN_1_3B_TRANSFORMER, ...cfg })));
-  randomizeModule(m, 41, e, 'bf16'); // the same seed on every rank: the same weights
-  return m;
-}
-
-interface Case {
-  x: Float32Array;
-  shape: [number, number, number, number, number];
-  ctx: Float32Array;
-  textLen: number;
-}
-
-function inputs(m: WanTransformer3DModel, F: number, H: number, W: number, textLen: number): Case {
-  const rng = new Rng(9);
-  const C = m.dims.inChannels;
-  return { x: rng.fillNormal(new Float32Array(2 * C * F * H * W)), shape: [2, C, F, H, W], ctx: rng.fillNormal(new Float32Array(2 * textLen * m.dims.textDim)), textLen };
-}
-
-async function oneDevice(m: WanTransformer3DModel, c: Case): Promise<Float32Array> {
-  const e = engines[0]!;
-  return e.scopeAsync(async () => {
-    const ctx = m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32'));
-    const out = await m.forward(e.fromHost(c.x, c.shape, 'f32'), 500, ctx);
-    return (await out.toArray()) as Float32Array;
-  });
-}
+const randomDit = randomCpDit;
+const inputs = cpInputs;
+type Case = CpCase;
+const oneDevice = (m: WanTransformer3DModel, c: Case) => oneDeviceForward(engines[0]!, m, c);
 
 async function parallel(cp: ContextParallelDit, c: Case, ffnChunkTokens = 0): Promise<Float32Array> {
   const e = engines[0]!;

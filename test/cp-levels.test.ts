@@ -9,7 +9,6 @@ import { Engine } from '../src/runtime/engine.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../src/models/wan_dit/model.ts';
 import { parseTransformerConfig } from '../src/io/model-folder.ts';
 import { randomizeModule, WAN_1_3B_TRANSFORMER } from '../src/tools/random-model.ts';
-import { Rng } from '../src/util/rng.ts';
 import { ContextParallelDit, type CpRank } from '../src/parallel/cp-dit.ts';
 import { cpBlockOrder, cpBlockPlacement, cpRankRing, cpUnsupported } from '../src/parallel/pipeline-cp.ts';
 import { WanPipeline, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
@@ -18,6 +17,7 @@ import { shapesFromFolder } from '../src/plan/shapes.ts';
 import { specFromCaps } from '../src/plan/meta-gpu.ts';
 import { encodePrompt, loadTokenizer } from '../src/io/tokenizer.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
+import { cpInputs, oneDeviceForward, type CpCase } from './helpers/cp.ts';
 import { releaseMatmulWorkspace } from '../src/ops/matmul.ts';
 import type { Tensor } from '../src/tensor/tensor.ts';
 
@@ -39,29 +39,12 @@ function randomDit(e: Engine, heads: number, hostBlocks = false, layers = CFG.nu
   return m;
 }
 
-interface Case {
-  x: Float32Array;
-  shape: [number, number, number, number, number];
-  ctx: Float32Array;
-  textLen: number;
-}
-
-function inputs(m: WanTransformer3DModel, F: number, H: number, W: number, textLen: number): Case {
-  const rng = new Rng(9);
-  const C = m.dims.inChannels;
-  return { x: rng.fillNormal(new Float32Array(2 * C * F * H * W)), shape: [2, C, F, H, W], ctx: rng.fillNormal(new Float32Array(2 * textLen * m.dims.textDim)), textLen };
-}
+const inputs = cpInputs;
+type Case = CpCase;
 
 type Bounds = { cfgSequential?: boolean; attnChunkTokens?: number; ffnChunkTokens?: number };
 
-async function oneDevice(m: WanTransformer3DModel, c: Case, b: Bounds = {}): Promise<Float32Array> {
-  const e = engines[0]!;
-  return e.scopeAsync(async () => {
-    const ctx = m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32'));
-    const out = await m.forward(e.fromHost(c.x, c.shape, 'f32'), 500, ctx, b);
-    return (await out.toArray()) as Float32Array;
-  });
-}
+const oneDevice = (m: WanTransformer3DModel, c: Case, b: Bounds = {}) => oneDeviceForward(engines[0]!, m, c, b);
 
 /** A CP forward; also each rank's peak allocated bytes above what it held before. */
 async function parallel(cp: ContextParallelDit, c: Case, b: Bounds = {}): Promise<{ out: Float32Array; peaks: number[] }> {

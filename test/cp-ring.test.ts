@@ -10,6 +10,7 @@
 // - the pipeline: cp_size=3 and 2 with cp_attention=ring give the video of cp_size=1 (<= 1e-5).
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { expectClose, TOL } from './helpers/gpu.ts';
+import { randomCpDit, cpInputs, oneDeviceForward, type CpCase } from './helpers/cp.ts';
 import { Engine } from '../src/runtime/engine.ts';
 import { Tensor, numelOf } from '../src/tensor/tensor.ts';
 import type { DType } from '../src/tensor/dtype.ts';
@@ -17,9 +18,7 @@ import { Rng } from '../src/util/rng.ts';
 import { attention, attentionKernel, type AttentionKernel } from '../src/ops/attention.ts';
 import { attentionLse, attentionMerge, NEG_LSE, splitPartial } from '../src/ops/attention_lse.ts';
 import { attentionLseHost, attentionMergeHost } from '../src/ops/cpu/attention_lse.ts';
-import { WanTransformer3DModel, ditDimsFromConfig } from '../src/models/wan_dit/model.ts';
-import { parseTransformerConfig } from '../src/io/model-folder.ts';
-import { randomizeModule, WAN_1_3B_TRANSFORMER } from '../src/tools/random-model.ts';
+import type { WanTransformer3DModel } from '../src/models/wan_dit/model.ts';
 import { ContextParallelDit, cpForwardBytes } from '../src/parallel/cp-dit.ts';
 import { ringForwardBytes, useRing, ringAttention } from '../src/parallel/ring.ts';
 import { HostExchange } from '../src/parallel/exchange.ts';
@@ -199,33 +198,10 @@ describe('attention_merge: N key chunks merged = attention over all keys', () =>
 
 // ---------------------------------------------------------------- the CP forward
 
-function randomDit(e: Engine, cfg: Record<string, unknown>): WanTransformer3DModel {
-  const m = new WanTransformer3DModel(ditDimsFromConfig(parseTransformerConfig({ ...WAN_1_3B_TRANSFORMER, ...cfg })));
-  randomizeModule(m, 41, e, 'bf16'); // the same seed on every rank: the same weights
-  return m;
-}
-
-interface Inputs {
-  x: Float32Array;
-  shape: [number, number, number, number, number];
-  ctx: Float32Array;
-  textLen: number;
-}
-
-function inputs(m: WanTransformer3DModel, F: number, H: number, W: number, textLen: number): Inputs {
-  const rng = new Rng(9);
-  const C = m.dims.inChannels;
-  return { x: rng.fillNormal(new Float32Array(2 * C * F * H * W)), shape: [2, C, F, H, W], ctx: rng.fillNormal(new Float32Array(2 * textLen * m.dims.textDim)), textLen };
-}
-
-async function oneDevice(m: WanTransformer3DModel, c: Inputs): Promise<Float32Array> {
-  const e = engines[0]!;
-  return e.scopeAsync(async () => {
-    const ctx = m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32'));
-    const out = await m.forward(e.fromHost(c.x, c.shape, 'f32'), 500, ctx);
-    return (await out.toArray()) as Float32Array;
-  });
-}
+const randomDit = randomCpDit;
+const inputs = cpInputs;
+type Inputs = CpCase;
+const oneDevice = (m: WanTransformer3DModel, c: Inputs) => oneDeviceForward(engines[0]!, m, c);
 
 async function parallel(cp: ContextParallelDit, c: Inputs, attention: 'auto' | 'ulysses' | 'ring'): Promise<Float32Array> {
   const e = engines[0]!;

@@ -45,19 +45,21 @@ export interface AttentionAttrs {
 export type AttentionInputs = { q: Tensor; k: Tensor; v: Tensor; bias?: Tensor; keyMask?: Tensor };
 
 // 'subgroup' / 'portable' geometry: must match kernels/attention.wgsl flash (QPL, KB)
-const SG_WG = 32;
-const SG_QPL = 4;
-const SG_KB = 32;
-const PORTABLE_WG = 64;
+// (the geometry, the flags, dims, window and uboWindows are shared with attention_lse.ts, which
+// dispatches these kernels without their final normalization)
+export const SG_WG = 32;
+export const SG_QPL = 4;
+export const SG_KB = 32;
+export const PORTABLE_WG = 64;
 // Params.flags bits (kernels/attention.wgsl, kernels/softmax.wgsl)
 const FLAG_MASK = 1;
 const FLAG_BIAS_FULL = 2;
 const FLAG_BIAS_REL = 4;
-const FLAG_STATE_IN = 8;
+export const FLAG_STATE_IN = 8;
 const FLAG_FINAL = 16;
 const FLAG_ACC_IS_OUT = 32;
 
-function dims(q: Tensor, k: Tensor) {
+export function dims(q: Tensor, k: Tensor) {
   return { B: q.shape[0]!, Lq: q.shape[1]!, H: q.shape[2]!, Dh: q.shape[3]!, Lk: k.shape[1]! };
 }
 
@@ -87,7 +89,7 @@ export function attentionKernel(e: Engine, Dh: number, want: AttentionAttrs['ker
   return v === 'ubo' && !hasBias && Dh <= UBO_MAX_DH ? 'ubo' : 'subgroup';
 }
 
-interface Window {
+export interface Window {
   binding: BufferBinding;
   /** first bound element of the full tensor, in units of `unit` elements */
   base: number;
@@ -98,12 +100,12 @@ interface Window {
  * `base` is the index, in units of `unit` elements, of the first bound element (the kernels
  * index whole vec4s from it, so `t` itself must start at an aligned offset).
  */
-function window(e: Engine, t: Tensor, start: number, end: number, unit: number, what: string): Window {
+export function window(e: Engine, t: Tensor, start: number, end: number, unit: number, what: string, op = 'attention'): Window {
   const align = e.caps.storageAlign;
   if (t.byteOffset % align !== 0) {
-    throw new ShapeError(`[attention] ${what} ${t} is a view at byte offset ${t.byteOffset}, not a multiple of ${align}; clone it first`);
+    throw new ShapeError(`[${op}] ${what} ${t} is a view at byte offset ${t.byteOffset}, not a multiple of ${align}; clone it first`);
   }
-  const w = elemWindow(e, t, start, end, 'attention');
+  const w = elemWindow(e, t, start, end, op);
   return { binding: w.binding, base: (start - w.off) / unit };
 }
 
@@ -304,23 +306,23 @@ function attentionGpu(e: Engine, { q, k, v, bias, keyMask }: AttentionInputs, a:
 
 // ---------------------------------------------------------------- 'ubo' (llvmpipe)
 
-const UBO_WG = 8;
-const UBO_QPL = 4;
-const UBO_BYTES = 65536;
+export const UBO_WG = 8;
+export const UBO_QPL = 4;
+export const UBO_BYTES = 65536;
 
 /**
  * Keys per 64 KiB uniform window (KPB, a multiple of 8 so a round of 8 keys stays in one window,
  * with window offsets aligned for uniform bindings) and windows per dispatch (NKW <= 4): enough
  * to fill the kernel's 128-key block when one window holds fewer (head dims above 128).
  */
-function uboWindows(Dh: number, uAlign: number): { KPB: number; NKW: number } {
+export function uboWindows(Dh: number, uAlign: number, op = 'attention'): { KPB: number; NKW: number } {
   let KPB = Math.floor(UBO_BYTES / (Dh * 4 * 8)) * 8;
   if (KPB < 128) {
     // prefer a divisor of 128 that 4 windows can cover (Dh 384: 4 x 32 rather than 3.2 x 40)
     for (const d of [64, 32, 16, 8]) if (d <= KPB && 128 / d <= 4) { KPB = d; break; }
   }
   while (KPB > 8 && (KPB * Dh * 4) % uAlign !== 0) KPB -= 8;
-  if (KPB < 8 || (KPB * Dh * 4) % uAlign !== 0) throw new ShapeError(`[attention] head dim ${Dh} leaves no aligned uniform window of 8 keys; use the 'subgroup' kernel`);
+  if (KPB < 8 || (KPB * Dh * 4) % uAlign !== 0) throw new ShapeError(`[${op}] head dim ${Dh} leaves no aligned uniform window of 8 keys; use the 'subgroup' kernel`);
   return { KPB, NKW: Math.min(4, Math.max(1, Math.ceil(128 / KPB))) };
 }
 

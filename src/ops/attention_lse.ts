@@ -26,7 +26,7 @@
 import { defineOp, grid1d } from './registry.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
 import { bindingLimit, elemWindow, windowSlack } from './window.ts';
-import { attentionKernel, type AttentionKernel } from './attention.ts';
+import { attentionKernel, dims, window, uboWindows, FLAG_STATE_IN, SG_WG, SG_QPL, SG_KB, PORTABLE_WG, UBO_WG, UBO_QPL, UBO_BYTES, type AttentionKernel, type Window } from './attention.ts';
 import { attentionLseHost, attentionMergeHost } from './cpu/attention_lse.ts';
 import type { BufferBinding, Engine } from '../runtime/engine.ts';
 import type { Aliases } from '../runtime/kernels.ts';
@@ -58,21 +58,7 @@ export interface AttentionMergeAttrs {
 
 export type AttentionMergeInputs = { a: Tensor; b: Tensor };
 
-// Params.flags bits of the fused kernels (kernels/lib/attention_flags.wgsl)
-const FLAG_STATE_IN = 8;
-// 'subgroup' / 'portable' / 'ubo' geometry: must match kernels/attention.wgsl and softmax.wgsl
-const SG_WG = 32;
-const SG_QPL = 4;
-const SG_KB = 32;
-const PORTABLE_WG = 64;
-const UBO_WG = 8;
-const UBO_QPL = 4;
-const UBO_BYTES = 65536;
 const WG = 256; // lse_finish / lse_merge
-
-function dims(q: Tensor, k: Tensor) {
-  return { B: q.shape[0]!, Lq: q.shape[1]!, H: q.shape[2]!, Dh: q.shape[3]!, Lk: k.shape[1]! };
-}
 
 export const attentionLse = defineOp<AttentionLseInputs, AttentionLseAttrs>({
   name: 'attention_lse',
@@ -144,36 +130,8 @@ export const attentionMerge = defineOp<AttentionMergeInputs, AttentionMergeAttrs
 
 // ---------------------------------------------------------------- GPU
 
-interface Win {
-  binding: BufferBinding;
-  /** first bound element of the full tensor, in units of `unit` elements */
-  base: number;
-}
-
-/** Bind elements [start, end) of `t`; `base` in units of `unit` elements (t must start aligned). */
-function win(e: Engine, t: Tensor, start: number, end: number, unit: number, what: string): Win {
-  if (t.byteOffset % e.caps.storageAlign !== 0) {
-    throw new ShapeError(`[attention_lse] ${what} ${t} is a view at byte offset ${t.byteOffset}, not a multiple of ${e.caps.storageAlign}; clone it first`);
-  }
-  const w = elemWindow(e, t, start, end, 'attention_lse');
-  return { binding: w.binding, base: (start - w.off) / unit };
-}
-
-/** as attention.ts uboWindows: keys per 64 KiB uniform window (KPB) and windows per dispatch (NKW) */
-function uboWindows(Dh: number, uAlign: number): { KPB: number; NKW: number } {
-  let KPB = Math.floor(UBO_BYTES / (Dh * 4 * 8)) * 8;
-  if (KPB < 128) {
-    for (const d of [64, 32, 16, 8]) {
-      if (d <= KPB && 128 / d <= 4) {
-        KPB = d;
-        break;
-      }
-    }
-  }
-  while (KPB > 8 && (KPB * Dh * 4) % uAlign !== 0) KPB -= 8;
-  if (KPB < 8 || (KPB * Dh * 4) % uAlign !== 0) throw new ShapeError(`[attention_lse] head dim ${Dh} leaves no aligned uniform window of 8 keys; use the 'subgroup' kernel`);
-  return { KPB, NKW: Math.min(4, Math.max(1, Math.ceil(128 / KPB))) };
-}
+/** the fused attention's window (attention.ts), its errors named attention_lse */
+const win = (e: Engine, t: Tensor, start: number, end: number, unit: number, what: string): Window => window(e, t, start, end, unit, what, 'attention_lse');
 
 /** One query chunk: batches [b0, b0 + nb), rows [i0, i0 + nq) of each (nb > 1 only with i0 = 0, nq = Lq). */
 interface QChunk {
@@ -239,7 +197,7 @@ function lseGpu(e: Engine, { q, k, v }: AttentionLseInputs, a: AttentionLseAttrs
 
   if (kern === 'ubo') {
     const dh4 = Dh / 4;
-    const { KPB, NKW } = uboWindows(Dh, e.limits.minUniformBufferOffsetAlignment);
+    const { KPB, NKW } = uboWindows(Dh, e.limits.minUniformBufferOffsetAlignment, 'attention_lse');
     const KPD = KPB * NKW; // keys per dispatch
     const nWin = Math.max(1, Math.ceil(Lk / KPD));
     const PC = Math.max(1, Math.min(Lk, Math.floor(usable / rowQ))); // keys per pack dispatch

@@ -27,7 +27,7 @@
 // weights before running it (pipeline-cp.ts builds one streaming ring per device).
 // Step caching: per-rank hooks (cp-cache.ts). Not built here (see the docs): activation offload.
 
-import type { WanTransformer3DModel, DitStepCache } from '../models/wan_dit/model.ts';
+import { MIN_CALL_ROWS, chunkTokens, rowRanges, type WanTransformer3DModel, type DitStepCache } from '../models/wan_dit/model.ts';
 import { ropeTables } from '../models/wan_dit/host.ts';
 import { engineOf, type Engine } from '../runtime/engine.ts';
 import type { Tensor } from '../tensor/tensor.ts';
@@ -182,8 +182,8 @@ export class ContextParallelDit {
     const Dh = dims.headDim;
     const act = dims.activationDtype ?? 'f32';
     const es = dtypeSize(act);
-    const ffnChunk = chunkOption('ffnChunkTokens', opts.ffnChunkTokens);
-    const attnChunk = chunkOption('attnChunkTokens', opts.attnChunkTokens);
+    const ffnChunk = chunkTokens('ffnChunkTokens', opts.ffnChunkTokens, 'cp_dit');
+    const attnChunk = chunkTokens('attnChunkTokens', opts.attnChunkTokens, 'cp_dit');
     if (ctx.length !== N) throw new ShapeError(`[cp_dit] needs the embedded text on each of the ${N} ranks, got ${ctx.length} (use replicate)`);
     ctx.forEach((c, r) => {
       if (engineOf(c) !== this.ranks[r]!.engine) throw new ShapeError(`[cp_dit] ctx[${r}] must live on rank ${r}'s engine`);
@@ -373,33 +373,6 @@ interface RankState {
 }
 
 type DitBlock = ReturnType<WanTransformer3DModel['blocks']['at']>;
-
-/**
- * The fewest rows a chunked matmul call gets, as model.ts MIN_CALL_ROWS: the matmul picks its
- * kernel by row count (on llvmpipe from 32 rows), so chunks of at least 32 rows run the kernel of
- * the whole call; a shorter last chunk joins the one before it.
- */
-const MIN_CALL_ROWS = 32;
-
-/** Row ranges [r0, r1) covering `rows` in chunks of `chunk` (0, or not below rows: one range), none below MIN_CALL_ROWS unless it is all. */
-function rowRanges(rows: number, chunk: number): Array<[number, number]> {
-  const c = chunk > 0 && chunk < rows ? Math.max(chunk, MIN_CALL_ROWS) : rows;
-  const out: Array<[number, number]> = [];
-  for (let r = 0; r < rows; r += c) out.push([r, Math.min(rows, r + c)]);
-  const last = out[out.length - 1];
-  if (out.length > 1 && last && last[1] - last[0] < MIN_CALL_ROWS) {
-    out.pop();
-    out[out.length - 1]![1] = rows;
-  }
-  return out;
-}
-
-/** Chunk option `what` checked: a whole number >= 0 (0 / absent = whole). */
-function chunkOption(what: string, v: number | undefined): number {
-  if (v === undefined) return 0;
-  if (!Number.isInteger(v) || v < 0) throw new ShapeError(`[cp_dit] ${what} must be an integer >= 0 (0 = whole), got ${v}`);
-  return v;
-}
 
 /** Copy src into dst at `byteOffset` bytes into it and free src (a chunk's result into a whole tensor or the stream, in place). */
 function putBytes(e: Engine, dst: Tensor, byteOffset: number, src: Tensor): void {

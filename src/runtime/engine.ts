@@ -258,14 +258,7 @@ export class Engine implements TensorDevice {
       peakAt = span.peakAt;
     }
     if (this.dispatchesInEncoder > 0) this.encoder ??= this.device.createCommandEncoder();
-    if (peak > this.spanPeak) {
-      this.spanPeak = peak;
-      this.spanPeakAt = peakAt;
-    }
-    if (peak > this.maxInFlight) {
-      this.maxInFlight = peak;
-      this.maxInFlightAt = peakAt;
-    }
+    this.noteInFlight(peak, peakAt);
     if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
     return true;
   }
@@ -709,21 +702,7 @@ export class Engine implements TensorDevice {
   private metaDispatch(d: Dispatch, name: string): void {
     if (this.paramSlots >= ARENA_SLOTS) this.flush();
     for (const b of d.bindings) if (b instanceof Tensor) this.binding(b, name);
-    this.paramSlots++;
-    this.encoder ??= this.device.createCommandEncoder();
-    this.dispatchCount++;
-    this.dispatchesInEncoder++;
-    this.lastDispatchAt = this.currentOp ?? name;
-    const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
-    if (inFlight > this.spanPeak) {
-      this.spanPeak = inFlight;
-      this.spanPeakAt = this.lastDispatchAt;
-    }
-    if (inFlight > this.maxInFlight) {
-      this.maxInFlight = inFlight;
-      this.maxInFlightAt = this.lastDispatchAt;
-    }
-    if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
+    this.metaDispatches(1, name);
   }
 
   /**
@@ -740,16 +719,20 @@ export class Engine implements TensorDevice {
     this.dispatchCount += n;
     this.dispatchesInEncoder += n;
     this.lastDispatchAt = this.currentOp ?? name;
-    const inFlight = this.pendingDispatches + this.dispatchesInEncoder;
+    this.noteInFlight(this.pendingDispatches + this.dispatchesInEncoder, this.lastDispatchAt);
+    if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
+  }
+
+  /** a count of dispatches in flight reached at `at`: the span's and the run's highest (meta walks) */
+  private noteInFlight(inFlight: number, at: string): void {
     if (inFlight > this.spanPeak) {
       this.spanPeak = inFlight;
-      this.spanPeakAt = this.lastDispatchAt;
+      this.spanPeakAt = at;
     }
     if (inFlight > this.maxInFlight) {
       this.maxInFlight = inFlight;
-      this.maxInFlightAt = this.lastDispatchAt;
+      this.maxInFlightAt = at;
     }
-    if (this.dispatchesInEncoder >= this.maxDispatchesPerSubmit) this.flush();
   }
 
   /** Submit everything encoded so far. */

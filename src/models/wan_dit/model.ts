@@ -182,10 +182,10 @@ const UNBOUNDED: BlockBounds = { sequential: false, ffnChunk: 0, attnChunk: 0 };
  * forward stays bit-identical; smaller chunks are raised to this, a shorter last chunk joins the
  * one before it, and a stream of fewer tokens runs unbounded.
  */
-const MIN_CALL_ROWS = 32;
+export const MIN_CALL_ROWS = 32;
 
 /** Row ranges [r0, r1) covering `rows` in chunks of `chunk` rows (0: one range), none below MIN_CALL_ROWS unless it is all. */
-function rowRanges(rows: number, chunk: number): Array<[number, number]> {
+export function rowRanges(rows: number, chunk: number): Array<[number, number]> {
   const c = chunk > 0 ? Math.max(chunk, MIN_CALL_ROWS) : rows;
   const out: Array<[number, number]> = [];
   for (let r = 0; r < rows; r += c) out.push([r, Math.min(rows, r + c)]);
@@ -472,9 +472,10 @@ export function autoAttnChunkTokens(L: number): number {
 }
 
 /** Chunk option `what` checked: a whole number >= 0 (0 / absent = whole). */
-function chunkTokens(what: string, v: number | undefined): number {
+/** Chunk option `what` checked: a whole number >= 0 (0 / absent = whole); errors name `op` (the CP forward shares it). */
+export function chunkTokens(what: string, v: number | undefined, op = 'wan_dit'): number {
   if (v === undefined) return 0;
-  if (!Number.isInteger(v) || v < 0) throw new ShapeError(`[wan_dit] ${what} must be an integer >= 0 (0 = whole), got ${v}`);
+  if (!Number.isInteger(v) || v < 0) throw new ShapeError(`[${op}] ${what} must be an integer >= 0 (0 = whole), got ${v}`);
   return v;
 }
 
