@@ -164,7 +164,7 @@ for (const v of variants) {
   const peaks = Array.from({ length: n }, (_, i) => MiB(median(rs.map((x) => x.peaks[i]!)))).join(' / ');
   const r0 = rs[0]!;
   if (v.startsWith('cp')) {
-    const want = (v.includes('-ring') ? ringForwardBytes : cpForwardBytes)({ B: 2, L, D, blocks: layers, actBytes: 4, latentElems: xHost.length, tokenRow: inChannels * 4, headRow: 4 * m0.dims.outChannels, ranks: n });
+    const want = (v.includes('-ring') ? ringForwardBytes : cpForwardBytes)({ B: 2, L, D, blocks: layers, actBytes: 4, latentElems: xHost.length, tokenRow: inChannels * 4, headRow: 4 * m0.dims.outChannels, ranks: n, heads: m0.dims.numHeads, path: v.endsWith('-copy') || (exchangeArg === 'copy' && !v.includes('-mapped')) ? 'copy' : 'mapped' });
     if (r0.down !== want.down || r0.up !== want.up) throw new Error(`${v}: moved ${r0.down} / ${r0.up} bytes, the formula says ${want.down} / ${want.up}`);
   }
   const name =
@@ -274,11 +274,13 @@ let writeGBs = 0;
 //   buffer, the shuffle, writeBuffer's copy into Dawn's staging; the first model counted 2) at the
 //   memcpy rate measured here, nothing overlapped: link + host.
 // - 'mapped' path: 1 host copy per byte (writeBuffer straight from the mapped readback range) at
-//   Dawn's writeBuffer rate measured here; the chunks (16 MiB) are read back, copied and uploaded as
-//   they arrive, so per exchange the link down, the host copy and the link up overlap but for one
-//   chunk's fill and drain: max(link down, host, link up) + 2 chunks' link time; plus the GPU packing
-//   (slice per destination) and the concat on the way back at this engine's measured H100 permute
-//   rate (docs/notes/norm-layout.md: 1207 GB/s; read + write).
+//   Dawn's writeBuffer rate measured here, and only for the bytes that change device: a device's
+//   own part (1/N of what it sends: its rows of its heads) is a GPU copy (mappedMs); the chunks
+//   (16 MiB) are read back, copied and uploaded as they arrive, so per exchange the link down, the
+//   host copy and the link up overlap but for one chunk's fill and drain: max(link down, host, link
+//   up) + 2 chunks' link time; plus the GPU packing (slice per destination) and the concat on the
+//   way back at this engine's measured H100 permute rate (docs/notes/norm-layout.md: 1207 GB/s;
+//   read + write).
 // the cost models' workload: one block of Wan 1.3B at 480p (832×480, 81 frames), CFG batched
 const W480 = { L: 32760, D: 1536, H: 12, ffn: 8960, text: 512, B: 2 };
 /** its matmul FLOPs per block (q/k/v/o, cross-attention q/o, FFN; the text's k/v) */
@@ -289,6 +291,24 @@ const W480_MATMUL_FLOPS = (() => {
 /** the mapped exchange's chunk, and this engine's H100 permute rate (read + write) */
 const CHUNK = 16 * 2 ** 20;
 const GPU_COPY = 1207e9;
+/**
+ * The mapped path's exposed ms per block for Ulysses at N devices (link and host rates in bytes/s, es
+ * the activation's bytes): 4 exchanges; each device sends B·(L/N)·D·es bytes per exchange, of which
+ * its own part (1/N: its rows of its heads) stays on its GPU (a GPU copy) and (N-1)/N leave it over
+ * its link, so the host copies (N-1)·B·(L/N)·D·es bytes per exchange for all devices, serially;
+ * per exchange max(link, host copy) + 2 chunks' fill; plus the GPU packing (q, k, v sliced, the output
+ * concatenated: read + write) and the own parts' GPU copies.
+ */
+function mappedMs(N: number, link: number, host: number, es: number): number {
+  const { L, D, B } = W480;
+  const ms = (bytes: number, rate: number) => (bytes / rate) * 1e3;
+  const perDev = B * (L / N) * D * es;
+  const out = ((N - 1) / N) * perDev;
+  const fill = 2 * ms(Math.min(CHUNK, out), link);
+  const pack = ms(2 * (3 * perDev + perDev), GPU_COPY);
+  const local = 4 * ms((2 * perDev) / N, GPU_COPY);
+  return 4 * (Math.max(ms(out, link), ms(N * out, host)) + fill) + pack + local;
+}
 {
   const { L: Lw, D: Dw, text, B } = W480;
   const matmulFlops = W480_MATMUL_FLOPS;
@@ -303,9 +323,7 @@ const GPU_COPY = 1207e9;
     const ms = (bytes: number, rate: number) => (bytes / rate) * 1e3;
     // (copy: two JavaScript copies at the memcpy rate `host`, writeBuffer's at its own measured rate)
     if (path === 'copy') return 4 * (2 * ms(perDev, gbs * 1e9) + 2 * ms(N * perDev, host * 1e9) + ms(N * perDev, writeGBs * 1e9));
-    const fill = 2 * ms(Math.min(CHUNK, perDev), gbs * 1e9);
-    const pack = ms(2 * (3 * perDev + perDev), GPU_COPY); // q, k, v sliced; the output concatenated (read + write)
-    return 4 * (Math.max(ms(perDev, gbs * 1e9), ms(N * perDev, host * 1e9)) + fill) + pack;
+    return mappedMs(N, gbs * 1e9, host * 1e9, es);
   };
   for (const N of [2, 4, 8]) {
     for (const [link, gbs] of [
@@ -325,12 +343,17 @@ const GPU_COPY = 1207e9;
   // the host copy rate the mapped path needs for a 1.7x 2-GPU speedup (PCIe 4, f32): the exposed time
   // T1/1.7 - T1/2 spread over the 4 exchanges, less each one's chunk fill and the GPU packing
   {
+    // (bisection on the host rate: the exposed time falls as the rate grows)
     const N = 2;
-    const perDev = B * (Lw / N) * Dw * 4;
-    const pack = (2 * 4 * perDev * 1e3) / GPU_COPY;
-    const fill = (2 * Math.min(CHUNK, perDev) * 1e3) / 25e9;
-    const perExchange = (computeMs / 1.7 - computeMs / N - pack) / 4 - fill;
-    console.log(`\n1.7x at N = 2 over PCIe 4 (f32) needs the mapped path's host copy at >= ${((N * perDev) / (perExchange / 1e3) / 1e9).toFixed(1)} GB/s (measured here: writeBuffer ${writeGBs.toFixed(1)} GB/s)`);
+    const want = computeMs / 1.7 - computeMs / N;
+    let lo = 0.1e9;
+    let hi = 1000e9;
+    for (let i = 0; i < 60; i++) {
+      const mid = Math.sqrt(lo * hi);
+      if (mappedMs(N, 25e9, mid, 4) > want) lo = mid;
+      else hi = mid;
+    }
+    console.log(`\n1.7x at N = 2 over PCIe 4 (f32) needs the mapped path's host copy at >= ${(hi / 1e9).toFixed(1)} GB/s (measured here: writeBuffer ${writeGBs.toFixed(1)} GB/s)`);
   }
 }
 
@@ -354,10 +377,7 @@ if (ATTENTIONS.includes('ring')) {
   const crossMs = ((B * 4 * Lw * text * Dw) / 10e12) * 1e3;
   const T1 = matmulMs + selfMs + crossMs;
   const ms = (bytes: number, rate: number) => (bytes / rate) * 1e3;
-  const ulyssesMs = (N: number, es: number) => {
-    const perDev = B * (Lw / N) * Dw * es;
-    return 4 * (Math.max(ms(perDev, gbs), ms(N * perDev, writeGBs * 1e9)) + 2 * ms(Math.min(CHUNK, perDev), gbs)) + ms(2 * 4 * perDev, GPU_COPY);
-  };
+  const ulyssesMs = (N: number, es: number) => mappedMs(N, gbs, writeGBs * 1e9, es);
   const ringMs = (N: number, es: number, overlap = false) => {
     const unit = B * Lw * Dw * es; // B·L·D elements, all devices
     const down = 2 * unit;

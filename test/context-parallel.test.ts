@@ -107,9 +107,14 @@ describe('ContextParallelDit: N devices equal one device', () => {
         const d = maxAbsDiff(got, want);
         expect(d, `N=${N} heads=${heads}`).toBeLessThanOrEqual(1e-5);
         const D = heads * 16;
-        const bytes = cpForwardBytes({ B: 2, L: 70, D, blocks: 2, actBytes: 4, latentElems: c.x.length, tokenRow: 4 * 2 * 2, headRow: 4 * 2 * 2, ranks: N });
+        const bytes = cpForwardBytes({ B: 2, L: 70, D, heads, blocks: 2, actBytes: 4, latentElems: c.x.length, tokenRow: 4 * 2 * 2, headRow: 4 * 2 * 2, ranks: N });
         expect(cp.exchange.stats.bytesDown).toBe(bytes.down);
         expect(cp.exchange.stats.bytesUp).toBe(bytes.up);
+        // (a rank's own part of each exchange stays on its GPU: with N = 1 nothing but the latents and tokens crosses the host)
+        expect(cp.exchange.stats.bytesLocal).toBe(bytes.local);
+        const viaHost = cpForwardBytes({ B: 2, L: 70, D, heads, blocks: 2, actBytes: 4, latentElems: c.x.length, tokenRow: 4 * 2 * 2, headRow: 4 * 2 * 2, ranks: N, path: 'copy' });
+        expect(bytes.down + bytes.local).toBe(viaHost.down);
+        expect(bytes.up + bytes.local).toBe(viaHost.up);
         // two all-to-all of q, k, v + one back per block, and the head's gather
         expect(cp.exchange.stats.exchanges).toBe(2 * 4 + 1);
         for (const r of ranks.slice(1)) r.dit.disposeParams();

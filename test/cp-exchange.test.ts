@@ -3,7 +3,8 @@
 // a GPU concat on the way back) against the 'copy' path (Engine.read + host shuffle + fromHost) and
 // the plain host reference, on N = 2 and 3 devices, odd row counts, heads that do and do not divide
 // N (a rank without heads), f32 / f16 / bf16 tensors, chunks small enough to cut pieces and runs;
-// the bytes moved are the same, and the DiT forward is bit-identical on both paths.
+// the same bytes land (the mapped path keeps each rank's own part on its GPU: fewer host bytes by
+// exactly that part), and the DiT forward is bit-identical on both paths.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { Engine } from '../src/runtime/engine.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../src/models/wan_dit/model.ts';
@@ -97,8 +98,14 @@ describe('HostExchange: the mapped path moves the same bytes as the copy path', 
         expect(mapped.headBytes).toEqual(copy.headBytes);
         expect(mapped.backBytes).toEqual(copy.backBytes);
         expect(mapped.gatherBytes).toEqual(copy.gatherBytes);
-        expect(mapped.stats.bytesDown).toBe(copy.stats.bytesDown);
-        expect(mapped.stats.bytesUp).toBe(copy.stats.bytesUp);
+        // the same bytes moved: on the mapped path each rank's own part stays on its GPU
+        // (a rank's own heads of its rows there and back, rank 0's rows of the gather)
+        const own = (g: A2aGeometry) => g.rows.reduce((a, [r0, r1], r) => a + (r1 - r0) * (g.heads[r]![1] - g.heads[r]![0]), 0) * B * Dh * esOf(dtype);
+        const ownBytes = 2 * own(mapped.g) + (mapped.g.rows[0]![1] - mapped.g.rows[0]![0]) * B * H * Dh * esOf(dtype);
+        expect(copy.stats.bytesLocal).toBe(0);
+        expect(mapped.stats.bytesLocal).toBe(ownBytes);
+        expect(mapped.stats.bytesDown + ownBytes).toBe(copy.stats.bytesDown);
+        expect(mapped.stats.bytesUp + ownBytes).toBe(copy.stats.bytesUp);
         expect(mapped.stats.exchanges).toBe(3);
         expect(mapped.stats.mapped, 'every exchange on the mapped path').toBe(3);
       }
@@ -159,8 +166,9 @@ describe('ContextParallelDit on both exchange paths', () => {
     const a = await run('copy');
     const b = await run('mapped');
     expect(Array.from(b.v)).toEqual(Array.from(a.v));
-    expect(b.stats.bytesDown).toBe(a.stats.bytesDown);
-    expect(b.stats.bytesUp).toBe(a.stats.bytesUp);
+    expect(b.stats.bytesDown + b.stats.bytesLocal).toBe(a.stats.bytesDown);
+    expect(b.stats.bytesUp + b.stats.bytesLocal).toBe(a.stats.bytesUp);
+    expect(b.stats.bytesLocal).toBeGreaterThan(0);
     expect(b.stats.mapped).toBe(b.stats.exchanges);
     expect(a.stats.mapped).toBe(0);
     for (const t of ctx) t.dispose();

@@ -247,7 +247,7 @@ describe('ContextParallelDit with ring attention: N devices equal one device', (
         const ranks = engines.slice(0, N).map((e, r) => ({ engine: e, dit: r === 0 ? ref : randomDit(e, cfg) }));
         const cp = new ContextParallelDit(ranks);
         const D = heads * 16;
-        const p = { B: 2, L: 70, D, blocks: 2, actBytes: 4, latentElems: c.x.length, tokenRow: 4 * 2 * 2, headRow: 4 * 2 * 2, ranks: N };
+        const p = { B: 2, L: 70, D, heads, blocks: 2, actBytes: 4, latentElems: c.x.length, tokenRow: 4 * 2 * 2, headRow: 4 * 2 * 2, ranks: N };
         for (const mode of ['ring', 'auto'] as const) {
           const got = await parallel(cp, c, mode);
           expect(maxAbsDiff(got, want), `N=${N} heads=${heads} ${mode}`).toBeLessThanOrEqual(1e-5);
@@ -255,13 +255,15 @@ describe('ContextParallelDit with ring attention: N devices equal one device', (
           const bytes = ring ? ringForwardBytes(p) : cpForwardBytes(p);
           expect(cp.exchange.stats.bytesDown, `${mode} down`).toBe(bytes.down);
           expect(cp.exchange.stats.bytesUp, `${mode} up`).toBe(bytes.up);
+          expect(cp.exchange.stats.bytesLocal, `${mode} local`).toBe(bytes.local);
           // the ring: N - 1 passes per block; Ulysses: q, k, v all-to-all + the way back; + the head's gather
           expect(cp.exchange.stats.exchanges).toBe(2 * (ring ? N - 1 : 4) + 1);
         }
         // the formula: per block and rank (N-1)·2·B·(L/N)·D elements up, the attention output stays
         const r = ringForwardBytes(p);
-        const u = cpForwardBytes(p);
-        expect(r.up - u.up).toBe(2 * ((N - 1) * 2 - 4) * 2 * 70 * D * 4);
+        const rest = cpForwardBytes({ ...p, blocks: 0 });
+        expect(r.up - rest.up).toBe(2 * (N - 1) * 2 * 2 * 70 * D * 4);
+        expect(r.down - rest.down).toBe(2 * 2 * 2 * 70 * D * 4);
         for (const rk of ranks.slice(1)) rk.dit.disposeParams();
       }
       ref.disposeParams();

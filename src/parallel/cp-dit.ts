@@ -41,7 +41,7 @@ import { layerNorm } from '../ops/norm.ts';
 import { add, gatedResidual } from '../ops/elementwise.ts';
 import { permute } from '../ops/layout.ts';
 import { ShapeError } from '../util/errors.ts';
-import { HostExchange, splitRanges, rowsToHeadsShuffle, headsToRowsShuffle, gatherShuffle, sliceRows, type A2aGeometry } from './exchange.ts';
+import { HostExchange, splitRanges, type ExchangePath, rowsToHeadsShuffle, headsToRowsShuffle, gatherShuffle, sliceRows, type A2aGeometry } from './exchange.ts';
 import { ringAttention, useRing, type CpAttention } from './ring.ts';
 import { cpStepPlan, cpStepFinish } from './cp-cache.ts';
 
@@ -88,17 +88,39 @@ export interface CpDevicePeak {
 }
 
 /**
- * Bytes one forward moves through the host (down + up), by the formula the exchanges follow: per
- * block the q/k/v all-to-all (3·B·L·D elements down and up) and the attention output's way back
- * (B·L·D down and up) at the activation dtype; the latents (B·C·F·H·W f32 down from their engine,
- * B·L·C·ph·pw up as token rows); the head's outputs (B·L·P f32 down and up to rank 0). The text
- * context's replication (once per prompt, ContextParallelDit.replicate) is not included.
+ * Bytes one forward moves through the host (down + up), by the formula the exchanges follow, and the
+ * bytes the devices copy for themselves (`local`): per block the q/k/v all-to-all (3·B·L·D elements)
+ * and the attention output's way back (B·L·D) at the activation dtype; the latents (B·C·F·H·W f32
+ * down from their engine, B·L·C·ph·pw up as token rows); the head's outputs (B·L·P f32 to rank 0).
+ * On the mapped path (the default, exchange.ts) a rank's own part of every exchange stays on its GPU:
+ * of the all-to-alls the rows r keeps of its own heads, Σ_r B·Lr·Hr·Dh elements each way, and of the
+ * head gather rank 0's rows; on the copy path every byte crosses the host. The text context's
+ * replication (once per prompt, ContextParallelDit.replicate) is not included.
  */
-export function cpForwardBytes(p: { B: number; L: number; D: number; blocks: number; actBytes: number; latentElems: number; tokenRow: number; headRow: number; ranks: number }): { down: number; up: number } {
-  const perBlock = 4 * p.B * p.L * p.D * p.actBytes;
-  const down = p.blocks * perBlock + p.latentElems * 4 + p.B * p.L * p.headRow * 4;
-  const up = p.blocks * perBlock + p.B * p.L * p.tokenRow * 4 + p.B * p.L * p.headRow * 4;
-  return { down, up };
+export function cpForwardBytes(p: {
+  B: number;
+  L: number;
+  D: number;
+  /** attention heads (D = heads · Dh): how the all-to-all splits them */
+  heads: number;
+  blocks: number;
+  actBytes: number;
+  latentElems: number;
+  tokenRow: number;
+  headRow: number;
+  ranks: number;
+  path?: ExchangePath;
+}): { down: number; up: number; local: number } {
+  const mapped = (p.path ?? 'mapped') === 'mapped';
+  const rows = splitRanges(p.L, p.ranks);
+  const heads = splitRanges(p.heads, p.ranks);
+  const Dh = p.D / p.heads;
+  const ownA2a = mapped ? rows.reduce((a, [r0, r1], r) => a + (r1 - r0) * (heads[r]![1] - heads[r]![0]), 0) * p.B * Dh * p.actBytes : 0;
+  const ownHead = mapped ? (rows[0]![1] - rows[0]![0]) * p.B * p.headRow * 4 : 0;
+  const perBlock = 4 * p.B * p.L * p.D * p.actBytes - 4 * ownA2a;
+  const down = p.blocks * perBlock + p.latentElems * 4 + p.B * p.L * p.headRow * 4 - ownHead;
+  const up = p.blocks * perBlock + p.B * p.L * p.tokenRow * 4 + p.B * p.L * p.headRow * 4 - ownHead;
+  return { down, up, local: p.blocks * 4 * ownA2a + ownHead };
 }
 
 export class ContextParallelDit {

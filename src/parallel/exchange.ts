@@ -175,6 +175,8 @@ export interface ExchangeStats {
   exchanges: number;
   /** of those, how many ran on the mapped path */
   mapped: number;
+  /** bytes a device copied for itself on its GPU (the mapped path: a rank's own part of an exchange never crosses the host) */
+  bytesLocal: number;
   /** wall ms spent waiting for the devices' queued compute before an exchange (all ranks together) */
   computeMs: number;
   /** wall ms of the exchanges themselves: readbacks, the host copies, the uploads */
@@ -182,7 +184,7 @@ export interface ExchangeStats {
 }
 
 export function emptyExchangeStats(): ExchangeStats {
-  return { bytesDown: 0, bytesUp: 0, exchanges: 0, mapped: 0, computeMs: 0, exchangeMs: 0 };
+  return { bytesDown: 0, bytesUp: 0, bytesLocal: 0, exchanges: 0, mapped: 0, computeMs: 0, exchangeMs: 0 };
 }
 
 export type ExchangePath = 'mapped' | 'copy';
@@ -218,6 +220,11 @@ interface SourcePlan {
   pieces: Piece[];
   routes: Route[];
   total: number;
+  /**
+   * the source's own part (destination = the source rank): never staged, copied on its GPU
+   * (copyBufferToBuffer) from the piece into the destination tensors; route srcOff is relative to the piece
+   */
+  local: Array<{ piece: Piece; routes: Route[] }>;
 }
 
 interface MappedPlan {
@@ -362,7 +369,7 @@ export class HostExchange {
         const t = src[r]!;
         const [r0, r1] = g.rows[r]!;
         const Lr = r1 - r0;
-        const plan: SourcePlan = { pieces: [], routes: [], total: 0 };
+        const plan: SourcePlan = { pieces: [], routes: [], total: 0, local: [] };
         const many = g.heads.filter(([a, b]) => b > a).length > 1;
         for (let s = 0; s < N; s++) {
           const seg = segOf(s);
@@ -382,6 +389,12 @@ export class HostExchange {
                 close: () => sl?.dispose(),
               }
             : whole(t);
+          if (s === r) {
+            // the rank's own heads of its rows stay on its GPU
+            const routes = Array.from({ length: g.B }, (_, b) => ({ srcOff: b * Lr * seg, size: Lr * seg, dst: s, part: 0, dstOff: (b * L + r0) * seg }));
+            plan.local.push({ piece, routes });
+            continue;
+          }
           const off = plan.total;
           plan.pieces.push(piece);
           for (let b = 0; b < g.B; b++) plan.routes.push({ srcOff: off + b * Lr * seg, size: Lr * seg, dst: s, part: 0, dstOff: (b * L + r0) * seg });
@@ -410,12 +423,24 @@ export class HostExchange {
           continue;
         }
         if (!t || t.nbytes !== g.B * L * seg) return null;
-        const plan: SourcePlan = { pieces: [whole(t)], routes: [], total: t.nbytes };
+        const plan: SourcePlan = { pieces: [], routes: [], total: 0, local: [] };
         g.rows.forEach(([r0, r1], r) => {
           const Lr = r1 - r0;
           const part = parts[r]!.length;
           parts[r]!.push([g.B, Lr, Hs, g.Dh]);
-          for (let b = 0; b < g.B; b++) plan.routes.push({ srcOff: (b * L + r0) * seg, size: Lr * seg, dst: r, part, dstOff: b * Lr * seg });
+          if (r === s) {
+            // the source's own rows stay on its GPU
+            plan.local.push({ piece: whole(t), routes: Array.from({ length: g.B }, (_, b) => ({ srcOff: (b * L + r0) * seg, size: Lr * seg, dst: r, part, dstOff: b * Lr * seg })) });
+            return;
+          }
+          // each element's rows of that destination: one run of the source (a view, no packing)
+          for (let b = 0; b < g.B; b++) {
+            const at = t.byteOffset + (b * L + r0) * seg;
+            const size = Lr * seg;
+            plan.pieces.push({ size, open: () => ({ buffer: t.buffer, offset: at, size }), close: () => {} });
+            plan.routes.push({ srcOff: plan.total, size, dst: r, part, dstOff: b * Lr * seg });
+            plan.total += size;
+          }
         });
         sources[s] = plan;
       }
@@ -438,15 +463,18 @@ export class HostExchange {
         const Lr = r1 - r0;
         const t = src[r];
         if (!t || t.nbytes !== B * Lr * rowBytes) return null;
-        const plan: SourcePlan = { pieces: [whole(t)], routes: [], total: t.nbytes };
-        for (let b = 0; b < B; b++) plan.routes.push({ srcOff: b * Lr * rowBytes, size: Lr * rowBytes, dst: d, part: 0, dstOff: (b * L + r0) * rowBytes });
-        sources[r] = plan;
+        const routes = Array.from({ length: B }, (_, b) => ({ srcOff: b * Lr * rowBytes, size: Lr * rowBytes, dst: d, part: 0, dstOff: (b * L + r0) * rowBytes }));
+        // (the destination's own rows stay on its GPU)
+        sources[r] = r === d ? { pieces: [], routes: [], total: 0, local: [{ piece: whole(t), routes }] } : { pieces: [whole(t)], routes, total: t.nbytes, local: [] };
       }
       assemble = (_s, p) => p[0] ?? null;
     }
     // (tensors start at allocator blocks or views of them; a view at an odd 2-byte offset goes the copy path)
     const srcAligned = src.every((t) => !t || t.byteOffset % 4 === 0);
-    const aligned = srcAligned && sources.every((p) => !p || (p.pieces.every((x) => x.size % 4 === 0) && p.routes.every((x) => x.srcOff % 4 === 0 && x.size % 4 === 0 && x.dstOff % 4 === 0)));
+    const runAligned = (x: Route) => x.srcOff % 4 === 0 && x.size % 4 === 0 && x.dstOff % 4 === 0;
+    const aligned =
+      srcAligned &&
+      sources.every((p) => !p || (p.pieces.every((x) => x.size % 4 === 0) && p.routes.every(runAligned) && p.local.every((l) => l.piece.size % 4 === 0 && l.routes.every(runAligned))));
     if (!aligned) return null;
     return { sources, parts, assemble, dtype };
   }
@@ -475,6 +503,19 @@ export class HostExchange {
     const open: Record<string, BufferBinding> = {};
     const staged: Array<{ e: Engine; buf: GPUBuffer }> = [];
     try {
+      // 0. every source's own part: copied on its GPU, never through the host
+      for (let r = 0; r < N; r++) {
+        const e = this.engines[r]!;
+        for (const { piece, routes } of plan.sources[r]?.local ?? []) {
+          const b = piece.open();
+          for (const rt of routes) {
+            const t = dst[rt.dst]![rt.part]!;
+            e.copyBuffer(b.buffer, b.offset + rt.srcOff, t.buffer, t.byteOffset + rt.dstOff, rt.size);
+            this.stats.bytesLocal += rt.size;
+          }
+          piece.close();
+        }
+      }
       // 1. every source's chunks: GPU copies into staging buffers, one submit per chunk, mapped as they complete
       for (let r = 0; r < N; r++) {
         const sp = plan.sources[r];
@@ -530,6 +571,8 @@ export class HostExchange {
         }
       }
       await Promise.all(pending);
+      // (uploaded: every staged run, each written once to its destination)
+      for (const sp of plan.sources) for (const rt of sp?.routes ?? []) this.stats.bytesUp += rt.size;
       for (const { e, buf } of staged) this.giveStaging(e, buf);
       staged.length = 0;
       await Promise.all(this.engines.map((e) => e.checkErrors()));
@@ -544,7 +587,6 @@ export class HostExchange {
       throw err;
     }
     return dst.map((list, s) => {
-      for (const t of list) this.stats.bytesUp += t.nbytes;
       if (list.length === 0) return null;
       const out = plan.assemble(s, list);
       for (const t of list) if (t !== out) t.dispose();

@@ -62,10 +62,10 @@ export function cpAttentionRefusal(mode: CpAttention, cpSize: number, attention:
  * rows and head gather, and per block the ring's K/V relay (see the file comment) instead of the
  * Ulysses all-to-alls.
  */
-export function ringForwardBytes(p: Parameters<typeof cpForwardBytes>[0]): { down: number; up: number } {
+export function ringForwardBytes(p: Parameters<typeof cpForwardBytes>[0]): { down: number; up: number; local: number } {
   const rest = cpForwardBytes({ ...p, blocks: 0 });
   const kv = 2 * p.B * p.L * p.D * p.actBytes; // every rank's K and V, once
-  return { down: rest.down + p.blocks * kv, up: rest.up + p.blocks * (p.ranks - 1) * kv };
+  return { down: rest.down + p.blocks * kv, up: rest.up + p.blocks * (p.ranks - 1) * kv, local: rest.local };
 }
 
 export interface RingOptions {
