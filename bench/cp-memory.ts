@@ -75,6 +75,8 @@ async function measured(o: { tokens: number; layers: number; rounds: number }): 
   const xHost = rng.fillNormal(new Float32Array(2 * dims.inChannels * F * 32 * 32));
   const ctxHost = rng.fillNormal(new Float32Array(2 * TEXT_LEN * dims.textDim)).map((v) => v * 0.1);
   const bounds = ditRunOptions(memoryPlan(settingsAt(256, 256, 1, { lowMemLevel: 2 }).load), dims, L);
+  // (with cp_size 2 the auto chunk sizes follow a device's rows: ditRunOptions)
+  const cpBounds = ditRunOptions(memoryPlan(settingsAt(256, 256, 1, { lowMemLevel: 2, cpSize: 2 }).load), dims, L);
   console.log(`\n## memory: ${layers} block(s) of Wan 1.3B shapes, L ${L} tokens, B = 2, text ${TEXT_LEN} rows; level-2 bounds ${JSON.stringify(bounds)}; adapter ${e0.adapterName}`);
 
   interface Row {
@@ -144,7 +146,7 @@ async function measured(o: { tokens: number; layers: number; rounds: number }): 
     const ctx = await cp.replicate(ctx0);
     await run(
       `context parallel N = 2, level 2, ${shard ? `weight shard (${place.resident} of ${layers} blocks resident per device)` : 'full weight copy per device'}`,
-      (x) => cp.forward(x, 500, ctx, bounds),
+      (x) => cp.forward(x, 500, ctx, cpBounds),
       engines,
       () => {
         const u = cp.uploadBytes();
@@ -186,16 +188,19 @@ async function target480(): Promise<void> {
   const at480 = (opts: WanPipelineOptions) => planRun(PRESETS['wan2.1-t2v-1.3b']!(), settingsAt(832, 480, 81, opts), { device: GENERIC_GPU });
   const cases: Array<[string, WanPipelineOptions]> = [
     ['one device, level 2', { lowMemLevel: 2 }],
+    ['one device, level 2, VAE on the GPU for the decode only (infer.offload_vae=true)', { lowMemLevel: 2, offloadVae: true }],
     ['one device, level 3', { lowMemLevel: 3 }],
-    ['cp_size 2, level 2, weight shard (auto)', { lowMemLevel: 2, cpSize: 2 }],
+    ['cp_size 2, level 2 (defaults: weight shard, VAE for the decode only, lean decode stem, chunks per device)', { lowMemLevel: 2, cpSize: 2 }],
+    ['cp_size 2, level 2, VAE resident (infer.offload_vae=false)', { lowMemLevel: 2, cpSize: 2, offloadVae: false }],
     ['cp_size 2, level 2, full copy (cp_shard_weights=false)', { lowMemLevel: 2, cpSize: 2, config: { 'infer.diffusion.cp_shard_weights': false } }],
-    ['cp_size 2, level 2, weight shard, VAE on the GPU for the decode only (infer.offload_vae=true)', { lowMemLevel: 2, cpSize: 2, offloadVae: true }],
     ['cp_size 2, level 3', { lowMemLevel: 3, cpSize: 2 }],
   ];
   let single = 0;
   let singleDenoise = 0;
-  console.log('\n| run | denoise peak per device (GiB) | run peak per device (GiB) | largest denoise peak / one device level 2 | largest run peak / one device level 2 | streamed per step per device (MiB) | plan ms |');
-  console.log('|---|---|---|---|---|---|---|');
+  let singleOff = 0;
+  let singleOffDenoise = 0;
+  console.log('\n| run | denoise peak per device (GiB) | run peak per device (GiB) | largest denoise peak / one device level 2 | largest run peak / one device level 2 | largest denoise peak / one device level 2 with its VAE off the GPU | largest run peak / the same | streamed per step per device (MiB) | plan ms |');
+  console.log('|---|---|---|---|---|---|---|---|---|');
   for (const [name, opts] of cases) {
     const t0 = performance.now();
     const p = await at480(opts);
@@ -207,7 +212,12 @@ async function target480(): Promise<void> {
       single = p.peakBytes;
       singleDenoise = p.phases.denoise.peakBytes;
     }
+    if (name.startsWith('one device, level 2, VAE')) {
+      singleOff = p.peakBytes;
+      singleOffDenoise = p.phases.denoise.peakBytes;
+    }
     const stream = p.devices ? p.devices.map((d) => MiB(d.streamBytesPerStep)).join(' / ') : MiB(p.streamBytesPerStep);
-    console.log(`| ${name} | ${den.map(GiB).join(' / ')} | ${runPeak.map(GiB).join(' / ')} | ${(Math.max(...den) / singleDenoise).toFixed(3)} | ${(Math.max(...runPeak) / single).toFixed(3)} | ${stream} | ${ms.toFixed(0)} |`);
+    const r = (a: number, b: number) => (b ? (a / b).toFixed(3) : '-');
+    console.log(`| ${name} | ${den.map(GiB).join(' / ')} | ${runPeak.map(GiB).join(' / ')} | ${r(Math.max(...den), singleDenoise)} | ${r(Math.max(...runPeak), single)} | ${r(Math.max(...den), singleOffDenoise)} | ${r(Math.max(...runPeak), singleOff)} | ${stream} | ${ms.toFixed(0)} |`);
   }
 }

@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
 import { getEngine as getSharedEngine, randTensor, Rng } from './helpers/gpu.ts';
-import { permute, permuteOp, transpose, slice, sliceOp, concat, stridesOf } from '../src/ops/layout.ts';
+import { permute, permuteOp, transpose, slice, sliceOp, sliceInto, concat, stridesOf } from '../src/ops/layout.ts';
 import { Tensor, numelOf } from '../src/tensor/tensor.ts';
 import type { DType } from '../src/tensor/dtype.ts';
 
@@ -177,6 +177,43 @@ describe('layout: slice and concat', () => {
       });
     }
   }
+  it('sliceInto writes the slice into a region of a larger tensor (strided destination), the rest untouched', async () => {
+    const e = await getEngine();
+    const r = new Rng(17);
+    for (const dtype of ['f32', 'f16'] as DType[]) {
+      // [B, Lr, H, Dh] rows of heads [h0, h1) into rows [r0, r0 + Lr) of [B, L, Hs, Dh] (the exchange's own part)
+      for (const [B, Lr, H, Dh, h0, h1, L, r0] of [
+        [2, 5, 3, 4, 1, 3, 11, 4],
+        [1, 7, 2, 6, 0, 1, 7, 0],
+        [3, 3, 5, 3, 2, 5, 9, 6],
+      ] as const) {
+        const x = randAny(r, [B, Lr, H, Dh], dtype);
+        const Hs = h1 - h0;
+        const base = randAny(r, [B, L, Hs, Dh], dtype);
+        const xg = x.toGpu(e);
+        const dg = base.toGpu(e);
+        sliceInto(xg, 2, h0, h1, dg, r0 * Hs * Dh, [L * Hs * Dh, Hs * Dh, Dh, 1]);
+        const got = Array.from(rawOf(await dg.toCpu()));
+        const want = Array.from(rawOf(base));
+        const sl = rawOf(slice(x, 2, h0, h1));
+        for (let b = 0; b < B; b++) for (let i = 0; i < Lr * Hs * Dh; i++) want[(b * L + r0) * Hs * Dh + i] = sl[b * Lr * Hs * Dh + i]!;
+        expect(got, `${dtype} ${[B, Lr, H, Dh, h0, h1, L, r0]}`).toEqual(want);
+        // contiguous destination (the default strides): the plain slice
+        const d2 = e.empty([B, Lr, Hs, Dh], dtype);
+        sliceInto(xg, 2, h0, h1, d2, 0);
+        await sameBits(d2, slice(x, 2, h0, h1), `sliceInto ${dtype} contiguous`);
+        for (const t of [xg, dg, d2]) t.dispose();
+      }
+    }
+    const a = e.empty([2, 3], 'f32');
+    const small = e.empty([2], 'f32');
+    expect(() => sliceInto(a, 1, 0, 2, small, 0)).toThrow(/^\[slice\] sliceInto: the box \[2, 2\] at 0 does not fit/);
+    expect(() => sliceInto(a, 1, 2, 4, small, 0)).toThrow(/^\[slice\] range \[2, 4\) is not inside/);
+    expect(() => sliceInto(a, 1, 0, 1, e.empty([2], 'f16'), 0)).toThrow(/^\[slice\] sliceInto: the destination is f16, the source f32/);
+    a.dispose();
+    small.dispose();
+  });
+
   it('concat of many tensors (grouped), with an empty one, and the CPU reference is right', async () => {
     const e = await getEngine();
     const parts = Array.from({ length: 11 }, (_, i) => randTensor(rng, [2, i % 3, 3]));

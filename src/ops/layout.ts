@@ -347,6 +347,26 @@ export const sliceOp = defineOp<{ x: Tensor }, SliceAttrs>({
   bytes: ({ x }, a) => 2 * sliceBox(x, a).shape.reduce((p, v) => p * v, 1) * dtypeSize(x.dtype),
 });
 
+/**
+ * Elements [start, end) along `dim` of `x` written straight into `dst` from element `dstBase` on,
+ * with `dst`'s strides `dstStrides` (its own contiguous layout by default): slice without the
+ * intermediate tensor, for a destination that is a region of a larger tensor (the context-parallel
+ * exchange's own part: src/parallel/exchange.ts). Same engine and dtype; GPU tensors only.
+ */
+export function sliceInto(x: Tensor, dim: number, start: number, end: number, dst: Tensor, dstBase: number, dstStrides?: number[]): void {
+  const e = x.gpuDevice as unknown as Engine | null;
+  if (!e || (dst.gpuDevice as unknown) !== e) throw new ShapeError('[slice] sliceInto needs both tensors on the same GPU engine');
+  if (dst.dtype !== x.dtype) throw new ShapeError(`[slice] sliceInto: the destination is ${dst.dtype}, the source ${x.dtype}`);
+  const n = x.shape[normDim('slice', dim, x.rank)]!;
+  if (!Number.isInteger(start) || !Number.isInteger(end) || start < 0 || end < start || end > n) throw new ShapeError(`[slice] range [${start}, ${end}) is not inside [0, ${n}] of dim ${dim} of ${x}`);
+  const { shape, box } = sliceBox(x, { dim, start, end });
+  const ds = dstStrides ?? stridesOf(shape);
+  const last = shape.reduce((a, n, k) => a + (n - 1) * ds[k]!, dstBase);
+  if (shape.some((n) => n === 0)) return;
+  if (dstBase < 0 || last >= dst.numel) throw new ShapeError(`[slice] sliceInto: the box ${shapeStr(shape)} at ${dstBase} does not fit ${dst}`);
+  boxCopy(e, 'slice', x, dst, { ...box, dst: ds, dstBase }, bindingLimit(e));
+}
+
 /** Elements [start, end) along `dim` (a materializing copy; negative dim counts from the end). */
 export function slice(x: Tensor, dim: number, start: number, end: number): Tensor {
   return sliceOp({ x }, { dim, start, end });

@@ -308,12 +308,8 @@ export class ContextParallelDit {
           // 1b. all-to-all: rank s gets all rows of its heads [nb, L, Hs, Dh]
           const headShape = (s: number) => (heads[s]![1] > heads[s]![0] ? [nb, L, heads[s]![1] - heads[s]![0], Dh] : null);
           const shapes = state.map((_, s) => headShape(s));
-          const a2a = async (pick: (p: (typeof pre)[number]) => Tensor) => {
-            const src = pre.map(pick);
-            const out = await ex.exchange(src, rowsToHeadsShuffle(g), shapes, act, 'cp.a2a');
-            for (const t of src) t.dispose();
-            return out;
-          };
+          // (consumed: each rank's q / k / v goes once its bytes are staged, before the heads arrive)
+          const a2a = (pick: (p: (typeof pre)[number]) => Tensor) => ex.exchange(pre.map(pick), rowsToHeadsShuffle(g), shapes, act, 'cp.a2a', { consume: true });
           const qh = await a2a((p) => p.q);
           const kh = await a2a((p) => p.k);
           const vh = await a2a((p) => p.v);
@@ -326,8 +322,9 @@ export class ContextParallelDit {
               continue;
             }
             const attend = (qq: Tensor, kk: Tensor, vv: Tensor) => (kind === 'sage' ? sageAttention({ q: qq, k: kk, v: vv }, { scale }) : attention({ q: qq, k: kk, v: vv }, { scale }));
-            oh.push(await attendChunked(s.e, q, kh[r]!, vh[r]!, attnChunk, attend));
-            for (const tt of [q, kh[r]!, vh[r]!]) tt.dispose();
+            const o = await attendChunked(s.e, q, kh[r]!, vh[r]!, attnChunk, attend);
+            oh.push(o);
+            for (const tt of [q, kh[r]!, vh[r]!]) if (tt !== o) tt.dispose();
           }
           // 1d. back to the rows' owners [nb, Lr, H, Dh]
           back = await ex.exchange(oh, headsToRowsShuffle(g), state.map((s) => [nb, s.Lr, Hh, Dh]), act, 'cp.a2a');
@@ -439,12 +436,15 @@ async function qkvRows(s: RankState, a: DitBlock['attn1'], mod: Tensor[], b0: nu
 
 /**
  * Attention of q [nb, L, Hs, Dh] over k, v [nb, L, Hs, Dh] (all keys of the rank's heads): whole,
- * or (chunk < L) per batch element over chunks of query rows, written into one output.
+ * or (chunk < L) per batch element over chunks of query rows, each chunk's output written over its
+ * own query rows (a chunk's queries are read by its attention only, which queue order puts before
+ * the copy), so the chunked output is q's buffer: returned as q itself (no second [nb, L, Hs, Dh]).
  */
 async function attendChunked(e: Engine, q: Tensor, k: Tensor, v: Tensor, chunk: number, attend: (q: Tensor, k: Tensor, v: Tensor) => Tensor): Promise<Tensor> {
   const [nb, L, Hs, Dh] = q.shape as [number, number, number, number];
   if (!(chunk > 0 && chunk < L)) return e.scope(() => attend(q, k, v));
   let o: Tensor | null = null;
+  // (the output's dtype is the queries': attention and sage attention give the activation dtype)
   for (let b = 0; b < nb; b++) {
     const kb = nb > 1 ? e.bindable(k.narrow0(b, b + 1)) : k;
     const vb = nb > 1 ? e.bindable(v.narrow0(b, b + 1)) : v;
@@ -452,7 +452,8 @@ async function attendChunked(e: Engine, q: Tensor, k: Tensor, v: Tensor, chunk: 
       e.scope(() => {
         const qc = e.bindable(q.select0(b).narrow0(j0, j1).reshape([1, j1 - j0, Hs, Dh]));
         const y = attend(qc, kb, vb);
-        o ??= e.keep(e.empty([nb, L, Hs, Dh], y.dtype, 'cp.attn'));
+        if (y.dtype !== q.dtype) throw new ShapeError(`[cp_dit] the attention gave ${y.dtype} for ${q.dtype} queries`);
+        o = q;
         putBytes(e, o, (b * L + j0) * Hs * Dh * dtypeSize(y.dtype), y);
       });
       await e.throttle();

@@ -33,7 +33,7 @@
 import { engineOf, type Engine, type BufferBinding } from '../runtime/engine.ts';
 import type { Tensor } from '../tensor/tensor.ts';
 import { dtypeSize, type DType } from '../tensor/dtype.ts';
-import { slice, concat } from '../ops/layout.ts';
+import { slice, sliceInto, concat } from '../ops/layout.ts';
 import { GpuError, ShapeError } from '../util/errors.ts';
 
 /** [start, end) of part i when `n` items are split into `parts` contiguous runs, the first n % parts one longer */
@@ -221,10 +221,10 @@ interface SourcePlan {
   routes: Route[];
   total: number;
   /**
-   * the source's own part (destination = the source rank): never staged, copied on its GPU
-   * (copyBufferToBuffer) from the piece into the destination tensors; route srcOff is relative to the piece
+   * the source's own part (destination = the source rank): never staged, copied on its GPU straight
+   * into the destination tensors (a strided copy, or buffer copies), after those exist
    */
-  local: Array<{ piece: Piece; routes: Route[] }>;
+  local: Array<{ bytes: number; run: (dst: Tensor[][]) => void; keep?: () => (dst: Tensor[][]) => void }>;
 }
 
 interface MappedPlan {
@@ -283,6 +283,7 @@ export class HostExchange {
     shapes: Array<number[] | null>,
     dtype: DType,
     owner: string,
+    opts: { consume?: boolean } = {},
   ): Promise<Array<Tensor | null>> {
     await this.settle();
     const t0 = performance.now();
@@ -290,11 +291,12 @@ export class HostExchange {
     const plan = this.path === 'mapped' && layout ? this.planMapped(layout, src, shapes, dtype) : null;
     let res: Array<Tensor | null>;
     if (plan) {
-      res = await this.runMapped(plan, owner);
+      res = await this.runMapped(plan, owner, opts.consume ? src : null);
       this.stats.mapped++;
     } else {
       const parts = await Promise.all(src.map((t, r) => (t ? this.engines[r]!.read(t) : Promise.resolve(new Uint8Array(0)))));
       for (const p of parts) this.stats.bytesDown += p.byteLength;
+      if (opts.consume) for (const t of src) t?.dispose();
       const out = shuffle(parts);
       res = shapes.map((shape, s) => {
         if (!shape) return null;
@@ -347,6 +349,20 @@ export class HostExchange {
     if (src.some((t) => t && (t.dtype !== dtype || engineOf(t) !== this.engines[src.indexOf(t)]))) return null;
     const es = dtypeSize(dtype);
     let assemble: MappedPlan['assemble'];
+    /** the buffer-copy runs of the own parts (checked for 4-byte alignment with the staged ones) */
+    const localRuns: Route[] = [];
+    const copyRuns = (e: Engine, t: Tensor, routes: Route[]): SourcePlan['local'][number] => {
+      localRuns.push(...routes);
+      return {
+        bytes: routes.reduce((a, x) => a + x.size, 0),
+        run: (dst) => {
+          for (const rt of routes) {
+            const d = dst[rt.dst]![rt.part]!;
+            e.copyBuffer(t.buffer, t.byteOffset + rt.srcOff, d.buffer, d.byteOffset + rt.dstOff, rt.size);
+          }
+        },
+      };
+    };
     if (layout.kind === 'rowsToHeads') {
       const { g } = layout;
       const L = total(g.rows);
@@ -390,9 +406,24 @@ export class HostExchange {
               }
             : whole(t);
           if (s === r) {
-            // the rank's own heads of its rows stay on its GPU
-            const routes = Array.from({ length: g.B }, (_, b) => ({ srcOff: b * Lr * seg, size: Lr * seg, dst: s, part: 0, dstOff: (b * L + r0) * seg }));
-            plan.local.push({ piece, routes });
+            // the rank's own heads of its rows stay on its GPU: [B, Lr, H, Dh][:, :, h0:h1] straight
+            // into rows r0.. of [B, L, Hs, Dh] (no packing slice)
+            const Hs = h1 - h0;
+            plan.local.push({
+              bytes: g.B * Lr * seg,
+              // (in a scope: the reshaped view holds its base until it is let go)
+              run: (dst) => e.scope(() => sliceInto(t.reshape([g.B, Lr, H, g.Dh]), 2, h0, h1, dst[s]![0]!, r0 * Hs * g.Dh, [L * Hs * g.Dh, Hs * g.Dh, g.Dh, 1])),
+              // (a consumed source: its own part packed first, [B, Lr, Hs, Dh], so the source can go
+              // before the destinations are made; then one buffer copy per batch element)
+              keep: () => {
+                const own = e.scope(() => slice(t.reshape([g.B, Lr, H, g.Dh]), 2, h0, h1));
+                return (dst) => {
+                  const d = dst[s]![0]!;
+                  for (let b = 0; b < g.B; b++) e.copyBuffer(own.buffer, own.byteOffset + b * Lr * seg, d.buffer, d.byteOffset + (b * L + r0) * seg, Lr * seg);
+                  own.dispose();
+                };
+              },
+            });
             continue;
           }
           const off = plan.total;
@@ -430,7 +461,7 @@ export class HostExchange {
           parts[r]!.push([g.B, Lr, Hs, g.Dh]);
           if (r === s) {
             // the source's own rows stay on its GPU
-            plan.local.push({ piece: whole(t), routes: Array.from({ length: g.B }, (_, b) => ({ srcOff: (b * L + r0) * seg, size: Lr * seg, dst: r, part, dstOff: b * Lr * seg })) });
+            plan.local.push(copyRuns(this.engines[s]!, t, Array.from({ length: g.B }, (_, b) => ({ srcOff: (b * L + r0) * seg, size: Lr * seg, dst: r, part, dstOff: b * Lr * seg }))));
             return;
           }
           // each element's rows of that destination: one run of the source (a view, no packing)
@@ -465,16 +496,14 @@ export class HostExchange {
         if (!t || t.nbytes !== B * Lr * rowBytes) return null;
         const routes = Array.from({ length: B }, (_, b) => ({ srcOff: b * Lr * rowBytes, size: Lr * rowBytes, dst: d, part: 0, dstOff: (b * L + r0) * rowBytes }));
         // (the destination's own rows stay on its GPU)
-        sources[r] = r === d ? { pieces: [], routes: [], total: 0, local: [{ piece: whole(t), routes }] } : { pieces: [whole(t)], routes, total: t.nbytes, local: [] };
+        sources[r] = r === d ? { pieces: [], routes: [], total: 0, local: [copyRuns(this.engines[r]!, t, routes)] } : { pieces: [whole(t)], routes, total: t.nbytes, local: [] };
       }
       assemble = (_s, p) => p[0] ?? null;
     }
     // (tensors start at allocator blocks or views of them; a view at an odd 2-byte offset goes the copy path)
     const srcAligned = src.every((t) => !t || t.byteOffset % 4 === 0);
     const runAligned = (x: Route) => x.srcOff % 4 === 0 && x.size % 4 === 0 && x.dstOff % 4 === 0;
-    const aligned =
-      srcAligned &&
-      sources.every((p) => !p || (p.pieces.every((x) => x.size % 4 === 0) && p.routes.every(runAligned) && p.local.every((l) => l.piece.size % 4 === 0 && l.routes.every(runAligned))));
+    const aligned = srcAligned && sources.every((p) => !p || (p.pieces.every((x) => x.size % 4 === 0) && p.routes.every(runAligned))) && localRuns.every(runAligned);
     if (!aligned) return null;
     return { sources, parts, assemble, dtype };
   }
@@ -495,27 +524,18 @@ export class HostExchange {
   }
 
   /** Runs a plan: packed bytes down in chunks, each chunk's runs straight up from its mapped range. */
-  private async runMapped(plan: MappedPlan, owner: string): Promise<Array<Tensor | null>> {
+  /** `consumed`: the sources, disposed here once their bytes are staged and their own parts packed (before the destinations are made) */
+  private async runMapped(plan: MappedPlan, owner: string, consumed: Array<Tensor | null> | null): Promise<Array<Tensor | null>> {
     const N = this.engines.length;
-    const dst: Tensor[][] = plan.parts.map((shapes, s) => shapes.map((shape) => this.engines[s]!.empty(shape, plan.dtype, owner)));
+    // (the destinations are made after every staging copy is encoded, so the packing slices are
+    // freed first: the peak is the sources and the destinations, not those and a slice. Their
+    // writes come in the mapping callbacks, which cannot run before this function awaits.)
+    let dst: Tensor[][] = [];
     const pending: Array<Promise<void>> = [];
     /** pieces whose region is open (packing slices made, not yet let go) */
     const open: Record<string, BufferBinding> = {};
     const staged: Array<{ e: Engine; buf: GPUBuffer }> = [];
     try {
-      // 0. every source's own part: copied on its GPU, never through the host
-      for (let r = 0; r < N; r++) {
-        const e = this.engines[r]!;
-        for (const { piece, routes } of plan.sources[r]?.local ?? []) {
-          const b = piece.open();
-          for (const rt of routes) {
-            const t = dst[rt.dst]![rt.part]!;
-            e.copyBuffer(b.buffer, b.offset + rt.srcOff, t.buffer, t.byteOffset + rt.dstOff, rt.size);
-            this.stats.bytesLocal += rt.size;
-          }
-          piece.close();
-        }
-      }
       // 1. every source's chunks: GPU copies into staging buffers, one submit per chunk, mapped as they complete
       for (let r = 0; r < N; r++) {
         const sp = plan.sources[r];
@@ -570,6 +590,19 @@ export class HostExchange {
           );
         }
       }
+      // 2. the destinations, and every source's own part into them: copied on its GPU, never through
+      // the host. A consumed source goes first (its own part packed, when it has one), so the
+      // destinations can take its memory.
+      const locals = plan.sources.flatMap((p) => p?.local ?? []);
+      const early = consumed && locals.every((l) => l.keep) ? locals.map((l) => l.keep!()) : null;
+      if (early) {
+        for (const t of consumed!) t?.dispose();
+        consumed = null;
+      }
+      dst = plan.parts.map((shapes, s) => shapes.map((shape) => this.engines[s]!.empty(shape, plan.dtype, owner)));
+      locals.forEach((l, k) => (early ? early[k]!(dst) : l.run(dst)));
+      for (const l of locals) this.stats.bytesLocal += l.bytes;
+      if (consumed) for (const t of consumed) t?.dispose();
       await Promise.all(pending);
       // (uploaded: every staged run, each written once to its destination)
       for (const sp of plan.sources) for (const rt of sp?.routes ?? []) this.stats.bytesUp += rt.size;
@@ -582,6 +615,7 @@ export class HostExchange {
         plan.sources[r!]!.pieces[k!]!.close();
       }
       await Promise.allSettled(pending);
+      if (consumed) for (const t of consumed) t?.dispose();
       for (const { buf } of staged) buf.destroy();
       for (const list of dst) for (const t of list) t.dispose();
       throw err;

@@ -9,6 +9,9 @@
 // |       | or streamed block by block)  |                                       |                                 |
 // | 3     | as level 2                   | host memory, streamed one block at a  | tiled; weights on the GPU only  |
 // |       |                              | time with the next block prefetched   | during decode                   |
+//
+// Context parallelism (infer.diffusion.cp_size > 1) at level 2 takes the VAE's level 3 rules (weights
+// on the GPU for the decode only, the lean whole-frame stem): docs/context-parallel.md.
 
 import type { LoadSettings } from '../config/schema.ts';
 import type { CachingAllocator } from '../memory/allocator.ts';
@@ -42,6 +45,8 @@ export interface MemoryPlan {
   ffnChunkTokens: number;
   /** query tokens per self-attention chunk; 0 = auto (attnChunkFor) */
   attnChunkTokens: number;
+  /** devices the DiT's tokens are split over (infer.diffusion.cp_size; 1 with cfg_parallel, whose devices run the one-device forward) */
+  cpSize: number;
 }
 
 const flag = (v: boolean | 'auto', auto: boolean): boolean => (v === 'auto' ? auto : v);
@@ -51,12 +56,17 @@ const LEVELS = [0, 1, 2, 3] as const;
 export function memoryPlan(s: LoadSettings): MemoryPlan {
   // the schema bounds the level to 0..3; this narrows the number to the plan's literal type
   const level = LEVELS[s.lowMemLevel]!;
+  const cp = s.cfgParallel ? 1 : s.cpSize;
+  // context parallelism at level >= 2 is run for each device's memory: the VAE's weights would be
+  // rank 0's alone through the denoise (the one imbalance between the devices), so they come to the
+  // GPU for the decode only, as at level 3 (an upload of 0.27 GiB per request at 1.3B)
+  const lowCp = cp > 1 && level >= 2;
   if (s.vaeTileSize > 0 && s.vaeTileSize < 4) throw new ConfigError(`infer.vae_tile_size=${s.vaeTileSize}: tiles need at least 4 latent pixels (or 0 for auto)`);
   return {
     level,
     textEncoder: flag(s.offloadTextEncoder, level >= 2) ? s.textEncoderDevice : 'gpu',
     dit: flag(s.offloadDit, level >= 3) ? 'stream' : 'resident',
-    vae: flag(s.offloadVae, level >= 3) ? 'on-demand' : 'resident',
+    vae: flag(s.offloadVae, level >= 3 || lowCp) ? 'on-demand' : 'resident',
     vaeTiling: flag(s.vaeTiling, level >= 1),
     tileSize: s.vaeTileSize,
     tileOverlap: s.vaeTileOverlap,
@@ -66,6 +76,7 @@ export function memoryPlan(s: LoadSettings): MemoryPlan {
     cfgSequential: flag(s.cfgSequential, level >= 1),
     ffnChunkTokens: s.ffnChunkTokens,
     attnChunkTokens: s.attnChunkTokens,
+    cpSize: cp,
   };
 }
 
@@ -120,9 +131,15 @@ export function enterPhase(allocator: CachingAllocator, plan: MemoryPlan, phase:
 /** an FFN intermediate below this is not chunked by the auto rule */
 const MIN_CHUNKED_BYTES = 64 * 2 ** 20;
 
-/** The DiT forward's activation bounds for a run of L tokens (a 0 in the settings = auto, resolved here). */
-export function ditRunOptions(plan: MemoryPlan, dims: { numHeads: number; headDim: number; ffnDim: number }, L: number): { cfgSequential: boolean; ffnChunkTokens: number; attnChunkTokens: number } {
+/**
+ * The DiT forward's activation bounds for a run of L tokens (a 0 in the settings = auto, resolved
+ * here). With context parallelism the auto sizes follow the tokens one device holds (ceil(L / N)):
+ * the rules bound a chunk's intermediates relative to the residual stream, and a device's stream is
+ * its rows (so its intermediates are 1/N of one device's, as its stream is).
+ */
+export function ditRunOptions(plan: MemoryPlan, dims: { numHeads: number; headDim: number; ffnDim: number }, tokens: number): { cfgSequential: boolean; ffnChunkTokens: number; attnChunkTokens: number } {
   const D = dims.numHeads * dims.headDim;
+  const L = Math.ceil(tokens / Math.max(1, plan.cpSize));
   // the bounds come with the CFG passes in turn (level >= 1, or infer.cfg_sequential=true); an
   // explicit chunk size applies at any level
   const bounded = plan.cfgSequential;
@@ -148,7 +165,10 @@ export const LEVEL3_DECODE_BYTES = 1.5 * 2 ** 30;
 /** How a tiled decode is split: whole-frame stages and the auto tiles' memory bound (undefined: the decoder's defaults). */
 export function decodeSplitFor(plan: MemoryPlan, vae: WanVaeDecoder, H: number, W: number): { stemStages?: number; tileBytes?: number } {
   const explicit = plan.stemStages >= 0 ? plan.stemStages : undefined;
-  if (plan.level < 3) return { stemStages: explicit };
+  // (context parallelism at level 2 too: the whole-frame stages run on rank 0 alone while the tiles
+  // spread over the devices, so a leaner stem both bounds rank 0's decode and moves work to where it
+  // is split N ways)
+  if (plan.level < 3 && !(plan.cpSize > 1 && plan.level >= 2)) return { stemStages: explicit };
   // level 3: as level 1 while the default whole-frame stages fit the bound; beyond it, fewer
   // whole-frame stages and tiles up to the bound (never more memory than level 1 would use)
   const lean = leanStemStages(vae, H, W, LEVEL3_DECODE_BYTES);
