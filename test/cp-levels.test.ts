@@ -218,6 +218,10 @@ describe('WanPipeline with cp_size at levels 2 and 3', () => {
       { lowMemLevel: 2, cpSize: 2, vaeTiling: false },
       { lowMemLevel: 3, cpSize: 3, vaeTiling: false },
       { lowMemLevel: 1, cpSize: 2, vaeTiling: false, config: { 'infer.attn_chunk_tokens': 32, 'infer.ffn_chunk_tokens': 32 } },
+      // a tiled decode spread over the devices: each further device's entry is the larger of its
+      // denoise and decode peaks (its head weights and its tiles), planned as the run does it
+      { lowMemLevel: 2, cpSize: 2, config: { 'infer.vae_tile_size': 4 } },
+      { lowMemLevel: 1, cpSize: 3, config: { 'infer.vae_tile_size': 4 } },
     ] as WanPipelineOptions[]) {
       it(JSON.stringify(opts), async () => {
         const model = TINY;

@@ -12,6 +12,8 @@ import { leanStemStages } from '../src/pipeline/tiled-vae.ts';
 import { autoAttnChunkTokens, autoFfnChunkTokens } from '../src/models/wan_dit/model.ts';
 import { WanVaeDecoder, vaeDimsFromConfig } from '../src/models/wan_vae/model.ts';
 import { PRESETS } from '../src/plan/shapes.ts';
+import { fullestDevice } from '../src/plan/budget.ts';
+import type { RunPlan } from '../src/plan/plan.ts';
 import { Engine } from '../src/runtime/engine.ts';
 import { Rng } from '../src/util/rng.ts';
 import { HostExchange, splitRanges, rowsToHeadsShuffle, sliceRows, rowsToHeads, type A2aGeometry } from '../src/parallel/exchange.ts';
@@ -46,6 +48,15 @@ describe('memory rules with cp_size > 1', () => {
     expect(decodeSplitFor(plan({ lowMemLevel: 2, cpSize: 2 }), vae, 16, 16)).toEqual({ stemStages: undefined });
     // an explicit stem wins
     expect(decodeSplitFor(plan({ lowMemLevel: 2, cpSize: 2, config: { 'infer.vae_stem_stages': 4 } }), vae, 60, 104).stemStages).toBe(4);
+  });
+
+  it('infer.vram_budget is per device: a plan is judged by its fullest device', () => {
+    const dev = (peakBytes: number, peakReservedBytes: number) => ({ adapter: 'x', peakBytes, peakReservedBytes, streamBytesPerStep: 0 });
+    const p = (devices?: ReturnType<typeof dev>[]) => ({ peakBytes: 100, peakReservedBytes: 150, devices }) as unknown as RunPlan;
+    expect(fullestDevice(p())).toEqual({ peakBytes: 100, peakReservedBytes: 150 });
+    // (devices[0] is rank 0's denoise: its run peak is the plan's own)
+    expect(fullestDevice(p([dev(90, 500), dev(80, 120)]))).toEqual({ peakBytes: 100, peakReservedBytes: 150 });
+    expect(fullestDevice(p([dev(90, 100), dev(130, 140), dev(80, 170)]))).toEqual({ peakBytes: 130, peakReservedBytes: 170 });
   });
 
   it('the auto chunks follow the tokens one device holds; explicit chunks stay', () => {

@@ -120,6 +120,24 @@ describe('preflight', () => {
     expect(ok.plan.size.width).toBe(Number(w));
   });
 
+  it('context parallelism on a software adapter: every device\'s GPU memory is host RAM', async () => {
+    const e = await getEngine();
+    if (e.caps.adapterClass === 'gpu') return; // a real GPU's memory is not host RAM
+    const model = await shapesFromFolder(TINY);
+    const s = settingsAt(64, 64, 9);
+    s.load.cpSize = 2;
+    s.load.lowMemLevel = 1; // (a tiled decode: the tiles spread over both devices)
+    const plan = await planRun(model, s, { device: specFromCaps(e.caps, e.limits), denoiseSteps: 1 });
+    expect(plan.devices!.length).toBe(2);
+    const need = plan.hostBytes + plan.peakReservedBytes + plan.devices![1]!.peakReservedBytes + RUNTIME_HOST_BYTES;
+    const ok = await preflight(model, s, e, { hostAvailable: need, mapHeadroom: Infinity });
+    expect(ok.plan.devices!.length).toBe(2);
+    // rank 0's alone is not enough: the second device's GPU memory counts too
+    const err = await preflight(model, s, e, { hostAvailable: need - 1, mapHeadroom: Infinity }).catch((x) => x);
+    expect(err).toBeInstanceOf(TooBigError);
+    expect(err.message).toMatch(/of GPU memory over 2 devices \(a software adapter's GPU memory is host RAM\)/);
+  });
+
   it('the probe never refuses what the full walk admits: near the limit, the full walk decides', async () => {
     const e = await getEngine();
     const model = await shapesFromFolder(DEMO);

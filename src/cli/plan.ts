@@ -95,7 +95,7 @@ export function planText(plan: RunPlan, reasons: string[] = [], notes: string[] 
       return `${ph.padEnd(9)} ${fmtBytes(p.peakBytes).padStart(14)} ${fmtBytes(p.peakReservedBytes).padStart(14)}  ${ownersLine(p.byOwner)}`;
     }),
     `run peak: ${fmtBytes(plan.peakBytes)} allocated, ${fmtBytes(plan.peakReservedBytes)} reserved (GPU)`,
-    ...(plan.devices ?? []).map((d, k) => `cp device ${k}: denoise peak ${fmtBytes(d.peakBytes)} allocated, ${fmtBytes(d.peakReservedBytes)} reserved${d.streamBytesPerStep ? `, streams ${fmtBytes(d.streamBytesPerStep)} per step` : ''}`),
+    ...(plan.devices ?? []).map((d, k) => `cp device ${k}: ${plan.cp?.decodeTiles ? 'peak over the denoise and its decode tiles' : 'denoise peak'} ${fmtBytes(d.peakBytes)} allocated, ${fmtBytes(d.peakReservedBytes)} reserved${d.streamBytesPerStep ? `, streams ${fmtBytes(d.streamBytesPerStep)} per step` : ''}`),
     `host RAM: ${fmtBytes(plan.hostBytes)} (${Object.entries(plan.hostByPart)
       .filter(([, v]) => v > 0)
       .map(([k, v]) => `${k} ${fmtBytes(v)}`)

@@ -520,7 +520,8 @@ export async function decodeTiled(
     opts.onTile?.(done, total);
   };
   // one worker per device takes the next tile; finished tiles wait until their turn in the blend
-  const workers: TileDevice[] = [{ engine: e, vae }, ...(meta ? [] : (opts.devices ?? []))];
+  // (the planner's meta walk spreads them the same way: src/plan/plan.ts plans every device's decode)
+  const workers: TileDevice[] = [{ engine: e, vae }, ...(opts.devices ?? [])];
   let nextTile = 0;
   let nextBlend = 0;
   const ready = new Map<number, TileOut>();

@@ -59,17 +59,28 @@ function planRunCached(model: ModelShapes, s: Settings, opts: PlanOptions): Prom
   return p;
 }
 
+/**
+ * A plan's peaks on its fullest device: rank 0's run peak, or with context parallelism any further
+ * device's (its denoise and decode); infer.vram_budget is per device.
+ */
+export function fullestDevice(plan: RunPlan): { peakBytes: number; peakReservedBytes: number } {
+  const others = (plan.devices ?? []).slice(1);
+  return { peakBytes: Math.max(plan.peakBytes, ...others.map((d) => d.peakBytes)), peakReservedBytes: Math.max(plan.peakReservedBytes, ...others.map((d) => d.peakReservedBytes)) };
+}
+
 /** Choose the fastest placement that fits `budget` bytes; throws ConfigError when none does. */
 export async function choosePlacement(model: ModelShapes, settings: Settings, budget: number, opts: PlanOptions = {}): Promise<BudgetChoice> {
   const reasons: string[] = [];
   const tryOne = async (label: string, s: Settings): Promise<RunPlan | null> => {
     const plan = await planRunCached(model, s, opts);
-    const need = `peak allocated ${fmtBytes(plan.peakBytes)}, reserved ${fmtBytes(plan.peakReservedBytes)}`;
-    if (plan.peakReservedBytes <= budget) {
+    const full = fullestDevice(plan);
+    const per = plan.devices && plan.devices.length > 1 ? ' on the fullest device' : '';
+    const need = `peak allocated ${fmtBytes(full.peakBytes)}, reserved ${fmtBytes(full.peakReservedBytes)}${per}`;
+    if (full.peakReservedBytes <= budget) {
       reasons.push(`${label}: ${need} — fits, chosen`);
       return plan;
     }
-    if (plan.peakBytes > budget) {
+    if (full.peakBytes > budget) {
       reasons.push(`${label}: ${need} — too big`);
       return null;
     }
@@ -77,7 +88,7 @@ export async function choosePlacement(model: ModelShapes, settings: Settings, bu
     // cache back before crossing its limit, so walk the run again under that limit
     try {
       const limited = await planRunCached(model, s, { ...opts, limitBytes: budget });
-      reasons.push(`${label}: ${need} unlimited; under the budget the allocator gives cached buffers back (reserved ${fmtBytes(limited.peakReservedBytes)}) — fits, chosen`);
+      reasons.push(`${label}: ${need} unlimited; under the budget the allocator gives cached buffers back (reserved ${fmtBytes(fullestDevice(limited).peakReservedBytes)}) — fits, chosen`);
       return limited;
     } catch (e) {
       if (!(e instanceof OutOfMemoryError)) throw e;
@@ -102,8 +113,8 @@ export async function choosePlacement(model: ModelShapes, settings: Settings, bu
   const n = p0.placement.numBlocks;
   const s1 = withPlacement(settings, { level: 3, residentBlocks: 1 });
   const p1 = await planRunCached(model, s1, opts);
-  const perBlock = Math.max(1, p1.peakReservedBytes - p0.peakReservedBytes);
-  let k = Math.max(0, Math.min(n, Math.floor((budget - p0.peakReservedBytes) / perBlock)));
+  const perBlock = Math.max(1, fullestDevice(p1).peakReservedBytes - fullestDevice(p0).peakReservedBytes);
+  let k = Math.max(0, Math.min(n, Math.floor((budget - fullestDevice(p0).peakReservedBytes) / perBlock)));
   while (k > 0) {
     const s = withPlacement(settings, { level: 3, residentBlocks: k });
     const p = await tryOne(`level 3, ${k} of ${n} DiT blocks resident`, s);
@@ -127,7 +138,7 @@ export async function smallestPlan(model: ModelShapes, settings: Settings, opts:
 
 /** Whether the smallest placement runs under `budget` (with the cache given back as needed). */
 async function fitsAt(model: ModelShapes, settings: Settings, budget: number, opts: PlanOptions): Promise<boolean> {
-  const p = await smallestPlan(model, settings, opts);
+  const p = fullestDevice(await smallestPlan(model, settings, opts));
   if (p.peakReservedBytes <= budget) return true;
   if (p.peakBytes > budget) return false;
   try {
@@ -163,7 +174,7 @@ export async function largestSizeFor(model: ModelShapes, settings: Settings, bud
 
 /** The smallest budget the smallest placement runs under (to 1 %), by walking it under limits. */
 export async function smallestBudget(model: ModelShapes, settings: Settings, opts: PlanOptions = {}): Promise<number> {
-  const p = await smallestPlan(model, settings, opts);
+  const p = fullestDevice(await smallestPlan(model, settings, opts));
   let lo = p.peakBytes; // the live tensors alone: no limit below this can work
   let hi = p.peakReservedBytes; // works: nothing had to be given back
   while (hi - lo > 0.01 * hi) {

@@ -26,7 +26,7 @@ import { UMT5EncoderModel, umt5DimsFromConfig } from '../models/umt5/model.ts';
 import { WanVaeDecoder, vaeDimsFromConfig } from '../models/wan_vae/model.ts';
 import { memoryPlan, ditPlacement, textEncoderLoad, enterPhase, ditRunOptions, decodeSplitFor, onDisk, type MemoryPlan } from '../pipeline/memory-plan.ts';
 import { StreamedBlocks } from '../pipeline/residency.ts';
-import { decodeTiled, tiledDecodeHostBytes, STEM_STAGES } from '../pipeline/tiled-vae.ts';
+import { decodeTiled, tiledDecodeHostBytes, headParamKeys, STEM_STAGES, type TileDevice } from '../pipeline/tiled-vae.ts';
 import type { Settings } from '../config/schema.ts';
 import type { MemoryEvent } from '../memory/allocator.ts';
 import { ConfigError } from '../util/errors.ts';
@@ -87,7 +87,8 @@ export interface RunPlan {
    * first; rank 0's peaks are its denoise phase's, the others' their peaks over the denoise, as the
    * run's memory.devices reports them), with each device's streamed bytes per step
    */
-  cp?: { size: number; blocks: 'full copy' | 'shard' | 'streamed'; residentBlocks: number };
+  /** decodeTiles: the tiled decode's tiles spread over the devices (then each `devices` entry is its denoise and decode peak; else its denoise peak) */
+  cp?: { size: number; blocks: 'full copy' | 'shard' | 'streamed'; residentBlocks: number; decodeTiles: boolean };
   devices?: Array<{ adapter: string; peakBytes: number; peakReservedBytes: number; streamBytesPerStep: number }>;
 }
 
@@ -189,6 +190,23 @@ function phasePeaks(events: readonly MemoryEvent[], resets: Map<PlanPhase, numbe
     while (w < want.length && want[w]![1] === i) out[want[w++]![0]].byOwner = snapshot();
   }
   return out;
+}
+
+/**
+ * vaeHeadCopies on meta engines: a decoder per engine holding the head's weights (by shape, in the
+ * order and dtypes vaeHeadCopies uploads them).
+ */
+function metaHeadCopies(vae: WanVaeDecoder, engines: Engine[], stemStages?: number): TileDevice[] {
+  const keys = new Set(headParamKeys(vae, stemStages));
+  const copies = engines.map((engine) => ({ engine, vae: new WanVaeDecoder(vae.dims) }));
+  const byKey = copies.map((c) => new Map(c.vae.namedParams()));
+  for (const [k, p] of vae.namedParams()) {
+    if (!keys.has(k)) continue;
+    copies.forEach((c, i) => {
+      byKey[i]!.get(k)!.value = c.engine.keep(c.engine.empty(p.value!.shape, p.value!.dtype, `vae.${k}`));
+    });
+  }
+  return copies;
 }
 
 /** Allocate a module's weights by shape on the meta engine (as loadModule does: same order, dtypes, owners). */
@@ -304,6 +322,8 @@ async function walkRun(model: ModelShapes, settings: Settings, opts: PlanOptions
   let devices: RunPlan['devices'];
   let cpStaging = 0;
   let cpInfo: RunPlan['cp'];
+  /** a tiled decode spread over the devices (context parallelism) */
+  let spreadDecode = false;
   try {
     // ---- load (WanPipeline.load)
     mark('load');
@@ -313,7 +333,7 @@ async function walkRun(model: ModelShapes, settings: Settings, opts: PlanOptions
     // context parallelism (src/parallel/pipeline-cp.ts): where each device keeps the blocks
     const cpPlace = cpBlockPlacement({ cpSize: cpN, level: plan.level, ditStreamed: plan.dit === 'stream', shard: l.cpShardWeights, residentBlocks: plan.residentBlocks, numBlocks: dit.blocks.length });
     const cpStream = cpN > 1 && cpPlace.stream;
-    cpInfo = { size: cpN, blocks: cpStream ? (plan.dit === 'stream' ? 'streamed' : 'shard') : 'full copy', residentBlocks: cpPlace.resident };
+    cpInfo = { size: cpN, blocks: cpStream ? (plan.dit === 'stream' ? 'streamed' : 'shard') : 'full copy', residentBlocks: cpPlace.resident, decodeTiles: false };
     const ditHost = placeModule(e, dit, 'dit', model.fileDtype.transformer, wd, onDisk(ditPlacement(cpStream ? { ...plan, dit: 'stream' } : plan, (k) => dit.isBlockKey(k)), disk, (k) => dit.isBlockKey(k)));
     let ring: StreamedBlocks | null = null;
     if (plan.dit === 'stream' && !cpStream) ring = new StreamedBlocks(e, dit.blocks.items, 'dit.blocks.slot', { meta: true, resident: plan.residentBlocks, ownerOf: (i) => `dit.blocks.${i}`, chunkedStaging: disk });
@@ -480,7 +500,24 @@ async function walkRun(model: ModelShapes, settings: Settings, opts: PlanOptions
     const z = new Float32Array(C * Fd * lh * lw);
     let decodeHost: number;
     if (plan.vaeTiling) {
-      const res = await decodeTiled(e, vae, z, [C, Fd, lh, lw], { tile: plan.tileSize, overlap: plan.tileOverlap, ...decodeSplitFor(plan, vae, lh, lw) });
+      const split = decodeSplitFor(plan, vae, lh, lw);
+      // context parallelism: the tiles spread over the devices, each further one with a copy of the
+      // head's weights (WanPipeline.decode: its streamed blocks given back first)
+      let tileDevs: TileDevice[] = [];
+      if (cp) {
+        spreadDecode = true;
+        if (cpInfo) cpInfo.decodeTiles = true;
+        if (cpStream) for (const rk of cpRanks.slice(1)) rk.ring?.releaseDevice();
+        tileDevs = metaHeadCopies(vae, cpRanks.slice(1).map((rk) => rk.engine), split.stemStages);
+        for (const d of tileDevs) d.engine.allocator.resetPeakMemoryStats();
+      }
+      const res = await decodeTiled(e, vae, z, [C, Fd, lh, lw], { tile: plan.tileSize, overlap: plan.tileOverlap, ...split, devices: tileDevs });
+      // each further device's entry: the larger of its denoise and decode peaks (as a run reports it)
+      if (devices)
+        tileDevs.forEach((d, k) => {
+          const o = devices![k + 1]!;
+          devices![k + 1] = { ...o, peakBytes: Math.max(o.peakBytes, d.engine.allocator.maxMemoryAllocated()), peakReservedBytes: Math.max(o.peakReservedBytes, d.engine.allocator.maxMemoryReserved()) };
+        });
       // the stems of the chunks not walked are the size of the last one walked (one latent frame each)
       const stems = [...res.stemBytes];
       while (stems.length < F) stems.push(stems[stems.length - 1]!);
@@ -504,8 +541,12 @@ async function walkRun(model: ModelShapes, settings: Settings, opts: PlanOptions
     for (const rk of cpRanks.slice(1)) rk.engine.destroy();
   }
   const phases = phasePeaks(events, resets);
-  // rank 0's entry: its denoise phase (the run reports perPhase.denoise for it)
-  if (devices) devices[0] = { ...devices[0]!, peakBytes: phases.denoise.peakBytes, peakReservedBytes: phases.denoise.peakReservedBytes };
+  // rank 0's entry: its denoise phase (the run reports perPhase.denoise for it), and with the tiles
+  // spread over the devices the larger of that and its decode (as every device's entry then)
+  if (devices) {
+    const d0 = spreadDecode ? { peakBytes: Math.max(phases.denoise.peakBytes, phases.decode.peakBytes), peakReservedBytes: Math.max(phases.denoise.peakReservedBytes, phases.decode.peakReservedBytes) } : { peakBytes: phases.denoise.peakBytes, peakReservedBytes: phases.denoise.peakReservedBytes };
+    devices[0] = { ...devices[0]!, ...d0 };
+  }
   const peakBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakBytes));
   const peakReservedBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakReservedBytes));
   const hostBytes = Object.values(host).reduce((x, y) => x + y, 0);

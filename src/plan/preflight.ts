@@ -82,10 +82,13 @@ interface Need {
 }
 
 function hostNeed(plan: RunPlan, software: boolean): Need {
-  const gpu = software ? plan.peakReservedBytes : 0;
+  // (context parallelism: every device's GPU memory, rank 0's run peak and each further device's)
+  const others = (plan.devices ?? []).slice(1).reduce((a, d) => a + d.peakReservedBytes, 0);
+  const gpu = software ? plan.peakReservedBytes + others : 0;
   const hostBytes = plan.hostBytes + gpu + RUNTIME_HOST_BYTES;
+  const devs = plan.devices && plan.devices.length > 1 ? ` over ${plan.devices.length} devices` : '';
   const what = software
-    ? `${fmtBytes(plan.hostBytes)} of host arrays + ${fmtBytes(gpu)} of GPU memory (a software adapter's GPU memory is host RAM) + ${fmtBytes(RUNTIME_HOST_BYTES)} for the runtime`
+    ? `${fmtBytes(plan.hostBytes)} of host arrays + ${fmtBytes(gpu)} of GPU memory${devs} (a software adapter's GPU memory is host RAM) + ${fmtBytes(RUNTIME_HOST_BYTES)} for the runtime`
     : `${fmtBytes(plan.hostBytes)} of host arrays + ${fmtBytes(RUNTIME_HOST_BYTES)} for the runtime`;
   return { hostBytes, what };
 }
