@@ -176,7 +176,7 @@ async function measured(o: { tokens: number; layers: number; rounds: number }): 
   console.log('|---|---|---|---|---|---|');
   rows.forEach((r, k) => {
     const p = planned[k];
-    const d1 = p?.devices?.[1]?.peakBytes;
+    const d1 = p?.devices?.[1]?.denoisePeakBytes;
     console.log(`| ${r.name} | ${r.peaks.map(MiB).join(' / ')} | ${d1 !== undefined ? MiB(d1) : '-'} | ${d1 !== undefined ? (d1 / r.peaks[1]!).toFixed(4) : '-'} | ${r.uploaded.map(MiB).join(' / ')} | ${median(r.ms).toFixed(0)} |`);
   });
   for (const e of engines) e.destroy();
@@ -205,8 +205,8 @@ async function target480(): Promise<void> {
     const t0 = performance.now();
     const p = await at480(opts);
     const ms = performance.now() - t0;
-    // per device: rank 0 runs every phase (its run peak is the plan's); the others only the denoise
-    const den = p.devices ? p.devices.map((d) => d.peakBytes) : [p.phases.denoise.peakBytes];
+    // per device: rank 0 runs every phase (its run peak is the plan's); the others the denoise and their decode tiles
+    const den = p.devices ? p.devices.map((d) => d.denoisePeakBytes) : [p.phases.denoise.peakBytes];
     const runPeak = p.devices ? p.devices.map((d, k) => (k === 0 ? p.peakBytes : d.peakBytes)) : [p.peakBytes];
     if (name === 'one device, level 2') {
       single = p.peakBytes;

@@ -132,6 +132,12 @@ describe('npm run generate (subprocess)', () => {
     expect(p.out).toMatch(/text_len: 16/); // the model folder's recommended defaults apply
   });
 
+  it('--list-adapters prints each adapter with its index (for infer.diffusion.cp_devices)', () => {
+    const r = gen(['--list-adapters']);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatch(/^0 {2}\w+ {2}\S.*$/m);
+  });
+
   it('unknown or mistyped keys, bad sizes and frame counts: exit 2 with the fix', () => {
     let r = gen(['x', '-m', MODEL, 'infer.diffusion.low_mem_lvl=2']);
     expect(r.status).toBe(2);

@@ -16,7 +16,8 @@ import { TINY } from './helpers/golden.ts';
 import { randomCpDit, cpInputs, oneDeviceForward, type CpCase } from './helpers/cp.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
 import { WanPipeline, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
-import { cpAdapters } from '../src/parallel/pipeline-cp.ts';
+import { resolveCpAdapters, reachableAdapters } from '../src/parallel/pipeline-cp.ts';
+import { listAdapters, type AdapterEntry } from '../src/device/gpu.ts';
 import type { Tensor } from '../src/tensor/tensor.ts';
 
 describe('host all-to-all (src/parallel/exchange.ts)', () => {
@@ -221,10 +222,53 @@ describe('WanPipeline with infer.diffusion.cp_size', () => {
     // (level 3 with cp_size > 1 runs: test/cp-levels.test.ts)
     // (step caching runs with cp_size > 1: test/cp-compose.test.ts; not with cfg_parallel)
     await expect(gen({ cfgParallel: true }, { mode: 'flex' })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true does not run with step caching \(infer.cache.mode=flex\) yet/);
-    await expect(gen({ cpSize: 2, cpDevices: 'llvmpipe' })).rejects.toThrow(/cp_devices names 1 adapter\(s\) \(llvmpipe\) but infer.diffusion.cp_size is 2/);
+    await expect(gen({ cpSize: 2, cpDevices: 'llvmpipe' })).rejects.toThrow(/^infer.diffusion.cp_devices names 1 adapter\(s\) \(llvmpipe\) but the run uses 2 devices/);
+    await expect(gen({ cpSize: 2, cpDevices: '0,5' })).rejects.toThrow(/^infer.diffusion.cp_devices: adapter index 5 does not exist; this machine has \d+: 0 '/);
     await expect(gen({ cpSize: 2, cfgParallel: true })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true and infer.diffusion.cp_size=2 do not combine yet/);
     await expect(gen({ lowMemLevel: 3, cfgParallel: true })).rejects.toThrow(/^infer.diffusion.cfg_parallel=true does not run with the DiT streamed .*or cfg_parallel=false$/);
-    expect(cpAdapters(2, ' a, b ', 'x')).toEqual(['a', 'b']);
-    expect(cpAdapters(3, '', 'x')).toEqual(['x', 'x', 'x']);
+  });
+});
+
+describe('cp_devices: adapter names and indices (resolveCpAdapters)', () => {
+  const hw = (name: string): AdapterEntry => ({ backend: 'vulkan', name, software: false });
+  const sw: AdapterEntry = { backend: 'vulkan', name: 'llvmpipe (LLVM 15.0.6, 256 bits)', software: true };
+  const never = async (): Promise<AdapterEntry[]> => {
+    throw new Error('listed without need');
+  };
+  const of = (all: AdapterEntry[]) => async () => all;
+
+  it('names pass through; device.adapter for every device; a count that is not cp_size is refused', async () => {
+    expect(await resolveCpAdapters(2, ' a, b ', 'x', never)).toEqual({ adapters: ['a', 'b'], note: null });
+    expect(await resolveCpAdapters(3, '', 'x', never)).toEqual({ adapters: ['x', 'x', 'x'], note: null });
+    await expect(resolveCpAdapters(3, 'a,b', '', never)).rejects.toThrow(/^infer.diffusion.cp_devices names 2 adapter\(s\) \(a, b\) but the run uses 3 devices/);
+  });
+
+  it('empty: the first N GPU adapters when N can be opened, else N devices on the default one (a note for identical GPUs)', async () => {
+    expect(await resolveCpAdapters(2, '', '', of([sw]))).toEqual({ adapters: ['', ''], note: null });
+    expect(await resolveCpAdapters(2, '', '', of([hw('NVIDIA RTX 4090'), sw, hw('AMD Radeon RX 7900 XTX')]))).toEqual({ adapters: ['NVIDIA RTX 4090', 'AMD Radeon RX 7900 XTX'], note: null });
+    expect(await resolveCpAdapters(3, '', '', of([hw('NVIDIA RTX 4090'), hw('AMD Radeon RX 7900 XTX')]))).toEqual({ adapters: ['', '', ''], note: null });
+    const same = await resolveCpAdapters(2, '', '', of([hw('NVIDIA H100 80GB HBM3'), hw('NVIDIA H100 80GB HBM3')]));
+    expect(same.adapters).toEqual(['', '']);
+    expect(same.note).toMatch(/^infer.diffusion.cp_devices is empty and this machine has 2 GPU adapters, but dawn.node opens adapters by name and 1 of them share a name .*'NVIDIA H100 80GB HBM3'.*all 2 devices run on the first adapter/);
+  });
+
+  it('indices map to the adapters dawn.node lists, mixed with names; unknown and unreachable indices are refused in one line', async () => {
+    const two = of([hw('GPU A'), hw('GPU B')]);
+    expect((await resolveCpAdapters(2, '0,1', '', two)).adapters).toEqual(['GPU A', 'GPU B']);
+    expect((await resolveCpAdapters(3, '1, 1, llvmpipe', '', two)).adapters).toEqual(['GPU B', 'GPU B', 'llvmpipe']);
+    await expect(resolveCpAdapters(2, '0,2', '', two)).rejects.toThrow(/^infer.diffusion.cp_devices: adapter index 2 does not exist; this machine has 2: 0 'GPU A' \(vulkan\), 1 'GPU B' \(vulkan\)$/);
+    // identical names, and a name inside an earlier adapter's name: only the first can be opened
+    await expect(resolveCpAdapters(2, '0,1', '', of([hw('H100'), hw('H100')]))).rejects.toThrow(/^infer.diffusion.cp_devices: adapter 1 'H100' cannot be opened: dawn.node opens adapters by name .*adapter 0 'H100' matches it first; use index 0/);
+    expect(reachableAdapters([hw('GPU A2'), hw('GPU A'), hw('GPU B')])).toEqual([true, false, true]);
+  });
+
+  it('listAdapters lists what this machine has, and an index opens that adapter', async () => {
+    const all = await listAdapters();
+    expect(all.length).toBeGreaterThan(0);
+    for (const a of all) expect(a.name.length).toBeGreaterThan(0);
+    const r = await resolveCpAdapters(2, '0,0', '', () => listAdapters());
+    expect(r.adapters).toEqual([all[0]!.name, all[0]!.name]);
+    const e = await Engine.create({ adapter: r.adapters[0] });
+    e.destroy();
   });
 });

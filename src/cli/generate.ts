@@ -3,6 +3,8 @@
 // 3 no WebGPU adapter, 4 out of memory (GPU, host, or refused by the preflight), 5 bad model/checkpoint/latents,
 // 6 output error, 7 non-finite numbers (NaN/Inf), 130 interrupted.
 
+import { listAdapters } from '../device/gpu.ts';
+import { reachableAdapters } from '../parallel/pipeline-cp.ts';
 import { resolve } from 'node:path';
 import { parseArgs, usage, type CliArgs } from './args.ts';
 import { helpText, settingsToYaml, toDotted } from '../config/settings.ts';
@@ -44,6 +46,18 @@ async function main(): Promise<number> {
   if (cli.printConfig) {
     process.stdout.write(settingsToYaml(settings));
     return 0;
+  }
+  if (cli.listAdapters) {
+    // (indices for infer.diffusion.cp_devices; dawn.node opens the first adapter whose name contains the one asked for)
+    try {
+      const all = await listAdapters({ backend: settings.load.backend || undefined });
+      const ok = reachableAdapters(all);
+      if (all.length === 0) process.stdout.write('no WebGPU adapter\n');
+      all.forEach((a, k) => process.stdout.write(`${k}  ${a.backend}  ${a.name}${a.software ? '  (software)' : ''}${ok[k] ? '' : '  (same name as an earlier adapter: dawn.node cannot open it)'}\n`));
+      return 0;
+    } catch (e) {
+      return report(e, DEBUG);
+    }
   }
   const mode = settings.report.progress;
   const progress = new Progress(mode);

@@ -77,6 +77,65 @@ export function dawnInstanceCount(): number {
   return instancesCreated;
 }
 
+/** One adapter Dawn can open: its backend and name (the name `adapter=` matches against). */
+export interface AdapterEntry {
+  backend: string;
+  name: string;
+  /** a CPU implementation (lavapipe / llvmpipe, SwiftShader, softpipe) */
+  software: boolean;
+}
+
+/** no adapter is named this: asking for it makes dawn.node list what it has */
+const NO_SUCH_ADAPTER = 'smart-diffusion: list the adapters';
+const listed = new Map<string, Promise<AdapterEntry[]>>();
+
+/**
+ * The adapters dawn.node can open, in the order it searches them (the order `adapter=NAME` takes
+ * the first whose name contains NAME). dawn.node has no enumeration API: this asks a Dawn instance
+ * for an adapter no name matches, and reads the list its refusal prints (" * backend: 'vulkan',
+ * name: '...'", src/dawn/node/binding/GPU.cpp). Cached per backend and power preference.
+ */
+export async function listAdapters(opts: { backend?: string; powerPreference?: GPUPowerPreference } = {}): Promise<AdapterEntry[]> {
+  const backend = opts.backend ?? process.env.SD_WEBGPU_BACKEND;
+  const power = opts.powerPreference ?? (process.env.SD_WEBGPU_POWER as GPUPowerPreference | undefined) ?? 'high-performance';
+  const key = `${backend ?? ''}|${power}`;
+  let p = listed.get(key);
+  if (!p) {
+    p = (async () => {
+      if (!process.env.XDG_RUNTIME_DIR) {
+        const dir = join(tmpdir(), `smart-diffusion-xdg-${process.getuid?.() ?? 0}`);
+        mkdirSync(dir, { recursive: true, mode: 0o700 });
+        process.env.XDG_RUNTIME_DIR = dir;
+      }
+      const dawn = await loadDawn();
+      const flags = [...(backend ? [`backend=${backend}`] : []), `adapter=${NO_SUCH_ADAPTER}`];
+      const ikey = JSON.stringify(flags);
+      let g = instances.get(ikey);
+      if (!g) {
+        g = dawn.create(flags);
+        instancesCreated++;
+        instances.set(ikey, g);
+      }
+      const inst = g;
+      try {
+        const a = await withoutDawnLimitWarnings(() => inst.requestAdapter({ powerPreference: power }));
+        // (null: no adapter at all; an adapter: impossible, the name matches nothing)
+        if (!a) return [];
+        throw new NoAdapterError('[device] could not list the adapters: dawn.node returned one for a name no adapter has');
+      } catch (err) {
+        if (err instanceof NoAdapterError) throw err;
+        const msg = (err as Error).message ?? String(err);
+        const out = [...msg.matchAll(/\* backend: '([^']*)', name: '([^\n]*)'$/gm)].map((m) => ({ backend: m[1]!, name: m[2]!, software: /llvmpipe|lavapipe|swiftshader|softpipe/i.test(m[2]!) }));
+        if (out.length === 0) throw new NoAdapterError(`[device] could not list the adapters: dawn.node said ${JSON.stringify(msg.slice(0, 200))}. ${HOW_TO_GET_AN_ADAPTER}`);
+        return out;
+      }
+    })();
+    listed.set(key, p);
+    p.catch(() => listed.delete(key));
+  }
+  return p;
+}
+
 export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
   // Dawn's Vulkan loader wants XDG_RUNTIME_DIR; a missing one only produces noise and failures.
   if (!process.env.XDG_RUNTIME_DIR) {

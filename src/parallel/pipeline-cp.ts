@@ -2,6 +2,7 @@
 // settings it runs with, the extra devices and their DiT copies, where each device keeps the DiT's
 // blocks (a full copy, its shard, or streamed: cpBlockPlacement), and freeing them.
 
+import type { AdapterEntry } from '../device/gpu.ts';
 import { Engine } from '../runtime/engine.ts';
 import { WanTransformer3DModel } from '../models/wan_dit/model.ts';
 import type { BlockResidency } from '../nn/residency.ts';
@@ -10,19 +11,62 @@ import { ConfigError } from '../util/errors.ts';
 import { ContextParallelDit, type CpRank } from './cp-dit.ts';
 
 /**
- * The adapter name substring of each of the cp_size devices: cp_devices split at commas (exactly
- * cp_size entries), or device.adapter (or '' = Dawn's default) for every device.
+ * Adapters dawn.node can reach by name: adapter k is reached by its full name only when no earlier
+ * adapter's name contains it (dawn.node takes the first adapter whose name contains the one asked
+ * for: two adapters of the same name, e.g. two identical GPUs, cannot both be opened).
  */
-export function cpAdapters(cpSize: number, cpDevices: string, adapter: string): string[] {
-  const list = cpDevices
+export function reachableAdapters(all: AdapterEntry[]): boolean[] {
+  return all.map((a, k) => !all.slice(0, k).some((b) => b.name.includes(a.name)));
+}
+
+/**
+ * The adapter of each of the n devices (a name substring for Engine.create; '' = the default
+ * adapter), from infer.diffusion.cp_devices: adapter names (substrings) or indices into `list()`
+ * (listAdapters: the order dawn.node searches them), one per device. Empty: device.adapter for every
+ * device when it is set; else the first n hardware adapters when n of them can be opened by name,
+ * else n devices on the default adapter (with a note when identical adapters are the reason).
+ */
+export async function resolveCpAdapters(n: number, cpDevices: string, adapter: string, list: () => Promise<AdapterEntry[]>): Promise<{ adapters: string[]; note: string | null }> {
+  const entries = cpDevices
     .split(',')
-    .map((s) => s.trim())
-    .filter((s) => s.length > 0);
-  if (list.length === 0) return Array.from({ length: cpSize }, () => adapter);
-  if (list.length !== cpSize) {
-    throw new ConfigError(`infer.diffusion.cp_devices names ${list.length} adapter(s) (${list.join(', ')}) but infer.diffusion.cp_size is ${cpSize}: give one adapter name per device, or leave cp_devices empty`);
+    .map((x) => x.trim())
+    .filter((x) => x.length > 0);
+  if (entries.length === 0) {
+    if (adapter) return { adapters: Array.from({ length: n }, () => adapter), note: null };
+    const all = await list();
+    const ok = reachableAdapters(all);
+    const hw = all.filter((a) => !a.software);
+    const open = all.filter((a, k) => !a.software && ok[k]);
+    if (open.length >= n) return { adapters: open.slice(0, n).map((a) => a.name), note: null };
+    const note =
+      hw.length >= n
+        ? `infer.diffusion.cp_devices is empty and this machine has ${hw.length} GPU adapters, but dawn.node opens adapters by name and ${hw.length - open.length} of them share a name with an earlier one (${[...new Set(hw.map((a) => `'${a.name}'`))].join(', ')}): all ${n} devices run on the first adapter (they split the activations, not the GPUs' memory)`
+        : null;
+    return { adapters: Array.from({ length: n }, () => ''), note };
   }
-  return list;
+  if (entries.length !== n) {
+    throw new ConfigError(`infer.diffusion.cp_devices names ${entries.length} adapter(s) (${entries.join(', ')}) but the run uses ${n} devices (infer.diffusion.cp_size, or 2 with cfg_parallel): give one adapter name or index per device, or leave cp_devices empty`);
+  }
+  let all: AdapterEntry[] | null = null;
+  const out: string[] = [];
+  for (const x of entries) {
+    if (!/^\d+$/.test(x)) {
+      out.push(x);
+      continue;
+    }
+    all ??= await list();
+    const k = Number(x);
+    const names = all.map((a, i) => `${i} '${a.name}' (${a.backend})`).join(', ');
+    if (k >= all.length) throw new ConfigError(`infer.diffusion.cp_devices: adapter index ${k} does not exist; this machine has ${all.length}: ${names}`);
+    if (!reachableAdapters(all)[k]) {
+      const first = all.findIndex((b) => b.name.includes(all![k]!.name));
+      throw new ConfigError(
+        `infer.diffusion.cp_devices: adapter ${k} '${all[k]!.name}' cannot be opened: dawn.node opens adapters by name (the first whose name contains it), and adapter ${first} '${all[first]!.name}' matches it first; use index ${first} for every device on it, or a machine whose GPUs have distinct names (${names})`,
+      );
+    }
+    out.push(all[k]!.name);
+  }
+  return { adapters: out, note: null };
 }
 
 /** What context parallelism does not run with yet: a one-line refusal naming it (null: fine). */

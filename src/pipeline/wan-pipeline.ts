@@ -3,6 +3,7 @@
 // phase, what lives on the GPU; the code below makes every placement explicit.
 
 import { resolve } from 'node:path';
+import { listAdapters } from '../device/gpu.ts';
 import { Engine } from '../runtime/engine.ts';
 import { Tensor } from '../tensor/tensor.ts';
 import { openModelFolder, type ModelFolder } from '../io/model-folder.ts';
@@ -38,7 +39,7 @@ import { engineDTypeOf } from '../io/checkpoint.ts';
 import { dtypeSize, type DType } from '../tensor/dtype.ts';
 import { onDisk } from './memory-plan.ts';
 import type { ContextParallelDit, CpDevicePeak } from '../parallel/cp-dit.ts';
-import { cpAdapters, cpUnsupported, cpBlockPlacement, createContextParallel, disposeContextParallel } from '../parallel/pipeline-cp.ts';
+import { resolveCpAdapters, cpUnsupported, cpBlockPlacement, createContextParallel, disposeContextParallel } from '../parallel/pipeline-cp.ts';
 import { cpAttentionRefusal } from '../parallel/ring.ts';
 import { CfgParallelDit } from '../parallel/cfg-parallel.ts';
 import { hostAvailableBytes } from '../plan/preflight.ts';
@@ -199,6 +200,8 @@ export class WanPipeline {
   readonly componentBytes: Record<string, number> = {};
   /** with infer.vram_budget: the placement the budget chose, its predicted peaks and why */
   budget: BudgetChoice | null = null;
+  /** context / CFG parallelism: each device's adapter, resolved from cp_devices (resolveCpAdapters) */
+  private cpAdapterNames: string[] | null = null;
   /** two-expert models: the expert whose weights are on the GPU now (0 = transformer/, 1 = transformer_2/) */
   private activeExpert = 0;
   /**
@@ -248,11 +251,14 @@ export class WanPipeline {
     const folder = await openModelFolder(l.model);
     // infer.vram_budget bounds what the device holds (reserved bytes), infer.memory_limit too: the smaller wins
     const limit = Math.min(l.memoryLimit || Infinity, l.vramBudget || Infinity);
+    // context / CFG parallelism: each device's adapter (cp_devices names or indices, or the first GPUs)
+    const cpSel = l.cpSize > 1 || l.cfgParallel ? await resolveCpAdapters(l.cfgParallel ? 2 : l.cpSize, l.cpDevices, l.adapter, () => listAdapters({ backend: l.backend || undefined })) : null;
+    if (cpSel?.note) options.onProgress?.({ type: 'warning', message: cpSel.note });
     const engine =
       options.engine ??
       (await Engine.create({
         backend: l.backend || undefined,
-        adapter: (l.cpSize > 1 || l.cfgParallel ? cpAdapters(l.cfgParallel ? 2 : l.cpSize, l.cpDevices, l.adapter)[0] : l.adapter) || undefined,
+        adapter: (cpSel ? cpSel.adapters[0] : l.adapter) || undefined,
         profile: l.profile,
         limitBytes: Number.isFinite(limit) ? limit : undefined,
       }));
@@ -300,6 +306,7 @@ export class WanPipeline {
       tok?.checkVocabSize(folder.textEncoder.config.vocab_size, folder.textEncoder.configPath);
       const p = new WanPipeline(engine, !options.engine, folder, settings, dit, te, vae, tok, options.onProgress, dit2);
       p.budget = budget;
+      p.cpAdapterNames = cpSel?.adapters ?? null;
       await p.load();
       return p;
     } catch (e) {
@@ -370,7 +377,7 @@ export class WanPipeline {
         const set = await createContextParallel({
           engine0: e,
           dit0: this.dit,
-          adapters: cpAdapters(l.cfgParallel ? 2 : l.cpSize, l.cpDevices, l.adapter),
+          adapters: this.cpAdapterNames ?? Array.from({ length: l.cfgParallel ? 2 : l.cpSize }, () => l.adapter),
           backend: l.backend,
           limitBytes: e.allocator.limitBytes ?? undefined,
           load: (dit, engine, placement) => loadModuleFrom(dit, this.folder.transformer, { engine, owner: 'dit', weightDtype: l.weightDtype, checkFinite: this.checkFinite, placement }).then(() => undefined),

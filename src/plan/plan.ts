@@ -89,7 +89,8 @@ export interface RunPlan {
    */
   /** decodeTiles: the tiled decode's tiles spread over the devices (then each `devices` entry is its denoise and decode peak; else its denoise peak) */
   cp?: { size: number; blocks: 'full copy' | 'shard' | 'streamed'; residentBlocks: number; decodeTiles: boolean };
-  devices?: Array<{ adapter: string; peakBytes: number; peakReservedBytes: number; streamBytesPerStep: number }>;
+  /** per device: its peak as a run reports it (see cp.decodeTiles), and its denoise peak alone */
+  devices?: Array<{ adapter: string; peakBytes: number; peakReservedBytes: number; denoisePeakBytes: number; denoisePeakReservedBytes: number; streamBytesPerStep: number }>;
 }
 
 /** What the run places where (memory-plan.ts resolved, chunks resolved for this size). */
@@ -465,7 +466,11 @@ async function walkRun(model: ModelShapes, settings: Settings, opts: PlanOptions
       if (cp) {
         // the other devices' staging rings are host memory too
         cpStaging = cpRanks.slice(1).reduce((x, rk) => x + rk.engine.allocator.stats().peakStagingBytes, 0);
-        devices = cpRanks.map((rk, k) => ({ adapter: rk.engine.adapterName, peakBytes: rk.engine.allocator.maxMemoryAllocated(), peakReservedBytes: rk.engine.allocator.maxMemoryReserved(), streamBytesPerStep: rankStream[k]! }));
+        devices = cpRanks.map((rk, k) => {
+          const peakBytes = rk.engine.allocator.maxMemoryAllocated();
+          const peakReservedBytes = rk.engine.allocator.maxMemoryReserved();
+          return { adapter: rk.engine.adapterName, peakBytes, peakReservedBytes, denoisePeakBytes: peakBytes, denoisePeakReservedBytes: peakReservedBytes, streamBytesPerStep: rankStream[k]! };
+        });
       }
     } finally {
       for (const t of cpCtx?.slice(1) ?? []) t.dispose();
@@ -545,7 +550,7 @@ async function walkRun(model: ModelShapes, settings: Settings, opts: PlanOptions
   // spread over the devices the larger of that and its decode (as every device's entry then)
   if (devices) {
     const d0 = spreadDecode ? { peakBytes: Math.max(phases.denoise.peakBytes, phases.decode.peakBytes), peakReservedBytes: Math.max(phases.denoise.peakReservedBytes, phases.decode.peakReservedBytes) } : { peakBytes: phases.denoise.peakBytes, peakReservedBytes: phases.denoise.peakReservedBytes };
-    devices[0] = { ...devices[0]!, ...d0 };
+    devices[0] = { ...devices[0]!, ...d0, denoisePeakBytes: phases.denoise.peakBytes, denoisePeakReservedBytes: phases.denoise.peakReservedBytes };
   }
   const peakBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakBytes));
   const peakReservedBytes = Math.max(...PLAN_PHASES.map((p) => phases[p].peakReservedBytes));
