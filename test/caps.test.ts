@@ -2,7 +2,7 @@
 // helper (src/ops/window.ts).
 import { describe, it, expect } from 'vitest';
 import { getEngine } from './helpers/gpu.ts';
-import { adapterClass, type AdapterCaps } from '../src/device/caps.ts';
+import { adapterClass, featuresLine, type AdapterCaps } from '../src/device/caps.ts';
 import { VARIANTS, meets, variantFor } from '../src/ops/variants.ts';
 import { bindingLimit, elemWindow, windowSlack } from '../src/ops/window.ts';
 import { attentionKernel } from '../src/ops/attention.ts';
@@ -23,6 +23,7 @@ function caps(over: Partial<AdapterCaps>): AdapterCaps {
     subgroups: true,
     subgroupMinSize: 32,
     subgroupMaxSize: 32,
+    subgroupMatrix: false,
     subgroupMatrixConfigs: [],
     maxBinding: 2 ** 27,
     storageAlign: 256,
@@ -123,5 +124,13 @@ describe('binding windows', () => {
     expect(() => elemWindow(e, t, 0, 1000, 'test', { limit: 256 })).toThrow(/\[test\] internal: a window of 4000 bytes .* exceeds the binding limit 256/);
     t.dispose();
     h.dispose();
+  });
+});
+
+describe('featuresLine', () => {
+  it('says what the device got, subgroup matrix configs included', () => {
+    expect(featuresLine(caps({}))).toBe('f16, subgroups 32, timestamps, no subgroup matrix');
+    expect(featuresLine(caps({ shaderF16: false, subgroups: false, timestampQuery: false }))).toBe('no f16, no subgroups, no timestamps, no subgroup matrix');
+    expect(featuresLine(caps({ subgroupMinSize: 32, subgroupMaxSize: 64, subgroupMatrix: true, subgroupMatrixConfigs: [{ componentType: 'f16', resultComponentType: 'f32', M: 16, N: 8, K: 16 }] }))).toBe('f16, subgroups 32-64, timestamps, subgroup matrix (f16->f32 16x8x16)');
   });
 });

@@ -132,6 +132,18 @@ describe('npm run generate (subprocess)', () => {
     expect(p.out).toMatch(/text_len: 16/); // the model folder's recommended defaults apply
   });
 
+  it('--print-device prints what the device got with the Dawn toggles (SD_DAWN_FEATURES=none: without them)', () => {
+    const r = gen(['--print-device']);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatch(/^features: (no )?f16, (subgroups \d+(-\d+)?|no subgroups), (no )?timestamps, (no subgroup matrix|subgroup matrix \(.*\))$/m);
+    expect(r.out).toMatch(/^Dawn toggles: enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia$/m);
+    const n = gen(['--print-device'], { SD_DAWN_FEATURES: 'none' });
+    expect(n.status).toBe(0);
+    expect(n.out).toMatch(/^Dawn toggles: none$/m);
+    // the same features either way on an adapter the toggles do not concern (lavapipe here)
+    if (/llvmpipe/.test(r.out)) expect(n.out.match(/^features: .*$/m)![0]).toBe(r.out.match(/^features: .*$/m)![0]);
+  });
+
   it('--list-adapters prints each adapter with its index (for infer.diffusion.cp_devices)', () => {
     const r = gen(['--list-adapters']);
     expect(r.status).toBe(0);

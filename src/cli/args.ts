@@ -23,7 +23,7 @@ export interface Switch {
   /** a switch that sets several keys: `key=value`s from its argument */
   expand?: (v: string) => string[];
   /** a switch of the command, not a setting */
-  command?: 'help' | 'config' | 'decodeLatents' | 'printConfig' | 'debug' | 'prompts' | 'listAdapters';
+  command?: 'help' | 'config' | 'decodeLatents' | 'printConfig' | 'debug' | 'prompts' | 'listAdapters' | 'printDevice';
 }
 
 function size(v: string): string[] {
@@ -61,6 +61,7 @@ export const SWITCHES: readonly Switch[] = [
   { names: ['--backend'], arg: 'NAME', key: 'device.backend', doc: 'WebGPU backend' },
   { names: ['--adapter'], arg: 'NAME', key: 'device.adapter', doc: 'WebGPU adapter (name substring)' },
   { names: ['--list-adapters'], command: 'listAdapters', doc: 'list the WebGPU adapters with their indices (for infer.diffusion.cp_devices) and exit' },
+  { names: ['--print-device'], command: 'printDevice', doc: 'open the device (device.adapter / device.backend) and print what it got: f16, subgroups, subgroup matrices, limits, Dawn toggles; then exit' },
   { names: ['--debug'], command: 'debug', doc: 'on an unexpected error, print its stack trace (for bug reports)' },
   { names: ['-h', '--help'], command: 'help', doc: 'this help, with every config key' },
 ];
@@ -96,6 +97,8 @@ export interface CliArgs {
   printConfig: boolean;
   /** --list-adapters: print the adapters dawn.node can open and exit */
   listAdapters: boolean;
+  /** --print-device: open the device, print what it got and exit */
+  printDevice: boolean;
   /** a latents file to decode instead of generating */
   decodeLatents: string | null;
   /** --prompts FILE: a batch, one prompt per line */
@@ -119,6 +122,7 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
   let configFile: string | null = null;
   let printConfig = false;
   let listAdapters = false;
+  let printDevice = false;
   let decodeLatents: string | null = null;
   let promptsFile: string | null = null;
   let debug = false;
@@ -145,6 +149,7 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
     else if (s.command === 'prompts') promptsFile = v;
     else if (s.command === 'printConfig') printConfig = true;
     else if (s.command === 'listAdapters') listAdapters = true;
+    else if (s.command === 'printDevice') printDevice = true;
     else if (s.command === 'debug') debug = true;
     else if (s.expand) options.push(...s.expand(v));
     else options.push(`${s.key}=${s.value ?? v}`);
@@ -158,5 +163,5 @@ export function parseArgs(argv: readonly string[]): CliArgs | null {
   const defaultFile = join(ROOT, 'configs', 'wan.yaml');
   const settings = resolveSettings({ configFile: configFile ?? (existsSync(defaultFile) ? defaultFile : null), layers, resolveModel: resolveModelDir });
   const explicit = new Set(layers.flatMap((l) => [...l.values.keys()]));
-  return { settings, explicit, printConfig, listAdapters, decodeLatents, promptsFile, debug };
+  return { settings, explicit, printConfig, listAdapters, printDevice, decodeLatents, promptsFile, debug };
 }

@@ -3,7 +3,9 @@
 // 3 no WebGPU adapter, 4 out of memory (GPU, host, or refused by the preflight), 5 bad model/checkpoint/latents,
 // 6 output error, 7 non-finite numbers (NaN/Inf), 130 interrupted.
 
-import { listAdapters } from '../device/gpu.ts';
+import { listAdapters, DAWN_FEATURES } from '../device/gpu.ts';
+import { featuresLine } from '../device/caps.ts';
+import { Engine } from '../runtime/engine.ts';
 import { reachableAdapters } from '../parallel/pipeline-cp.ts';
 import { resolve } from 'node:path';
 import { parseArgs, usage, type CliArgs } from './args.ts';
@@ -46,6 +48,24 @@ async function main(): Promise<number> {
   if (cli.printConfig) {
     process.stdout.write(settingsToYaml(settings));
     return 0;
+  }
+  if (cli.printDevice) {
+    try {
+      const e = await Engine.create({ backend: settings.load.backend || undefined, adapter: settings.load.adapter || undefined });
+      const c = e.caps;
+      const lines = [
+        `adapter: ${e.adapterName}`,
+        `backend: ${c.backend}; class: ${c.adapterClass}`,
+        `features: ${featuresLine(c)}`,
+        `limits: maxStorageBufferBindingSize ${c.maxBinding}, maxBufferSize ${e.limits.maxBufferSize}, minStorageBufferOffsetAlignment ${c.storageAlign}`,
+        `Dawn toggles: ${process.env.SD_DAWN_FEATURES === 'none' ? 'none' : `enable-dawn-features=${process.env.SD_DAWN_FEATURES ?? DAWN_FEATURES}`}`,
+      ];
+      process.stdout.write(lines.join('\n') + '\n');
+      e.destroy();
+      return 0;
+    } catch (err) {
+      return report(err, DEBUG);
+    }
   }
   if (cli.listAdapters) {
     // (indices for infer.diffusion.cp_devices; dawn.node opens the first adapter whose name contains the one asked for)

@@ -33,6 +33,8 @@ export interface AdapterCaps {
   /** subgroup sizes the adapter may use; 0 when it does not say */
   subgroupMinSize: number;
   subgroupMaxSize: number;
+  /** the device has 'chromium-experimental-subgroup-matrix' (tensor cores; Dawn toggle allow_unsafe_apis) */
+  subgroupMatrix: boolean;
   /** empty unless the adapter exposes subgroup matrices (Dawn toggle allow_unsafe_apis) */
   subgroupMatrixConfigs: readonly SubgroupMatrixConfig[];
   /** bytes one storage binding may cover (maxStorageBufferBindingSize) */
@@ -70,6 +72,7 @@ export function readCaps(info: RawAdapterInfo, backend: string, features: GPUSup
     shaderF16: features.has('shader-f16'),
     timestampQuery: features.has('timestamp-query'),
     subgroups: features.has('subgroups'),
+    subgroupMatrix: features.has('chromium-experimental-subgroup-matrix' as GPUFeatureName),
     subgroupMinSize: info.subgroupMinSize ?? 0,
     subgroupMaxSize: info.subgroupMaxSize ?? 0,
     subgroupMatrixConfigs: (info.subgroupMatrixConfigs ?? []).map((c) => ({
@@ -87,4 +90,11 @@ export function readCaps(info: RawAdapterInfo, backend: string, features: GPUSup
 /** 'vendor / architecture / device / description' for logs and reports. */
 export function adapterName(c: AdapterCaps): string {
   return [c.vendor, c.architecture, c.device, c.description].filter(Boolean).join(' / ');
+}
+
+/** What the device got, for the startup line and --print-device: 'f16, subgroups 32, timestamps, subgroup matrix (f16->f32 16x8x16, ...)'. */
+export function featuresLine(c: AdapterCaps): string {
+  const sg = c.subgroups ? `subgroups ${c.subgroupMinSize === c.subgroupMaxSize ? c.subgroupMinSize : `${c.subgroupMinSize}-${c.subgroupMaxSize}`}` : 'no subgroups';
+  const mx = c.subgroupMatrix ? `subgroup matrix (${c.subgroupMatrixConfigs.map((m) => `${m.componentType}->${m.resultComponentType} ${m.M}x${m.N}x${m.K}`).join(', ') || 'no configs'})` : 'no subgroup matrix';
+  return [c.shaderF16 ? 'f16' : 'no f16', sg, c.timestampQuery ? 'timestamps' : 'no timestamps', mx].join(', ');
 }

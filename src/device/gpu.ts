@@ -12,6 +12,17 @@ import { NoAdapterError } from '../util/errors.ts';
 import { readCaps, type AdapterCaps, type RawAdapterInfo } from './caps.ts';
 import { withoutDawnLimitWarnings } from './dawn-stderr.ts';
 
+/**
+ * The Dawn toggles every device asks for (issue 26; docs/gpu-run.md): `vulkan_enable_f16_on_nvidia`
+ * makes NVIDIA's Vulkan driver offer `shader-f16` (Dawn withholds it on drivers before 615.71),
+ * `allow_unsafe_apis` lists the experimental `chromium-experimental-subgroup-matrix` feature (tensor
+ * cores: Vulkan's cooperative matrices) where the adapter has it. Neither changes anything on an
+ * adapter without them (lavapipe: the same features with and without, tested).
+ */
+export const DAWN_FEATURES = 'allow_unsafe_apis,vulkan_enable_f16_on_nvidia';
+/** the subgroup-matrix feature, requested when the adapter lists it (its configs: AdapterCaps.subgroupMatrixConfigs) */
+export const SUBGROUP_MATRIX = 'chromium-experimental-subgroup-matrix';
+
 export interface GpuOptions {
   /** dawn.node backend, e.g. 'vulkan'. Env: SD_WEBGPU_BACKEND. */
   backend?: string;
@@ -21,7 +32,7 @@ export interface GpuOptions {
   /** extra Dawn toggles: `enable-dawn-features=...` strings passed to create(). */
   dawnFlags?: string[];
   /** turn off optional features even when the adapter has them (tests of the fallback paths). */
-  disableFeatures?: Array<'shader-f16' | 'timestamp-query' | 'subgroups'>;
+  disableFeatures?: Array<'shader-f16' | 'timestamp-query' | 'subgroups' | typeof SUBGROUP_MATRIX>;
 }
 
 export interface GpuContext {
@@ -147,6 +158,10 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
   const backend = opts.backend ?? process.env.SD_WEBGPU_BACKEND;
   const adapterName = opts.adapter ?? process.env.SD_WEBGPU_ADAPTER;
   const flags = [...(opts.dawnFlags ?? [])];
+  // Dawn's features toggles, in ONE entry (a second enable-dawn-features= replaces the first): unless
+  // the caller gives its own, DAWN_FEATURES (or SD_DAWN_FEATURES; 'none' for no entry)
+  const features = process.env.SD_DAWN_FEATURES ?? DAWN_FEATURES;
+  if (!flags.some((f) => f.startsWith('enable-dawn-features=')) && features && features !== 'none') flags.push(`enable-dawn-features=${features}`);
   if (backend) flags.push(`backend=${backend}`);
   if (adapterName) flags.push(`adapter=${adapterName}`);
   let gpu: GPU | null;
@@ -192,8 +207,8 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
   }
   const disabled = new Set(opts.disableFeatures ?? []);
   const want: GPUFeatureName[] = [];
-  for (const f of ['shader-f16', 'timestamp-query', 'subgroups'] as const) {
-    if (adapter.features.has(f) && !disabled.has(f)) want.push(f);
+  for (const f of ['shader-f16', 'timestamp-query', 'subgroups', SUBGROUP_MATRIX] as const) {
+    if (adapter.features.has(f) && !disabled.has(f)) want.push(f as GPUFeatureName);
   }
   // Request the adapter's real limits (the defaults are far below what the hardware offers).
   const requiredLimits: Record<string, number> = {};

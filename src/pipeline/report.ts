@@ -1,6 +1,7 @@
 // What a run reports about itself: the JSON sidecar, the memory snapshot files, and the text of
 // `--memory-stats`, `--profile` and the loaded/done lines. Used by the CLI; nothing here runs the model.
 
+import { featuresLine } from '../device/caps.ts';
 import { dirname, resolve } from 'node:path';
 import { toDotted } from '../config/settings.ts';
 import type { Settings } from '../config/schema.ts';
@@ -117,7 +118,7 @@ export function hostWeightsLine(pipe: WanPipeline): string {
 export function loadedLine(pipe: WanPipeline, loadMs: number): string {
   const p = pipe.plan;
   const experts = pipe.dit2 ? `; two experts (transformer/ high noise, transformer_2/ low noise; ${pipe.settings.load.expertsResident === 'both' ? 'both resident' : 'the running one on the GPU, the other in host memory'})` : '';
-  return `loaded in ${(loadMs / 1000).toFixed(1)} s on ${pipe.engine.adapterName}; memory level ${p.level} (text encoder: ${p.textEncoder}, DiT: ${p.dit}, VAE: ${p.vae}${p.vaeTiling ? `, tiled ${p.tileSize || 'auto'}` : ''})${experts}`;
+  return `loaded in ${(loadMs / 1000).toFixed(1)} s on ${pipe.engine.adapterName} (${featuresLine(pipe.engine.caps)}); memory level ${p.level} (text encoder: ${p.textEncoder}, DiT: ${p.dit}, VAE: ${p.vae}${p.vaeTiling ? `, tiled ${p.tileSize || 'auto'}` : ''})${experts}`;
 }
 
 export function doneLine(written: readonly string[], timingsMs: Record<string, number>, mem: Memory): string {

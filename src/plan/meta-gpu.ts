@@ -164,6 +164,7 @@ export function createMetaGpu(spec: MetaDeviceSpec = GENERIC_GPU): GpuContext {
     subgroups: spec.subgroups,
     subgroupMinSize: spec.subgroupMinSize,
     subgroupMaxSize: spec.subgroupMaxSize,
+    subgroupMatrix: false,
     subgroupMatrixConfigs: [],
     maxBinding: spec.maxBinding,
     storageAlign: spec.storageAlign,
