@@ -61,6 +61,9 @@ describe('device', () => {
     expect(r.status).toBe(3);
     expect(r.stdout).toMatch(/NoAdapterError/);
     expect(r.stdout).toMatch(/no-such-gpu-xyz/);
+    // one line that names the adapters there are and the fix (Dawn lists them one per line)
+    const line = r.stdout.split('\n').find((l) => l.includes('no WebGPU adapter matches'))!;
+    expect(line).toMatch(/no WebGPU adapter matches adapter 'no-such-gpu-xyz'; this machine has '[^']+' \(\w+\).* Set SD_WEBGPU_ADAPTER .*--list-adapters.*or unset it\.$/);
   });
 });
 

@@ -96,6 +96,8 @@ export interface AdapterEntry {
   software: boolean;
 }
 
+/** one adapter in the list dawn.node's refusal prints: backend, name */
+const ADAPTER_LINE = /\* backend: '([^']*)', name: '([^\n]*)'$/gm;
 /** no adapter is named this: asking for it makes dawn.node list what it has */
 const NO_SUCH_ADAPTER = 'smart-diffusion: list the adapters';
 const listed = new Map<string, Promise<AdapterEntry[]>>();
@@ -136,7 +138,7 @@ export async function listAdapters(opts: { backend?: string; powerPreference?: G
       } catch (err) {
         if (err instanceof NoAdapterError) throw err;
         const msg = (err as Error).message ?? String(err);
-        const out = [...msg.matchAll(/\* backend: '([^']*)', name: '([^\n]*)'$/gm)].map((m) => ({ backend: m[1]!, name: m[2]!, software: /llvmpipe|lavapipe|swiftshader|softpipe/i.test(m[2]!) }));
+        const out = [...msg.matchAll(ADAPTER_LINE)].map((m) => ({ backend: m[1]!, name: m[2]!, software: /llvmpipe|lavapipe|swiftshader|softpipe/i.test(m[2]!) }));
         if (out.length === 0) throw new NoAdapterError(`[device] could not list the adapters: dawn.node said ${JSON.stringify(msg.slice(0, 200))}. ${HOW_TO_GET_AN_ADAPTER}`);
         return out;
       }
@@ -193,9 +195,11 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
     const which = [backend && `backend '${backend}'`, adapterName && `adapter '${adapterName}'`].filter(Boolean).join(', ');
     if (which && /Available adapters/.test(msg)) {
       // adapters exist, none matches what was asked for
+      // (one line: Dawn lists them one per line)
+      const names = [...msg.matchAll(ADAPTER_LINE)].map((m) => `'${m[2]}' (${m[1]})`);
       throw new NoAdapterError(
-        `[device] no WebGPU adapter matches ${which}. ${msg.replace(/^no suitable backends found\s*/, '').trim()} ` +
-          `Set SD_WEBGPU_ADAPTER / --adapter to a name above (a case-sensitive substring is enough) or unset it.`,
+        `[device] no WebGPU adapter matches ${which}; this machine has ${names.join(', ') || 'none listed'}. ` +
+          `Set SD_WEBGPU_ADAPTER / --adapter (or infer.diffusion.cp_devices) to one of them (a case-sensitive substring of the name is enough, or an index for cp_devices: npm run generate -- --list-adapters), or unset it.`,
       );
     }
     throw new NoAdapterError(`[device] no WebGPU adapter (${msg}). ${HOW_TO_GET_AN_ADAPTER}`);
