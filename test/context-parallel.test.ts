@@ -13,12 +13,11 @@ import { loadModule } from '../src/nn/load.ts';
 import { ContextParallelDit, cpForwardBytes } from '../src/parallel/cp-dit.ts';
 import { splitRanges, rowsToHeads, headsToRows, gatherRows, sliceRows } from '../src/parallel/exchange.ts';
 import { TINY } from './helpers/golden.ts';
-import { randomCpDit, cpInputs, oneDeviceForward, type CpCase } from './helpers/cp.ts';
+import { randomCpDit, cpInputs, oneDeviceForward, cpForward, maxAbsDiff, type CpCase } from './helpers/cp.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
 import { WanPipeline, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
 import { resolveCpAdapters, reachableAdapters } from '../src/parallel/pipeline-cp.ts';
 import { listAdapters, type AdapterEntry } from '../src/device/gpu.ts';
-import type { Tensor } from '../src/tensor/tensor.ts';
 
 describe('host all-to-all (src/parallel/exchange.ts)', () => {
   it('splitRanges covers n in contiguous runs, the first n % parts one longer', () => {
@@ -74,25 +73,7 @@ const inputs = cpInputs;
 type Case = CpCase;
 const oneDevice = (m: WanTransformer3DModel, c: Case) => oneDeviceForward(engines[0]!, m, c);
 
-async function parallel(cp: ContextParallelDit, c: Case, ffnChunkTokens = 0): Promise<Float32Array> {
-  const e = engines[0]!;
-  const m = cp.ranks[0]!.dit;
-  const ctx0 = e.scope(() => m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32')));
-  const ctx = await cp.replicate(ctx0);
-  cp.exchange.resetStats();
-  const x = e.fromHost(c.x, c.shape, 'f32');
-  const out = await cp.forward(x, 500, ctx, { ffnChunkTokens });
-  const v = (await out.toArray()) as Float32Array;
-  for (const t of [x, out, ...ctx] as Tensor[]) t.dispose();
-  return v;
-}
-
-function maxAbsDiff(a: Float32Array, b: Float32Array): number {
-  expect(a.length).toBe(b.length);
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
-  return m;
-}
+const parallel = async (cp: ContextParallelDit, c: Case, ffnChunkTokens = 0) => (await cpForward(cp, c, { ffnChunkTokens })).out;
 
 describe('ContextParallelDit: N devices equal one device', () => {
   for (const heads of [2, 3]) {

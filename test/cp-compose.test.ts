@@ -6,6 +6,7 @@
 // peak per device.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { Engine } from '../src/runtime/engine.ts';
+import { maxAbsDiff } from './helpers/cp.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
 import { WanPipeline, type GenerateRequest, type GenerateResult, type WanPipelineOptions } from '../src/pipeline/wan-pipeline.ts';
 import { decodeTiled, headParamKeys, vaeHeadCopies } from '../src/pipeline/tiled-vae.ts';
@@ -21,13 +22,6 @@ beforeAll(async () => {
   engine = await Engine.create();
 });
 afterAll(() => engine.destroy());
-
-function maxAbsDiff(a: Float32Array, b: Float32Array): number {
-  expect(a.length).toBe(b.length);
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
-  return m;
-}
 
 // the tiny model has no calibration: any polynomial / ratios serve (as test/step-cache.test.ts); the
 // MagCache ratios differ between cond (0.995) and uncond (0.93), so the rows decide apart at some steps

@@ -17,9 +17,8 @@ import { shapesFromFolder } from '../src/plan/shapes.ts';
 import { specFromCaps } from '../src/plan/meta-gpu.ts';
 import { encodePrompt, loadTokenizer } from '../src/io/tokenizer.ts';
 import { tinyModelWithTokenizer } from './helpers/models.ts';
-import { cpInputs, oneDeviceForward, type CpCase } from './helpers/cp.ts';
+import { cpInputs, oneDeviceForward, cpForward, maxAbsDiff, type CpCase } from './helpers/cp.ts';
 import { releaseMatmulWorkspace } from '../src/ops/matmul.ts';
-import type { Tensor } from '../src/tensor/tensor.ts';
 
 const engines: Engine[] = [];
 beforeAll(async () => {
@@ -47,28 +46,7 @@ type Bounds = { cfgSequential?: boolean; attnChunkTokens?: number; ffnChunkToken
 const oneDevice = (m: WanTransformer3DModel, c: Case, b: Bounds = {}) => oneDeviceForward(engines[0]!, m, c, b);
 
 /** A CP forward; also each rank's peak allocated bytes above what it held before. */
-async function parallel(cp: ContextParallelDit, c: Case, b: Bounds = {}): Promise<{ out: Float32Array; peaks: number[] }> {
-  const e = engines[0]!;
-  const m = cp.ranks[0]!.dit;
-  const ctx0 = e.scope(() => m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32')));
-  const ctx = await cp.replicate(ctx0);
-  const x = e.fromHost(c.x, c.shape, 'f32');
-  for (const r of cp.ranks) await r.engine.sync();
-  const base = cp.ranks.map((r) => r.engine.allocator.memoryAllocated());
-  cp.resetPeaks();
-  const out = await cp.forward(x, 500, ctx, b);
-  const v = (await out.toArray()) as Float32Array;
-  const peaks = cp.ranks.map((r, k) => r.engine.allocator.maxMemoryAllocated() - base[k]!);
-  for (const t of [x, out, ...ctx] as Tensor[]) t.dispose();
-  return { out: v, peaks };
-}
-
-function maxAbsDiff(a: Float32Array, b: Float32Array): number {
-  expect(a.length).toBe(b.length);
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
-  return m;
-}
+const parallel = (cp: ContextParallelDit, c: Case, b: Bounds = {}) => cpForward(cp, c, b);
 
 describe('levels 1-2 inside the CP forward: CFG rows in turn, attention and FFN chunks', () => {
   for (const heads of [2, 3]) {

@@ -10,7 +10,7 @@
 // - the pipeline: cp_size=3 and 2 with cp_attention=ring give the video of cp_size=1 (<= 1e-5).
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { expectClose, TOL } from './helpers/gpu.ts';
-import { randomCpDit, cpInputs, oneDeviceForward, type CpCase } from './helpers/cp.ts';
+import { randomCpDit, cpInputs, oneDeviceForward, cpForward, maxAbsDiff, type CpCase } from './helpers/cp.ts';
 import { Engine } from '../src/runtime/engine.ts';
 import { Tensor, numelOf } from '../src/tensor/tensor.ts';
 import type { DType } from '../src/tensor/dtype.ts';
@@ -203,25 +203,7 @@ const inputs = cpInputs;
 type Inputs = CpCase;
 const oneDevice = (m: WanTransformer3DModel, c: Inputs) => oneDeviceForward(engines[0]!, m, c);
 
-async function parallel(cp: ContextParallelDit, c: Inputs, attention: 'auto' | 'ulysses' | 'ring'): Promise<Float32Array> {
-  const e = engines[0]!;
-  const m = cp.ranks[0]!.dit;
-  const ctx0 = e.scope(() => m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32')));
-  const ctx = await cp.replicate(ctx0);
-  cp.exchange.resetStats();
-  const x = e.fromHost(c.x, c.shape, 'f32');
-  const out = await cp.forward(x, 500, ctx, { attention });
-  const v = (await out.toArray()) as Float32Array;
-  for (const t of [x, out, ...ctx]) t.dispose();
-  return v;
-}
-
-function maxAbsDiff(a: Float32Array, b: Float32Array): number {
-  expect(a.length).toBe(b.length);
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
-  return m;
-}
+const parallel = async (cp: ContextParallelDit, c: Inputs, attention: 'auto' | 'ulysses' | 'ring') => (await cpForward(cp, c, { attention })).out;
 
 describe('ContextParallelDit with ring attention: N devices equal one device', () => {
   it('which attention runs: auto = ring exactly when the heads do not divide N; sage keeps Ulysses; bad modes named', () => {

@@ -22,7 +22,7 @@ import { actAlias, cpuTensor, f32 } from './common.ts';
 import { bindingLimit, elemWindow } from './window.ts';
 import { meets, variantFor } from './variants.ts';
 import type { BufferBinding, Engine } from '../runtime/engine.ts';
-import type { Aliases } from '../runtime/kernels.ts';
+import type { Aliases, BindingKind } from '../runtime/kernels.ts';
 import { Tensor, shapeStr } from '../tensor/tensor.ts';
 import { type DType, dtypeSize } from '../tensor/dtype.ts';
 import { ShapeError } from '../util/errors.ts';
@@ -315,6 +315,25 @@ export const UBO_BYTES = 65536;
  * with window offsets aligned for uniform bindings) and windows per dispatch (NKW <= 4): enough
  * to fill the kernel's 128-key block when one window holds fewer (head dims above 128).
  */
+/**
+ * flash_ubo's kernel: bindings q, 4 key windows, 4 value windows (uboKeyWindows), key mask,
+ * output, accumulator, m/l state.
+ */
+export function flashUboKernel(NKW: number, aliases: Aliases) {
+  return {
+    family: 'attention',
+    entry: 'flash_ubo',
+    constants: { WG: UBO_WG, NKW },
+    aliases,
+    layout: ['read', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'read', 'write', 'write', 'write'] as BindingKind[],
+  };
+}
+
+/** A dispatch's 4 uniform windows of packed keys (or values) t: keys j0 + x·KPB ..; windows past the last key (j1) repeat window 0. */
+export function uboKeyWindows(t: Tensor, j0: number, j1: number, KPB: number, Dh: number): BufferBinding[] {
+  return [0, 1, 2, 3].map((x) => ({ buffer: t.buffer, offset: t.byteOffset + (j0 + (j0 + x * KPB < j1 ? x : 0) * KPB) * Dh * 4, size: UBO_BYTES }));
+}
+
 export function uboWindows(Dh: number, uAlign: number, op = 'attention'): { KPB: number; NKW: number } {
   let KPB = Math.floor(UBO_BYTES / (Dh * 4 * 8)) * 8;
   if (KPB < 128) {
@@ -405,26 +424,14 @@ function attentionUbo(e: Engine, { q, k, v, keyMask }: AttentionInputs, a: Atten
             s_row0: rowA * H, o_base: oW.base * 4, bias_base: 0, acc_base: accW.base,
             scale: a.scale * Math.LOG2E, bias_scale: Math.LOG2E, flags,
           };
-          // window x of this dispatch: keys j0 + x * KPB ..; windows past the last key repeat window 0
-          const ub = (t: Tensor, x: number): BufferBinding => ({
-            buffer: t.buffer,
-            offset: t.byteOffset + (j0 + (j0 + x * KPB < j1 ? x : 0) * KPB) * Dh * 4,
-            size: UBO_BYTES,
-          });
           e.dispatch({
-            kernel: {
-              family: 'attention',
-              entry: 'flash_ubo',
-              constants: { WG: UBO_WG, NKW },
-              aliases,
-              layout: ['read', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'read', 'write', 'write', 'write'],
-            },
+            kernel: flashUboKernel(NKW, aliases),
             name: 'attention.flash_ubo',
             params: p,
             bindings: [
               qW.binding,
-              ub(kp, 0), ub(kp, 1), ub(kp, 2), ub(kp, 3),
-              ub(vp, 0), ub(vp, 1), ub(vp, 2), ub(vp, 3),
+              ...uboKeyWindows(kp, j0, j1, KPB, Dh),
+              ...uboKeyWindows(vp, j0, j1, KPB, Dh),
               keyMask ? whole(keyMask) : whole(dumR),
               accIsOut ? whole(dumO) : oW.binding,
               accW.binding,

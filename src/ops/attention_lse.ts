@@ -26,7 +26,7 @@
 import { defineOp, grid1d } from './registry.ts';
 import { actAlias, cpuTensor, f32 } from './common.ts';
 import { bindingLimit, elemWindow, windowSlack } from './window.ts';
-import { attentionKernel, dims, window, uboWindows, FLAG_STATE_IN, SG_WG, SG_QPL, SG_KB, PORTABLE_WG, UBO_WG, UBO_QPL, UBO_BYTES, type AttentionKernel, type Window } from './attention.ts';
+import { attentionKernel, dims, window, uboWindows, flashUboKernel, uboKeyWindows, FLAG_STATE_IN, SG_WG, SG_QPL, SG_KB, PORTABLE_WG, UBO_WG, UBO_QPL, UBO_BYTES, type AttentionKernel, type Window } from './attention.ts';
 import { attentionLseHost, attentionMergeHost } from './cpu/attention_lse.ts';
 import type { BufferBinding, Engine } from '../runtime/engine.ts';
 import type { Aliases } from '../runtime/kernels.ts';
@@ -229,19 +229,8 @@ function lseGpu(e: Engine, { q, k, v }: AttentionLseInputs, a: AttentionLseAttrs
           for (let w = 0; w < nWin; w++) {
             const j0 = w * KPD;
             const j1 = Math.min(Lk, j0 + KPD);
-            const ub = (t: Tensor, x: number): BufferBinding => ({
-              buffer: t.buffer,
-              offset: t.byteOffset + (j0 + (j0 + x * KPB < j1 ? x : 0) * KPB) * Dh * 4,
-              size: UBO_BYTES,
-            });
             e.dispatch({
-              kernel: {
-                family: 'attention',
-                entry: 'flash_ubo',
-                constants: { WG: UBO_WG, NKW },
-                aliases,
-                layout: ['read', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'uniform', 'read', 'write', 'write', 'write'],
-              },
+              kernel: flashUboKernel(NKW, aliases),
               name: 'attention_lse.flash_ubo',
               params: {
                 Lq, Lk, H, Dh,
@@ -251,7 +240,7 @@ function lseGpu(e: Engine, { q, k, v }: AttentionLseInputs, a: AttentionLseAttrs
                 s_row0: rowA * H, o_base: 0, bias_base: 0, acc_base: rowA * H * dh4,
                 scale: a.scale * Math.LOG2E, bias_scale: Math.LOG2E, flags: w > 0 ? FLAG_STATE_IN : 0,
               },
-              bindings: [qW.binding, ub(kp, 0), ub(kp, 1), ub(kp, 2), ub(kp, 3), ub(vp, 0), ub(vp, 1), ub(vp, 2), ub(vp, 3), whole(dumR), whole(dumO), whole(accT), whole(mlT)],
+              bindings: [qW.binding, ...uboKeyWindows(kp, j0, j1, KPB, Dh), ...uboKeyWindows(vp, j0, j1, KPB, Dh), whole(dumR), whole(dumO), whole(accT), whole(mlT)],
               workgroups: grid1d(qtiles),
             });
           }

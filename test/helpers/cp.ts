@@ -1,6 +1,9 @@
-// Shared by the context-parallel tests (context-parallel, cp-ring, cp-levels): a random Wan DiT of a
-// given config, a seeded input case, and the one-device forward every CP forward is compared with.
+// Shared by the context-parallel tests (context-parallel, cp-ring, cp-levels, cp-compose): a random
+// Wan DiT of a given config, a seeded input case, the one-device forward every CP forward is compared
+// with, one CP forward of a case, and the max |diff| of two outputs.
+import { expect } from 'vitest';
 import type { Engine } from '../../src/runtime/engine.ts';
+import type { ContextParallelDit, CpForwardOptions } from '../../src/parallel/cp-dit.ts';
 import { WanTransformer3DModel, ditDimsFromConfig } from '../../src/models/wan_dit/model.ts';
 import { parseTransformerConfig } from '../../src/io/model-folder.ts';
 import { randomizeModule, WAN_1_3B_TRANSFORMER } from '../../src/tools/random-model.ts';
@@ -34,4 +37,33 @@ export async function oneDeviceForward(e: Engine, m: WanTransformer3DModel, c: C
     const out = await m.forward(e.fromHost(c.x, c.shape, 'f32'), 500, ctx, opts);
     return (await out.toArray()) as Float32Array;
   });
+}
+
+/**
+ * One CP forward of case c at t = 500 (the text embedded on rank 0 and replicated, the exchange
+ * stats reset first): the output, and each rank's peak allocated bytes above what it held before.
+ */
+export async function cpForward(cp: ContextParallelDit, c: CpCase, opts: CpForwardOptions = {}): Promise<{ out: Float32Array; peaks: number[] }> {
+  const e = cp.ranks[0]!.engine;
+  const m = cp.ranks[0]!.dit;
+  const ctx0 = e.scope(() => m.embedText(e.fromHost(c.ctx, [2, c.textLen, m.dims.textDim], 'f32')));
+  const ctx = await cp.replicate(ctx0);
+  cp.exchange.resetStats();
+  const x = e.fromHost(c.x, c.shape, 'f32');
+  for (const r of cp.ranks) await r.engine.sync();
+  const base = cp.ranks.map((r) => r.engine.allocator.memoryAllocated());
+  cp.resetPeaks();
+  const out = await cp.forward(x, 500, ctx, opts);
+  const v = (await out.toArray()) as Float32Array;
+  const peaks = cp.ranks.map((r, k) => r.engine.allocator.maxMemoryAllocated() - base[k]!);
+  for (const t of [x, out, ...ctx]) t.dispose();
+  return { out: v, peaks };
+}
+
+/** max |a - b| over two outputs of the same length. */
+export function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  expect(a.length).toBe(b.length);
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
+  return m;
 }
