@@ -386,8 +386,8 @@ export async function decodeTiled(
   // back after the stem and whenever the next region's size differs from the last one's.
   e.allocator.emptyCache();
   // 2. head per tile (with halo), blended in tile order. With `devices` (context parallelism) the
-  // tiles go to whichever device is free (rank 0 = e included); each tile's decode is the same work
-  // on any device, and the blend takes them in the one-device order, so the video is the same.
+  // tiles are dealt round-robin over the devices (rank 0 = e included); each tile's decode is the same
+  // work on any device, and the blend takes them in the one-device order, so the video is the same.
   // (assigned by blendTile, in the workers below: declared so that no narrowing to null sticks)
   let out = null as Float64Array | null;
   let wsum = null as Float64Array | null;
@@ -519,17 +519,17 @@ export async function decodeTiled(
     done++;
     opts.onTile?.(done, total);
   };
-  // one worker per device takes the next tile; finished tiles wait until their turn in the blend
-  // (the planner's meta walk spreads them the same way: src/plan/plan.ts plans every device's decode)
+  // one worker per device; device w decodes tiles w, w + W, w + 2W, ... (a fixed share, not the next
+  // free tile: which tiles a device decodes, and so its memory peak, must not depend on timing, so
+  // the planner's meta walk, src/plan/plan.ts, gives every device the same tiles as the run);
+  // finished tiles wait until their turn in the blend
   const workers: TileDevice[] = [{ engine: e, vae }, ...(opts.devices ?? [])];
-  let nextTile = 0;
   let nextBlend = 0;
   const ready = new Map<number, TileOut>();
   let failed = false;
   const settled = await Promise.allSettled(
-    workers.map(async (dev) => {
-      while (!failed && nextTile < total) {
-        const k = nextTile++;
+    workers.map(async (dev, w) => {
+      for (let k = w; !failed && k < total; k += workers.length) {
         try {
           ready.set(k, await runTile(dev, k));
           while (!failed && ready.has(nextBlend)) {
