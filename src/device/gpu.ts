@@ -96,6 +96,14 @@ export interface AdapterEntry {
   software: boolean;
 }
 
+/** Dawn's Vulkan loader wants XDG_RUNTIME_DIR; a missing one only produces noise and failures. */
+function ensureXdgRuntimeDir(): void {
+  if (process.env.XDG_RUNTIME_DIR) return;
+  const dir = join(tmpdir(), `smart-diffusion-xdg-${process.getuid?.() ?? 0}`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  process.env.XDG_RUNTIME_DIR = dir;
+}
+
 /** one adapter in the list dawn.node's refusal prints: backend, name */
 const ADAPTER_LINE = /\* backend: '([^']*)', name: '([^\n]*)'$/gm;
 /** no adapter is named this: asking for it makes dawn.node list what it has */
@@ -115,11 +123,7 @@ export async function listAdapters(opts: { backend?: string; powerPreference?: G
   let p = listed.get(key);
   if (!p) {
     p = (async () => {
-      if (!process.env.XDG_RUNTIME_DIR) {
-        const dir = join(tmpdir(), `smart-diffusion-xdg-${process.getuid?.() ?? 0}`);
-        mkdirSync(dir, { recursive: true, mode: 0o700 });
-        process.env.XDG_RUNTIME_DIR = dir;
-      }
+      ensureXdgRuntimeDir();
       const dawn = await loadDawn();
       const flags = [...(backend ? [`backend=${backend}`] : []), `adapter=${NO_SUCH_ADAPTER}`];
       const ikey = JSON.stringify(flags);
@@ -150,12 +154,7 @@ export async function listAdapters(opts: { backend?: string; powerPreference?: G
 }
 
 export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
-  // Dawn's Vulkan loader wants XDG_RUNTIME_DIR; a missing one only produces noise and failures.
-  if (!process.env.XDG_RUNTIME_DIR) {
-    const dir = join(tmpdir(), `smart-diffusion-xdg-${process.getuid?.() ?? 0}`);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    process.env.XDG_RUNTIME_DIR = dir;
-  }
+  ensureXdgRuntimeDir();
   const dawn = await loadDawn();
   const backend = opts.backend ?? process.env.SD_WEBGPU_BACKEND;
   const adapterName = opts.adapter ?? process.env.SD_WEBGPU_ADAPTER;
