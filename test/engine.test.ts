@@ -56,6 +56,13 @@ describe('device', () => {
     expect(r.stdout).toMatch(/bookworm-backports/);
   });
 
+  it('an unknown backend name: one line naming the backends dawn.node knows', () => {
+    const r = runScript(join(fixtures, 'scripts', 'engine-run.ts'), { SD_WEBGPU_BACKEND: 'no-such-backend' });
+    expect(r.status).toBe(3);
+    const line = r.stdout.split('\n').find((l) => l.includes('no-such-backend'))!;
+    expect(line).toMatch(/backend 'no-such-backend' \(device\.backend, --backend, SD_WEBGPU_BACKEND\) is not one dawn\.node knows; use one of .*'vulkan'.*, or leave it empty$/);
+  });
+
   it('an unknown adapter name is reported with the adapter', () => {
     const r = runScript(join(fixtures, 'scripts', 'engine-run.ts'), { SD_WEBGPU_ADAPTER: 'no-such-gpu-xyz' });
     expect(r.status).toBe(3);

@@ -104,6 +104,13 @@ function ensureXdgRuntimeDir(): void {
   process.env.XDG_RUNTIME_DIR = dir;
 }
 
+/** dawn.node's refusal of a backend name it does not know, as one line naming the ones it does (null: another refusal) */
+function badBackend(msg: string): NoAdapterError | null {
+  const m = /unrecognised backend '([^']*)'\s*Possible backends\s*:\s*(.*)/s.exec(msg);
+  if (!m) return null;
+  return new NoAdapterError(`[device] backend '${m[1]}' (device.backend, --backend, SD_WEBGPU_BACKEND) is not one dawn.node knows; use one of ${m[2]!.replace(/\s+/g, ' ').trim()}, or leave it empty`);
+}
+
 /** one adapter in the list dawn.node's refusal prints: backend, name */
 const ADAPTER_LINE = /\* backend: '([^']*)', name: '([^\n]*)'$/gm;
 /** no adapter is named this: asking for it makes dawn.node list what it has */
@@ -143,7 +150,7 @@ export async function listAdapters(opts: { backend?: string; powerPreference?: G
         if (err instanceof NoAdapterError) throw err;
         const msg = (err as Error).message ?? String(err);
         const out = [...msg.matchAll(ADAPTER_LINE)].map((m) => ({ backend: m[1]!, name: m[2]!, software: /llvmpipe|lavapipe|swiftshader|softpipe/i.test(m[2]!) }));
-        if (out.length === 0) throw new NoAdapterError(`[device] could not list the adapters: dawn.node said ${JSON.stringify(msg.slice(0, 200))}. ${HOW_TO_GET_AN_ADAPTER}`);
+        if (out.length === 0) throw badBackend(msg) ?? new NoAdapterError(`[device] could not list the adapters: dawn.node said ${JSON.stringify(msg.slice(0, 200))}. ${HOW_TO_GET_AN_ADAPTER}`);
         return out;
       }
     })();
@@ -201,7 +208,7 @@ export async function createGpu(opts: GpuOptions = {}): Promise<GpuContext> {
           `Set SD_WEBGPU_ADAPTER / --adapter (or infer.diffusion.cp_devices) to one of them (a case-sensitive substring of the name is enough, or an index for cp_devices: npm run generate -- --list-adapters), or unset it.`,
       );
     }
-    throw new NoAdapterError(`[device] no WebGPU adapter (${msg}). ${HOW_TO_GET_AN_ADAPTER}`);
+    throw badBackend(msg) ?? new NoAdapterError(`[device] no WebGPU adapter (${msg.replace(/\s*\n\s*/g, '; ')}). ${HOW_TO_GET_AN_ADAPTER}`);
   }
   if (!adapter) {
     gpu = null;
